@@ -1,0 +1,131 @@
+"""The `fedtide` command: run, validate and list.
+
+User errors (`ScenarioError`) print one line and exit with code 2; nothing is
+written for a scenario that fails validation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedtide.errors import ScenarioError
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated continual learning simulator.")
+console = Console()
+err_console = Console(stderr=True)
+
+ScenarioArg = Annotated[Path, typer.Argument(help="Scenario YAML file.")]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a field: --set federation.strategy.name=fedprox")
+]
+
+
+def main() -> None:
+    """Entry point: turn user errors into one line and exit code 2."""
+    _quiet_libraries()
+    try:
+        cli(standalone_mode=False)
+    except ScenarioError as error:
+        err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except Exception as error:  # click's usage errors
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(2)
+        raise
+
+
+@cli.command()
+def run(
+    scenario_file: ScenarioArg,
+    set_: SetOption = None,
+    output: Annotated[Path | None, typer.Option(help="Folder for the run (default: scenario's output, runs/).")] = None,
+) -> None:
+    """Run a scenario and write runs/<name>/ (scenario.yaml, metrics.jsonl, summary.json)."""
+    scenario = _load_checked(scenario_file, set_)
+    from fedtide.report.console import summary_view
+    from fedtide.report.run_files import SUMMARY_FILE, create_run_folder
+    from fedtide.simulation import simulate
+
+    run_dir = create_run_folder(scenario, output)
+    console.print(f"run folder: [bold]{run_dir}[/bold]")
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, TextColumn("{task.fields[status]}"), console=console) as progress:
+        task = progress.add_task("rounds", total=scenario.total_rounds, status="starting Ray...")
+
+        def on_round(record: dict) -> None:
+            status = (
+                f"exp {record['experience']} | acc {100 * record['mean_accuracy']:.1f}% "
+                f"| loss {record['train_loss'] or 0:.3f} | failed {record['clients']['failed']}"
+            )
+            progress.update(task, completed=record["round"], status=status)
+
+        simulate(scenario, run_dir, observer=on_round)
+    import json
+
+    console.print(summary_view(json.loads((run_dir / SUMMARY_FILE).read_text())))
+
+
+@cli.command()
+def validate(scenario_file: ScenarioArg, set_: SetOption = None) -> None:
+    """Check a scenario (schema, names, dataset, partitioning) without running it."""
+    scenario = _load_checked(scenario_file, set_)
+    console.print(
+        f"[green]ok[/green]: '{scenario.name}': {scenario.dataset.name}, {scenario.stream.n_experiences} experiences, "
+        f"{scenario.partition.num_clients} clients ({scenario.partition.kind}), "
+        f"{scenario.federation.strategy.name} + {scenario.continual.method}, {scenario.total_rounds} rounds"
+    )
+
+
+@cli.command("list")
+def list_components() -> None:
+    """Show the built-in strategies, continual methods, datasets, models and partitioners."""
+    from fedtide.models import MODELS
+    from fedtide.scenarios.partition import PARTITIONERS
+    from fedtide.scenarios.schema import NUM_CLASSES
+    from fedtide.strategies.aggregation import STRATEGIES
+    from fedtide.strategies.continual import METHODS
+
+    sections = {
+        "federation.strategy.name": {n: f"flwr.serverapp.strategy.{c.__name__}" for n, c in STRATEGIES.items()},
+        "continual.method": {n: m.description for n, m in METHODS.items()},
+        "dataset.name": {n: f"{k} classes" for n, k in NUM_CLASSES.items()},
+        "model.name": MODELS,
+        "partition.kind": PARTITIONERS,
+    }
+    for field, entries in sections.items():
+        table = Table(title=field, title_justify="left")
+        table.add_column("name")
+        table.add_column("what")
+        for name, what in entries.items():
+            table.add_row(name, what)
+        console.print(table)
+    console.print('Any "pkg.module:Name" class works too for the strategy and the continual method.')
+
+
+def _load_checked(scenario_file: Path, overrides: list[str] | None):
+    from fedtide.scenarios.loading import load_scenario
+    from fedtide.validation import check_runnable
+
+    scenario = load_scenario(scenario_file, overrides or [])
+    check_runnable(scenario)
+    return scenario
+
+
+def _quiet_libraries() -> None:
+    """Flower logs every round at INFO; the progress bar says the same, so keep warnings only."""
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

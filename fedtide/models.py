@@ -1,0 +1,81 @@
+"""Small image classifiers that Opacus can privatise as they are.
+
+All of them use GroupNorm rather than BatchNorm (per-sample gradients need it),
+no in-place activations, and a fixed-size head over every class of the dataset:
+Avalanche's IncrementalClassifier swaps layers as classes arrive, which breaks the
+hooks Opacus attaches, so the head is sized once from the dataset.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+MODELS = {
+    "mlp": "two hidden layers of 128 units (digits, MNIST-family)",
+    "cnn": "two conv blocks + GroupNorm + linear head",
+    "resnet": "a small ResNet with GroupNorm (CIFAR-sized inputs)",
+}
+
+
+def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Build a model by scenario name for inputs of shape (C, H, W)."""
+    channels, height, width = input_shape
+    if name == "mlp":
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * height * width, 128),
+            nn.ReLU(),
+            nn.Linear(128, 128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+    if name == "cnn":
+        return nn.Sequential(
+            _conv_block(channels, 32),
+            _conv_block(32, 64),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 4, num_classes),
+        )
+    if name == "resnet":
+        return nn.Sequential(
+            _conv_block(channels, 32, pool=False),
+            _Residual(32),
+            _conv_block(32, 64),
+            _Residual(64),
+            _conv_block(64, 128),
+            _Residual(128),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(128, num_classes),
+        )
+    raise ValueError(f"unknown model '{name}'")
+
+
+def _conv_block(c_in: int, c_out: int, pool: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
+        nn.GroupNorm(min(8, c_out), c_out),
+        nn.ReLU(),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2, ceil_mode=True))
+    return nn.Sequential(*layers)
+
+
+class _Residual(nn.Module):
+    """Two conv+GroupNorm layers with an identity skip connection."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(8, channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(8, channels),
+        )
+        self.out = nn.ReLU()
+
+    def forward(self, x):
+        return self.out(x + self.body(x))

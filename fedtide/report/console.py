@@ -1,0 +1,27 @@
+"""The end-of-run tables `fedtide run` prints: the accuracy matrix and the headline numbers."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+
+
+def summary_view(summary: dict) -> Group:
+    matrix = summary["accuracy_matrix"]
+    grid = Table(title="Accuracy matrix A[e][j] (rows: after experience e; columns: test on j)")
+    grid.add_column("after", justify="right")
+    for j in range(len(matrix)):
+        grid.add_column(f"exp {j}", justify="right")
+    for e, row in enumerate(matrix):
+        cells = [f"{100 * a:.1f}" for a in row] + [""] * (len(matrix) - len(row))
+        grid.add_row(f"exp {e}", *cells)
+
+    headline = Table(title=f"Run '{summary['name']}': {summary['strategy']} + {summary['method']}")
+    headline.add_column("metric")
+    headline.add_column("value", justify="right")
+    headline.add_row("final average accuracy", f"{100 * summary['final_average_accuracy']:.2f}%")
+    headline.add_row("average forgetting", f"{100 * summary['average_forgetting']:.2f}%")
+    headline.add_row("BWT", f"{100 * summary['bwt']:.2f}%")
+    headline.add_row("clients failed", str(summary["clients_failed"]))
+    headline.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
+    return Group(grid, headline)

@@ -1,0 +1,51 @@
+"""The files of one run folder: scenario.yaml, metrics.jsonl (as the run goes), summary.json.
+
+A run never writes into an existing folder: a second run of the same name gets a
+numbered sibling. summary.json appears only, and whole, when the run has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fedtide.scenarios.loading import scenario_to_yaml
+from fedtide.scenarios.schema import Scenario
+
+SCENARIO_FILE = "scenario.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def create_run_folder(scenario: Scenario, output: Path | None = None) -> Path:
+    """Make a fresh folder `output/name` (or `name-2`, `name-3`...) holding the resolved scenario."""
+    parent = Path(output if output is not None else scenario.output)
+    parent.mkdir(parents=True, exist_ok=True)
+    folder, suffix = parent / scenario.name, 1
+    while True:
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            suffix += 1
+            folder = parent / f"{scenario.name}-{suffix}"
+    (folder / SCENARIO_FILE).write_text(scenario_to_yaml(scenario))
+    return folder
+
+
+def append_metrics(folder: Path, record: dict[str, Any]) -> None:
+    with (folder / METRICS_FILE).open("a") as stream:
+        stream.write(json.dumps(record) + "\n")
+
+
+def write_summary(folder: Path, summary: dict[str, Any]) -> None:
+    """Write summary.json atomically, so a reader never sees half of it."""
+    partial = folder / (SUMMARY_FILE + ".partial")
+    partial.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(partial, folder / SUMMARY_FILE)
+
+
+def read_metrics(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (folder / METRICS_FILE).read_text().splitlines() if line]

@@ -1,0 +1,81 @@
+"""Reading scenario files and `--set` overrides into a validated `Scenario`.
+
+Every way a file can be wrong ends here as one `ScenarioError` line that names the
+field, so the CLI never shows a pydantic or YAML traceback for a user's typo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from fedtide.errors import ScenarioError
+from fedtide.scenarios.schema import Scenario
+
+
+def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+    """Read a YAML scenario, apply `field.path=value` overrides, and validate it."""
+    raw = _read_yaml(Path(path))
+    for override in overrides:
+        _apply_override(raw, override)
+    return parse_scenario(raw)
+
+
+def parse_scenario(raw: dict[str, Any]) -> Scenario:
+    """Validate a scenario given as plain data (a parsed file, a run config, a JSON message)."""
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as error:
+        raise ScenarioError("", _describe(error)) from None
+
+
+def scenario_to_yaml(scenario: Scenario) -> str:
+    """The fully resolved scenario, defaults included, as written into each run folder."""
+    return yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ScenarioError(str(path), "no such scenario file", "check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ScenarioError(str(path), f"is not valid YAML{where}", "fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ScenarioError(str(path), "must be a mapping of sections (name:, dataset:, ...)")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in the raw mapping; the value is parsed as YAML (numbers, lists...)."""
+    path, sep, text = override.partition("=")
+    if not sep or not path:
+        raise ScenarioError("--set", f"'{override}' is not field.path=value")
+    keys = path.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ScenarioError(path, f"'{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per pydantic error, joined: `field.path: what is wrong`."""
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "scenario"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"{field}: unknown key (check the spelling; see `fedtide list`)")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            parts.append(f"{field}: {message}")
+    return "; ".join(parts)

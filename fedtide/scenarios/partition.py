@@ -1,0 +1,77 @@
+"""Splitting one experience's training data across clients with flwr-datasets partitioners.
+
+Partitioning is applied to each experience separately (seeded by experience), so
+every client's share follows the same non-IID law in every experience.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from datasets import Dataset
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    PathologicalPartitioner,
+    ShardPartitioner,
+)
+from flwr_datasets.partitioner.partitioner import Partitioner
+
+from fedtide.errors import ScenarioError
+from fedtide.scenarios.schema import PartitionConfig
+
+PARTITIONERS = {
+    "iid": "IidPartitioner (uniform random split)",
+    "dirichlet": "DirichletPartitioner (label skew, alpha)",
+    "pathological": "PathologicalPartitioner (classes_per_client classes each)",
+    "shard": "ShardPartitioner (shards_per_client label-sorted shards each)",
+}
+
+
+def partition_labels(labels: np.ndarray, config: PartitionConfig, seed: int) -> list[np.ndarray]:
+    """Positions into `labels` held by each client, in client order."""
+    table = Dataset.from_dict({"label": labels.tolist(), "position": list(range(len(labels)))})
+    if config.kind == "iid":
+        table = table.shuffle(seed=seed)
+    partitioner = _partitioner(config, seed, n_classes=len(np.unique(labels)))
+    partitioner.dataset = table
+    try:
+        return [
+            np.asarray(partitioner.load_partition(client)["position"], dtype=np.int64)
+            for client in range(config.num_clients)
+        ]
+    except ValueError as error:
+        raise ScenarioError(f"partition ({config.kind})", str(error).splitlines()[0]) from None
+
+
+def _partitioner(config: PartitionConfig, seed: int, n_classes: int) -> Partitioner:
+    n = config.num_clients
+    if config.kind == "iid":
+        return IidPartitioner(num_partitions=n)
+    if config.kind == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=n,
+            partition_by="label",
+            alpha=config.alpha,
+            min_partition_size=config.min_size,
+            self_balancing=False,
+            seed=seed,
+        )
+    if config.kind == "pathological":
+        if config.classes_per_client > n_classes:
+            raise ScenarioError(
+                "partition.classes_per_client",
+                f"{config.classes_per_client} exceeds the {n_classes} classes of an experience",
+                f"use at most {n_classes}",
+            )
+        return PathologicalPartitioner(
+            num_partitions=n,
+            partition_by="label",
+            num_classes_per_partition=config.classes_per_client,
+            seed=seed,
+        )
+    return ShardPartitioner(
+        num_partitions=n,
+        partition_by="label",
+        num_shards_per_partition=config.shards_per_client,
+        seed=seed,
+    )

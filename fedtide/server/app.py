@@ -1,0 +1,42 @@
+"""fedtide's Flower ServerApp.
+
+Under `flwr run .` the scenario comes from the run config (`scenario` = a YAML path,
+`output` = the runs folder, `set` = space-separated field=value overrides). The
+`fedtide run` CLI instead builds a ServerApp around a scenario it has already
+validated, with a progress observer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedtide.report.run_files import create_run_folder
+from fedtide.scenarios.loading import load_scenario
+from fedtide.scenarios.schema import Scenario
+from fedtide.server.federation import RoundObserver, run_federation
+
+
+def make_server_app(
+    scenario: Scenario | None = None, run_dir: Path | None = None, observer: RoundObserver | None = None
+) -> ServerApp:
+    """A ServerApp for a given scenario and run folder, or one that reads them from the run config."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if scenario is None:
+            config = context.run_config
+            overrides = str(config.get("set", "")).split()
+            loaded = load_scenario(str(config["scenario"]), overrides)
+            folder = create_run_folder(loaded, Path(str(config["output"])) if "output" in config else None)
+            run_federation(grid, loaded, folder)
+        else:
+            run_federation(grid, scenario, run_dir or create_run_folder(scenario), observer)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,142 @@
+"""The experience × round loop of a federated continual-learning run.
+
+Each experience is one call of the strategy's own `start()` for `rounds_per_experience`
+rounds; the train config tells clients which experience they are in and the offset
+of global rounds (global round r = e*R + k). After every round the global model is
+evaluated on the test data of every experience seen so far; the last round of an
+experience gives one row of the accuracy matrix.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from fedtide.models import build_model
+from fedtide.report.continual_metrics import average_accuracy, average_forgetting, backward_transfer
+from fedtide.report.run_files import append_metrics, write_summary
+from fedtide.scenarios.schema import Scenario
+from fedtide.scenarios.stream import build_stream
+from fedtide.server.evaluation import experience_accuracies
+from fedtide.server.grid import PartitionOrderedGrid
+from fedtide.strategies.aggregation import build_strategy
+
+RoundObserver = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class _Clock:
+    start: float
+
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self.start, 3)
+
+
+def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> dict:
+    """Run every experience and round of `scenario`, writing metrics and the summary to `run_dir`."""
+    clock = _Clock(time.monotonic())
+    stream = build_stream(scenario)
+    num_clients = scenario.partition.num_clients
+    rounds = scenario.federation.rounds_per_experience
+
+    torch.manual_seed(scenario.seed)
+    model = build_model(scenario.model.name, stream.data.input_shape, scenario.num_classes)
+    arrays = ArrayRecord(model.state_dict())
+
+    ordered = PartitionOrderedGrid(grid)
+    ordered.discover(num_clients)
+    strategy = build_strategy(scenario.federation, num_clients)
+    matrix: list[list[float]] = []
+    failures = 0
+
+    for experience in range(scenario.stream.n_experiences):
+        seen_tests = stream.test[: experience + 1]
+
+        def evaluate(server_round: int, candidate: ArrayRecord, experience: int = experience) -> None:
+            nonlocal failures
+            if server_round == 0:
+                return None
+            accuracies = experience_accuracies(model, candidate, seen_tests)
+            record = _round_record(experience, server_round, rounds, accuracies, ordered)
+            record["wall_time_s"] = clock.elapsed()
+            failures += record["clients"]["failed"]
+            append_metrics(run_dir, record)
+            if server_round == rounds:
+                matrix.append(accuracies)
+                append_metrics(run_dir, {"type": "experience", "experience": experience, "accuracy": accuracies})
+            if observer:
+                observer(record)
+            return None
+
+        random.seed(scenario.seed * 1000 + experience)  # Flower samples nodes with `random`
+        config = ConfigRecord(
+            {"experience": experience, "round-offset": experience * rounds, "scenario": scenario.model_dump_json()}
+        )
+        result = strategy.start(ordered, arrays, num_rounds=rounds, train_config=config, evaluate_fn=evaluate)
+        if len(result.arrays) > 0:
+            arrays = result.arrays
+
+    summary = {
+        "name": scenario.name,
+        "seed": scenario.seed,
+        "strategy": scenario.federation.strategy.name,
+        "method": scenario.continual.method,
+        "num_clients": num_clients,
+        "n_experiences": scenario.stream.n_experiences,
+        "rounds": scenario.total_rounds,
+        "classes_per_experience": stream.classes,
+        "accuracy_matrix": matrix,
+        "final_average_accuracy": average_accuracy(matrix),
+        "average_forgetting": average_forgetting(matrix),
+        "bwt": backward_transfer(matrix),
+        "clients_failed": failures,
+        "wall_time_s": clock.elapsed(),
+    }
+    write_summary(run_dir, summary)
+    return summary
+
+
+def _round_record(
+    experience: int, server_round: int, rounds: int, accuracies: list[float], grid: PartitionOrderedGrid
+) -> dict[str, Any]:
+    replies = grid.last_train_replies
+    clients = [_client_metrics(reply) for reply in replies if not reply.has_error()]
+    trained = [c for c in clients if c["num_examples"] > 0]
+    examples = sum(c["num_examples"] for c in trained)
+    loss = sum(c["train_loss"] * c["num_examples"] for c in trained) / examples if examples else None
+    return {
+        "type": "round",
+        "round": experience * rounds + server_round,
+        "experience": experience,
+        "round_in_experience": server_round,
+        "accuracy": accuracies,
+        "mean_accuracy": sum(accuracies) / len(accuracies),
+        "train_loss": loss,
+        "clients": {
+            "sampled": grid.last_train_sent,
+            "replied": len(clients),
+            "failed": grid.last_train_sent - len(clients),
+            "empty": sum(c["empty"] for c in clients),
+        },
+        "per_client": clients,
+    }
+
+
+def _client_metrics(reply: Message) -> dict[str, Any]:
+    metrics = reply.content["metrics"]
+    return {
+        "partition_id": int(metrics["partition_id"]),
+        "num_examples": int(metrics["num-examples"]),
+        "train_loss": float(metrics["train_loss"]),
+        "empty": int(metrics["empty"]),
+        "consolidated": int(metrics["consolidated"]),
+        "consolidation_counts": [int(c) for c in metrics["consolidation_counts"]],
+    }

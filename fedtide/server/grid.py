@@ -1,0 +1,86 @@
+"""A Grid wrapper that makes a federation's order of nodes and replies reproducible.
+
+Flower's simulation gives nodes random ids and returns replies as they arrive, so
+both sampling (`random.sample` over node ids) and aggregation (a floating-point
+sum over replies) would depend on the run and on Ray's scheduling. This wrapper
+asks every node for its data partition once, then lists nodes and replies in
+partition order. It also keeps the last training exchange for the metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedtide.errors import ScenarioError
+
+
+class PartitionOrderedGrid(Grid):
+    """Delegates to Flower's grid; orders node ids and replies by partition id."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.partition_of: dict[int, int] = {}
+        self.last_train_sent = 0
+        self.last_train_replies: list[Message] = []
+
+    def discover(self, num_clients: int, timeout: float = 600.0) -> None:
+        """Wait for `num_clients` nodes and learn which partition each one holds."""
+        deadline = time.monotonic() + timeout
+        while len(node_ids := list(self._grid.get_node_ids())) < num_clients:
+            if time.monotonic() > deadline:
+                raise ScenarioError(
+                    "partition.num_clients",
+                    f"only {len(node_ids)} of {num_clients} nodes connected",
+                    "start as many SuperNodes as partition.num_clients",
+                )
+            time.sleep(1)
+        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+        for reply in self._grid.send_and_receive(queries, timeout=timeout):
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}")
+            self.partition_of[reply.metadata.src_node_id] = int(reply.content["node"]["partition_id"])
+        partitions = sorted(self.partition_of.values())
+        if partitions != list(range(num_clients)):
+            raise ScenarioError(
+                "partition.num_clients",
+                f"nodes hold partitions {partitions}, expected 0..{num_clients - 1}",
+                "set each SuperNode's partition-id and num-partitions to match the scenario",
+            )
+
+    def get_node_ids(self) -> Iterable[int]:
+        return sorted(self._grid.get_node_ids(), key=lambda n: self.partition_of.get(n, n))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        replies = sorted(
+            self._grid.send_and_receive(messages, timeout=timeout),
+            key=lambda m: self.partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id),
+        )
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.last_train_sent = len(messages)
+            self.last_train_replies = replies
+        return replies
+
+    # Plain delegation of the rest of Grid's interface.
+    def set_run(self, run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_nodes(self):
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)

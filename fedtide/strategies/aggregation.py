@@ -1,0 +1,80 @@
+"""Names of Flower Message-API aggregation strategies, and building one for a scenario.
+
+Every built-in is Flower's own class from `flwr.serverapp.strategy`; fedtide adds
+nothing to aggregation. A user strategy is any subclass of `Strategy`, named as
+"pkg.module:Name".
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+    Strategy,
+)
+
+from fedtide.errors import ScenarioError
+from fedtide.scenarios.schema import FederationConfig
+from fedtide.strategies.plugins import check_parameters, is_plugin_path, load_plugin
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "fedavgm": FedAvgM,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
+    "bulyan": Bulyan,
+    "qfedavg": QFedAvg,
+}
+
+FIELD = "federation.strategy"
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """Resolve a built-in name or a "pkg.module:Name" path to a Strategy class."""
+    if is_plugin_path(name):
+        return load_plugin(name, f"{FIELD}.name", Strategy)
+    if name.lower() not in STRATEGIES:
+        raise ScenarioError(f"{FIELD}.name", f"unknown strategy '{name}'", f"one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name.lower()]
+
+
+def build_strategy(federation: FederationConfig, num_clients: int) -> Strategy:
+    """Instantiate the scenario's strategy with its parameters and fedtide's sampling settings.
+
+    Sampling fields (fraction_train, ...) are passed only to strategies whose
+    constructor takes them; the scenario's own strategy parameters win.
+    """
+    cls = strategy_class(federation.strategy.name)
+    params = federation.strategy.params
+    check_parameters(cls, params, FIELD)
+    sampling = {
+        "fraction_train": federation.fraction_train,
+        "fraction_evaluate": federation.fraction_evaluate,
+        "min_train_nodes": min(federation.min_train_nodes, num_clients),
+        "min_evaluate_nodes": 0 if federation.fraction_evaluate == 0 else 1,
+        "min_available_nodes": num_clients,
+    }
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in sampling.items() if k in accepted} | params
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ScenarioError(FIELD, f"{cls.__name__} cannot be built: {error}") from None

@@ -1,0 +1,205 @@
+"""Continual-learning methods as a federated client runs them: Avalanche plugins, consolidated once.
+
+Avalanche consolidates in `after_training_exp`, which its templates call at the end
+of every `train()`. A federated client calls `train()` once per *round*, many times
+per experience, so each method here separates the two parts of an Avalanche plugin:
+
+- `plugins()`: the plugins active while a round trains (their per-minibatch hooks:
+  EWC's penalty, LwF's distillation, Replay's mixed dataloader);
+- `consolidate(learner)`: the plugin's end-of-experience step, which the client
+  calls exactly once per past experience, at the global weights that ended it.
+
+Client state lives in Flower's `Context.state`, so each method also converts its
+state to and from records: arrays (`dict[str, np.ndarray]`) and plain values.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from avalanche.training.plugins import EWCPlugin, LwFPlugin, ReplayPlugin, SupervisedPlugin
+from avalanche.training.storage_policy import (
+    ClassBalancedBuffer,
+    ExperienceBalancedBuffer,
+    ReservoirSamplingBuffer,
+)
+from avalanche.training.templates import SupervisedTemplate
+from avalanche.training.utils import ParamData
+
+from fedtide.errors import ScenarioError
+from fedtide.scenarios.schema import ContinualConfig
+from fedtide.scenarios.stream import Dataset
+from fedtide.strategies.plugins import check_parameters, is_plugin_path, load_plugin
+
+Arrays = dict[str, np.ndarray]
+Values = dict[str, Any]
+
+
+class ContinualMethod(ABC):
+    """What a federated client needs from a continual-learning method.
+
+    Subclass it (or name an existing subclass) to add a method; `name` is how
+    scenarios refer to it and `description` is what `fedtide list` shows.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def plugins(self) -> list[SupervisedPlugin]:
+        """Avalanche plugins active while a round trains."""
+
+    @abstractmethod
+    def consolidate(self, learner: SupervisedTemplate) -> None:
+        """Absorb `learner.experience` at the model's current (global) weights."""
+
+    def save(self) -> tuple[Arrays, Values]:
+        """State to keep in `Context.state` between rounds."""
+        return {}, {}
+
+    def load(self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module) -> None:
+        """Restore what `save` returned; `full_train` resolves stored sample ids."""
+
+
+class Naive(ContinualMethod):
+    name = "naive"
+    description = "fine-tuning, no protection against forgetting (lower bound)"
+
+    def plugins(self) -> list[SupervisedPlugin]:
+        return []
+
+    def consolidate(self, learner: SupervisedTemplate) -> None:
+        """Nothing to remember."""
+
+
+class Replay(ContinualMethod):
+    name = "replay"
+    description = "experience replay: Avalanche ReplayPlugin, buffer balanced by experience or class"
+
+    def __init__(self, mem_size: int = 200, storage: str = "experience") -> None:
+        if mem_size < 1:
+            raise ScenarioError("continual.mem_size", f"must be >= 1, got {mem_size}")
+        policies = {"experience": ExperienceBalancedBuffer, "class": ClassBalancedBuffer}
+        if storage not in policies:
+            raise ScenarioError("continual.storage", f"unknown storage '{storage}'", "experience or class")
+        self.storage = policies[storage](max_size=mem_size, adaptive_size=True)
+        self.plugin = ReplayPlugin(mem_size=mem_size, storage_policy=self.storage)
+
+    def plugins(self) -> list[SupervisedPlugin]:
+        return [self.plugin]
+
+    def consolidate(self, learner: SupervisedTemplate) -> None:
+        self.plugin.after_training_exp(learner)
+
+    def save(self) -> tuple[Arrays, Values]:
+        """The buffer as sample ids per group (never tensors: Ray copies the Context each call)."""
+        groups = list(self.storage.buffer_groups)
+        values: Values = {"groups": groups}
+        arrays: Arrays = {}
+        for key in groups:
+            group = self.storage.buffer_groups[key]
+            arrays[f"ids.{key}"] = np.asarray(list(group.buffer.sample_id), dtype=np.int64)
+            arrays[f"weights.{key}"] = group._buffer_weights.numpy()
+            values[f"size.{key}"] = group.max_size
+        if isinstance(self.storage, ExperienceBalancedBuffer):
+            values["num_exps"] = self.storage._num_exps
+        else:
+            values["seen_classes"] = sorted(self.storage.seen_classes)
+        return arrays, values
+
+    def load(self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module) -> None:
+        for key in values.get("groups", []):
+            group = ReservoirSamplingBuffer(values[f"size.{key}"])
+            group.buffer = full_train.subset(arrays[f"ids.{key}"].tolist())
+            group._buffer_weights = torch.from_numpy(arrays[f"weights.{key}"].copy())
+            self.storage.buffer_groups[key] = group
+        if isinstance(self.storage, ExperienceBalancedBuffer):
+            self.storage._num_exps = values.get("num_exps", 0)
+        else:
+            self.storage.seen_classes = set(values.get("seen_classes", []))
+
+
+class EWC(ContinualMethod):
+    name = "ewc"
+    description = "elastic weight consolidation: Avalanche EWCPlugin (separate or online)"
+
+    def __init__(self, ewc_lambda: float = 10.0, mode: str = "separate", decay_factor: float | None = None) -> None:
+        if mode not in ("separate", "online") or (mode == "online") != (decay_factor is not None):
+            raise ScenarioError("continual.mode", "use mode: separate, or mode: online with a decay_factor")
+        self.plugin = EWCPlugin(ewc_lambda=ewc_lambda, mode=mode, decay_factor=decay_factor)
+
+    def plugins(self) -> list[SupervisedPlugin]:
+        return [self.plugin]
+
+    def consolidate(self, learner: SupervisedTemplate) -> None:
+        self.plugin.after_training_exp(learner)
+
+    def save(self) -> tuple[Arrays, Values]:
+        arrays: Arrays = {}
+        for kind, table in (("anchor", self.plugin.saved_params), ("importance", self.plugin.importances)):
+            for exp, params in table.items():
+                for pname, param in params.items():
+                    arrays[f"{kind}.{exp}.{pname}"] = param.data.cpu().numpy()
+        return arrays, {"experiences": sorted(self.plugin.saved_params)}
+
+    def load(self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module) -> None:
+        names = [n for n, _ in model.named_parameters()]
+        for exp in values.get("experiences", []):
+            for kind, table in (("anchor", self.plugin.saved_params), ("importance", self.plugin.importances)):
+                table[exp] = {
+                    n: ParamData(n, init_tensor=torch.from_numpy(arrays[f"{kind}.{exp}.{n}"].copy())) for n in names
+                }
+
+
+class LwF(ContinualMethod):
+    name = "lwf"
+    description = "learning without forgetting: Avalanche LwFPlugin, teacher = global model"
+
+    def __init__(self, alpha: float = 1.0, temperature: float = 2.0) -> None:
+        self.plugin = LwFPlugin(alpha=alpha, temperature=temperature)
+
+    def plugins(self) -> list[SupervisedPlugin]:
+        return [self.plugin]
+
+    def consolidate(self, learner: SupervisedTemplate) -> None:
+        self.plugin.after_training_exp(learner)
+
+    def save(self) -> tuple[Arrays, Values]:
+        lwf = self.plugin.lwf
+        if lwf.prev_model is None:
+            return {}, {}
+        teacher = {f"teacher.{k}": v.cpu().numpy() for k, v in lwf.prev_model.state_dict().items()}
+        return teacher, {"expcount": lwf.expcount, "classes": sorted(lwf.prev_classes_by_task.get(0, set()))}
+
+    def load(self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module) -> None:
+        if "expcount" not in values:
+            return
+        lwf = self.plugin.lwf
+        teacher = copy.deepcopy(model)
+        teacher.load_state_dict({k.removeprefix("teacher."): torch.from_numpy(v.copy()) for k, v in arrays.items()})
+        lwf.prev_model = teacher
+        lwf.expcount = values["expcount"]
+        lwf.prev_classes_by_task[0] = set(values["classes"])
+
+
+METHODS: dict[str, type[ContinualMethod]] = {m.name: m for m in (Naive, Replay, EWC, LwF)}
+
+
+def method_class(name: str) -> type[ContinualMethod]:
+    """Resolve a built-in method name or a "pkg.module:Name" path."""
+    if is_plugin_path(name):
+        return load_plugin(name, "continual.method", ContinualMethod)
+    if name.lower() not in METHODS:
+        raise ScenarioError("continual.method", f"unknown method '{name}'", f"one of {', '.join(METHODS)}")
+    return METHODS[name.lower()]
+
+
+def build_method(config: ContinualConfig) -> ContinualMethod:
+    """Instantiate the scenario's continual method with its parameters."""
+    cls = method_class(config.method)
+    check_parameters(cls, config.params, "continual")
+    return cls(**config.params)

@@ -1,0 +1,21 @@
+"""Everything that can be checked about a scenario before Ray or Flower start.
+
+`fedtide validate` runs exactly these checks, and `fedtide run` runs them first, so
+a bad strategy name or a missing dataset fails in a second with one line, not
+after a simulation has started.
+"""
+
+from __future__ import annotations
+
+from fedtide.scenarios.schema import Scenario
+from fedtide.scenarios.stream import build_stream, experience_partitions
+from fedtide.strategies.aggregation import build_strategy
+from fedtide.strategies.continual import build_method
+
+
+def check_runnable(scenario: Scenario) -> None:
+    """Raise `ScenarioError` for anything that would make the run fail at start."""
+    build_strategy(scenario.federation, scenario.partition.num_clients)
+    build_method(scenario.continual)
+    build_stream(scenario)
+    experience_partitions(scenario)
