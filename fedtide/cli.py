@@ -19,7 +19,7 @@ from rich.table import Table
 
 from fedtide.errors import ScenarioError
 
-cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated continual learning simulator.")
+cli = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, no_args_is_help=True, help="Federated continual learning simulator.")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -126,6 +126,9 @@ def _load_checked(scenario_file: Path, overrides: list[str] | None):
 
 
 def _quiet_libraries() -> None:
-    """Flower logs every round at INFO; the progress bar says the same, so keep warnings only."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    """Flower logs every round at INFO and warns about client-side evaluation being off.
+
+    The progress bar and the run files say all of that, so only Flower's errors show.
+    """
+    logging.getLogger("flwr").addFilter(lambda record: record.levelno >= logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

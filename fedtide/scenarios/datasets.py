@@ -109,10 +109,10 @@ def _torchvision(class_name: str):
         try:
             train = _open_torchvision(dataset_class, folder, train=True)
             test = _open_torchvision(dataset_class, folder, train=False)
-        except (RuntimeError, OSError) as error:
+        except (RuntimeError, OSError):
             raise ScenarioError(
                 "dataset.root",
-                f"{class_name} not found under '{folder}' and could not be downloaded ({error})",
+                f"{class_name} not found under '{folder}' and could not be downloaded",
                 "set dataset.root to a folder holding torchvision's copy of it",
             ) from None
         return _tensors(*_as_arrays(train), *_as_arrays(test))

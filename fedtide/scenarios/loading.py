@@ -53,8 +53,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+# Overriding one of these names switches component: the old one's parameters are dropped.
+_COMPONENT_NAMES = {("continual", "method"), ("federation", "strategy", "name")}
+
+
 def _apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set `a.b.c=value` in the raw mapping; the value is parsed as YAML (numbers, lists...)."""
+    """Set `a.b.c=value` in the raw mapping; the value is parsed as YAML (numbers, lists...).
+
+    Setting a different strategy name or continual method replaces that section, so
+    `--set continual.method=ewc` on a replay scenario does not carry `mem_size` over
+    to EWC; give the new component's parameters with further `--set`s after it.
+    """
     path, sep, text = override.partition("=")
     if not sep or not path:
         raise ScenarioError("--set", f"'{override}' is not field.path=value")
@@ -65,7 +74,10 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ScenarioError(path, f"'{key}' is a value, not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+    value = yaml.safe_load(text) if text.strip() else None
+    if tuple(keys) in _COMPONENT_NAMES and node.get(keys[-1]) != value:
+        node.clear()
+    node[keys[-1]] = value
 
 
 def _describe(error: ValidationError) -> str:

@@ -34,7 +34,10 @@ def load_plugin(path: str, field: str, base: type) -> type:
 
 def check_parameters(cls: type, params: dict[str, Any], field: str) -> None:
     """Refuse parameters the class's constructor does not take, before anything runs."""
-    signature = inspect.signature(cls.__init__)
+    if cls.__init__ is object.__init__:
+        signature = inspect.Signature()
+    else:
+        signature = inspect.signature(cls.__init__)
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     known = [n for n, p in signature.parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD]
     unknown = [name for name in params if name not in known]

@@ -1,0 +1,86 @@
+"""Bad scenarios give one readable line naming the field, exit code 2, and no traceback."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedtide.scenarios.loading import load_scenario
+
+
+def write(tmp_path: Path, content: dict | str) -> Path:
+    path = tmp_path / "scenario.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ({"partition": {"kind": "iid", "num_clientz": 3}}, "partition.num_clientz: unknown key"),
+        ({"federation": {"rounds_per_experience": "many"}}, "federation.rounds_per_experience"),
+        ({"partition": {"kind": "dirichlet", "alpha": 0}}, "partition.alpha: Input should be greater than 0"),
+        ({"stream": {"n_experiences": 11}}, "exceeds the 10 classes of digits"),
+        ({"federation": {"strategy": {"name": "fedfoo"}}}, "unknown strategy 'fedfoo'"),
+        ({"continual": {"method": "gem2"}}, "unknown method 'gem2'"),
+        ({"continual": {"method": "ewc", "mem_size": 10}}, "continual.mem_size: EWC takes no parameter"),
+        ({"federation": {"strategy": {"name": "fedprox", "mu": 1}}}, "FedProx takes no parameter 'mu'"),
+        ({"federation": {"strategy": {"name": "no_such_pkg.mod:Cls"}}}, "cannot import 'no_such_pkg.mod'"),
+        ({"stream": {"class_order": [0, 1, 2]}}, "class_order must list each of the 10 classes"),
+        ("name: [unclosed", "is not valid YAML at line 1"),
+        ({"dataset": {"name": "imagenet"}}, "dataset.name"),
+    ],
+)
+def test_invalid_scenario_is_one_line_and_exit_2(tmp_path, run_cli, content, expected):
+    code, out, err = run_cli("validate", str(write(tmp_path, content)))
+    assert code == 2
+    assert expected in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in out + err
+
+
+def test_missing_dataset_names_where_it_looked(tmp_path, run_cli):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    code, _, err = run_cli("validate", str(write(tmp_path, {"dataset": {"name": "mnist", "root": str(empty)}})))
+    assert code == 2
+    assert f"MNIST not found under '{empty}'" in " ".join(err.split())
+
+
+def test_missing_file_and_bad_override(tmp_path, run_cli):
+    code, _, err = run_cli("validate", str(tmp_path / "nope.yaml"))
+    assert (code, "no such scenario file" in err) == (2, True)
+    code, _, err = run_cli("validate", str(write(tmp_path, {})), "--set", "seed")
+    assert (code, "is not field.path=value" in err) == (2, True)
+
+
+def test_run_with_invalid_scenario_writes_nothing(tmp_path, run_cli):
+    out_dir = tmp_path / "runs"
+    code, _, _ = run_cli("run", str(write(tmp_path, {"continual": {"method": "nope"}})), "--output", str(out_dir))
+    assert code == 2
+    assert not out_dir.exists()
+
+
+def test_overrides_apply_and_switching_method_drops_old_parameters(tmp_path):
+    path = write(tmp_path, {"continual": {"method": "replay", "mem_size": 50}, "partition": {"alpha": 0.5}})
+    scenario = load_scenario(
+        path, ["continual.method=ewc", "continual.ewc_lambda=3.5", "partition.alpha=0.1", "federation.strategy.name=fedprox", "federation.strategy.proximal_mu=0.01"]
+    )
+    assert scenario.continual.method == "ewc"
+    assert scenario.continual.params == {"ewc_lambda": 3.5}
+    assert scenario.partition.alpha == 0.1
+    assert scenario.federation.strategy.params == {"proximal_mu": 0.01}
+
+
+def test_validate_accepts_shipped_scenarios(run_cli):
+    for path in sorted(Path("scenarios").glob("*.yaml")):
+        code, out, err = run_cli("validate", str(path))
+        assert code == 0, err
+        assert "ok" in out
+
+
+def test_list_shows_every_registry(run_cli):
+    code, out, _ = run_cli("list")
+    assert code == 0
+    for name in ("fedavg", "fedprox", "krum", "replay", "ewc", "lwf", "digits", "fashion_mnist", "dirichlet", "cnn"):
+        assert name in out
