@@ -19,7 +19,12 @@ from rich.table import Table
 
 from fedtide.errors import ScenarioError
 
-cli = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, no_args_is_help=True, help="Federated continual learning simulator.")
+cli = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+    help="Federated continual learning simulator.",
+)
 console = Console()
 err_console = Console(stderr=True)
 

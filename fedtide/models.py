@@ -8,6 +8,7 @@ hooks Opacus attaches, so the head is sized once from the dataset.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 MODELS = {
@@ -17,8 +18,20 @@ MODELS = {
 }
 
 
-def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """Build a model by scenario name for inputs of shape (C, H, W)."""
+def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int | None = None) -> nn.Module:
+    """Build a model by scenario name for inputs of shape (C, H, W).
+
+    With a `seed`, the initial weights depend on it alone, not on what else has drawn
+    from torch's global generator in this process.
+    """
+    if seed is None:
+        return _build(name, input_shape, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build(name, input_shape, num_classes)
+
+
+def _build(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     channels, height, width = input_shape
     if name == "mlp":
         return nn.Sequential(

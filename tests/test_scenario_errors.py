@@ -64,7 +64,14 @@ def test_run_with_invalid_scenario_writes_nothing(tmp_path, run_cli):
 def test_overrides_apply_and_switching_method_drops_old_parameters(tmp_path):
     path = write(tmp_path, {"continual": {"method": "replay", "mem_size": 50}, "partition": {"alpha": 0.5}})
     scenario = load_scenario(
-        path, ["continual.method=ewc", "continual.ewc_lambda=3.5", "partition.alpha=0.1", "federation.strategy.name=fedprox", "federation.strategy.proximal_mu=0.01"]
+        path,
+        [
+            "continual.method=ewc",
+            "continual.ewc_lambda=3.5",
+            "partition.alpha=0.1",
+            "federation.strategy.name=fedprox",
+            "federation.strategy.proximal_mu=0.01",
+        ],
     )
     assert scenario.continual.method == "ewc"
     assert scenario.continual.params == {"ewc_lambda": 3.5}

@@ -47,7 +47,9 @@ def test_partitions_are_seeded_and_label_skewed():
     first = experience_partitions(scenario)
     again = experience_partitions(small_scenario(partition={"kind": "dirichlet", "alpha": 0.1, "num_clients": 4}))
     assert all(np.array_equal(a, b) for ea, eb in zip(first, again) for a, b in zip(ea, eb))
-    other_seed = experience_partitions(small_scenario(seed=1, partition={"kind": "dirichlet", "alpha": 0.1, "num_clients": 4}))
+    other_seed = experience_partitions(
+        small_scenario(seed=1, partition={"kind": "dirichlet", "alpha": 0.1, "num_clients": 4})
+    )
     assert any(not np.array_equal(a, b) for ea, eb in zip(first, other_seed) for a, b in zip(ea, eb))
     own = client_experiences(scenario, 0)
     assert [len(d) for d in own] == [len(first[e][0]) for e in range(3)]

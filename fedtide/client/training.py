@@ -38,7 +38,9 @@ class RoundTask:
     proximal_mu: float = 0.0
 
 
-def run_training_round(task: RoundTask, global_arrays: ArrayRecord, state: RecordDict) -> tuple[ArrayRecord, MetricRecord]:
+def run_training_round(
+    task: RoundTask, global_arrays: ArrayRecord, state: RecordDict
+) -> tuple[ArrayRecord, MetricRecord]:
     """Consolidate past experiences once each, train one round, and update `state` in place."""
     scenario = task.scenario
     seed_everything(scenario.seed, task.partition_id, task.global_round)

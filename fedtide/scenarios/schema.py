@@ -134,7 +134,5 @@ class Scenario(Section):
             )
         order = self.stream.class_order
         if order is not None and sorted(order) != list(range(classes)):
-            raise ValueError(
-                f"stream.class_order must list each of the {classes} classes 0..{classes - 1} once"
-            )
+            raise ValueError(f"stream.class_order must list each of the {classes} classes 0..{classes - 1} once")
         return self

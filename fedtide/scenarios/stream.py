@@ -102,6 +102,5 @@ def _partitions(stream_key: tuple, partition_json: str) -> list[list[np.ndarray]
     config = PartitionConfig.model_validate_json(partition_json)
     seed = stream_key[-1]
     return [
-        partition_labels(np.asarray(exp.targets), config, seed=seed * 1000 + e)
-        for e, exp in enumerate(stream.train)
+        partition_labels(np.asarray(exp.targets), config, seed=seed * 1000 + e) for e, exp in enumerate(stream.train)
     ]

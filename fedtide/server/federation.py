@@ -12,11 +12,10 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
@@ -32,58 +31,65 @@ from fedtide.strategies.aggregation import build_strategy
 RoundObserver = Callable[[dict[str, Any]], None]
 
 
-@dataclass
-class _Clock:
-    start: float
+class _RunRecorder:
+    """Evaluates the global model after each round and writes the run's metrics as they come."""
+
+    def __init__(self, scenario: Scenario, grid: PartitionOrderedGrid, run_dir: Path, observer: RoundObserver | None):
+        self.stream = build_stream(scenario)
+        self.model = build_model(scenario.model.name, self.stream.data.input_shape, scenario.num_classes, scenario.seed)
+        self.grid = grid
+        self.run_dir = run_dir
+        self.rounds = scenario.federation.rounds_per_experience
+        self.observer = observer
+        self.started = time.monotonic()
+        self.matrix: list[list[float]] = []
+        self.failures = 0
+
+    def evaluate_fn(self, experience: int) -> Callable[[int, ArrayRecord], None]:
+        """The `evaluate_fn` that `Strategy.start` calls after each round of `experience`."""
+        return partial(self._after_round, experience)
 
     def elapsed(self) -> float:
-        return round(time.monotonic() - self.start, 3)
+        return round(time.monotonic() - self.started, 3)
+
+    def _after_round(self, experience: int, server_round: int, arrays: ArrayRecord) -> None:
+        if server_round == 0:  # start() also evaluates the initial weights; the previous round did
+            return None
+        accuracies = experience_accuracies(self.model, arrays, self.stream.test[: experience + 1])
+        record = _round_record(experience, server_round, self.rounds, accuracies, self.grid)
+        record["wall_time_s"] = self.elapsed()
+        self.failures += record["clients"]["failed"]
+        append_metrics(self.run_dir, record)
+        if server_round == self.rounds:
+            self.matrix.append(accuracies)
+            append_metrics(self.run_dir, {"type": "experience", "experience": experience, "accuracy": accuracies})
+        if self.observer:
+            self.observer(record)
+        return None
 
 
 def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> dict:
     """Run every experience and round of `scenario`, writing metrics and the summary to `run_dir`."""
-    clock = _Clock(time.monotonic())
-    stream = build_stream(scenario)
     num_clients = scenario.partition.num_clients
     rounds = scenario.federation.rounds_per_experience
-
-    torch.manual_seed(scenario.seed)
-    model = build_model(scenario.model.name, stream.data.input_shape, scenario.num_classes)
-    arrays = ArrayRecord(model.state_dict())
-
     ordered = PartitionOrderedGrid(grid)
+    recorder = _RunRecorder(scenario, ordered, run_dir, observer)
+    arrays = ArrayRecord(recorder.model.state_dict())
     ordered.discover(num_clients)
     strategy = build_strategy(scenario.federation, num_clients)
-    matrix: list[list[float]] = []
-    failures = 0
 
     for experience in range(scenario.stream.n_experiences):
-        seen_tests = stream.test[: experience + 1]
-
-        def evaluate(server_round: int, candidate: ArrayRecord, experience: int = experience) -> None:
-            nonlocal failures
-            if server_round == 0:
-                return None
-            accuracies = experience_accuracies(model, candidate, seen_tests)
-            record = _round_record(experience, server_round, rounds, accuracies, ordered)
-            record["wall_time_s"] = clock.elapsed()
-            failures += record["clients"]["failed"]
-            append_metrics(run_dir, record)
-            if server_round == rounds:
-                matrix.append(accuracies)
-                append_metrics(run_dir, {"type": "experience", "experience": experience, "accuracy": accuracies})
-            if observer:
-                observer(record)
-            return None
-
         random.seed(scenario.seed * 1000 + experience)  # Flower samples nodes with `random`
         config = ConfigRecord(
             {"experience": experience, "round-offset": experience * rounds, "scenario": scenario.model_dump_json()}
         )
-        result = strategy.start(ordered, arrays, num_rounds=rounds, train_config=config, evaluate_fn=evaluate)
+        result = strategy.start(
+            ordered, arrays, num_rounds=rounds, train_config=config, evaluate_fn=recorder.evaluate_fn(experience)
+        )
         if len(result.arrays) > 0:
             arrays = result.arrays
 
+    matrix = recorder.matrix
     summary = {
         "name": scenario.name,
         "seed": scenario.seed,
@@ -92,13 +98,13 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: Roun
         "num_clients": num_clients,
         "n_experiences": scenario.stream.n_experiences,
         "rounds": scenario.total_rounds,
-        "classes_per_experience": stream.classes,
+        "classes_per_experience": recorder.stream.classes,
         "accuracy_matrix": matrix,
         "final_average_accuracy": average_accuracy(matrix),
         "average_forgetting": average_forgetting(matrix),
         "bwt": backward_transfer(matrix),
-        "clients_failed": failures,
-        "wall_time_s": clock.elapsed(),
+        "clients_failed": recorder.failures,
+        "wall_time_s": recorder.elapsed(),
     }
     write_summary(run_dir, summary)
     return summary

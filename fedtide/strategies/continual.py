@@ -61,7 +61,9 @@ class ContinualMethod(ABC):
         """State to keep in `Context.state` between rounds."""
         return {}, {}
 
-    def load(self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module) -> None:
+    def load(  # noqa: B027 - optional hook: stateless methods keep nothing
+        self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module
+    ) -> None:
         """Restore what `save` returned; `full_train` resolves stored sample ids."""
 
 

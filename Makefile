@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` runs the quickstart, `make test` the suite.
+# Both create .venv and install fedtide into it first.
+VENV := .venv
+PY := $(VENV)/bin/python
+# pip takes torch 2.14.1 (CUDA build, ~5 GB) from this machine's disk; elsewhere it downloads it.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint install
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/fedtide run scenarios/quickstart.yaml
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .

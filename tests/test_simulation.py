@@ -1,0 +1,80 @@
+"""Full runs on Flower's Ray simulation: files, metrics, consolidation counts, reproducibility.
+
+One federated run is shared by most assertions (Ray starts cost seconds); a second run
+of the same scenario checks that the numbers do not depend on Ray's scheduling.
+"""
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+
+from fedtide.report.continual_metrics import average_forgetting, backward_transfer
+from fedtide.report.run_files import create_run_folder, read_metrics
+from fedtide.scenarios.loading import parse_scenario
+from fedtide.simulation import simulate
+from tests.conftest import small_scenario
+
+NUMBERS = ("accuracy_matrix", "final_average_accuracy", "average_forgetting", "bwt", "clients_failed")
+
+
+def run(scenario, tmp_path_factory, observed=None):
+    folder = create_run_folder(scenario, tmp_path_factory.mktemp("runs"))
+    simulate(scenario, folder, observer=observed.append if observed is not None else None)
+    return folder, json.loads((folder / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def federated_run(tmp_path_factory):
+    scenario = small_scenario(continual={"method": "replay", "mem_size": 60})
+    observed: list[dict] = []
+    folder, summary = run(scenario, tmp_path_factory, observed)
+    return scenario, folder, summary, observed
+
+
+def test_run_folder_holds_resolved_scenario_metrics_and_summary(federated_run):
+    scenario, folder, summary, observed = federated_run
+    assert parse_scenario(yaml.safe_load((folder / "scenario.yaml").read_text())) == scenario
+    rounds = [r for r in read_metrics(folder) if r["type"] == "round"]
+    assert [r["round"] for r in rounds] == list(range(1, 7))
+    assert [len(r["accuracy"]) for r in rounds] == [1, 1, 2, 2, 3, 3]
+    assert [r["round"] for r in observed] == list(range(1, 7))
+    for record in rounds:
+        assert record["clients"] == {"sampled": 4, "replied": 4, "failed": 0, "empty": 0}
+        assert [c["partition_id"] for c in record["per_client"]] == [0, 1, 2, 3]
+        assert record["train_loss"] > 0
+    assert summary["rounds"] == 6 and summary["num_clients"] == 4
+
+
+def test_every_client_consolidates_each_past_experience_exactly_once(federated_run):
+    _, folder, _, _ = federated_run
+    rounds = [r for r in read_metrics(folder) if r["type"] == "round"]
+    for partition in range(4):
+        mine = [c for r in rounds for c in r["per_client"] if c["partition_id"] == partition]
+        assert sum(c["consolidated"] for c in mine) == 2
+        assert mine[-1]["consolidation_counts"] == [1, 1, 0]
+        # consolidation happens in the first round of each later experience, never in others
+        assert [c["consolidated"] for c in mine] == [0, 0, 1, 0, 1, 0]
+
+
+def test_summary_forgetting_matches_the_recorded_matrix(federated_run):
+    _, folder, summary, _ = federated_run
+    rows = [r["accuracy"] for r in read_metrics(folder) if r["type"] == "experience"]
+    assert rows == summary["accuracy_matrix"]
+    hand = sum(rows[j][j] - rows[-1][j] for j in range(len(rows) - 1)) / (len(rows) - 1)
+    assert summary["average_forgetting"] == pytest.approx(hand)
+    assert summary["bwt"] == pytest.approx(-hand)
+    assert average_forgetting(rows) == summary["average_forgetting"]
+    assert backward_transfer(rows) == summary["bwt"]
+    assert summary["final_average_accuracy"] == pytest.approx(sum(rows[-1]) / 3)
+
+
+def test_same_scenario_and_seed_give_identical_numbers(federated_run, tmp_path_factory):
+    scenario, _, summary, _ = federated_run
+    torch.rand(17)  # whatever state this process's RNGs are in
+    random.random()
+    _, again = run(scenario, tmp_path_factory)
+    assert {k: again[k] for k in NUMBERS} == {k: summary[k] for k in NUMBERS}
+    assert summary["final_average_accuracy"] > 0.2
