@@ -76,6 +76,8 @@ def run(
                 f"exp {record['experience']} | acc {100 * record['mean_accuracy']:.1f}% "
                 f"| loss {record['train_loss'] or 0:.3f} | failed {record['clients']['failed']}"
             )
+            if "privacy" in record:
+                status += f" | ε max {record['privacy']['epsilon_max']:.2f}"
             progress.update(task, completed=record["round"], status=status)
 
         simulate(scenario, run_dir, observer=on_round)

@@ -7,6 +7,9 @@ after a simulation has started.
 
 from __future__ import annotations
 
+from fedtide.models import build_model
+from fedtide.privacy.accounting import check_privacy
+from fedtide.privacy.dp_sgd import opacus_ready
 from fedtide.scenarios.schema import Scenario
 from fedtide.scenarios.stream import build_stream, experience_partitions
 from fedtide.strategies.aggregation import build_strategy
@@ -17,5 +20,8 @@ def check_runnable(scenario: Scenario) -> None:
     """Raise `ScenarioError` for anything that would make the run fail at start."""
     build_strategy(scenario.federation, scenario.partition.num_clients)
     build_method(scenario.continual)
-    build_stream(scenario)
+    stream = build_stream(scenario)
     experience_partitions(scenario)
+    if scenario.privacy.private:
+        check_privacy(scenario)
+        opacus_ready(build_model(scenario.model.name, stream.data.input_shape, scenario.num_classes))

@@ -27,9 +27,8 @@ def run_rounds(scenario, partition_id, schedule, state=None, mu=0.0):
     state = RecordDict() if state is None else state
     arrays = initial_arrays(scenario)
     for experience, global_round in schedule:
-        arrays, metrics = run_training_round(
-            RoundTask(scenario, partition_id, experience, global_round, mu), arrays, state
-        )
+        reply = run_training_round(RoundTask(scenario, partition_id, experience, global_round, mu), arrays, state)
+        arrays, metrics = reply["arrays"], reply["metrics"]
     return arrays, metrics, state
 
 

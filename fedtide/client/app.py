@@ -31,5 +31,4 @@ def train(msg: Message, context: Context) -> Message:
         global_round=int(config["round-offset"]) + int(config["server-round"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
-    arrays, metrics = run_training_round(task, msg.content["arrays"], context.state)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return Message(run_training_round(task, msg.content["arrays"], context.state), reply_to=msg)

@@ -18,6 +18,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtide.client.learner import ProximalTerm, RoundLearner
 from fedtide.models import build_model
+from fedtide.privacy.accounting import History, client_delta, epsilon_spent, noise_multiplier, steps_and_rate
+from fedtide.privacy.dp_sgd import ClientPrivacy, opacus_ready
 from fedtide.scenarios.schema import Scenario
 from fedtide.scenarios.stream import build_stream, client_experiences
 from fedtide.strategies.continual import ContinualMethod, build_method
@@ -25,6 +27,7 @@ from fedtide.strategies.continual import ContinualMethod, build_method
 PROGRESS_KEY = "fedtide.progress"
 METHOD_ARRAYS_KEY = "fedtide.method.arrays"
 METHOD_VALUES_KEY = "fedtide.method.values"
+PRIVACY_KEY = "fedtide.privacy.history"
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,13 @@ class RoundTask:
     proximal_mu: float = 0.0
 
 
-def run_training_round(
-    task: RoundTask, global_arrays: ArrayRecord, state: RecordDict
-) -> tuple[ArrayRecord, MetricRecord]:
-    """Consolidate past experiences once each, train one round, and update `state` in place."""
+def run_training_round(task: RoundTask, global_arrays: ArrayRecord, state: RecordDict) -> RecordDict:
+    """Consolidate past experiences once each, train one round, and update `state` in place.
+
+    The reply holds the model (`arrays`), the metrics Flower's strategies aggregate
+    (`metrics`) and, under DP, the client's whole accountant history (`privacy`) so
+    its ε can be checked independently.
+    """
     scenario = task.scenario
     seed_everything(scenario.seed, task.partition_id, task.global_round)
     stream = build_stream(scenario)
@@ -52,35 +58,122 @@ def run_training_round(
     model.load_state_dict(global_arrays.to_torch_state_dict())
     method = build_method(scenario.continual)
     _load_method(method, state, stream.full_train, model)
-
-    extra = [ProximalTerm(task.proximal_mu, model)] if task.proximal_mu > 0 else []
+    privacy = _client_privacy(task, state)
+    extra: list = [ProximalTerm(task.proximal_mu, model)] if task.proximal_mu > 0 else []
+    if privacy:
+        model = opacus_ready(model)
+        method.use_privacy(privacy)
+        extra.append(privacy.training_plugin(method))
     learner = RoundLearner(model, method, scenario.client, device=pick_device(scenario), extra_plugins=extra)
 
     progress = _progress(state, scenario.stream.n_experiences)
-    consolidated_now = 0
-    for past in range(int(progress["done_through"]), task.experience):
-        if len(own_data[past]) > 0:
-            learner.consolidate(experiences[past], past)
-            progress["counts"][past] += 1
-            consolidated_now += 1
+    pending = [p for p in range(int(progress["done_through"]), task.experience) if len(own_data[p]) > 0]
+    examples = len(own_data[task.experience])
+    budget = BudgetGuard(scenario, privacy)
+    planned = examples + method.planned_private_extra([len(d) for d in own_data[: task.experience]])
+    consolidation_passes = [len(own_data[p]) for p in pending] * method.private_passes_per_consolidation
+    if examples and not budget.allows(training=planned, other_passes=consolidation_passes):
+        metrics = _metrics(task, 0, 0.0, progress, 0, privacy, empty=False, exhausted=True)
+        return _reply(global_arrays, metrics, privacy)
+
+    for past in pending:
+        learner.consolidate(experiences[past], past)
+        progress["counts"][past] += 1
     progress["done_through"] = max(int(progress["done_through"]), task.experience)
 
-    examples = len(own_data[task.experience])
-    loss = learner.train_round(experiences[task.experience], task.experience) if examples else float("nan")
+    extra_data = method.private_training_data() if privacy else None
+    if examples and budget.allows(training=examples + (len(extra_data) if extra_data else 0)):
+        loss = learner.train_round(experiences[task.experience], task.experience)
+    else:
+        loss, examples = 0.0, 0
 
     state[PROGRESS_KEY] = ConfigRecord({"done_through": progress["done_through"], "counts": progress["counts"]})
     _save_method(method, state)
-    metrics = MetricRecord(
+    if privacy:
+        state[PRIVACY_KEY] = history_record(privacy.history)
+    empty = len(own_data[task.experience]) == 0
+    metrics = _metrics(task, examples, loss, progress, len(pending), privacy, empty, budget.exhausted)
+    return _reply(ArrayRecord(model.cpu().state_dict()), metrics, privacy)
+
+
+def _reply(arrays: ArrayRecord, metrics: MetricRecord, privacy: ClientPrivacy | None) -> RecordDict:
+    content = RecordDict({"arrays": arrays, "metrics": metrics})
+    if privacy:
+        content["privacy"] = history_record(privacy.history)
+    return content
+
+
+class BudgetGuard:
+    """Refuses DP passes that would take a client past `target_epsilon`, so ε never exceeds it."""
+
+    def __init__(self, scenario: Scenario, privacy: ClientPrivacy | None) -> None:
+        self.privacy = privacy
+        self.target = scenario.privacy.target_epsilon if privacy else None
+        self.delta = client_delta(scenario) if privacy else 0.0
+        self.batch_size, self.epochs = scenario.client.batch_size, scenario.client.epochs
+        self.exhausted = False
+
+    def allows(self, training: int, other_passes: list[int] = ()) -> bool:
+        """Whether a training round over `training` samples (and single passes over others) fits."""
+        if self.target is None or self.exhausted:
+            return not self.exhausted
+        sigma = self.privacy.noise_multiplier
+        plan = []
+        for size, epochs in [(n, 1) for n in other_passes] + [(training, self.epochs)]:
+            steps, rate = steps_and_rate(size, self.batch_size)
+            plan.append((sigma, rate, steps * epochs))
+        spent = epsilon_spent(self.privacy.history + plan, self.delta, self.privacy.config.accountant)
+        self.exhausted = spent > self.target
+        return not self.exhausted
+
+
+def history_record(history: History) -> ConfigRecord:
+    return ConfigRecord(
+        {"sigmas": [h[0] for h in history], "rates": [h[1] for h in history], "steps": [h[2] for h in history]}
+    )
+
+
+def history_from_state(state: RecordDict) -> History:
+    if PRIVACY_KEY not in state:
+        return []
+    record = state[PRIVACY_KEY]
+    return list(zip(map(float, record["sigmas"]), map(float, record["rates"]), map(int, record["steps"])))
+
+
+def _client_privacy(task: RoundTask, state: RecordDict) -> ClientPrivacy | None:
+    config = task.scenario.privacy
+    if not config.private:
+        return None
+    sigma = noise_multiplier(task.scenario, task.partition_id)
+    return ClientPrivacy(config, sigma, history_from_state(state))
+
+
+def _metrics(
+    task: RoundTask,
+    examples: int,
+    loss: float,
+    progress: dict,
+    consolidated: int,
+    privacy: ClientPrivacy | None,
+    empty: bool,
+    exhausted: bool,
+) -> MetricRecord:
+    epsilon = 0.0
+    if privacy:
+        epsilon = epsilon_spent(privacy.history, client_delta(task.scenario), privacy.config.accountant)
+    return MetricRecord(
         {
             "num-examples": examples,
-            "train_loss": loss if examples else 0.0,
+            "train_loss": loss,
             "partition_id": task.partition_id,
-            "empty": int(examples == 0),
-            "consolidated": consolidated_now,
+            "empty": int(empty),
+            "consolidated": consolidated,
             "consolidation_counts": list(progress["counts"]),
+            "epsilon": epsilon,
+            "noise_multiplier": privacy.noise_multiplier if privacy else 0.0,
+            "budget_exhausted": int(exhausted),
         }
     )
-    return ArrayRecord(learner.model.cpu().state_dict()), metrics
 
 
 def seed_everything(seed: int, partition_id: int, global_round: int) -> None:

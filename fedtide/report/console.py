@@ -23,5 +23,11 @@ def summary_view(summary: dict) -> Group:
     headline.add_row("average forgetting", f"{100 * summary['average_forgetting']:.2f}%")
     headline.add_row("BWT", f"{100 * summary['bwt']:.2f}%")
     headline.add_row("clients failed", str(summary["clients_failed"]))
+    if "privacy" in summary:
+        privacy = summary["privacy"]
+        headline.add_row("ε (max over clients)", f"{privacy['epsilon_max']:.3f}")
+        headline.add_row("δ", f"{privacy['delta']:.2e}")
+        if privacy["budget_exhausted_clients"]:
+            headline.add_row("clients out of budget", ", ".join(map(str, privacy["budget_exhausted_clients"])))
     headline.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
     return Group(grid, headline)

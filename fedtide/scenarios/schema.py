@@ -89,6 +89,27 @@ class ContinualConfig(NamedWithParams):
     method: str = "naive"
 
 
+class PrivacyConfig(Section):
+    """Client-side DP-SGD. `noise_multiplier: 0` (or `enabled: false`) is the non-private point.
+
+    `target_epsilon` alone calibrates the noise so each client's planned run spends at
+    most that; with `noise_multiplier` too, the noise is fixed and the target is only a
+    budget at which clients stop training.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float | None = Field(None, ge=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 * largest client dataset)")
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @property
+    def private(self) -> bool:
+        """Whether clients train with DP-SGD at all (noise 0 means plain training)."""
+        return self.enabled and self.noise_multiplier != 0
+
+
 class ResourcesConfig(Section):
     num_cpus_per_client: float = Field(1.0, gt=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
@@ -105,6 +126,7 @@ class Scenario(Section):
     federation: FederationConfig = FederationConfig()
     client: ClientConfig = ClientConfig()
     continual: ContinualConfig = ContinualConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     resources: ResourcesConfig = ResourcesConfig()
     output: Path = Path("runs")
 

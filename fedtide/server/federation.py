@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedtide.models import build_model
+from fedtide.privacy.accounting import client_delta, noise_multiplier
 from fedtide.report.continual_metrics import average_accuracy, average_forgetting, backward_transfer
 from fedtide.report.run_files import append_metrics, write_summary
 from fedtide.scenarios.schema import Scenario
@@ -34,7 +35,9 @@ RoundObserver = Callable[[dict[str, Any]], None]
 class _RunRecorder:
     """Evaluates the global model after each round and writes the run's metrics as they come."""
 
-    def __init__(self, scenario: Scenario, grid: PartitionOrderedGrid, run_dir: Path, observer: RoundObserver | None):
+    def __init__(
+        self, scenario: Scenario, grid: PartitionOrderedGrid, run_dir: Path, observer: RoundObserver | None
+    ) -> None:
         self.stream = build_stream(scenario)
         self.model = build_model(scenario.model.name, self.stream.data.input_shape, scenario.num_classes, scenario.seed)
         self.grid = grid
@@ -44,6 +47,9 @@ class _RunRecorder:
         self.started = time.monotonic()
         self.matrix: list[list[float]] = []
         self.failures = 0
+        self.private = scenario.privacy.private
+        self.epsilon: dict[int, float] = {}  # latest cumulative ε per client
+        self.stopped: set[int] = set()  # clients that hit their privacy budget
 
     def evaluate_fn(self, experience: int) -> Callable[[int, ArrayRecord], None]:
         """The `evaluate_fn` that `Strategy.start` calls after each round of `experience`."""
@@ -52,6 +58,20 @@ class _RunRecorder:
     def elapsed(self) -> float:
         return round(time.monotonic() - self.started, 3)
 
+    def _privacy_record(self, clients: list[dict]) -> dict:
+        """Cumulative ε per client (carried over for clients not sampled this round)."""
+        for client in clients:
+            self.epsilon[client["partition_id"]] = client["epsilon"]
+            if client["budget_exhausted"]:
+                self.stopped.add(client["partition_id"])
+        values = list(self.epsilon.values())
+        return {
+            "epsilon_max": max(values),
+            "epsilon_mean": sum(values) / len(values),
+            "epsilon_per_client": {str(k): v for k, v in sorted(self.epsilon.items())},
+            "budget_exhausted_clients": sorted(self.stopped),
+        }
+
     def _after_round(self, experience: int, server_round: int, arrays: ArrayRecord) -> None:
         if server_round == 0:  # start() also evaluates the initial weights; the previous round did
             return None
@@ -59,6 +79,8 @@ class _RunRecorder:
         record = _round_record(experience, server_round, self.rounds, accuracies, self.grid)
         record["wall_time_s"] = self.elapsed()
         self.failures += record["clients"]["failed"]
+        if self.private:
+            record["privacy"] = self._privacy_record(record["per_client"])
         append_metrics(self.run_dir, record)
         if server_round == self.rounds:
             self.matrix.append(accuracies)
@@ -106,6 +128,17 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: Roun
         "clients_failed": recorder.failures,
         "wall_time_s": recorder.elapsed(),
     }
+    if recorder.private:
+        summary["privacy"] = {
+            "delta": client_delta(scenario),
+            "accountant": scenario.privacy.accountant,
+            "max_grad_norm": scenario.privacy.max_grad_norm,
+            "noise_multiplier": {str(c): noise_multiplier(scenario, c) for c in range(num_clients)},
+            "target_epsilon": scenario.privacy.target_epsilon,
+            "epsilon_max": max(recorder.epsilon.values(), default=0.0),
+            "epsilon_per_client": {str(k): v for k, v in sorted(recorder.epsilon.items())},
+            "budget_exhausted_clients": sorted(recorder.stopped),
+        }
     write_summary(run_dir, summary)
     return summary
 
@@ -145,4 +178,15 @@ def _client_metrics(reply: Message) -> dict[str, Any]:
         "empty": int(metrics["empty"]),
         "consolidated": int(metrics["consolidated"]),
         "consolidation_counts": [int(c) for c in metrics["consolidation_counts"]],
-    }
+        "epsilon": float(metrics["epsilon"]),
+        "noise_multiplier": float(metrics["noise_multiplier"]),
+        "budget_exhausted": int(metrics["budget_exhausted"]),
+    } | _privacy_history(reply)
+
+
+def _privacy_history(reply: Message) -> dict[str, Any]:
+    """The client's accountant history as (sigma, sample rate, steps) rows, when it trains privately."""
+    if "privacy" not in reply.content:
+        return {}
+    record = reply.content["privacy"]
+    return {"dp_history": [list(row) for row in zip(record["sigmas"], record["rates"], record["steps"])]}

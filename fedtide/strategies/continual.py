@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from fedtide.scenarios.schema import ContinualConfig
 from fedtide.scenarios.stream import Dataset
 from fedtide.strategies.plugins import check_parameters, is_plugin_path, load_plugin
 
+if TYPE_CHECKING:
+    from fedtide.privacy.dp_sgd import ClientPrivacy
+
 Arrays = dict[str, np.ndarray]
 Values = dict[str, Any]
 
@@ -48,6 +51,8 @@ class ContinualMethod(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    # Passes over one past experience's private data that `consolidate` makes (EWC's Fisher: 1).
+    private_passes_per_consolidation: ClassVar[int] = 0
 
     @abstractmethod
     def plugins(self) -> list[SupervisedPlugin]:
@@ -56,6 +61,17 @@ class ContinualMethod(ABC):
     @abstractmethod
     def consolidate(self, learner: SupervisedTemplate) -> None:
         """Absorb `learner.experience` at the model's current (global) weights."""
+
+    def use_privacy(self, privacy: ClientPrivacy) -> None:  # noqa: B027 - optional hook
+        """Called before a DP round: route every pass over private data through `privacy`."""
+
+    def private_training_data(self) -> Dataset | None:
+        """Extra samples to put inside the Poisson-sampled training set under DP (replay's buffer)."""
+        return None
+
+    def planned_private_extra(self, past_sizes: list[int]) -> int:
+        """How many extra samples `private_training_data` will hold, given the past experiences' sizes."""
+        return 0
 
     def save(self) -> tuple[Arrays, Values]:
         """State to keep in `Context.state` between rounds."""
@@ -90,9 +106,20 @@ class Replay(ContinualMethod):
             raise ScenarioError("continual.storage", f"unknown storage '{storage}'", "experience or class")
         self.storage = policies[storage](max_size=mem_size, adaptive_size=True)
         self.plugin = ReplayPlugin(mem_size=mem_size, storage_policy=self.storage)
+        self.private = False
 
     def plugins(self) -> list[SupervisedPlugin]:
-        return [self.plugin]
+        """Avalanche's replay dataloader, except under DP where the buffer joins the sampled dataset."""
+        return [] if self.private else [self.plugin]
+
+    def use_privacy(self, privacy: ClientPrivacy) -> None:
+        self.private = True
+
+    def private_training_data(self) -> Dataset | None:
+        return self.storage.buffer if len(self.storage.buffer) else None
+
+    def planned_private_extra(self, past_sizes: list[int]) -> int:
+        return min(self.plugin.mem_size, sum(past_sizes))
 
     def consolidate(self, learner: SupervisedTemplate) -> None:
         self.plugin.after_training_exp(learner)
@@ -125,20 +152,35 @@ class Replay(ContinualMethod):
             self.storage.seen_classes = set(values.get("seen_classes", []))
 
 
+class _EWCPlugin(EWCPlugin):
+    """Avalanche's EWCPlugin whose Fisher pass can be swapped for a differentially private one."""
+
+    fisher_pass = None
+
+    def compute_importances(self, model, criterion, optimizer, dataset, device, batch_size, num_workers=0):
+        if self.fisher_pass is None:
+            return super().compute_importances(model, criterion, optimizer, dataset, device, batch_size, num_workers)
+        return self.fisher_pass(model, criterion, dataset, batch_size, device)
+
+
 class EWC(ContinualMethod):
     name = "ewc"
-    description = "elastic weight consolidation: Avalanche EWCPlugin (separate or online)"
+    description = "elastic weight consolidation: Avalanche EWCPlugin (separate or online); DP Fisher under DP"
+    private_passes_per_consolidation = 1
 
     def __init__(self, ewc_lambda: float = 10.0, mode: str = "separate", decay_factor: float | None = None) -> None:
         if mode not in ("separate", "online") or (mode == "online") != (decay_factor is not None):
             raise ScenarioError("continual.mode", "use mode: separate, or mode: online with a decay_factor")
-        self.plugin = EWCPlugin(ewc_lambda=ewc_lambda, mode=mode, decay_factor=decay_factor)
+        self.plugin = _EWCPlugin(ewc_lambda=ewc_lambda, mode=mode, decay_factor=decay_factor)
 
     def plugins(self) -> list[SupervisedPlugin]:
         return [self.plugin]
 
     def consolidate(self, learner: SupervisedTemplate) -> None:
         self.plugin.after_training_exp(learner)
+
+    def use_privacy(self, privacy: ClientPrivacy) -> None:
+        self.plugin.fisher_pass = privacy.fisher_importances
 
     def save(self) -> tuple[Arrays, Values]:
         arrays: Arrays = {}

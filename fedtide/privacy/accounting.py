@@ -1,0 +1,132 @@
+"""Privacy accounting per client, cumulative over the whole run.
+
+Each client keeps one Opacus accountant history — (noise multiplier, sample rate,
+steps) entries — in its `Context.state`, so the engine rebuilt every round resumes
+the same account: the ε a client reports is everything it has spent so far, not
+one round's share (the mistake of Flower's Opacus example).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from opacus.accountants import create_accountant
+
+from fedtide.errors import ScenarioError
+from fedtide.scenarios.schema import PrivacyConfig, Scenario
+from fedtide.scenarios.stream import experience_partitions
+
+History = list[tuple[float, float, int]]
+
+DEFAULT_NOISE_MULTIPLIER = 1.0
+MAX_NOISE_MULTIPLIER = 100.0
+
+
+def epsilon_spent(history: History, delta: float, accountant: str) -> float:
+    """ε of everything in `history`, by Opacus's accountant of that name (0 when nothing was spent)."""
+    if not history:
+        return 0.0
+    account = create_accountant(mechanism=accountant)
+    account.history = [tuple(entry) for entry in history]
+    return float(account.get_epsilon(delta=delta))
+
+
+def steps_and_rate(num_samples: int, batch_size: int) -> tuple[int, float]:
+    """Steps per epoch and Poisson sample rate, as Opacus's DPDataLoader derives them."""
+    steps = max(1, math.ceil(num_samples / batch_size))
+    return steps, 1.0 / steps
+
+
+def check_privacy(scenario: Scenario) -> None:
+    """Refuse DP settings that cannot hold before any training: δ too large, target out of reach."""
+    if not scenario.privacy.private:
+        return
+    largest = largest_client_dataset(scenario)
+    delta = client_delta(scenario)
+    if delta >= 1.0 / largest:
+        raise ScenarioError(
+            "privacy.delta",
+            f"{delta} is not below 1/n = {1.0 / largest:.2e} for the largest client dataset (n={largest})",
+            f"use a delta below {1.0 / largest:.1e}, e.g. {1.0 / (10 * largest):.1e}, or leave it unset",
+        )
+    for client in range(scenario.partition.num_clients):
+        noise_multiplier(scenario, client)
+
+
+def client_delta(scenario: Scenario) -> float:
+    """δ: the scenario's, or 1 / (10 · the largest client dataset)."""
+    return scenario.privacy.delta or 1.0 / (10 * largest_client_dataset(scenario))
+
+
+def largest_client_dataset(scenario: Scenario) -> int:
+    shares = experience_partitions(scenario)
+    return max(sum(len(exp[c]) for exp in shares) for c in range(scenario.partition.num_clients))
+
+
+def noise_multiplier(scenario: Scenario, partition_id: int) -> float:
+    """σ for this client: the configured one, or calibrated to spend `target_epsilon` over its planned run."""
+    privacy = scenario.privacy
+    if privacy.noise_multiplier is not None:
+        return privacy.noise_multiplier
+    if privacy.target_epsilon is None:
+        return DEFAULT_NOISE_MULTIPLIER
+    return _calibrated(scenario.model_dump_json(), partition_id)
+
+
+@lru_cache(maxsize=64)
+def _calibrated(scenario_json: str, partition_id: int) -> float:
+    scenario = Scenario.model_validate_json(scenario_json)
+    plan = planned_steps(scenario, partition_id)
+    return calibrate_noise(scenario.privacy, client_delta(scenario), plan)
+
+
+def planned_steps(scenario: Scenario, partition_id: int) -> list[tuple[float, int]]:
+    """(sample rate, steps) of every DP pass the client will make if sampled in every round.
+
+    Training passes: each round of experience e runs `epochs` Poisson epochs over the
+    client's e data plus, for replay, its buffer. EWC adds one Fisher pass per past
+    experience it consolidates.
+    """
+    from fedtide.strategies.continual import build_method
+
+    method = build_method(scenario.continual)
+    sizes = [len(exp[partition_id]) for exp in experience_partitions(scenario)]
+    batch, rounds, epochs = (
+        scenario.client.batch_size,
+        scenario.federation.rounds_per_experience,
+        scenario.client.epochs,
+    )
+    plan: list[tuple[float, int]] = []
+    for e, size in enumerate(sizes):
+        if size == 0:
+            continue
+        for past in sizes[:e]:
+            if past and method.private_passes_per_consolidation:
+                steps, rate = steps_and_rate(past, batch)
+                plan.append((rate, steps * method.private_passes_per_consolidation))
+        steps, rate = steps_and_rate(size + method.planned_private_extra(sizes[:e]), batch)
+        plan.append((rate, steps * epochs * rounds))
+    return plan
+
+
+def calibrate_noise(privacy: PrivacyConfig, delta: float, plan: list[tuple[float, int]]) -> float:
+    """The smallest σ (to 1%) whose total ε over `plan` stays within the target, by bisection."""
+    target = privacy.target_epsilon
+
+    def spent(sigma: float) -> float:
+        return epsilon_spent([(sigma, rate, steps) for rate, steps in plan], delta, privacy.accountant)
+
+    if not plan:
+        return DEFAULT_NOISE_MULTIPLIER
+    if spent(MAX_NOISE_MULTIPLIER) > target:
+        raise ScenarioError(
+            "privacy.target_epsilon",
+            f"{target} cannot be reached even with noise_multiplier={MAX_NOISE_MULTIPLIER}",
+            "raise target_epsilon, or train fewer rounds/epochs or with larger batches",
+        )
+    low, high = 0.0, MAX_NOISE_MULTIPLIER
+    while high - low > 0.01 * high:
+        middle = (low + high) / 2
+        low, high = (low, middle) if middle > 0 and spent(middle) <= target else (middle, high)
+    return high

@@ -1,0 +1,140 @@
+"""DP-SGD for one client's round with Opacus, fitted into Avalanche's training loop.
+
+Three things here are easy to get wrong, and are the reason this module exists:
+
+- The accountant is resumed from the client's history, so ε accumulates over the run.
+- Parameter-only penalties (FedProx's proximal term, EWC's penalty) have no per-sample
+  gradient, so Opacus's DPOptimizer, which rebuilds `p.grad` from clipped per-sample
+  gradients plus noise, drops them (opacus issues 249, 259). They are recovered as
+  `p.grad - mean_i grad_sample_i` before the step and added back after clip+noise.
+  They depend on parameters and on already-privatised quantities only, so adding them
+  costs no privacy.
+- Every other pass over private data is DP too: replay samples sit inside the
+  Poisson-sampled dataset, and EWC's Fisher is estimated from clipped, noised
+  gradients whose steps are charged to the same accountant.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from avalanche.training.plugins import SupervisedPlugin
+from avalanche.training.utils import ParamData
+from opacus import PrivacyEngine
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader
+
+from fedtide.errors import ScenarioError
+from fedtide.privacy.accounting import History
+from fedtide.scenarios.schema import PrivacyConfig
+from fedtide.strategies.continual import ContinualMethod
+
+log = logging.getLogger(__name__)
+
+
+def opacus_ready(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself if Opacus supports it, else Opacus's fixed copy (said in the log)."""
+    if not ModuleValidator.validate(model, strict=False):
+        return model
+    fixed = ModuleValidator.fix(model)
+    remaining = ModuleValidator.validate(fixed, strict=False)
+    if remaining:
+        raise ScenarioError("model.name", f"not supported by Opacus: {remaining[0]}", "choose another model")
+    log.warning("model adapted for Opacus by ModuleValidator.fix (e.g. BatchNorm -> GroupNorm)")
+    return fixed
+
+
+class ClientPrivacy:
+    """One client's DP-SGD for one round: an Opacus engine resuming the client's account."""
+
+    def __init__(self, config: PrivacyConfig, noise_multiplier: float, history: History) -> None:
+        self.config = config
+        self.noise_multiplier = noise_multiplier
+        self.engine = PrivacyEngine(accountant=config.accountant)
+        self.engine.accountant.history = [tuple(entry) for entry in history]
+
+    @property
+    def history(self) -> History:
+        return [(float(s), float(q), int(n)) for s, q, n in self.engine.accountant.history]
+
+    def training_plugin(self, method: ContinualMethod) -> SupervisedPlugin:
+        """The plugin that privatises the learner's round; the method's private data joins the sampled set."""
+        return _DPSGDPlugin(self, method)
+
+    def make_private(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset, batch_size: int):
+        """Opacus's make_private with Poisson sampling over `dataset`; the model keeps its own names."""
+        loader = DataLoader(dataset, batch_size=batch_size)
+        _, dp_optimizer, dp_loader = self.engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.config.max_grad_norm,
+            poisson_sampling=True,
+        )
+        return dp_optimizer, dp_loader
+
+    def fisher_importances(self, model, criterion, dataset, batch_size: int, device) -> dict[str, ParamData]:
+        """EWC importances from one DP pass: the mean squared privatised batch gradient.
+
+        It mirrors Avalanche's `EWCPlugin.compute_importances` (squared minibatch
+        gradients, averaged over batches) with each gradient clipped and noised; the
+        pass's steps are charged to this client's accountant.
+        """
+        probe = copy.deepcopy(model).to(device).train()  # Opacus requires training mode; no dropout here
+        optimizer = torch.optim.SGD(probe.parameters(), lr=0.0)
+        dp_optimizer, loader = self.make_private(probe, optimizer, dataset, batch_size)
+        names = [name for name, _ in model.named_parameters()]
+        totals = [torch.zeros_like(p) for p in probe.parameters()]
+        batches = 0
+        for x, y, *_ in loader:
+            if len(x) == 0:
+                continue
+            dp_optimizer.zero_grad()
+            criterion(probe(x.to(device)), y.to(device)).backward()
+            dp_optimizer.pre_step()
+            for total, param in zip(totals, probe.parameters()):
+                total += param.grad.detach() ** 2
+            batches += 1
+        return {
+            name: ParamData(name, init_tensor=(total / max(batches, 1)).cpu()) for name, total in zip(names, totals)
+        }
+
+
+class _DPSGDPlugin(SupervisedPlugin):
+    """Makes an Avalanche learner's round DP-SGD; runs after the learner built its optimizer."""
+
+    def __init__(self, privacy: ClientPrivacy, method: ContinualMethod) -> None:
+        super().__init__()
+        self.privacy = privacy
+        self.method = method
+        self.parameter_only: list[torch.Tensor] = []
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        dataset = strategy.adapted_dataset
+        extra = self.method.private_training_data()
+        if extra is not None:
+            dataset = dataset.concat(extra)
+        optimizer, loader = self.privacy.make_private(
+            strategy.model, strategy.optimizer, dataset, strategy.train_mb_size
+        )
+        accountant_hook = optimizer.step_hook
+
+        def after_noise(dp_optimizer) -> None:
+            accountant_hook(dp_optimizer)
+            for param, extra in zip(dp_optimizer.params, self.parameter_only):
+                param.grad += extra
+
+        optimizer.step_hook = after_noise
+        strategy.optimizer = optimizer
+        strategy.dataloader = loader
+
+    def before_update(self, strategy, **kwargs) -> None:
+        """Keep the gradient that autograd put in p.grad beyond the per-sample gradients."""
+        self.parameter_only = []
+        for param in strategy.optimizer.params:
+            per_sample = param.grad_sample
+            mean = per_sample.mean(dim=0) if per_sample.shape[0] else torch.zeros_like(param)
+            self.parameter_only.append((param.grad - mean).detach())
