@@ -29,6 +29,10 @@ def write(tmp_path: Path, content: dict | str) -> Path:
         ({"stream": {"class_order": [0, 1, 2]}}, "class_order must list each of the 10 classes"),
         ("name: [unclosed", "is not valid YAML at line 1"),
         ({"dataset": {"name": "imagenet"}}, "dataset.name"),
+        ({"privacy": {"enabled": True, "noise_multiplier": -1}}, "privacy.noise_multiplier: Input should be greater"),
+        ({"privacy": {"enabled": True, "max_grad_norm": 0}}, "privacy.max_grad_norm: Input should be greater than 0"),
+        ({"privacy": {"enabled": True, "delta": 0.01}}, "privacy.delta: 0.01 is not below 1/n"),
+        ({"privacy": {"enabled": True, "target_epsilon": 0.0001}}, "privacy.target_epsilon: 0.0001 cannot be reached"),
     ],
 )
 def test_invalid_scenario_is_one_line_and_exit_2(tmp_path, run_cli, content, expected):

@@ -4,7 +4,8 @@ Flower's simulation gives nodes random ids and returns replies as they arrive, s
 both sampling (`random.sample` over node ids) and aggregation (a floating-point
 sum over replies) would depend on the run and on Ray's scheduling. This wrapper
 asks every node for its data partition once, then lists nodes and replies in
-partition order. It also keeps the last training exchange for the metrics.
+partition order. It also keeps the last training exchange for the metrics, and
+holds back from aggregation the replies of clients that did not train.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class PartitionOrderedGrid(Grid):
         if messages and messages[0].metadata.message_type == MessageType.TRAIN:
             self.last_train_sent = len(messages)
             self.last_train_replies = replies
+            # Clients that trained on nothing (no data in this experience, or privacy budget
+            # spent) are recorded but not aggregated: their reply is the global model itself.
+            return [r for r in replies if r.has_error() or r.content["metrics"]["num-examples"] > 0]
         return replies
 
     # Plain delegation of the rest of Grid's interface.
