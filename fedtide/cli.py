@@ -7,8 +7,8 @@ written for a scenario that fails validation.
 from __future__ import annotations
 
 import logging
-import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedtide.errors import ScenarioError
+from fedtide.errors import FederationError, ScenarioError
 
 cli = typer.Typer(
     add_completion=False,
@@ -42,6 +42,9 @@ def main() -> None:
     except ScenarioError as error:
         err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except FederationError as error:
+        err_console.print(f"[red]run failed:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except Exception as error:  # click's usage errors
@@ -138,4 +141,6 @@ def _quiet_libraries() -> None:
     The progress bar and the run files say all of that, so only Flower's errors show.
     """
     logging.getLogger("flwr").addFilter(lambda record: record.levelno >= logging.ERROR)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Ray's notice about a future change to GPU visibility; fedtide relies on today's behaviour
+    # (clients with num_gpus_per_client: 0 do not see the GPU).
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)

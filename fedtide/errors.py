@@ -16,3 +16,7 @@ class ScenarioError(Exception):
         if fix:
             message += f" ({fix})"
         super().__init__(message)
+
+
+class FederationError(Exception):
+    """The federation cannot go on (every sampled client failed a round); carries a client's reason."""

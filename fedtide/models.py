@@ -8,14 +8,29 @@ hooks Opacus attaches, so the head is sized once from the dataset.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fedtide.scenarios.schema import Scenario
 
 MODELS = {
     "mlp": "two hidden layers of 128 units (digits, MNIST-family)",
     "cnn": "two conv blocks + GroupNorm + linear head",
     "resnet": "a small ResNet with GroupNorm (CIFAR-sized inputs)",
 }
+
+
+def build_scenario_model(scenario: Scenario, input_shape: tuple[int, int, int], seed: int | None = None) -> nn.Module:
+    """The scenario's model, as server and clients must both build it (Opacus-fixed under DP)."""
+    model = build_model(scenario.model.name, input_shape, scenario.num_classes, seed)
+    if scenario.privacy.private:
+        from fedtide.privacy.dp_sgd import opacus_ready
+
+        model = opacus_ready(model)
+    return model
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int | None = None) -> nn.Module:

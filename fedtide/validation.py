@@ -7,9 +7,8 @@ after a simulation has started.
 
 from __future__ import annotations
 
-from fedtide.models import build_model
+from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import check_privacy
-from fedtide.privacy.dp_sgd import opacus_ready
 from fedtide.scenarios.schema import Scenario
 from fedtide.scenarios.stream import build_stream, experience_partitions
 from fedtide.strategies.aggregation import build_strategy
@@ -24,4 +23,4 @@ def check_runnable(scenario: Scenario) -> None:
     experience_partitions(scenario)
     if scenario.privacy.private:
         check_privacy(scenario)
-        opacus_ready(build_model(scenario.model.name, stream.data.input_shape, scenario.num_classes))
+    build_scenario_model(scenario, stream.data.input_shape)

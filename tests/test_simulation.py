@@ -78,3 +78,21 @@ def test_same_scenario_and_seed_give_identical_numbers(federated_run, tmp_path_f
     _, again = run(scenario, tmp_path_factory)
     assert {k: again[k] for k in NUMBERS} == {k: summary[k] for k in NUMBERS}
     assert summary["final_average_accuracy"] > 0.2
+
+
+def test_a_round_where_every_client_fails_stops_the_run_with_the_clients_reason(tmp_path, run_cli):
+    scenario = tmp_path / "broken.yaml"
+    scenario.write_text(
+        yaml.safe_dump(
+            {
+                "name": "broken",
+                "partition": {"num_clients": 2},
+                "stream": {"n_experiences": 2},
+                "continual": {"method": "tests.broken_method:BrokenMethod"},
+            }
+        )
+    )
+    code, _, err = run_cli("run", str(scenario), "--output", str(tmp_path / "runs"))
+    assert code == 1
+    assert "every sampled client failed" in err and "broken_method exploded on purpose" in " ".join(err.split())
+    assert not (tmp_path / "runs" / "broken" / "summary.json").exists()

@@ -17,9 +17,9 @@ from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datas
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtide.client.learner import ProximalTerm, RoundLearner
-from fedtide.models import build_model
+from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import History, client_delta, epsilon_spent, noise_multiplier, steps_and_rate
-from fedtide.privacy.dp_sgd import ClientPrivacy, opacus_ready
+from fedtide.privacy.dp_sgd import ClientPrivacy
 from fedtide.scenarios.schema import Scenario
 from fedtide.scenarios.stream import build_stream, client_experiences
 from fedtide.strategies.continual import ContinualMethod, build_method
@@ -54,14 +54,13 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, state: Recor
     own_data = client_experiences(scenario, task.partition_id)
     experiences = benchmark_from_datasets(train=own_data).train_stream
 
-    model = build_model(scenario.model.name, stream.data.input_shape, scenario.num_classes)
+    model = build_scenario_model(scenario, stream.data.input_shape)
     model.load_state_dict(global_arrays.to_torch_state_dict())
     method = build_method(scenario.continual)
     _load_method(method, state, stream.full_train, model)
     privacy = _client_privacy(task, state)
     extra: list = [ProximalTerm(task.proximal_mu, model)] if task.proximal_mu > 0 else []
     if privacy:
-        model = opacus_ready(model)
         method.use_privacy(privacy)
         extra.append(privacy.training_plugin(method))
     learner = RoundLearner(model, method, scenario.client, device=pick_device(scenario), extra_plugins=extra)

@@ -9,6 +9,7 @@ one round's share (the mistake of Flower's Opacus example).
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 
 from opacus.accountants import create_accountant
@@ -115,7 +116,9 @@ def calibrate_noise(privacy: PrivacyConfig, delta: float, plan: list[tuple[float
     target = privacy.target_epsilon
 
     def spent(sigma: float) -> float:
-        return epsilon_spent([(sigma, rate, steps) for rate, steps in plan], delta, privacy.accountant)
+        with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" at extreme trial sigmas
+            warnings.simplefilter("ignore", UserWarning)
+            return epsilon_spent([(sigma, rate, steps) for rate, steps in plan], delta, privacy.accountant)
 
     if not plan:
         return DEFAULT_NOISE_MULTIPLIER

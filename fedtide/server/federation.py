@@ -19,7 +19,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from fedtide.models import build_model
+from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta, noise_multiplier
 from fedtide.report.continual_metrics import average_accuracy, average_forgetting, backward_transfer
 from fedtide.report.run_files import append_metrics, write_summary
@@ -39,7 +39,7 @@ class _RunRecorder:
         self, scenario: Scenario, grid: PartitionOrderedGrid, run_dir: Path, observer: RoundObserver | None
     ) -> None:
         self.stream = build_stream(scenario)
-        self.model = build_model(scenario.model.name, self.stream.data.input_shape, scenario.num_classes, scenario.seed)
+        self.model = build_scenario_model(scenario, self.stream.data.input_shape, scenario.seed)
         self.grid = grid
         self.run_dir = run_dir
         self.rounds = scenario.federation.rounds_per_experience

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedtide.errors import ScenarioError
+from fedtide.errors import FederationError, ScenarioError
 
 
 class PartitionOrderedGrid(Grid):
@@ -64,6 +64,8 @@ class PartitionOrderedGrid(Grid):
         if messages and messages[0].metadata.message_type == MessageType.TRAIN:
             self.last_train_sent = len(messages)
             self.last_train_replies = replies
+            if replies and all(r.has_error() for r in replies):
+                raise FederationError(f"every sampled client failed; the first said: {replies[0].error.reason}")
             # Clients that trained on nothing (no data in this experience, or privacy budget
             # spent) are recorded but not aggregated: their reply is the global model itself.
             return [r for r in replies if r.has_error() or r.content["metrics"]["num-examples"] > 0]
