@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import defaultdict
 from functools import lru_cache
 
-from opacus.accountants import create_accountant
+import numpy as np
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 
 from fedtide.errors import ScenarioError
 from fedtide.scenarios.schema import PrivacyConfig, Scenario
@@ -25,12 +28,31 @@ MAX_NOISE_MULTIPLIER = 100.0
 
 
 def epsilon_spent(history: History, delta: float, accountant: str) -> float:
-    """ε of everything in `history`, by Opacus's accountant of that name (0 when nothing was spent)."""
+    """ε of everything in `history`, by Opacus's accountant of that name (0 when nothing was spent).
+
+    Entries with the same noise and sample rate are one mechanism run for the sum of
+    their steps, so they are merged first. For RDP, whose per-step divergence is
+    additive, each mechanism's per-step RDP curve is computed once per process: it is
+    the slow part (fractional orders), and every round of a client repeats the same ones.
+    """
     if not history:
         return 0.0
+    merged: dict[tuple[float, float], int] = defaultdict(int)
+    for sigma, rate, steps in history:
+        merged[(float(sigma), float(rate))] += int(steps)
+    if accountant == "rdp":
+        rdp = sum(steps * _rdp_per_step(sigma, rate) for (sigma, rate), steps in merged.items())
+        epsilon, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+        return float(epsilon)
     account = create_accountant(mechanism=accountant)
-    account.history = [tuple(entry) for entry in history]
+    account.history = [(sigma, rate, steps) for (sigma, rate), steps in merged.items()]
     return float(account.get_epsilon(delta=delta))
+
+
+@lru_cache(maxsize=4096)
+def _rdp_per_step(sigma: float, rate: float) -> np.ndarray:
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    return np.asarray(rdp_analysis.compute_rdp(q=rate, noise_multiplier=sigma, steps=1, orders=orders))
 
 
 def steps_and_rate(num_samples: int, batch_size: int) -> tuple[int, float]:
