@@ -1,4 +1,4 @@
-"""The files of one run folder: scenario.yaml, metrics.jsonl (as the run goes), summary.json.
+"""The files of one run folder: scenario.yaml, metrics.jsonl (as the run goes), model.pt, summary.json.
 
 A run never writes into an existing folder: a second run of the same name gets a
 numbered sibling. summary.json appears only, and whole, when the run has finished.
@@ -11,12 +11,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedtide.scenarios.loading import scenario_to_yaml
 from fedtide.scenarios.schema import Scenario
 
 SCENARIO_FILE = "scenario.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+MODEL_FILE = "model.pt"
 
 
 def create_run_folder(scenario: Scenario, output: Path | None = None) -> Path:
@@ -26,11 +29,15 @@ def create_run_folder(scenario: Scenario, output: Path | None = None) -> Path:
     folder, suffix = parent / scenario.name, 1
     while True:
         try:
-            folder.mkdir()
-            break
+            return prepare_run_folder(folder, scenario)
         except FileExistsError:
             suffix += 1
             folder = parent / f"{scenario.name}-{suffix}"
+
+
+def prepare_run_folder(folder: Path, scenario: Scenario) -> Path:
+    """Create `folder` (which must not exist yet) with the resolved scenario in it."""
+    folder.mkdir(parents=True)
     (folder / SCENARIO_FILE).write_text(scenario_to_yaml(scenario))
     return folder
 
@@ -45,6 +52,15 @@ def write_summary(folder: Path, summary: dict[str, Any]) -> None:
     partial = folder / (SUMMARY_FILE + ".partial")
     partial.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(partial, folder / SUMMARY_FILE)
+
+
+def save_model(folder: Path, model: torch.nn.Module) -> None:
+    """The final global weights (a state_dict), so a run can be evaluated or audited again later."""
+    torch.save(model.state_dict(), folder / MODEL_FILE)
+
+
+def read_summary(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / SUMMARY_FILE).read_text())
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:

@@ -21,8 +21,9 @@ from flwr.serverapp import Grid
 
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta, noise_multiplier
+from fedtide.report.audit import audit_clients
 from fedtide.report.continual_metrics import average_accuracy, average_forgetting, backward_transfer
-from fedtide.report.run_files import append_metrics, write_summary
+from fedtide.report.run_files import append_metrics, save_model, write_summary
 from fedtide.scenarios.schema import Scenario
 from fedtide.scenarios.stream import build_stream
 from fedtide.server.evaluation import experience_accuracies
@@ -111,6 +112,8 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: Roun
         if len(result.arrays) > 0:
             arrays = result.arrays
 
+    recorder.model.load_state_dict(arrays.to_torch_state_dict())
+    save_model(run_dir, recorder.model)
     matrix = recorder.matrix
     summary = {
         "name": scenario.name,
@@ -139,6 +142,7 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: Roun
             "epsilon_per_client": {str(k): v for k, v in sorted(recorder.epsilon.items())},
             "budget_exhausted_clients": sorted(recorder.stopped),
         }
+    summary["audit"] = audit_clients(scenario, recorder.model)
     write_summary(run_dir, summary)
     return summary
 
