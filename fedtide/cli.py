@@ -1,4 +1,4 @@
-"""The `fedtide` command: run, validate and list.
+"""The `fedtide` command: run, sweep, report, validate and list.
 
 User errors (`ScenarioError`) print one line and exit with code 2; nothing is
 written for a scenario that fails validation.
@@ -29,6 +29,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 ScenarioArg = Annotated[Path, typer.Argument(help="Scenario YAML file.")]
+OutputOption = Annotated[Path | None, typer.Option(help="Folder for runs (default: the scenario's output, runs/).")]
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="Override a field: --set federation.strategy.name=fedprox")
 ]
@@ -60,38 +61,102 @@ def main() -> None:
 def run(
     scenario_file: ScenarioArg,
     set_: SetOption = None,
-    output: Annotated[Path | None, typer.Option(help="Folder for the run (default: scenario's output, runs/).")] = None,
+    output: OutputOption = None,
 ) -> None:
-    """Run a scenario and write runs/<name>/ (scenario.yaml, metrics.jsonl, summary.json)."""
+    """Run a scenario; writes runs/<name>/ (scenario.yaml, metrics.jsonl, model.pt, summary.json, report.html)."""
     scenario = _load_checked(scenario_file, set_)
     from fedtide.report.console import summary_view
-    from fedtide.report.run_files import SUMMARY_FILE, create_run_folder
+    from fedtide.report.run_files import create_run_folder, read_summary
     from fedtide.simulation import simulate
 
     run_dir = create_run_folder(scenario, output)
     console.print(f"run folder: [bold]{run_dir}[/bold]")
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, TextColumn("{task.fields[status]}"), console=console) as progress:
+    with _progress() as progress:
         task = progress.add_task("rounds", total=scenario.total_rounds, status="starting Ray...")
 
         def on_round(record: dict) -> None:
-            status = (
-                f"exp {record['experience']} | acc {100 * record['mean_accuracy']:.1f}% "
-                f"| loss {record['train_loss'] or 0:.3f} | failed {record['clients']['failed']}"
-            )
-            if "privacy" in record:
-                status += f" | ε max {record['privacy']['epsilon_max']:.2f}"
-            progress.update(task, completed=record["round"], status=status)
+            progress.update(task, completed=record["round"], status=_round_status(record))
 
         simulate(scenario, run_dir, observer=on_round)
-    import json
+    console.print(summary_view(read_summary(run_dir)))
+    console.print(f"report: [bold]{_write_report([run_dir], run_dir)}[/bold]")
 
-    console.print(summary_view(json.loads((run_dir / SUMMARY_FILE).read_text())))
+
+@cli.command()
+def sweep(scenario_file: ScenarioArg, set_: SetOption = None, output: OutputOption = None) -> None:
+    """Run the grid in the file's `sweep:` section; a re-run skips the runs already finished."""
+    from fedtide.simulation import simulate
+    from fedtide.sweep import load_sweep, run_sweep
+
+    plan = load_sweep(scenario_file, set_ or [], output)
+    console.print(f"sweep folder: [bold]{plan.folder}[/bold] ({len(plan.points)} runs)")
+    with _progress() as progress:
+        task = progress.add_task("runs", total=len(plan.points), status="starting...")
+
+        def runner(scenario, folder: Path) -> None:
+            def on_round(record: dict) -> None:
+                status = f"{scenario.name} round {record['round']}/{scenario.total_rounds} | {_round_status(record)}"
+                progress.update(task, status=status)
+
+            simulate(scenario, folder, observer=on_round)
+
+        def on_point(point, event: str) -> None:
+            progress.update(task, advance=event != "started", status=f"{point.name}: {event}")
+
+        outcome = run_sweep(plan, runner, on_point)
+    console.print(
+        f"{len(outcome.ran)} ran, {len(outcome.skipped)} skipped (finished before), {len(outcome.failed)} failed"
+    )
+    console.print(f"report: [bold]{_write_report([plan.folder], plan.folder)}[/bold]")
+    for name, reason in outcome.failed.items():
+        err_console.print(f"[red]run failed:[/red] {name}: {reason}", highlight=False, soft_wrap=True)
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+@cli.command()
+def report(
+    folders: Annotated[list[Path], typer.Argument(help="Run folders, sweep folders, or folders holding them.")],
+    output: Annotated[Path | None, typer.Option(help="Where to write (default: the folder, if only one).")] = None,
+) -> None:
+    """Write report.html (self-contained), report.md, report.csv and figures/ for finished runs."""
+    target = output or (folders[0] if len(folders) == 1 else Path("report"))
+    console.print(f"report: [bold]{_write_report(folders, target)}[/bold]")
+
+
+def _write_report(folders: list[Path], target: Path) -> Path:
+    from fedtide.report.document import write_report
+    from fedtide.report.runs import find_runs
+
+    runs, unfinished = find_runs(folders)
+    return write_report(runs, target, unfinished)
+
+
+def _progress() -> Progress:
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    return Progress(*columns, TextColumn("{task.fields[status]}"), console=console)
+
+
+def _round_status(record: dict) -> str:
+    status = (
+        f"exp {record['experience']} | acc {100 * record['mean_accuracy']:.1f}% "
+        f"| loss {record['train_loss'] or 0:.3f} | failed {record['clients']['failed']}"
+    )
+    if "privacy" in record:
+        status += f" | ε max {record['privacy']['epsilon_max']:.2f}"
+    return status
 
 
 @cli.command()
 def validate(scenario_file: ScenarioArg, set_: SetOption = None) -> None:
-    """Check a scenario (schema, names, dataset, partitioning) without running it."""
+    """Check a scenario (schema, names, dataset, partitioning), or every point of a sweep, without running."""
+    from fedtide.scenarios.loading import read_yaml
+    from fedtide.sweep import SWEEP_KEY, load_sweep
+
+    if SWEEP_KEY in read_yaml(scenario_file):
+        plan = load_sweep(scenario_file, set_ or [])
+        console.print(f"[green]ok[/green]: sweep '{plan.name}': {len(plan.points)} runs into {plan.folder}")
+        return
     scenario = _load_checked(scenario_file, set_)
     console.print(
         f"[green]ok[/green]: '{scenario.name}': {scenario.dataset.name}, {scenario.stream.n_experiences} experiences, "
@@ -144,3 +209,4 @@ def _quiet_libraries() -> None:
     # Ray's notice about a future change to GPU visibility; fedtide relies on today's behaviour
     # (clients with num_gpus_per_client: 0 do not see the GPU).
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)

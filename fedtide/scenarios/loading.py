@@ -18,9 +18,10 @@ from fedtide.scenarios.schema import Scenario
 
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
     """Read a YAML scenario, apply `field.path=value` overrides, and validate it."""
-    raw = _read_yaml(Path(path))
-    for override in overrides:
-        _apply_override(raw, override)
+    raw = read_yaml(Path(path))
+    if "sweep" in raw:
+        raise ScenarioError("sweep", f"{path} declares a sweep grid", f"run it with `fedtide sweep {path}`")
+    apply_overrides(raw, overrides)
     return parse_scenario(raw)
 
 
@@ -37,7 +38,8 @@ def scenario_to_yaml(scenario: Scenario) -> str:
     return yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The file's mapping of sections, or one readable error for a missing or malformed file."""
     if not path.is_file():
         raise ScenarioError(str(path), "no such scenario file", "check the path")
     try:
@@ -57,24 +59,29 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 _COMPONENT_NAMES = {("continual", "method"), ("federation", "strategy", "name")}
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set `a.b.c=value` in the raw mapping; the value is parsed as YAML (numbers, lists...).
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
+    """Apply `--set field.path=value` strings in order; values are parsed as YAML (numbers, lists...)."""
+    for override in overrides:
+        path, sep, text = override.partition("=")
+        if not sep or not path:
+            raise ScenarioError("--set", f"'{override}' is not field.path=value")
+        set_field(raw, path.strip(), yaml.safe_load(text) if text.strip() else None)
+
+
+def set_field(raw: dict[str, Any], path: str, value: Any) -> None:
+    """Set `a.b.c` to `value` in the raw mapping, creating sections on the way.
 
     Setting a different strategy name or continual method replaces that section, so
     `--set continual.method=ewc` on a replay scenario does not carry `mem_size` over
     to EWC; give the new component's parameters with further `--set`s after it.
     """
-    path, sep, text = override.partition("=")
-    if not sep or not path:
-        raise ScenarioError("--set", f"'{override}' is not field.path=value")
-    keys = path.strip().split(".")
+    keys = path.split(".")
     node = raw
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
             raise ScenarioError(path, f"'{key}' is a value, not a section")
         node = child
-    value = yaml.safe_load(text) if text.strip() else None
     if tuple(keys) in _COMPONENT_NAMES and node.get(keys[-1]) != value:
         node.clear()
     node[keys[-1]] = value

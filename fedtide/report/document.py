@@ -1,0 +1,297 @@
+"""A report over finished runs: report.html (self-contained), report.md, report.csv, figures/*.png.
+
+The report is built once as a list of blocks (headings, text, tables, figures) and
+rendered twice, so the HTML and the Markdown always say the same thing. The HTML
+embeds its PNGs as data URIs and links nothing outside itself: it can be mailed or
+attached to a paper's supplement and opens offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import os
+import re
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from fedtide.report import figures
+from fedtide.report.runs import RunResult, SweepPoint, sweep_points
+
+HTML_FILE, MARKDOWN_FILE, CSV_FILE, FIGURES_DIR = "report.html", "report.md", "report.csv", "figures"
+RUN_COLUMNS = [
+    "run", "method", "strategy", "noise σ", "ε", "δ", "final accuracy %", "forgetting %", "BWT %",
+    "attack AUC", "TPR@1%FPR %", "wall time s",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class TableBlock:
+    columns: list[str]
+    rows: list[list[str]]
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    caption: str
+    png: bytes
+
+
+Block = Heading | Text | TableBlock | Image
+
+
+def write_report(runs: list[RunResult], output: Path, unfinished: list[Path] = ()) -> Path:
+    """Write the report of `runs` into `output`; returns the HTML file's path."""
+    blocks = build_blocks(runs, unfinished)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / FIGURES_DIR).mkdir(exist_ok=True)
+    for block in blocks:
+        if isinstance(block, Image):
+            _write_atomic(output / FIGURES_DIR / block.name, block.png)
+    _write_atomic(output / MARKDOWN_FILE, render_markdown(blocks).encode())
+    _write_atomic(output / CSV_FILE, _csv(runs).encode())
+    _write_atomic(output / HTML_FILE, render_html(blocks).encode())
+    return output / HTML_FILE
+
+
+def build_blocks(runs: list[RunResult], unfinished: list[Path] = ()) -> list[Block]:
+    """The report's content, in reading order."""
+    blocks: list[Block] = [Heading(_title(runs), 1), Text(_preamble(runs, unfinished))]
+    blocks += [Heading("Runs"), TableBlock(RUN_COLUMNS, [run_row(run) for run in runs])]
+    points = sweep_points(runs)
+    if len(points) > 1:
+        blocks += _privacy_utility(points)
+    blocks += _audit(runs, points)
+    blocks += [Heading("Each run")]
+    for run in runs:
+        blocks += _run_details(run)
+    return blocks
+
+
+def run_row(run: RunResult) -> list[str]:
+    """One line of the runs table, as printed (percentages with two decimals)."""
+    summary, audit = run.summary, run.audit
+    return [
+        run.run_id,
+        summary["method"],
+        summary["strategy"],
+        f"{run.noise:.3g}",
+        _epsilon(run.epsilon),
+        f"{summary['privacy']['delta']:.1e}" if run.private else "–",
+        _pct(summary["final_average_accuracy"]),
+        _pct(summary["average_forgetting"]),
+        _pct(summary["bwt"]),
+        _number(audit.get("auc_max")),
+        _pct(audit.get("tpr_at_1pct_fpr_max")),
+        f"{summary['wall_time_s']:.1f}",
+    ]
+
+
+def _title(runs: list[RunResult]) -> str:
+    if len(runs) == 1:
+        return f"fedtide report: {runs[0].run_id}"
+    sources = dict.fromkeys(run.run_id.split("/")[0] for run in runs)
+    return f"fedtide report: {', '.join(sources)} ({len(runs)} runs)"
+
+
+def _preamble(runs: list[RunResult], unfinished: list[Path]) -> str:
+    text = (
+        f"Generated {date.today().isoformat()} from {len(runs)} finished run(s). Accuracy is the global model's "
+        "test accuracy; forgetting and BWT follow Avalanche's definitions over the accuracy matrix; ε is the "
+        "largest cumulative ε over clients (sample-level DP-SGD, each client's own accountant)."
+    )
+    if unfinished:
+        text += f" Left out, unfinished (no summary.json): {', '.join(p.name for p in unfinished)}."
+    return text
+
+
+def _privacy_utility(points: list[SweepPoint]) -> list[Block]:
+    columns = ["series", "noise σ", "ε", "final accuracy %", "forgetting %", "attack AUC", "seeds"]
+    rows = []
+    for point in points:
+        noise = point.runs[0].noise if point.private else 0.0
+        rows.append(
+            [
+                point.series,
+                f"{noise:.3g}",
+                _mean_std(point, "epsilon", 1, "{:.2f}") if point.private else "∞",
+                _mean_std(point, "final_average_accuracy", 100, "{:.2f}"),
+                _mean_std(point, "average_forgetting", 100, "{:.2f}"),
+                _mean_std(point, "auc_max", 1, "{:.3f}"),
+                str(len(point.runs)),
+            ]
+        )
+    return [
+        Heading("Privacy-utility"),
+        Text("Each point pools the runs that differ only in their seed: mean ± standard deviation."),
+        Image("utility_vs_epsilon.png", "Final average accuracy and forgetting against ε", _png(
+            figures.utility_figure(points))),
+        TableBlock(columns, rows),
+    ]
+
+
+def _audit(runs: list[RunResult], points: list[SweepPoint]) -> list[Block]:
+    blocks: list[Block] = [
+        Heading("Empirical privacy audit"),
+        Text(
+            "A loss-threshold membership-inference attack on the final global model: for each client, its "
+            "training samples (members) against held-out test samples of the same classes in the same numbers "
+            "(non-members). AUC 0.5 means the attacker learns nothing; (ε, δ)-DP caps the true-positive rate at "
+            "1% false positives at e^ε·1% + δ. The bound holds for every attack; the measured values show what "
+            "this attack gets."
+        ),
+    ]
+    private = [run for run in runs if run.private]
+    if len(points) > 1 and private:
+        delta = max(run.summary["privacy"]["delta"] for run in private)
+        blocks.append(Image("audit_vs_epsilon.png", "Attack success against ε", _png(
+            figures.audit_figure(points, delta))))
+    columns = ["run", "client", "members", "non-members", "AUC", "TPR@1%FPR %", "ε"]
+    rows = []
+    for run in runs:
+        epsilons = run.summary.get("privacy", {}).get("epsilon_per_client", {})
+        for client, result in run.audit.get("per_client", {}).items():
+            epsilon = _epsilon(epsilons.get(client, 0.0)) if run.private else "∞"
+            rows.append([
+                run.run_id, client, str(result["members"]), str(result["nonmembers"]), _number(result["auc"]),
+                _pct(result["tpr_at_1pct_fpr"]), epsilon,
+            ])  # fmt: skip
+    if rows:
+        blocks.append(TableBlock(columns, rows))
+    return blocks
+
+
+def _run_details(run: RunResult) -> list[Block]:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "__", run.run_id)
+    summary = run.summary
+    matrix = summary["accuracy_matrix"]
+    blocks: list[Block] = [
+        Heading(run.run_id, 3),
+        Text(
+            f"{summary['strategy']} + {summary['method']}, {summary['num_clients']} clients, "
+            f"{summary['n_experiences']} experiences (classes {summary['classes_per_experience']}), "
+            f"{summary['rounds']} rounds, seed {summary['seed']}; clients failed: {summary['clients_failed']}."
+        ),
+        TableBlock(
+            ["after", *(f"exp {j}" for j in range(len(matrix)))],
+            [[f"exp {e}", *(_pct(a) for a in row), *([""] * (len(matrix) - len(row)))] for e, row in
+             enumerate(matrix)],
+        ),
+        Image(f"{stem}-accuracy_matrix.png", "Accuracy matrix", _png(figures.accuracy_matrix_figure(run))),
+        Image(f"{stem}-accuracy_rounds.png", "Accuracy per experience over rounds", _png(
+            figures.accuracy_over_rounds_figure(run))),
+    ]  # fmt: skip
+    if run.private:
+        blocks.append(Image(f"{stem}-epsilon.png", "ε per client over rounds", _png(figures.epsilon_figure(run))))
+    return blocks
+
+
+def render_html(blocks: list[Block]) -> str:
+    body = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            body.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
+        elif isinstance(block, Text):
+            body.append(f"<p>{html.escape(block.text)}</p>")
+        elif isinstance(block, TableBlock):
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in block.columns)
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in block.rows
+            )
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        else:
+            data = base64.b64encode(block.png).decode()
+            caption = html.escape(block.caption)
+            body.append(
+                f'<figure><img alt="{caption}" src="data:image/png;base64,{data}"><figcaption>{caption}'
+                "</figcaption></figure>"
+            )
+    title = html.escape(next(b.text for b in blocks if isinstance(b, Heading)))
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    lines = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            lines += ["#" * block.level + " " + block.text, ""]
+        elif isinstance(block, Text):
+            lines += [block.text, ""]
+        elif isinstance(block, TableBlock):
+            lines.append("| " + " | ".join(block.columns) + " |")
+            lines.append("|" + "---|" * len(block.columns))
+            lines += ["| " + " | ".join(row) + " |" for row in block.rows]
+            lines.append("")
+        else:
+            lines += [f"![{block.caption}]({FIGURES_DIR}/{block.name})", ""]
+    return "\n".join(lines)
+
+
+def _csv(runs: list[RunResult]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(RUN_COLUMNS)
+    writer.writerows(run_row(run) for run in runs)
+    return buffer.getvalue()
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` whole, so an interrupted report never leaves a half-written file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _epsilon(value: float | None) -> str:
+    return "∞" if value is None else f"{value:.2f}"
+
+
+def _mean_std(point: SweepPoint, value: str, scale: float, form: str) -> str:
+    mean, std = point.mean_std(value)
+    return f"{form.format(scale * mean)} ± {form.format(scale * std)}"
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+    "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f0f0f0}"
+    "td:first-child,th:first-child{text-align:left}"
+    "figure{margin:1em 0}img{max-width:100%}figcaption{font-size:12px;color:#555}"
+    "h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;margin-top:1.6em}"
+)

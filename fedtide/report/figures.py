@@ -1,0 +1,140 @@
+"""The report's plots, drawn with matplotlib from finished runs.
+
+Each function returns a Figure; `document.py` decides where the PNG goes. A
+non-private run has ε = ∞: privacy-utility plots put it at the right edge of a log
+ε axis under the tick "no DP", so the cost of privacy reads off as a gap.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from fedtide.report.audit import LOW_FPR  # noqa: E402
+from fedtide.report.runs import RunResult, SweepPoint  # noqa: E402
+
+
+def accuracy_matrix_figure(run: RunResult) -> Figure:
+    """A[e][j], accuracy on experience j after training experience e, as a heatmap."""
+    matrix = run.summary["accuracy_matrix"]
+    size = len(matrix)
+    grid = np.full((size, size), np.nan)
+    for e, row in enumerate(matrix):
+        grid[e, : len(row)] = 100 * np.asarray(row)
+    figure, axes = plt.subplots(figsize=(1.1 * size + 2.2, 0.9 * size + 1.6))
+    image = axes.imshow(grid, vmin=0, vmax=100, cmap="viridis")
+    for e in range(size):
+        for j in range(e + 1):
+            axes.text(j, e, f"{grid[e, j]:.0f}", ha="center", va="center", color="white" if grid[e, j] < 60 else "k")
+    axes.set_xticks(range(size), [f"exp {j}" for j in range(size)])
+    axes.set_yticks(range(size), [f"after {e}" for e in range(size)])
+    axes.set_xlabel("tested on")
+    axes.set_title(f"{run.run_id}: accuracy matrix (%)", fontsize=9)
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    figure.tight_layout()
+    return figure
+
+
+def accuracy_over_rounds_figure(run: RunResult) -> Figure:
+    """Global accuracy on each experience's test data after every round; dotted lines end experiences."""
+    rounds = [r for r in run.metrics if r["type"] == "round"]
+    figure, axes = plt.subplots(figsize=(6.4, 3.4))
+    for j in range(run.summary["n_experiences"]):
+        seen = [(r["round"], 100 * r["accuracy"][j]) for r in rounds if len(r["accuracy"]) > j]
+        if seen:
+            axes.plot(*zip(*seen), marker=".", label=f"exp {j}")
+    axes.plot([r["round"] for r in rounds], [100 * r["mean_accuracy"] for r in rounds], "k--", lw=1.5, label="mean")
+    per_experience = run.summary["rounds"] // run.summary["n_experiences"]
+    for boundary in range(per_experience, run.summary["rounds"], per_experience):
+        axes.axvline(boundary + 0.5, color="grey", ls=":", lw=1)
+    axes.set_xlabel("global round")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title(f"{run.run_id}: accuracy per experience", fontsize=9)
+    axes.legend(fontsize=7, ncol=2, loc="upper right")
+    figure.tight_layout()
+    return figure
+
+
+def epsilon_figure(run: RunResult) -> Figure:
+    """Cumulative ε of each client after every round (a client not sampled keeps its value)."""
+    rounds = [r for r in run.metrics if r["type"] == "round" and "privacy" in r]
+    clients = sorted({c for r in rounds for c in r["privacy"]["epsilon_per_client"]}, key=int)
+    figure, axes = plt.subplots(figsize=(6.4, 3.2))
+    for client in clients:
+        points = [(r["round"], r["privacy"]["epsilon_per_client"][client]) for r in rounds]
+        points = [(x, y) for x, y in points if y is not None] if points else []
+        axes.plot(*zip(*points), marker=".", lw=1, label=f"client {client}")
+    target = run.summary["privacy"].get("target_epsilon")
+    if target:
+        axes.axhline(target, color="red", ls="--", lw=1, label="target ε")
+    axes.set_xlabel("global round")
+    axes.set_ylabel("ε spent")
+    axes.set_title(f"{run.run_id}: ε per client (δ={run.summary['privacy']['delta']:.1e})", fontsize=9)
+    if len(clients) <= 12:
+        axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return figure
+
+
+def _no_dp_x(points: list[SweepPoint]) -> float:
+    """The x that stands for ε = ∞ (no DP): well right of the largest finite ε."""
+    finite = [p.mean_std("epsilon")[0] for p in points if p.private]
+    return 3 * max(finite) if finite else 10.0
+
+
+def _curves(axes, points: list[SweepPoint], value: str, scale: float) -> None:
+    no_dp_x = _no_dp_x(points)
+    for series in dict.fromkeys(p.series for p in points):
+        mine = [p for p in points if p.series == series]
+        xs = [p.mean_std("epsilon")[0] if p.private else no_dp_x for p in mine]
+        stats = [p.mean_std(value) for p in mine]
+        axes.errorbar(
+            xs, [scale * m for m, _ in stats], yerr=[scale * s for _, s in stats], marker="o", capsize=3, label=series
+        )
+    axes.set_xscale("log")
+    finite = sorted({p.mean_std("epsilon")[0] for p in points if p.private})
+    ticks = [*finite, no_dp_x]
+    axes.set_xticks(ticks, [*(f"{x:.2g}" for x in finite), "no DP"])
+    axes.minorticks_off()
+    axes.set_xlabel("ε spent (max over clients)")
+
+
+def utility_figure(points: list[SweepPoint]) -> Figure:
+    """Final average accuracy and average forgetting against ε, mean ± std over seeds."""
+    figure, (accuracy, forgetting) = plt.subplots(1, 2, figsize=(11, 4))
+    _curves(accuracy, points, "final_average_accuracy", 100)
+    accuracy.set_ylabel("final average accuracy (%)")
+    _curves(forgetting, points, "average_forgetting", 100)
+    forgetting.set_ylabel("average forgetting (%)")
+    accuracy.legend(fontsize=8)
+    figure.suptitle("Privacy-utility: mean ± std over seeds", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def audit_figure(points: list[SweepPoint], delta: float) -> Figure:
+    """Measured membership leakage against ε, with what (ε, δ)-DP allows at 1% FPR."""
+    figure, (auc, tpr) = plt.subplots(1, 2, figsize=(11, 4))
+    _curves(auc, points, "auc_max", 1)
+    auc.axhline(0.5, color="grey", ls=":", lw=1)
+    auc.set_ylabel("attack AUC (worst client)")
+    _curves(tpr, points, "tpr_at_1pct_fpr_max", 100)
+    finite = sorted({p.mean_std("epsilon")[0] for p in points if p.private})
+    if finite:
+        grid = np.geomspace(min(finite), max(finite), 50)
+        bound = [100 * min(1.0, math.exp(eps) * LOW_FPR + delta) for eps in grid]
+        tpr.plot(grid, bound, color="red", ls="--", lw=1, label="DP bound e^ε·1% + δ")
+        tpr.legend(fontsize=8)
+    tpr.set_ylabel("attack TPR at 1% FPR (%, worst client)")
+    auc.legend(fontsize=8)
+    figure.suptitle("Empirical privacy audit: loss-threshold membership inference", fontsize=10)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,158 @@
+"""A grid of runs declared in a scenario file's `sweep:` section, run one after another.
+
+```yaml
+sweep:
+  privacy.noise_multiplier: [0.0, 0.5, 1.0]   # any field path of the scenario
+  continual.method: [naive, replay]           # switching method drops the old one's parameters
+  continual: [{method: ewc, ewc_lambda: 10}, {method: replay, mem_size: 100}]   # or whole sections
+  seeds: [0, 1, 2]                            # shorthand for `seed`
+```
+
+Each point of the cartesian product is a run folder `OUTPUT/<name>/<point>/` whose
+name says the point (`noise_multiplier-0.5_method-replay_seed-0`). Every point is
+validated before the first run starts. A finished point (its summary.json exists)
+is skipped when the sweep runs again, so an interrupted sweep resumes where it
+stopped; an unfinished one is started afresh. A folder that holds a *different*
+scenario under a point's name is never touched: the sweep refuses to start.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedtide.errors import FederationError, ScenarioError
+from fedtide.report.run_files import SCENARIO_FILE, SUMMARY_FILE, prepare_run_folder
+from fedtide.scenarios.loading import apply_overrides, parse_scenario, read_yaml, set_field
+from fedtide.scenarios.schema import Scenario
+from fedtide.validation import check_runnable
+
+SWEEP_KEY = "sweep"
+SEEDS_KEY = "seeds"
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One run of the grid: its folder name and its full scenario."""
+
+    name: str
+    scenario: Scenario
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    output: Path
+    grid: dict[str, list[Any]]
+    points: list[SweepPoint]
+
+    @property
+    def folder(self) -> Path:
+        return self.output / self.name
+
+
+def load_sweep(path: Path, overrides: list[str] | tuple[str, ...] = (), output: Path | None = None) -> Sweep:
+    """Read the file, expand its grid and validate every point (nothing runs yet)."""
+    raw = read_yaml(path)
+    apply_overrides(raw, overrides)  # `--set sweep.seeds=[0]` narrows the grid too
+    grid = raw.pop(SWEEP_KEY, None)
+    if not isinstance(grid, dict) or not grid:
+        raise ScenarioError(SWEEP_KEY, f"{path} has no sweep grid", "add `sweep: {field.path: [values...]}`")
+    for field, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ScenarioError(f"{SWEEP_KEY}.{field}", "must be a non-empty list of values", "e.g. [0.0, 1.0]")
+    base = parse_scenario(raw)
+    points = [_point(raw, dict(zip(grid, values))) for values in itertools.product(*grid.values())]
+    names = [p.name for p in points]
+    if len(set(names)) != len(names):
+        raise ScenarioError(SWEEP_KEY, "two grid points get the same run name", "list each value once per field")
+    return Sweep(base.name, Path(output if output is not None else base.output), grid, points)
+
+
+def _point(raw: dict[str, Any], assignment: dict[str, Any]) -> SweepPoint:
+    scenario_raw = copy.deepcopy(raw)
+    for field, value in assignment.items():
+        set_field(scenario_raw, "seed" if field == SEEDS_KEY else field, value)
+    name = "_".join(f"{_label(field)}-{_slug(value)}" for field, value in assignment.items())
+    scenario_raw["name"] = name
+    try:
+        scenario = parse_scenario(scenario_raw)
+        check_runnable(scenario)
+    except ScenarioError as error:
+        raise ScenarioError(f"{SWEEP_KEY} point {name}", str(error)) from None
+    return SweepPoint(name, scenario)
+
+
+def _label(field: str) -> str:
+    return "seed" if field == SEEDS_KEY else field.rsplit(".", 1)[-1]
+
+
+def _slug(value: Any) -> str:
+    """A value as it appears in a folder name: a section by its component's name."""
+    if isinstance(value, dict):
+        value = value.get("method", value.get("name", "-".join(f"{k}{v}" for k, v in value.items())))
+    elif isinstance(value, list):
+        value = "-".join(map(str, value))
+    return re.sub(r"[^A-Za-z0-9._]+", "", str(value)) or "none"
+
+
+Runner = Callable[[Scenario, Path], None]
+
+
+@dataclass
+class SweepOutcome:
+    ran: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+
+
+def run_sweep(sweep: Sweep, runner: Runner, on_point: Callable[[SweepPoint, str], None] | None = None) -> SweepOutcome:
+    """Run every point not finished yet, in grid order; a failed run does not stop the others.
+
+    `runner(scenario, folder)` runs one scenario into a prepared folder; `on_point`
+    hears "skipped", "started", "finished" or "failed" for each point.
+    """
+    _check_folders(sweep)
+    sweep.folder.mkdir(parents=True, exist_ok=True)
+    (sweep.folder / "sweep.yaml").write_text(yaml.safe_dump({SWEEP_KEY: sweep.grid}, sort_keys=False))
+    outcome = SweepOutcome([], [], {})
+    notify = on_point or (lambda point, event: None)
+    for point in sweep.points:
+        folder = sweep.folder / point.name
+        if (folder / SUMMARY_FILE).is_file():
+            outcome.skipped.append(point.name)
+            notify(point, "skipped")
+            continue
+        if folder.exists():
+            shutil.rmtree(folder)  # an interrupted run of this very scenario (checked above)
+        prepare_run_folder(folder, point.scenario)
+        notify(point, "started")
+        try:
+            runner(point.scenario, folder)
+        except FederationError as error:
+            outcome.failed[point.name] = str(error)
+            notify(point, "failed")
+            continue
+        outcome.ran.append(point.name)
+        notify(point, "finished")
+    return outcome
+
+
+def _check_folders(sweep: Sweep) -> None:
+    """Refuse to start if a point's folder holds another scenario (a different sweep's results)."""
+    for point in sweep.points:
+        written = sweep.folder / point.name / SCENARIO_FILE
+        if written.is_file() and parse_scenario(yaml.safe_load(written.read_text())) != point.scenario:
+            raise ScenarioError(
+                "--output",
+                f"{written.parent} holds a different scenario from this sweep's point",
+                "give the sweep another --output or name, or move that folder",
+            )
