@@ -14,13 +14,30 @@ from fedtide.server.federation import RoundObserver
 
 
 def backend_config(scenario: Scenario) -> dict:
-    """Ray resources per client (Ray packs as many clients as fit on the machine)."""
+    """Ray resources per client and the Ray instance to run on.
+
+    Ray packs as many clients as fit on each node (Flower sizes its actor pool per node
+    from `ray.nodes()`); fractional `num_gpus` packs several clients per GPU.
+
+    Flower's Ray backend calls `ray.init(runtime_env=..., **init_args)` only when Ray is
+    not initialised yet, and `ray.shutdown()` when the run ends (which only disconnects
+    from an existing cluster), so every run connects afresh. `address` is always given:
+    "local" when no cluster is asked for, because a bare `ray.init()` silently joins any
+    cluster it finds (`RAY_ADDRESS`, `/tmp/ray/ray_current_cluster`). The other init args
+    are legal when joining a cluster (Ray refuses num_cpus/num_gpus/resources/
+    object_store_memory there; fedtide passes none of them).
+    """
     return {
         "client_resources": {
             "num_cpus": scenario.resources.num_cpus_per_client,
             "num_gpus": scenario.resources.num_gpus_per_client,
         },
-        "init_args": {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False},
+        "init_args": {
+            "address": scenario.resources.ray_address or "local",
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+            "include_dashboard": False,
+        },
     }
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import ray
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtide.client.training import RoundTask, run_training_round
@@ -31,4 +33,16 @@ def train(msg: Message, context: Context) -> Message:
         global_round=int(config["round-offset"]) + int(config["server-round"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
-    return Message(run_training_round(task, msg.content["arrays"], context.state), reply_to=msg)
+    content = run_training_round(task, msg.content["arrays"], context.state)
+    content["host"] = host_record()
+    return Message(content, reply_to=msg)
+
+
+def host_record() -> ConfigRecord:
+    """Where this reply was computed: the Ray node ("" outside Ray) and the machine's name.
+
+    A ConfigRecord, not a MetricRecord (which holds numbers only); Flower's strategies
+    check only the replies' ArrayRecord and MetricRecord, so an extra record is safe.
+    """
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    return ConfigRecord({"ray_node_id": node_id, "hostname": socket.gethostname()})

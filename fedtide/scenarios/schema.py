@@ -111,9 +111,33 @@ class PrivacyConfig(Section):
 
 
 class ResourcesConfig(Section):
+    """Ray resources per client, and which Ray instance runs the clients.
+
+    `ray_address`: None starts a private local Ray instance for the run (never joins a
+    cluster left running on the machine); "auto" joins the cluster Ray finds
+    (`RAY_ADDRESS`, else the last `ray start` on this machine); "host:port" joins the
+    cluster whose head (GCS) listens there, as printed by `ray start --head`.
+    `num_gpus_per_client` may be fractional: 0.25 packs four clients on one GPU.
+    """
+
     num_cpus_per_client: float = Field(1.0, gt=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    ray_address: str | None = None
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address_form(cls, address: str | None) -> str | None:
+        if address is None or address == "auto":
+            return address
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"{address!r} is not a Ray cluster address (give 'auto', or the head's GCS "
+                "address as host:port, e.g. 10.0.0.5:6379 as printed by `ray start --head`; "
+                "leave it unset for a private local Ray)"
+            )
+        return address
 
 
 class Scenario(Section):

@@ -51,6 +51,7 @@ class _RunRecorder:
         self.private = scenario.privacy.private
         self.epsilon: dict[int, float] = {}  # latest cumulative ε per client
         self.stopped: set[int] = set()  # clients that hit their privacy budget
+        self.ray_nodes: set[str] = set()  # Ray nodes that ran a client
 
     def evaluate_fn(self, experience: int) -> Callable[[int, ArrayRecord], None]:
         """The `evaluate_fn` that `Strategy.start` calls after each round of `experience`."""
@@ -80,6 +81,7 @@ class _RunRecorder:
         record = _round_record(experience, server_round, self.rounds, accuracies, self.grid)
         record["wall_time_s"] = self.elapsed()
         self.failures += record["clients"]["failed"]
+        self.ray_nodes.update(c["ray_node_id"] for c in record["per_client"] if c.get("ray_node_id"))
         if self.private:
             record["privacy"] = self._privacy_record(record["per_client"])
         append_metrics(self.run_dir, record)
@@ -130,6 +132,7 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: Roun
         "bwt": backward_transfer(matrix),
         "clients_failed": recorder.failures,
         "wall_time_s": recorder.elapsed(),
+        "ray_nodes": sorted(recorder.ray_nodes),
     }
     if recorder.private:
         summary["privacy"] = {
@@ -185,6 +188,7 @@ def _client_metrics(reply: Message) -> dict[str, Any]:
         "epsilon": float(metrics["epsilon"]),
         "noise_multiplier": float(metrics["noise_multiplier"]),
         "budget_exhausted": int(metrics["budget_exhausted"]),
+        **_host(reply),
     } | _privacy_history(reply)
 
 
@@ -194,3 +198,11 @@ def _privacy_history(reply: Message) -> dict[str, Any]:
         return {}
     record = reply.content["privacy"]
     return {"dp_history": [list(row) for row in zip(record["sigmas"], record["rates"], record["steps"])]}
+
+
+def _host(reply: Message) -> dict[str, Any]:
+    """The Ray node and machine that ran the client (see `fedtide.client.app.host_record`)."""
+    if "host" not in reply.content:
+        return {}
+    record = reply.content["host"]
+    return {"ray_node_id": str(record["ray_node_id"]), "hostname": str(record["hostname"])}
