@@ -37,10 +37,14 @@ class AuditResult:
 
 @torch.no_grad()
 def sample_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-    """Cross-entropy of every sample under `model` (in eval mode, on the CPU)."""
+    """Cross-entropy of every sample under `model` (in eval mode, on the CPU).
+
+    Computed in float64: a memorised sample's float32 loss rounds to exactly 0, and the
+    ties this makes between confident members and non-members would hide the leak.
+    """
     model.eval()
     losses = [
-        cross_entropy(model(x[i : i + batch_size]), y[i : i + batch_size], reduction="none")
+        cross_entropy(model(x[i : i + batch_size]).double(), y[i : i + batch_size], reduction="none")
         for i in range(0, len(y), batch_size)
     ]
     return torch.cat(losses).numpy() if losses else np.zeros(0)

@@ -1,0 +1,210 @@
+"""Sweeps and reports: grid expansion, resuming an interrupted sweep, and a report whose numbers are the runs'.
+
+One small sweep (2 noise levels x 2 seeds on digits) is shared by the tests: it is
+interrupted after two runs, then resumed by `fedtide sweep`, which must run only the
+other two and write the report.
+"""
+
+import csv
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedtide.models import build_scenario_model
+from fedtide.report.audit import audit_clients
+from fedtide.report.run_files import read_summary
+from fedtide.scenarios.loading import parse_scenario
+from fedtide.simulation import simulate
+from fedtide.sweep import load_sweep, run_sweep
+
+SWEEP = {
+    "name": "pu",
+    "dataset": {"name": "digits"},
+    "stream": {"n_experiences": 2},
+    "partition": {"kind": "iid", "num_clients": 2},
+    "federation": {"rounds_per_experience": 1},
+    "client": {"epochs": 2, "lr": 0.1},
+    "continual": {"method": "replay", "mem_size": 50},
+    "privacy": {"enabled": True, "delta": 1.0e-4},
+    "sweep": {"privacy.noise_multiplier": [0.0, 1.0], "seeds": [0, 1]},
+}
+NAMES = [
+    "noise_multiplier-0.0_seed-0",
+    "noise_multiplier-0.0_seed-1",
+    "noise_multiplier-1.0_seed-0",
+    "noise_multiplier-1.0_seed-1",
+]
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    """Run two points, get 'interrupted' on the third, then resume with the CLI."""
+    base = tmp_path_factory.mktemp("sweep")
+    path = write(base, SWEEP)
+    plan = load_sweep(path, output=base / "runs")
+    started: list[str] = []
+
+    def interrupting_runner(scenario, folder):
+        started.append(scenario.name)
+        if len(started) == 3:
+            raise Interrupted  # as if Ctrl-C hit after the folder was made
+        simulate(scenario, folder)
+
+    with pytest.raises(Interrupted):
+        run_sweep(plan, interrupting_runner)
+    return base, path, plan.folder, started
+
+
+def test_a_sweep_expands_any_field_paths_and_whole_sections(tmp_path):
+    raw = dict(SWEEP, sweep={
+        "privacy.noise_multiplier": [0.0, 2.0],
+        "continual": [{"method": "ewc", "ewc_lambda": 5}, {"method": "naive"}],
+        "continual.method": ["lwf"],
+        "seeds": [3],
+    })  # fmt: skip
+    raw["sweep"].pop("continual.method")
+    plan = load_sweep(write(tmp_path, raw), output=tmp_path)
+    assert [p.name for p in plan.points] == [
+        "noise_multiplier-0.0_continual-ewc_seed-3",
+        "noise_multiplier-0.0_continual-naive_seed-3",
+        "noise_multiplier-2.0_continual-ewc_seed-3",
+        "noise_multiplier-2.0_continual-naive_seed-3",
+    ]
+    ewc = plan.points[2].scenario
+    assert (ewc.continual.method, ewc.continual.params, ewc.privacy.noise_multiplier, ewc.seed) == (
+        "ewc", {"ewc_lambda": 5}, 2.0, 3
+    )
+    assert plan.points[0].scenario.privacy.private is False
+    assert plan.folder == tmp_path / "pu"
+    # switching the method by path drops the base method's parameters
+    switched = load_sweep(write(tmp_path, dict(SWEEP, sweep={"continual.method": ["lwf"]})), output=tmp_path)
+    assert switched.points[0].scenario.continual.params == {}
+
+
+def test_bad_sweeps_fail_before_anything_runs(tmp_path, run_cli):
+    cases = [
+        ({"privacy.noise_multiplier": 1.0}, "sweep.privacy.noise_multiplier: must be a non-empty list"),
+        ({"privacy.noise_multipler": [1.0]}, "privacy.noise_multipler: unknown key"),
+        ({"continual.method": ["replay", "nope"]}, "sweep point method-nope: continual.method: unknown method"),
+    ]
+    for grid, message in cases:
+        code, out, err = run_cli("sweep", str(write(tmp_path, dict(SWEEP, sweep=grid))), "--output", str(tmp_path))
+        assert code == 2, out
+        assert message in " ".join(err.split())
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "pu").exists()
+    code, _, err = run_cli("run", str(write(tmp_path, SWEEP)))
+    assert code == 2 and "fedtide sweep" in err
+
+
+def test_an_interrupted_sweep_keeps_finished_runs_and_resumes_only_the_rest(sweep_dir, run_cli):
+    base, path, folder, started = sweep_dir
+    assert started == NAMES[:3]
+    assert [(folder / n / "summary.json").is_file() for n in NAMES] == [True, True, False, False]
+    finished = {n: (folder / n / "summary.json").read_text() for n in NAMES[:2]}
+
+    code, out, err = run_cli("sweep", str(path), "--output", str(base / "runs"))
+    assert code == 0, err
+    assert "2 ran, 2 skipped" in out
+    assert all((folder / n / "summary.json").is_file() for n in NAMES)
+    assert {n: (folder / n / "summary.json").read_text() for n in NAMES[:2]} == finished  # untouched
+
+    code, out, _ = run_cli("sweep", str(path), "--output", str(base / "runs"))
+    assert code == 0 and "0 ran, 4 skipped" in out
+
+
+def test_a_sweep_never_overwrites_a_folder_holding_another_scenario(sweep_dir, run_cli):
+    base, _, folder, _ = sweep_dir
+    other = write(base / "runs", dict(SWEEP, client={"epochs": 3, "lr": 0.1}))
+    before = (folder / NAMES[0] / "summary.json").read_text()
+    code, _, err = run_cli("sweep", str(other), "--output", str(base / "runs"))
+    assert code == 2 and "holds a different scenario" in err
+    assert (folder / NAMES[0] / "summary.json").read_text() == before
+
+
+def test_private_points_spend_epsilon_and_noise_zero_is_the_non_private_point(sweep_dir):
+    _, _, folder, _ = sweep_dir
+    summaries = {n: read_summary(folder / n) for n in NAMES}
+    assert "privacy" not in summaries[NAMES[0]]
+    private = summaries[NAMES[2]]["privacy"]
+    assert private["epsilon_max"] > 0 and set(private["noise_multiplier"].values()) == {1.0}
+    assert summaries[NAMES[0]]["seed"] == 0 and summaries[NAMES[1]]["seed"] == 1
+
+
+def test_report_tables_carry_the_runs_numbers(sweep_dir):
+    _, _, folder, _ = sweep_dir
+    summaries = {f"pu/{n}": read_summary(folder / n) for n in NAMES}
+    rows = {row["run"]: row for row in csv.DictReader((folder / "report.csv").open())}
+    assert set(rows) == set(summaries)
+    for run, summary in summaries.items():
+        row = rows[run]
+        assert float(row["final accuracy %"]) == pytest.approx(100 * summary["final_average_accuracy"], abs=0.005)
+        assert float(row["forgetting %"]) == pytest.approx(100 * summary["average_forgetting"], abs=0.005)
+        assert float(row["BWT %"]) == pytest.approx(100 * summary["bwt"], abs=0.005)
+        assert float(row["attack AUC"]) == pytest.approx(summary["audit"]["auc_max"], abs=0.0005)
+        expected_epsilon = f"{summary['privacy']['epsilon_max']:.2f}" if "privacy" in summary else "∞"
+        assert row["ε"] == expected_epsilon
+
+    # the privacy-utility table: mean ± std over the two seeds of each noise level
+    markdown = (folder / "report.md").read_text()
+    for noise in ("0.0", "1.0"):
+        seeds = [summaries[f"pu/noise_multiplier-{noise}_seed-{s}"]["final_average_accuracy"] for s in (0, 1)]
+        mean, std = 100 * statistics.fmean(seeds), 100 * statistics.pstdev(seeds)
+        assert f"| {mean:.2f} ± {std:.2f} |" in markdown
+    assert "![Final average accuracy and forgetting against ε](figures/utility_vs_epsilon.png)" in markdown
+    for image in re.findall(r"\]\((figures/[^)]+)\)", markdown):
+        assert (folder / image).stat().st_size > 5000
+
+
+def test_report_html_is_one_self_contained_file(sweep_dir):
+    _, _, folder, _ = sweep_dir
+    page = (folder / "report.html").read_text()
+    assert not re.search(r"https?://", page)
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) == len(re.findall(r"\]\(figures/", (folder / "report.md").read_text()))
+    assert sources and all(src.startswith("data:image/png;base64,") for src in sources)
+    assert "<link" not in page and "<script" not in page
+    for n in NAMES:
+        assert f"pu/{n}" in page
+
+
+def test_the_recorded_audit_is_the_saved_model_attacked_again(sweep_dir):
+    _, _, folder, _ = sweep_dir
+    run = folder / NAMES[2]
+    scenario = parse_scenario(yaml.safe_load((run / "scenario.yaml").read_text()))
+    model = build_scenario_model(scenario, (1, 8, 8))
+    model.load_state_dict(torch.load(run / "model.pt"))
+    recorded = json.loads((run / "summary.json").read_text())["audit"]
+    assert audit_clients(scenario, model) == recorded
+    assert set(recorded["per_client"]) == {"0", "1"}
+    for result in recorded["per_client"].values():
+        assert result["members"] == result["nonmembers"] > 100
+        assert 0.3 < result["auc"] < 0.7  # DP-trained for 2 rounds: no real leak
+
+
+def test_report_of_one_run_and_of_several_folders(sweep_dir, run_cli):
+    base, _, folder, _ = sweep_dir
+    code, out, err = run_cli("report", str(folder / NAMES[2]))
+    assert code == 0, err
+    single = (folder / NAMES[2] / "report.md").read_text()
+    assert "ε per client over rounds" in single and "Privacy-utility" not in single
+    code, _, err = run_cli("report", str(folder / NAMES[0]), str(folder / NAMES[3]), "--output", str(base / "two"))
+    assert code == 0, err
+    assert len(list(csv.DictReader((base / "two" / "report.csv").open()))) == 2
+    code, _, err = run_cli("report", str(base / "nothing-here"))
+    assert code == 2 and "is not a folder" in err
