@@ -49,10 +49,12 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, state: Recor
     its ε can be checked independently.
     """
     scenario = task.scenario
-    seed_everything(scenario.seed, task.partition_id, task.global_round)
     stream = build_stream(scenario)
     own_data = client_experiences(scenario, task.partition_id)
     experiences = benchmark_from_datasets(train=own_data).train_stream
+    # Seeded only now: building the process's data caches draws from the global RNGs the
+    # first time, and which client a Ray worker serves first must not change its numbers.
+    seed_everything(scenario.seed, task.partition_id, task.global_round)
 
     model = build_scenario_model(scenario, stream.data.input_shape)
     model.load_state_dict(global_arrays.to_torch_state_dict())
