@@ -84,6 +84,9 @@ def epsilon_figure(run: RunResult) -> Figure:
     return figure
 
 
+_ROUND_TICKS = [0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+
+
 def _no_dp_x(points: list[SweepPoint]) -> float:
     """The x that stands for ε = ∞ (no DP): well right of the largest finite ε."""
     finite = [p.mean_std("epsilon")[0] for p in points if p.private]
@@ -100,9 +103,9 @@ def _curves(axes, points: list[SweepPoint], value: str, scale: float) -> None:
             xs, [scale * m for m, _ in stats], yerr=[scale * s for _, s in stats], marker="o", capsize=3, label=series
         )
     axes.set_xscale("log")
-    finite = sorted({p.mean_std("epsilon")[0] for p in points if p.private})
-    ticks = [*finite, no_dp_x]
-    axes.set_xticks(ticks, [*(f"{x:.2g}" for x in finite), "no DP"])
+    finite = [p.mean_std("epsilon")[0] for p in points if p.private]
+    ticks = [t for t in _ROUND_TICKS if finite and min(finite) / 1.5 <= t <= max(finite) * 1.5]
+    axes.set_xticks([*ticks, no_dp_x], [*(f"{t:g}" for t in ticks), "no DP"])
     axes.minorticks_off()
     axes.set_xlabel("ε spent (max over clients)")
 
