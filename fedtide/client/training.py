@@ -22,7 +22,7 @@ from fedtide.privacy.accounting import History, client_delta, epsilon_spent, noi
 from fedtide.privacy.dp_sgd import ClientPrivacy
 from fedtide.scenarios.schema import Scenario
 from fedtide.scenarios.stream import build_stream, client_experiences
-from fedtide.strategies.continual import ContinualMethod, build_method
+from fedtide.strategies.continual import ContinualMethod, build_method, require_dp_compatible
 
 PROGRESS_KEY = "fedtide.progress"
 METHOD_ARRAYS_KEY = "fedtide.method.arrays"
@@ -57,8 +57,12 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, state: Recor
     model = build_scenario_model(scenario, stream.data.input_shape)
     model.load_state_dict(global_arrays.to_torch_state_dict())
     method = build_method(scenario.continual)
-    _load_method(method, state, stream.full_train, model)
+    guarded = MethodGuard(scenario.continual.method)
+    with guarded("load"):
+        _load_method(method, state, stream.full_train, model)
     privacy = _client_privacy(task, state)
+    if privacy:
+        require_dp_compatible(method, scenario.continual.method)
     extra: list = [ProximalTerm(task.proximal_mu, model)] if task.proximal_mu > 0 else []
     if privacy:
         method.use_privacy(privacy)
@@ -76,23 +80,54 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, state: Recor
         return _reply(global_arrays, metrics, privacy)
 
     for past in pending:
-        learner.consolidate(experiences[past], past)
+        with guarded(f"consolidation of experience {past}"):
+            learner.consolidate(experiences[past], past)
         progress["counts"][past] += 1
     progress["done_through"] = max(int(progress["done_through"]), task.experience)
 
     extra_data = method.private_training_data() if privacy else None
     if examples and budget.allows(training=examples + (len(extra_data) if extra_data else 0)):
-        loss = learner.train_round(experiences[task.experience], task.experience)
+        with guarded("training"):
+            loss = learner.train_round(experiences[task.experience], task.experience)
     else:
         loss, examples = 0.0, 0
 
     state[PROGRESS_KEY] = ConfigRecord({"done_through": progress["done_through"], "counts": progress["counts"]})
-    _save_method(method, state)
+    with guarded("save"):
+        _save_method(method, state)
     if privacy:
         state[PRIVACY_KEY] = history_record(privacy.history)
     empty = len(own_data[task.experience]) == 0
     metrics = _metrics(task, examples, loss, progress, len(pending), privacy, empty, budget.exhausted)
     return _reply(ArrayRecord(model.cpu().state_dict()), metrics, privacy)
+
+
+class MethodFailed(RuntimeError):
+    """A continual method (or one of its plugins) raised; the message names it and the phase."""
+
+
+class MethodGuard:
+    """Re-raises any error of a method's hooks as `MethodFailed` naming the method.
+
+    The reply's error reaches the server as text, so the method's name must be in it:
+    "continual method 'my_pkg.mod:Name' failed in training: RuntimeError: ...".
+    """
+
+    def __init__(self, method_name: str) -> None:
+        self.method_name = method_name
+
+    def __call__(self, phase: str) -> MethodGuard:
+        self.phase = phase
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is not None and not isinstance(error, MethodFailed):
+            message = f"continual method '{self.method_name}' failed in {self.phase}: {type(error).__name__}: {error}"
+            raise MethodFailed(message) from error
+        return False
 
 
 def _reply(arrays: ArrayRecord, metrics: MetricRecord, privacy: ClientPrivacy | None) -> RecordDict:
