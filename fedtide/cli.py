@@ -1,4 +1,4 @@
-"""The `fedtide` command: run, validate and list.
+"""The `fedtide` command: run, validate, list and check-plugin.
 
 User errors (`ScenarioError`) print one line and exit with code 2; nothing is
 written for a scenario that fails validation.
@@ -108,10 +108,13 @@ def list_components() -> None:
     from fedtide.scenarios.schema import NUM_CLASSES
     from fedtide.strategies.aggregation import STRATEGIES
     from fedtide.strategies.continual import METHODS
+    from fedtide.strategies.plugins import installed_plugins
 
+    strategies = {n: f"flwr.serverapp.strategy.{c.__name__}" for n, c in STRATEGIES.items()}
+    methods = {n: f"{m.description} [DP: {'yes' if m.dp_compatible else 'no'}]" for n, m in METHODS.items()}
     sections = {
-        "federation.strategy.name": {n: f"flwr.serverapp.strategy.{c.__name__}" for n, c in STRATEGIES.items()},
-        "continual.method": {n: m.description for n, m in METHODS.items()},
+        "federation.strategy.name": strategies | installed_plugins("strategies", STRATEGIES),
+        "continual.method": methods | installed_plugins("continual", METHODS),
         "dataset.name": {n: f"{k} classes" for n, k in NUM_CLASSES.items()},
         "model.name": MODELS,
         "partition.kind": PARTITIONERS,
@@ -123,7 +126,31 @@ def list_components() -> None:
         for name, what in entries.items():
             table.add_row(name, what)
         console.print(table)
-    console.print('Any "pkg.module:Name" class works too for the strategy and the continual method.')
+    console.print(
+        'Any "pkg.module:Name" class works too for the strategy and the continual method (docs/extending.md); '
+        "check one with: fedtide check-plugin NAME [--set key=value ...]"
+    )
+
+
+@cli.command("check-plugin")
+def check_plugin(
+    name: Annotated[str, typer.Argument(help='A strategy or continual method: short name or "pkg.module:Name".')],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="A constructor parameter: --set key=value")] = None,
+) -> None:
+    """Run the plugin contract checks on 2 digits clients x 2 experiences; exit 1 naming a failed check."""
+    from fedtide.plugin_check import check_plugin as run_checks
+    from fedtide.plugin_check import parse_params
+
+    report = run_checks(name, parse_params(set_ or []))
+    table = Table(title=f"{report.kind or 'plugin'} {name}", title_justify="left")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    for check in report.checks:
+        table.add_row(check.name, "[green]ok[/green]" if check.ok else "[red]FAILED[/red]", check.detail)
+    console.print(table)
+    if not report.ok:
+        err_console.print(f"[red]check failed:[/red] {report.message}", highlight=False, soft_wrap=True)
+        sys.exit(1)  # click's standalone_mode=False would swallow typer.Exit's code
 
 
 def _load_checked(scenario_file: Path, overrides: list[str] | None):

@@ -8,8 +8,6 @@ nothing to aggregation. A user strategy is any subclass of `Strategy`, named as
 
 from __future__ import annotations
 
-import inspect
-
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -31,6 +29,7 @@ from fedtide.scenarios.schema import FederationConfig
 from fedtide.strategies.plugins import (
     STRATEGY_GROUP,
     check_parameters,
+    constructor_parameters,
     is_plugin_path,
     load_entry_point,
     load_plugin,
@@ -84,7 +83,7 @@ def build_strategy(federation: FederationConfig, num_clients: int) -> Strategy:
         "min_evaluate_nodes": 0 if federation.fraction_evaluate == 0 else 1,
         "min_available_nodes": num_clients,
     }
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted, _ = constructor_parameters(cls)
     kwargs = {k: v for k, v in sampling.items() if k in accepted} | params
     try:
         return cls(**kwargs)

@@ -234,13 +234,13 @@ STOCK_PLUGINS: dict[str, type[PluginMethod]] = {
     "mas": plugin_method(
         _MAS,
         "mas",
-        "memory aware synapses: Avalanche MASPlugin (lambda_reg, alpha); not DP-compatible",
+        "memory aware synapses: Avalanche MASPlugin (lambda_reg, alpha)",
         dp_compatible=False,
     ),
     "gem": plugin_method(
         _GEMChecked,
         "gem",
-        "gradient episodic memory: Avalanche GEMPlugin (patterns_per_experience, memory_strength); not DP-compatible",
+        "gradient episodic memory: Avalanche GEMPlugin (patterns_per_experience, memory_strength)",
         dp_compatible=False,
         transient=("G",),
     ),

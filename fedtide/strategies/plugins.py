@@ -64,14 +64,30 @@ def load_entry_point(point: EntryPoint, field: str, base: type | tuple[type, ...
     return obj
 
 
+def constructor_parameters(cls: type) -> tuple[list[str], bool]:
+    """The keyword parameters `cls(...)` takes, and whether it takes any keyword at all.
+
+    A constructor with `**kwargs` is taken to forward them to its base class (the usual
+    `super().__init__(**kwargs)` of a FedAvg subclass), so the bases' parameters count
+    too; only a `**kwargs` that reaches `object` accepts anything.
+    """
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if klass is object:
+            return names, False
+        params = inspect.signature(init).parameters
+        names += [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return list(dict.fromkeys(names)), False
+    return list(dict.fromkeys(names)), True
+
+
 def check_parameters(cls: type, params: dict[str, Any], field: str) -> None:
     """Refuse parameters the class's constructor does not take, before anything runs."""
-    if cls.__init__ is object.__init__:
-        signature = inspect.Signature()
-    else:
-        signature = inspect.signature(cls.__init__)
-    accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    known = [n for n, p in signature.parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD]
+    known, accepts_any = constructor_parameters(cls)
     unknown = [name for name in params if name not in known]
     if unknown and not accepts_any:
         raise ScenarioError(
@@ -79,3 +95,13 @@ def check_parameters(cls: type, params: dict[str, Any], field: str) -> None:
             f"{cls.__name__} takes no parameter '{unknown[0]}'",
             f"accepted: {', '.join(known) or 'none'}",
         )
+
+
+def installed_plugins(kind: str, built_ins: dict) -> dict[str, str]:
+    """Entry points of `fedtide.<kind>` for `fedtide list`: name -> target and package (or why unused)."""
+    listed = {}
+    for name, point in plugin_entry_points(f"fedtide.{kind}").items():
+        package = point.dist.name if point.dist else "unknown package"
+        note = " [shadowed by the built-in name]" if name in built_ins else ""
+        listed[name] = f"{point.value} (entry point of {package}){note}"
+    return listed
