@@ -193,6 +193,39 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
         global_arrays = _fedavg(replies)
 
     _check_state(scenario, states, after_consolidation, report, METHOD_ARRAYS_KEY)
+    _check_private(scenario, report)
+
+
+def _check_private(scenario: Scenario, report: PluginReport) -> None:
+    """A method that claims `dp_compatible` must train and consolidate under DP-SGD (noise 1.0)."""
+    from fedtide.client.training import RoundTask, run_training_round
+    from fedtide.models import build_scenario_model
+    from fedtide.scenarios.stream import build_stream
+    from fedtide.server.array_check import array_problem
+    from fedtide.strategies.continual import method_class
+
+    if not method_class(scenario.continual.method).dp_compatible:
+        report.add("DP-SGD", True, passed="not DP-compatible: refused when privacy is on")
+        return
+    private = scenario.model_copy(update={"privacy": scenario.privacy.model_copy(update={"enabled": True})})
+    private.privacy.noise_multiplier = 1.0
+    model = build_scenario_model(private, build_stream(private).data.input_shape, private.seed)
+    arrays, state = ArrayRecord(model.state_dict()), RecordDict()
+    try:
+        for experience, global_round in SCHEDULE[:2]:
+            reply = run_training_round(RoundTask(private, 0, experience, global_round), arrays, state)
+            arrays = reply["arrays"]
+    except Exception as error:
+        report.add("DP-SGD", False, f"dp_compatible, but a DP round failed: {' '.join(str(error).split())}")
+        return
+    problem = array_problem(arrays, model)
+    epsilon = float(reply["metrics"]["epsilon"])
+    report.add(
+        "DP-SGD",
+        problem is None and epsilon > 0,
+        f"under DP: {problem or f'epsilon {epsilon}'}",
+        f"trains and consolidates under DP-SGD (epsilon {epsilon:.2f} after 2 rounds)",
+    )
 
 
 def _check_state(scenario, states, after_consolidation, report: PluginReport, arrays_key: str) -> None:

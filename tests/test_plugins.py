@@ -241,6 +241,7 @@ def test_check_plugin_passes_on_the_example_method_and_names_what_it_checked():
     assert names[0] == "loads" and "save()/load() round-trip" in names and "state kept across rounds" in names
     assert "round 2 (experience 1) consolidation counts" in names
     assert next(c for c in report.checks if c.name == "state after consolidation").detail.startswith("6 arrays")
+    assert report.checks[-1].name == "DP-SGD" and "trains and consolidates under DP-SGD" in report.checks[-1].detail
 
 
 def test_check_plugin_fails_a_raising_method_naming_it(run_cli):

@@ -54,7 +54,8 @@ class PluginMethod(ContinualMethod):
         self.plugin = self.plugin_class(**params)
 
     def plugins(self) -> list[SupervisedPlugin]:
-        return [self.plugin]
+        """The plugin, after a helper that moves its restored (CPU) tensors to the learner's device."""
+        return [_StateToDevice(self.plugin), self.plugin]
 
     def consolidate(self, learner: SupervisedTemplate) -> None:
         self.plugin.after_training_exp(learner)
@@ -75,6 +76,34 @@ class PluginMethod(ContinualMethod):
         between rounds.
         """
         return capture_state(self.plugin, self.transient)[1]["unsaved"]
+
+
+class _StateToDevice(SupervisedPlugin):
+    """Moves a plugin's tensors, `ParamData` and modules to the learner's device when a round starts."""
+
+    def __init__(self, target: SupervisedPlugin) -> None:
+        super().__init__()
+        self.target = target
+
+    def before_training(self, strategy, **kwargs) -> None:
+        device = torch.device(strategy.device)
+        for attr, value in vars(self.target).items():
+            if isinstance(value, dict) and value and all(isinstance(v, Tensorish) for v in value.values()):
+                setattr(self.target, attr, {k: _to_device(v, device) for k, v in value.items()})
+            elif isinstance(value, torch.Tensor | ParamData | torch.nn.Module):
+                setattr(self.target, attr, _to_device(value, device))
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, ParamData):
+        return (
+            value
+            if value.data.device == device
+            else ParamData(value.name, init_tensor=value.data.to(device), device=device)
+        )
+    if isinstance(value, torch.Tensor | torch.nn.Module):
+        return value.to(device)
+    return value
 
 
 def plugin_method(
