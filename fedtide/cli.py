@@ -111,10 +111,12 @@ def list_components() -> None:
     from fedtide.strategies.plugins import installed_plugins
 
     strategies = {n: f"flwr.serverapp.strategy.{c.__name__}" for n, c in STRATEGIES.items()}
-    methods = {n: f"{m.description} [DP: {'yes' if m.dp_compatible else 'no'}]" for n, m in METHODS.items()}
+    # continual methods get a third column: whether they may run under DP-SGD
+    methods = {n: (m.description, "yes" if m.dp_compatible else "no") for n, m in METHODS.items()}
+    methods |= {n: (what, "see check-plugin") for n, what in installed_plugins("continual", METHODS).items()}
     sections = {
         "federation.strategy.name": strategies | installed_plugins("strategies", STRATEGIES),
-        "continual.method": methods | installed_plugins("continual", METHODS),
+        "continual.method": methods,
         "dataset.name": {n: f"{k} classes" for n, k in NUM_CLASSES.items()},
         "model.name": MODELS,
         "partition.kind": PARTITIONERS,
@@ -123,8 +125,10 @@ def list_components() -> None:
         table = Table(title=field, title_justify="left")
         table.add_column("name")
         table.add_column("what")
+        if field == "continual.method":
+            table.add_column("DP-compatible")
         for name, what in entries.items():
-            table.add_row(name, what)
+            table.add_row(name, *(what if isinstance(what, tuple) else (what,)))
         console.print(table)
     console.print(
         'Any "pkg.module:Name" class works too for the strategy and the continual method (docs/extending.md); '

@@ -240,7 +240,7 @@ def _check_state(scenario, states, after_consolidation, report: PluginReport, ar
     state = after_consolidation[0]
     arrays = {k: v.numpy() for k, v in state[arrays_key].items()}
     values = dict(state[METHOD_VALUES_KEY])
-    if isinstance(fresh, PluginMethod):
+    if isinstance(fresh, PluginMethod) and STATE_KEY in values:
         before = fresh.unsaved_attributes()
         stored = json.loads(values[STATE_KEY])["unsaved"]
         unsaved = sorted(a for a, digest in stored.items() if before.get(a) != digest)

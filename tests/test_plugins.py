@@ -21,6 +21,7 @@ from fedtide.client.training import RoundTask, run_training_round
 from fedtide.errors import ScenarioError
 from fedtide.plugin_check import check_plugin
 from fedtide.scenarios.loading import parse_scenario
+from fedtide.scenarios.stream import build_stream, experience_partitions
 from fedtide.strategies import aggregation
 from fedtide.strategies.aggregation import build_strategy, strategy_class
 from fedtide.strategies.continual import build_method, method_class
@@ -97,6 +98,10 @@ def test_built_in_names_win_over_entry_points_and_broken_entry_points_name_thems
         ),
         (["continual.method=gem_typo"], "continual.method: unknown method 'gem_typo'"),
         (
+            ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "continual.method=agem"],
+            "continual.method: 'agem' is not DP-compatible",
+        ),
+        (
             ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "continual.method=mas"],
             "continual.method: 'mas' is not DP-compatible",
         ),
@@ -124,8 +129,11 @@ def test_dp_compatible_plugin_is_accepted_under_dp_and_list_shows_dp_status(run_
     code, out, _ = run_cli("list")
     lines = " ".join(out.split())
     assert code == 0
-    for name, dp_ok in [("naive", "yes"), ("replay", "yes"), ("ewc", "yes"), ("lwf", "yes"), ("mas", "no")]:
-        assert f"│ {name}" in out and f"[DP: {dp_ok}]" in lines
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.count("│") == 4]
+    dp_column = {row[0]: row[2] for row in cells if row[0]}  # first line of each row of continual.method
+    expected = {"naive": "yes", "replay": "yes", "ewc": "yes", "lwf": "yes", "mas": "no", "gem": "no", "agem": "no"}
+    assert {k: dp_column[k] for k in expected} == expected
+    assert dp_column["l2_anchor"].startswith("see")
     assert "experience_momentum" in out and "l2_anchor" in out and "check-plugin" in lines
 
 
@@ -173,12 +181,26 @@ def test_gem_memory_holds_each_experience_once_and_survives_the_context():
     state = method_state(rounds[-1][2])
     assert sorted(state) == ["memory_tid.0", "memory_tid.1", "memory_x.0", "memory_x.1", "memory_y.0", "memory_y.1"]
     assert state["memory_x.0"].shape == (16, 1, 8, 8) and state["memory_x.1"].shape[0] == 16
-    from fedtide.scenarios.stream import build_stream
-
     classes = build_stream(scenario).classes
     assert set(state["memory_y.0"].tolist()) <= set(classes[0])
     assert set(state["memory_y.1"].tolist()) <= set(classes[1])
     assert np.array_equal(method_state(rounds[3][2])["memory_x.0"], method_state(rounds[2][2])["memory_x.0"])
+
+
+def test_agem_memory_is_sample_ids_of_each_past_experience_and_shapes_training():
+    scenario = small_scenario(continual={"method": "agem", "patterns_per_experience": 16, "sample_size": 16})
+    rounds = drive(scenario, 3)
+    assert [int(r["metrics"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
+    stream = build_stream(scenario)
+    own = experience_partitions(scenario)
+    state = method_state(rounds[-1][2])
+    assert sorted(state) == ["ids.0", "ids.1"]
+    for e in (0, 1):
+        mine = set(np.asarray(stream.train[e].sample_id)[own[e][3]].tolist())
+        assert len(state[f"ids.{e}"]) == min(16, len(mine)) and set(state[f"ids.{e}"].tolist()) <= mine
+    assert np.array_equal(method_state(rounds[3][2])["ids.0"], method_state(rounds[2][2])["ids.0"])
+    naive = drive(small_scenario(continual={"method": "naive"}), 3, SCHEDULE[:4])
+    assert not np.allclose(flat(naive[3][1]["arrays"]), flat(rounds[3][1]["arrays"]))
 
 
 # --- a user's SupervisedPlugin ----------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from avalanche.training.plugins import GEMPlugin, MASPlugin, SupervisedPlugin
+from avalanche.training.plugins import AGEMPlugin, GEMPlugin, MASPlugin, SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
 from avalanche.training.utils import ParamData
 
@@ -256,9 +256,35 @@ class _MAS(MASPlugin):
         super().__init__(lambda_reg=lambda_reg, alpha=alpha)
 
 
+class _AGEM(AGEMPlugin):
+    """Avalanche's AGEMPlugin with defaults for every parameter."""
+
+    def __init__(self, patterns_per_experience: int = 64, sample_size: int = 64) -> None:
+        super().__init__(patterns_per_experience=patterns_per_experience, sample_size=sample_size)
+
+
+class AGEMMethod(PluginMethod):
+    """A-GEM whose memory (a list of datasets) is stored as sample ids, like fedtide's replay buffer."""
+
+    plugin_class = _AGEM
+    name = "agem"
+    description = "averaged GEM: Avalanche AGEMPlugin (patterns_per_experience, sample_size), memory as sample ids"
+    dp_compatible = False
+
+    def save(self) -> tuple[Arrays, Values]:
+        buffers = self.plugin.buffers
+        arrays = {f"ids.{i}": np.asarray(list(b.sample_id), dtype=np.int64) for i, b in enumerate(buffers)}
+        return arrays, {"buffers": len(buffers)}
+
+    def load(self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module) -> None:
+        for i in range(int(values.get("buffers", 0))):
+            # update_memory appends the group and rebuilds A-GEM's balanced loader over all groups
+            self.plugin.update_memory(full_train.subset(arrays[f"ids.{i}"].tolist()))
+
+
 # Stock Avalanche plugins that fit the FL loop, each tested in tests/test_plugins.py.
-# Not DP-compatible: MAS's importance pass and GEM's memory gradients read private data
-# outside the DP-SGD step (and GEM keeps raw samples in the client state).
+# Not DP-compatible: MAS's importance pass and (A-)GEM's memory gradients read private data
+# outside the DP-SGD step (and GEM keeps raw samples in the client state; A-GEM sample ids).
 STOCK_PLUGINS: dict[str, type[PluginMethod]] = {
     "mas": plugin_method(
         _MAS,
@@ -273,12 +299,12 @@ STOCK_PLUGINS: dict[str, type[PluginMethod]] = {
         dp_compatible=False,
         transient=("G",),
     ),
+    "agem": AGEMMethod,
 }
 
 # Stock plugins that do not fit, and why (README and docs/extending.md say the same).
 UNSUPPORTED_STOCK = {
     "si / rwalk": "path integrals re-initialised at every train() call, i.e. every round",
     "lfl": "needs an avalanche BaseModel with get_features() and freezes the live head (lost each round)",
-    "agem": "its memory is a list of datasets (not storable as sample ids by the generic adapter)",
     "gdumb": "retrains from the initial model at every experience: not a federated update",
 }
