@@ -174,21 +174,15 @@ def test_mas_penalty_pulls_training_towards_the_anchor():
     assert np.linalg.norm(flat(mas[3][1]["arrays"]) - anchor) < np.linalg.norm(flat(naive[3][1]["arrays"]) - anchor)
 
 
-def test_gem_memory_holds_each_experience_once_and_survives_the_context():
-    scenario = small_scenario(continual={"method": "gem", "patterns_per_experience": 16})
-    rounds = drive(scenario, 2)
-    assert [int(r["metrics"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
-    state = method_state(rounds[-1][2])
-    assert sorted(state) == ["memory_tid.0", "memory_tid.1", "memory_x.0", "memory_x.1", "memory_y.0", "memory_y.1"]
-    assert state["memory_x.0"].shape == (16, 1, 8, 8) and state["memory_x.1"].shape[0] == 16
-    classes = build_stream(scenario).classes
-    assert set(state["memory_y.0"].tolist()) <= set(classes[0])
-    assert set(state["memory_y.1"].tolist()) <= set(classes[1])
-    assert np.array_equal(method_state(rounds[3][2])["memory_x.0"], method_state(rounds[2][2])["memory_x.0"])
-
-
-def test_agem_memory_is_sample_ids_of_each_past_experience_and_shapes_training():
-    scenario = small_scenario(continual={"method": "agem", "patterns_per_experience": 16, "sample_size": 16})
+@pytest.mark.parametrize(
+    "continual",
+    [
+        {"method": "gem", "patterns_per_experience": 16, "memory_strength": 0.5},
+        {"method": "agem", "patterns_per_experience": 16, "sample_size": 16},
+    ],
+)
+def test_gem_and_agem_memories_are_sample_ids_of_each_past_experience_and_shape_training(continual):
+    scenario = small_scenario(continual=continual)
     rounds = drive(scenario, 3)
     assert [int(r["metrics"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
     stream = build_stream(scenario)
@@ -198,7 +192,9 @@ def test_agem_memory_is_sample_ids_of_each_past_experience_and_shapes_training()
     for e in (0, 1):
         mine = set(np.asarray(stream.train[e].sample_id)[own[e][3]].tolist())
         assert len(state[f"ids.{e}"]) == min(16, len(mine)) and set(state[f"ids.{e}"].tolist()) <= mine
+    # the memory of experience 0 is drawn once and restored unchanged in the next round
     assert np.array_equal(method_state(rounds[3][2])["ids.0"], method_state(rounds[2][2])["ids.0"])
+    # and it is used: the projected gradients give other weights than plain fine-tuning
     naive = drive(small_scenario(continual={"method": "naive"}), 3, SCHEDULE[:4])
     assert not np.allclose(flat(naive[3][1]["arrays"]), flat(rounds[3][1]["arrays"]))
 

@@ -47,8 +47,6 @@ class PluginMethod(ContinualMethod):
     """A `SupervisedPlugin` subclass adapted to fedtide's round/experience split."""
 
     plugin_class: ClassVar[type[SupervisedPlugin]]
-    # Attributes recomputed every iteration, not worth storing (GEM's constraint matrix).
-    transient: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any) -> None:
         self.plugin = self.plugin_class(**params)
@@ -61,7 +59,7 @@ class PluginMethod(ContinualMethod):
         self.plugin.after_training_exp(learner)
 
     def save(self) -> tuple[Arrays, Values]:
-        arrays, meta = capture_state(self.plugin, self.transient)
+        arrays, meta = capture_state(self.plugin)
         return arrays, {STATE_KEY: json.dumps(meta)}
 
     def load(self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module) -> None:
@@ -75,7 +73,7 @@ class PluginMethod(ContinualMethod):
         stored after consolidation: an unstorable attribute that changed is state lost
         between rounds.
         """
-        return capture_state(self.plugin, self.transient)[1]["unsaved"]
+        return capture_state(self.plugin)[1]["unsaved"]
 
 
 class _StateToDevice(SupervisedPlugin):
@@ -111,7 +109,6 @@ def plugin_method(
     name: str,
     description: str | None = None,
     dp_compatible: bool | None = None,
-    transient: tuple[str, ...] = (),
 ) -> type[PluginMethod]:
     """A `PluginMethod` class for `plugin_class`; its constructor takes the plugin's parameters."""
     doc = (plugin_class.__doc__ or "").strip().splitlines()
@@ -120,7 +117,6 @@ def plugin_method(
         "name": name,
         "description": description or (doc[0] if doc else plugin_class.__name__),
         "dp_compatible": getattr(plugin_class, "dp_compatible", False) if dp_compatible is None else dp_compatible,
-        "transient": transient,
         "__module__": __name__,
     }
     return type(f"{plugin_class.__name__}Method", (PluginMethod,), attributes)
@@ -146,12 +142,12 @@ def _kind(value: Any) -> str:
     return "param" if isinstance(value, ParamData) else "tensor" if isinstance(value, torch.Tensor) else "ndarray"
 
 
-def capture_state(plugin: SupervisedPlugin, transient: tuple[str, ...] = ()) -> tuple[Arrays, dict]:
+def capture_state(plugin: SupervisedPlugin) -> tuple[Arrays, dict]:
     """The plugin's state as arrays plus a JSON description (kinds, plain values, unsaved names)."""
     if callable(getattr(plugin, "state_dict", None)) and callable(getattr(plugin, "load_state_dict", None)):
         items, custom = dict(plugin.state_dict()), True
     else:
-        items, custom = {k: v for k, v in vars(plugin).items() if k not in transient}, False
+        items, custom = dict(vars(plugin)), False
     arrays: Arrays = {}
     meta: dict[str, Any] = {"custom": custom, "kinds": {}, "plain": {}, "unsaved": {}}
     for attr, value in items.items():
@@ -238,8 +234,8 @@ def restore_state(plugin: SupervisedPlugin, arrays: Arrays, meta: dict, model: t
             setattr(plugin, attr, value)
 
 
-class _GEMChecked(GEMPlugin):
-    """Avalanche's GEMPlugin, refused up front when its QP solver (quadprog via qpsolvers) is missing."""
+class _GEM(GEMPlugin):
+    """Avalanche's GEMPlugin that remembers which samples it keeps, refused without its QP solver."""
 
     def __init__(self, patterns_per_experience: int = 64, memory_strength: float = 0.5) -> None:
         import qpsolvers
@@ -247,6 +243,34 @@ class _GEMChecked(GEMPlugin):
         if "quadprog" not in qpsolvers.available_solvers:
             raise ScenarioError("continual.method", "gem needs the quadprog solver", "pip install quadprog")
         super().__init__(patterns_per_experience=patterns_per_experience, memory_strength=memory_strength)
+        self.memory_ids: dict[int, np.ndarray] = {}
+
+    @torch.no_grad()
+    def update_memory(self, dataset, t, batch_size):
+        """Draw the experience's patterns as a subset first, so their sample ids can be stored."""
+        if len(dataset) > self.patterns_per_experience:
+            chosen = torch.randperm(len(dataset))[: self.patterns_per_experience].tolist()
+            dataset = dataset.subset(chosen)
+        self.memory_ids[t] = np.asarray(list(dataset.sample_id), dtype=np.int64)
+        super().update_memory(dataset, t, batch_size)
+
+
+class GEMMethod(PluginMethod):
+    """GEM whose memory is stored as sample ids (not raw samples) in `Context.state`."""
+
+    plugin_class = _GEM
+    name = "gem"
+    description = "gradient episodic memory: Avalanche GEMPlugin (patterns_per_experience, memory_strength)"
+    dp_compatible = False
+
+    def save(self) -> tuple[Arrays, Values]:
+        ids = self.plugin.memory_ids
+        return {f"ids.{t}": ids[t] for t in ids}, {"experiences": sorted(ids)}
+
+    def load(self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module) -> None:
+        for t in values.get("experiences", []):
+            subset = full_train.subset(arrays[f"ids.{t}"].tolist())
+            self.plugin.update_memory(subset, t, batch_size=len(subset))
 
 
 class _MAS(MASPlugin):
@@ -284,7 +308,7 @@ class AGEMMethod(PluginMethod):
 
 # Stock Avalanche plugins that fit the FL loop, each tested in tests/test_plugins.py.
 # Not DP-compatible: MAS's importance pass and (A-)GEM's memory gradients read private data
-# outside the DP-SGD step (and GEM keeps raw samples in the client state; A-GEM sample ids).
+# outside the DP-SGD step. (A-)GEM memories are stored as sample ids, like the replay buffer.
 STOCK_PLUGINS: dict[str, type[PluginMethod]] = {
     "mas": plugin_method(
         _MAS,
@@ -292,13 +316,7 @@ STOCK_PLUGINS: dict[str, type[PluginMethod]] = {
         "memory aware synapses: Avalanche MASPlugin (lambda_reg, alpha)",
         dp_compatible=False,
     ),
-    "gem": plugin_method(
-        _GEMChecked,
-        "gem",
-        "gradient episodic memory: Avalanche GEMPlugin (patterns_per_experience, memory_strength)",
-        dp_compatible=False,
-        transient=("G",),
-    ),
+    "gem": GEMMethod,
     "agem": AGEMMethod,
 }
 
