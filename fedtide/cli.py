@@ -145,7 +145,9 @@ def check_plugin(
     from fedtide.plugin_check import check_plugin as run_checks
     from fedtide.plugin_check import parse_params
 
-    report = run_checks(name, parse_params(set_ or []))
+    with warnings.catch_warnings():  # Avalanche's and Opacus's notices about their own APIs
+        warnings.simplefilter("ignore")
+        report = run_checks(name, parse_params(set_ or []))
     table = Table(title=f"{report.kind or 'plugin'} {name}", title_justify="left")
     for column in ("check", "result", "detail"):
         table.add_column(column)

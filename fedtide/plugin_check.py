@@ -249,6 +249,7 @@ def _check_state(scenario, states, after_consolidation, report: PluginReport, ar
             not unsaved,
             f"attribute(s) {', '.join(unsaved)} of {fresh.plugin_class.__name__} changed in after_training_exp "
             "but cannot be stored (define state_dict()/load_state_dict(), see docs/extending.md)",
+            "every attribute that consolidation changed is stored",
         ):
             return
     stateful = not (_same(arrays, fresh_arrays) and values == fresh_values)
