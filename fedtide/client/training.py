@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,13 +58,14 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, state: Recor
 
     model = build_scenario_model(scenario, stream.data.input_shape)
     model.load_state_dict(global_arrays.to_torch_state_dict())
-    method = build_method(scenario.continual)
-    guarded = MethodGuard(scenario.continual.method)
-    with guarded("load"):
+    name = scenario.continual.method
+    with method_phase(name, "construction"):
+        method = build_method(scenario.continual)
+    with method_phase(name, "load"):
         _load_method(method, state, stream.full_train, model)
     privacy = _client_privacy(task, state)
     if privacy:
-        require_dp_compatible(method, scenario.continual.method)
+        require_dp_compatible(method, name)
     extra: list = [ProximalTerm(task.proximal_mu, model)] if task.proximal_mu > 0 else []
     if privacy:
         method.use_privacy(privacy)
@@ -80,20 +83,20 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, state: Recor
         return _reply(global_arrays, metrics, privacy)
 
     for past in pending:
-        with guarded(f"consolidation of experience {past}"):
+        with method_phase(name, f"consolidation of experience {past}"):
             learner.consolidate(experiences[past], past)
         progress["counts"][past] += 1
     progress["done_through"] = max(int(progress["done_through"]), task.experience)
 
     extra_data = method.private_training_data() if privacy else None
     if examples and budget.allows(training=examples + (len(extra_data) if extra_data else 0)):
-        with guarded("training"):
+        with method_phase(name, "training"):
             loss = learner.train_round(experiences[task.experience], task.experience)
     else:
         loss, examples = 0.0, 0
 
     state[PROGRESS_KEY] = ConfigRecord({"done_through": progress["done_through"], "counts": progress["counts"]})
-    with guarded("save"):
+    with method_phase(name, "save"):
         _save_method(method, state)
     if privacy:
         state[PRIVACY_KEY] = history_record(privacy.history)
@@ -106,28 +109,21 @@ class MethodFailed(RuntimeError):
     """A continual method (or one of its plugins) raised; the message names it and the phase."""
 
 
-class MethodGuard:
-    """Re-raises any error of a method's hooks as `MethodFailed` naming the method.
+@contextmanager
+def method_phase(method_name: str, phase: str) -> Iterator[None]:
+    """Re-raise any error of a method's code as `MethodFailed` naming the method and the phase.
 
     The reply's error reaches the server as text, so the method's name must be in it:
     "continual method 'my_pkg.mod:Name' failed in training: RuntimeError: ...".
     """
-
-    def __init__(self, method_name: str) -> None:
-        self.method_name = method_name
-
-    def __call__(self, phase: str) -> MethodGuard:
-        self.phase = phase
-        return self
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        if error is not None and not isinstance(error, MethodFailed):
-            message = f"continual method '{self.method_name}' failed in {self.phase}: {type(error).__name__}: {error}"
-            raise MethodFailed(message) from error
-        return False
+    try:
+        yield
+    except MethodFailed:
+        raise
+    except Exception as error:
+        raise MethodFailed(
+            f"continual method '{method_name}' failed in {phase}: {type(error).__name__}: {error}"
+        ) from error
 
 
 def _reply(arrays: ArrayRecord, metrics: MetricRecord, privacy: ClientPrivacy | None) -> RecordDict:
