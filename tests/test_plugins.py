@@ -91,7 +91,7 @@ def test_built_in_names_win_over_entry_points_and_broken_entry_points_name_thems
         (["continual.method=tests.broken_strategy:NotAStrategy"], "continual.method: 'tests.broken_strategy:NotAS"),
         (["federation.strategy.name=tests.broken_strategy:NotAStrategy"], "is not a subclass of flwr.serverapp"),
         (["continual.method=l2_anchor", "continual.pull=1"], "continual.pull: L2Anchor takes no parameter 'pull'"),
-        (["continual.method=mas", "continual.lambda=1"], "continual.lambda: _MAS takes no parameter 'lambda'"),
+        (["continual.method=mas", "continual.lambda=1"], "continual.lambda: MAS takes no parameter 'lambda'"),
         (
             ["federation.strategy.name=experience_momentum", "federation.strategy.beta=0.9"],
             "federation.strategy.beta: ExperienceMomentum takes no parameter 'beta'",

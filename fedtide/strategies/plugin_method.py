@@ -234,7 +234,7 @@ def restore_state(plugin: SupervisedPlugin, arrays: Arrays, meta: dict, model: t
             setattr(plugin, attr, value)
 
 
-class _GEM(GEMPlugin):
+class GEM(GEMPlugin):
     """Avalanche's GEMPlugin that remembers which samples it keeps, refused without its QP solver."""
 
     def __init__(self, patterns_per_experience: int = 64, memory_strength: float = 0.5) -> None:
@@ -258,7 +258,7 @@ class _GEM(GEMPlugin):
 class GEMMethod(PluginMethod):
     """GEM whose memory is stored as sample ids (not raw samples) in `Context.state`."""
 
-    plugin_class = _GEM
+    plugin_class = GEM
     name = "gem"
     description = "gradient episodic memory: Avalanche GEMPlugin (patterns_per_experience, memory_strength)"
     dp_compatible = False
@@ -273,14 +273,14 @@ class GEMMethod(PluginMethod):
             self.plugin.update_memory(subset, t, batch_size=len(subset))
 
 
-class _MAS(MASPlugin):
+class MAS(MASPlugin):
     """Avalanche's MASPlugin with defaults for every parameter."""
 
     def __init__(self, lambda_reg: float = 1.0, alpha: float = 0.5) -> None:
         super().__init__(lambda_reg=lambda_reg, alpha=alpha)
 
 
-class _AGEM(AGEMPlugin):
+class AGEM(AGEMPlugin):
     """Avalanche's AGEMPlugin with defaults for every parameter."""
 
     def __init__(self, patterns_per_experience: int = 64, sample_size: int = 64) -> None:
@@ -290,7 +290,7 @@ class _AGEM(AGEMPlugin):
 class AGEMMethod(PluginMethod):
     """A-GEM whose memory (a list of datasets) is stored as sample ids, like fedtide's replay buffer."""
 
-    plugin_class = _AGEM
+    plugin_class = AGEM
     name = "agem"
     description = "averaged GEM: Avalanche AGEMPlugin (patterns_per_experience, sample_size), memory as sample ids"
     dp_compatible = False
@@ -311,7 +311,7 @@ class AGEMMethod(PluginMethod):
 # outside the DP-SGD step. (A-)GEM memories are stored as sample ids, like the replay buffer.
 STOCK_PLUGINS: dict[str, type[PluginMethod]] = {
     "mas": plugin_method(
-        _MAS,
+        MAS,
         "mas",
         "memory aware synapses: Avalanche MASPlugin (lambda_reg, alpha)",
         dp_compatible=False,
