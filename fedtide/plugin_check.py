@@ -139,6 +139,9 @@ def check_plugin(name: str, params: dict[str, Any] | None = None) -> PluginRepor
     except (ScenarioError, ValueError) as error:
         report.add("loads", False, " ".join(str(error).split()))
         return report
+    except Exception as error:  # the plugin's constructor or module raised
+        report.add("loads", False, f"{type(error).__name__}: {' '.join(str(error).split())}")
+        return report
     report.add("loads", True, passed="importable, right base class, parameters accepted")
     if report.kind == METHOD:
         _check_method(scenario, report)
@@ -170,7 +173,7 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
         for client, state in enumerate(states):
             try:
                 reply = run_training_round(RoundTask(scenario, client, experience, global_round), global_arrays, state)
-            except Exception as error:  # the plugin's own exception, named by MethodGuard
+            except Exception as error:  # the plugin's own exception, named by method_phase
                 report.add(f"{label} trains", False, f"client {client}: {' '.join(str(error).split())}")
                 return
             problem = array_problem(reply["arrays"], model)
