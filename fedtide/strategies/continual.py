@@ -235,7 +235,11 @@ def build_method(config: ContinualConfig) -> ContinualMethod:
     """Instantiate the scenario's continual method with its parameters."""
     cls = method_class(config.method)
     check_parameters(getattr(cls, "plugin_class", cls), config.params, "continual")
-    return cls(**config.params)
+    try:
+        return cls(**config.params)
+    except (TypeError, ValueError) as error:  # a user plugin refusing its parameters' values
+        built = getattr(cls, "plugin_class", cls).__name__
+        raise ScenarioError("continual", f"{built} cannot be built: {error}") from None
 
 
 def require_dp_compatible(method: ContinualMethod, method_name: str) -> None:
