@@ -7,11 +7,13 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test lint install
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml examples/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
+	# the example plugins, registered under fedtide's entry-point groups (the tests use them)
+	$(PY) -m pip install -q -e examples
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""The `fedtide` command: run, sweep, report, validate and list.
+"""The `fedtide` command: run, sweep, report, validate, list and check-plugin.
 
 User errors (`ScenarioError`) print one line and exit with code 2; nothing is
 written for a scenario that fails validation.
@@ -173,10 +173,15 @@ def list_components() -> None:
     from fedtide.scenarios.schema import NUM_CLASSES
     from fedtide.strategies.aggregation import STRATEGIES
     from fedtide.strategies.continual import METHODS
+    from fedtide.strategies.plugins import installed_plugins
 
+    strategies = {n: f"flwr.serverapp.strategy.{c.__name__}" for n, c in STRATEGIES.items()}
+    # continual methods get a third column: whether they may run under DP-SGD
+    methods = {n: (m.description, "yes" if m.dp_compatible else "no") for n, m in METHODS.items()}
+    methods |= {n: (what, "see check-plugin") for n, what in installed_plugins("continual", METHODS).items()}
     sections = {
-        "federation.strategy.name": {n: f"flwr.serverapp.strategy.{c.__name__}" for n, c in STRATEGIES.items()},
-        "continual.method": {n: m.description for n, m in METHODS.items()},
+        "federation.strategy.name": strategies | installed_plugins("strategies", STRATEGIES),
+        "continual.method": methods,
         "dataset.name": {n: f"{k} classes" for n, k in NUM_CLASSES.items()},
         "model.name": MODELS,
         "partition.kind": PARTITIONERS,
@@ -185,10 +190,38 @@ def list_components() -> None:
         table = Table(title=field, title_justify="left")
         table.add_column("name")
         table.add_column("what")
+        if field == "continual.method":
+            table.add_column("DP-compatible")
         for name, what in entries.items():
-            table.add_row(name, what)
+            table.add_row(name, *(what if isinstance(what, tuple) else (what,)))
         console.print(table)
-    console.print('Any "pkg.module:Name" class works too for the strategy and the continual method.')
+    console.print(
+        'Any "pkg.module:Name" class works too for the strategy and the continual method (docs/extending.md); '
+        "check one with: fedtide check-plugin NAME [--set key=value ...]"
+    )
+
+
+@cli.command("check-plugin")
+def check_plugin(
+    name: Annotated[str, typer.Argument(help='A strategy or continual method: short name or "pkg.module:Name".')],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="A constructor parameter: --set key=value")] = None,
+) -> None:
+    """Run the plugin contract checks on 2 digits clients x 2 experiences; exit 1 naming a failed check."""
+    from fedtide.plugin_check import check_plugin as run_checks
+    from fedtide.plugin_check import parse_params
+
+    with warnings.catch_warnings():  # Avalanche's and Opacus's notices about their own APIs
+        warnings.simplefilter("ignore")
+        report = run_checks(name, parse_params(set_ or []))
+    table = Table(title=f"{report.kind or 'plugin'} {name}", title_justify="left")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    for check in report.checks:
+        table.add_row(check.name, "[green]ok[/green]" if check.ok else "[red]FAILED[/red]", check.detail)
+    console.print(table)
+    if not report.ok:
+        err_console.print(f"[red]check failed:[/red] {report.message}", highlight=False, soft_wrap=True)
+        sys.exit(1)  # click's standalone_mode=False would swallow typer.Exit's code
 
 
 def _load_checked(scenario_file: Path, overrides: list[str] | None):

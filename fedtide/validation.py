@@ -12,13 +12,15 @@ from fedtide.privacy.accounting import check_privacy
 from fedtide.scenarios.schema import Scenario
 from fedtide.scenarios.stream import build_stream, experience_partitions
 from fedtide.strategies.aggregation import build_strategy
-from fedtide.strategies.continual import build_method
+from fedtide.strategies.continual import build_method, require_dp_compatible
 
 
 def check_runnable(scenario: Scenario) -> None:
     """Raise `ScenarioError` for anything that would make the run fail at start."""
     build_strategy(scenario.federation, scenario.partition.num_clients)
-    build_method(scenario.continual)
+    method = build_method(scenario.continual)
+    if scenario.privacy.private:
+        require_dp_compatible(method, scenario.continual.method)
     stream = build_stream(scenario)
     experience_partitions(scenario)
     if scenario.privacy.private:

@@ -97,4 +97,5 @@ def test_a_round_where_every_client_fails_stops_the_run_with_the_clients_reason(
     code, _, err = run_cli("run", str(scenario), "--output", str(tmp_path / "runs"))
     assert code == 1
     assert "every sampled client failed" in err and "broken_method exploded on purpose" in " ".join(err.split())
+    assert "continual method 'tests.broken_method:BrokenMethod' failed in training" in " ".join(err.split())
     assert not (tmp_path / "runs" / "broken" / "summary.json").exists()

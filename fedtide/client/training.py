@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +24,7 @@ from fedtide.privacy.accounting import History, client_delta, epsilon_spent, noi
 from fedtide.privacy.dp_sgd import ClientPrivacy
 from fedtide.scenarios.schema import Scenario
 from fedtide.scenarios.stream import build_stream, client_experiences
-from fedtide.strategies.continual import ContinualMethod, build_method
+from fedtide.strategies.continual import ContinualMethod, build_method, require_dp_compatible
 
 PROGRESS_KEY = "fedtide.progress"
 METHOD_ARRAYS_KEY = "fedtide.method.arrays"
@@ -58,9 +60,14 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, state: Recor
 
     model = build_scenario_model(scenario, stream.data.input_shape)
     model.load_state_dict(global_arrays.to_torch_state_dict())
-    method = build_method(scenario.continual)
-    _load_method(method, state, stream.full_train, model)
+    name = scenario.continual.method
+    with method_phase(name, "construction"):
+        method = build_method(scenario.continual)
+    with method_phase(name, "load"):
+        _load_method(method, state, stream.full_train, model)
     privacy = _client_privacy(task, state)
+    if privacy:
+        require_dp_compatible(method, name)
     extra: list = [ProximalTerm(task.proximal_mu, model)] if task.proximal_mu > 0 else []
     if privacy:
         method.use_privacy(privacy)
@@ -78,23 +85,47 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, state: Recor
         return _reply(global_arrays, metrics, privacy)
 
     for past in pending:
-        learner.consolidate(experiences[past], past)
+        with method_phase(name, f"consolidation of experience {past}"):
+            learner.consolidate(experiences[past], past)
         progress["counts"][past] += 1
     progress["done_through"] = max(int(progress["done_through"]), task.experience)
 
     extra_data = method.private_training_data() if privacy else None
     if examples and budget.allows(training=examples + (len(extra_data) if extra_data else 0)):
-        loss = learner.train_round(experiences[task.experience], task.experience)
+        with method_phase(name, "training"):
+            loss = learner.train_round(experiences[task.experience], task.experience)
     else:
         loss, examples = 0.0, 0
 
     state[PROGRESS_KEY] = ConfigRecord({"done_through": progress["done_through"], "counts": progress["counts"]})
-    _save_method(method, state)
+    with method_phase(name, "save"):
+        _save_method(method, state)
     if privacy:
         state[PRIVACY_KEY] = history_record(privacy.history)
     empty = len(own_data[task.experience]) == 0
     metrics = _metrics(task, examples, loss, progress, len(pending), privacy, empty, budget.exhausted)
     return _reply(ArrayRecord(model.cpu().state_dict()), metrics, privacy)
+
+
+class MethodFailed(RuntimeError):
+    """A continual method (or one of its plugins) raised; the message names it and the phase."""
+
+
+@contextmanager
+def method_phase(method_name: str, phase: str) -> Iterator[None]:
+    """Re-raise any error of a method's code as `MethodFailed` naming the method and the phase.
+
+    The reply's error reaches the server as text, so the method's name must be in it:
+    "continual method 'my_pkg.mod:Name' failed in training: RuntimeError: ...".
+    """
+    try:
+        yield
+    except MethodFailed:
+        raise
+    except Exception as error:
+        raise MethodFailed(
+            f"continual method '{method_name}' failed in {phase}: {type(error).__name__}: {error}"
+        ) from error
 
 
 def _reply(arrays: ArrayRecord, metrics: MetricRecord, privacy: ClientPrivacy | None) -> RecordDict:

@@ -26,6 +26,7 @@ from fedtide.report.continual_metrics import average_accuracy, average_forgettin
 from fedtide.report.run_files import append_metrics, save_model, write_summary
 from fedtide.scenarios.schema import Scenario
 from fedtide.scenarios.stream import build_stream
+from fedtide.server.array_check import check_strategy_arrays
 from fedtide.server.evaluation import experience_accuracies
 from fedtide.server.grid import PartitionOrderedGrid
 from fedtide.strategies.aggregation import build_strategy
@@ -52,6 +53,7 @@ class _RunRecorder:
         self.epsilon: dict[int, float] = {}  # latest cumulative ε per client
         self.stopped: set[int] = set()  # clients that hit their privacy budget
         self.ray_nodes: set[str] = set()  # Ray nodes that ran a client
+        self.strategy: object = None  # set by run_federation; its arrays are checked every round
 
     def evaluate_fn(self, experience: int) -> Callable[[int, ArrayRecord], None]:
         """The `evaluate_fn` that `Strategy.start` calls after each round of `experience`."""
@@ -77,6 +79,7 @@ class _RunRecorder:
     def _after_round(self, experience: int, server_round: int, arrays: ArrayRecord) -> None:
         if server_round == 0:  # start() also evaluates the initial weights; the previous round did
             return None
+        check_strategy_arrays(arrays, self.model, self.strategy, server_round)
         accuracies = experience_accuracies(self.model, arrays, self.stream.test[: experience + 1])
         record = _round_record(experience, server_round, self.rounds, accuracies, self.grid)
         record["wall_time_s"] = self.elapsed()
@@ -102,6 +105,7 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: Roun
     arrays = ArrayRecord(recorder.model.state_dict())
     ordered.discover(num_clients)
     strategy = build_strategy(scenario.federation, num_clients)
+    recorder.strategy = strategy
 
     for experience in range(scenario.stream.n_experiences):
         random.seed(scenario.seed * 1000 + experience)  # Flower samples nodes with `random`

@@ -2,12 +2,11 @@
 
 Every built-in is Flower's own class from `flwr.serverapp.strategy`; fedtide adds
 nothing to aggregation. A user strategy is any subclass of `Strategy`, named as
-"pkg.module:Name".
+"pkg.module:Name" or by a short name registered under the entry-point group
+`fedtide.strategies` (built-in names win over entry points). See docs/extending.md.
 """
 
 from __future__ import annotations
-
-import inspect
 
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -27,7 +26,15 @@ from flwr.serverapp.strategy import (
 
 from fedtide.errors import ScenarioError
 from fedtide.scenarios.schema import FederationConfig
-from fedtide.strategies.plugins import check_parameters, is_plugin_path, load_plugin
+from fedtide.strategies.plugins import (
+    STRATEGY_GROUP,
+    check_parameters,
+    constructor_parameters,
+    is_plugin_path,
+    load_entry_point,
+    load_plugin,
+    plugin_entry_points,
+)
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -48,12 +55,16 @@ FIELD = "federation.strategy"
 
 
 def strategy_class(name: str) -> type[Strategy]:
-    """Resolve a built-in name or a "pkg.module:Name" path to a Strategy class."""
+    """Resolve a built-in name, an installed entry point's name or a "pkg.module:Name" path."""
     if is_plugin_path(name):
         return load_plugin(name, f"{FIELD}.name", Strategy)
-    if name.lower() not in STRATEGIES:
-        raise ScenarioError(f"{FIELD}.name", f"unknown strategy '{name}'", f"one of {', '.join(STRATEGIES)}")
-    return STRATEGIES[name.lower()]
+    if name.lower() in STRATEGIES:
+        return STRATEGIES[name.lower()]
+    installed = plugin_entry_points(STRATEGY_GROUP)
+    if name.lower() in installed:
+        return load_entry_point(installed[name.lower()], f"{FIELD}.name", Strategy)
+    known = ", ".join([*STRATEGIES, *installed])
+    raise ScenarioError(f"{FIELD}.name", f"unknown strategy '{name}'", f"one of {known}, or a 'pkg.module:Name'")
 
 
 def build_strategy(federation: FederationConfig, num_clients: int) -> Strategy:
@@ -72,7 +83,7 @@ def build_strategy(federation: FederationConfig, num_clients: int) -> Strategy:
         "min_evaluate_nodes": 0 if federation.fraction_evaluate == 0 else 1,
         "min_available_nodes": num_clients,
     }
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted, _ = constructor_parameters(cls)
     kwargs = {k: v for k, v in sampling.items() if k in accepted} | params
     try:
         return cls(**kwargs)

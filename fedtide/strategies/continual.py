@@ -11,13 +11,17 @@ per experience, so each method here separates the two parts of an Avalanche plug
 
 Client state lives in Flower's `Context.state`, so each method also converts its
 state to and from records: arrays (`dict[str, np.ndarray]`) and plain values.
+
+The base class and its contract are in `fedtide.strategies.method_base`; stock
+Avalanche plugins and users' `SupervisedPlugin`s are adapted in
+`fedtide.strategies.plugin_method`. Names resolve as: built-in, then stock Avalanche
+plugin, then an installed `fedtide.continual` entry point, or a "pkg.module:Name" path.
 """
 
 from __future__ import annotations
 
 import copy
-from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,58 +37,26 @@ from avalanche.training.utils import ParamData
 from fedtide.errors import ScenarioError
 from fedtide.scenarios.schema import ContinualConfig
 from fedtide.scenarios.stream import Dataset
-from fedtide.strategies.plugins import check_parameters, is_plugin_path, load_plugin
+from fedtide.strategies.method_base import Arrays, ContinualMethod, Values
+from fedtide.strategies.plugin_method import STOCK_PLUGINS, plugin_method
+from fedtide.strategies.plugins import (
+    CONTINUAL_GROUP,
+    check_parameters,
+    is_plugin_path,
+    load_entry_point,
+    load_plugin,
+    plugin_entry_points,
+)
 
 if TYPE_CHECKING:
     from fedtide.privacy.dp_sgd import ClientPrivacy
 
-Arrays = dict[str, np.ndarray]
-Values = dict[str, Any]
-
-
-class ContinualMethod(ABC):
-    """What a federated client needs from a continual-learning method.
-
-    Subclass it (or name an existing subclass) to add a method; `name` is how
-    scenarios refer to it and `description` is what `fedtide list` shows.
-    """
-
-    name: ClassVar[str]
-    description: ClassVar[str] = ""
-    # Passes over one past experience's private data that `consolidate` makes (EWC's Fisher: 1).
-    private_passes_per_consolidation: ClassVar[int] = 0
-
-    @abstractmethod
-    def plugins(self) -> list[SupervisedPlugin]:
-        """Avalanche plugins active while a round trains."""
-
-    @abstractmethod
-    def consolidate(self, learner: SupervisedTemplate) -> None:
-        """Absorb `learner.experience` at the model's current (global) weights."""
-
-    def use_privacy(self, privacy: ClientPrivacy) -> None:  # noqa: B027 - optional hook
-        """Called before a DP round: route every pass over private data through `privacy`."""
-
-    def private_training_data(self) -> Dataset | None:
-        """Extra samples to put inside the Poisson-sampled training set under DP (replay's buffer)."""
-        return None
-
-    def planned_private_extra(self, past_sizes: list[int]) -> int:
-        """How many extra samples `private_training_data` will hold, given the past experiences' sizes."""
-        return 0
-
-    def save(self) -> tuple[Arrays, Values]:
-        """State to keep in `Context.state` between rounds."""
-        return {}, {}
-
-    def load(  # noqa: B027 - optional hook: stateless methods keep nothing
-        self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module
-    ) -> None:
-        """Restore what `save` returned; `full_train` resolves stored sample ids."""
+__all__ = ["Arrays", "ContinualMethod", "Values", "METHODS", "build_method", "method_class"]
 
 
 class Naive(ContinualMethod):
     name = "naive"
+    dp_compatible = True
     description = "fine-tuning, no protection against forgetting (lower bound)"
 
     def plugins(self) -> list[SupervisedPlugin]:
@@ -96,6 +68,7 @@ class Naive(ContinualMethod):
 
 class Replay(ContinualMethod):
     name = "replay"
+    dp_compatible = True
     description = "experience replay: Avalanche ReplayPlugin, buffer balanced by experience or class"
 
     def __init__(self, mem_size: int = 200, storage: str = "experience") -> None:
@@ -165,6 +138,7 @@ class _EWCPlugin(EWCPlugin):
 
 class EWC(ContinualMethod):
     name = "ewc"
+    dp_compatible = True
     description = "elastic weight consolidation: Avalanche EWCPlugin (separate or online); DP Fisher under DP"
     private_passes_per_consolidation = 1
 
@@ -201,6 +175,7 @@ class EWC(ContinualMethod):
 
 class LwF(ContinualMethod):
     name = "lwf"
+    dp_compatible = True
     description = "learning without forgetting: Avalanche LwFPlugin, teacher = global model"
 
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0) -> None:
@@ -230,20 +205,49 @@ class LwF(ContinualMethod):
         lwf.prev_classes_by_task[0] = set(values["classes"])
 
 
-METHODS: dict[str, type[ContinualMethod]] = {m.name: m for m in (Naive, Replay, EWC, LwF)}
+BUILT_INS: dict[str, type[ContinualMethod]] = {m.name: m for m in (Naive, Replay, EWC, LwF)}
+METHODS: dict[str, type[ContinualMethod]] = BUILT_INS | STOCK_PLUGINS
+FIELD = "continual.method"
 
 
 def method_class(name: str) -> type[ContinualMethod]:
-    """Resolve a built-in method name or a "pkg.module:Name" path."""
+    """Resolve a method name: built-in or stock Avalanche plugin, then entry point, or a path.
+
+    A path or entry point may name a `ContinualMethod` or an Avalanche `SupervisedPlugin`
+    subclass; the latter is wrapped by `plugin_method` (consolidated once per experience).
+    """
+    bases = (ContinualMethod, SupervisedPlugin)
     if is_plugin_path(name):
-        return load_plugin(name, "continual.method", ContinualMethod)
-    if name.lower() not in METHODS:
-        raise ScenarioError("continual.method", f"unknown method '{name}'", f"one of {', '.join(METHODS)}")
-    return METHODS[name.lower()]
+        found = load_plugin(name, FIELD, bases)
+    elif name.lower() in METHODS:
+        return METHODS[name.lower()]
+    elif name.lower() in (installed := plugin_entry_points(CONTINUAL_GROUP)):
+        found = load_entry_point(installed[name.lower()], FIELD, bases)
+    else:
+        known = ", ".join([*METHODS, *installed])
+        raise ScenarioError(FIELD, f"unknown method '{name}'", f"one of {known}, or a 'pkg.module:Name'")
+    if issubclass(found, ContinualMethod):
+        return found
+    return plugin_method(found, name=name)
 
 
 def build_method(config: ContinualConfig) -> ContinualMethod:
     """Instantiate the scenario's continual method with its parameters."""
     cls = method_class(config.method)
-    check_parameters(cls, config.params, "continual")
-    return cls(**config.params)
+    check_parameters(getattr(cls, "plugin_class", cls), config.params, "continual")
+    try:
+        return cls(**config.params)
+    except (TypeError, ValueError) as error:  # a user plugin refusing its parameters' values
+        built = getattr(cls, "plugin_class", cls).__name__
+        raise ScenarioError("continual", f"{built} cannot be built: {error}") from None
+
+
+def require_dp_compatible(method: ContinualMethod, method_name: str) -> None:
+    """Refuse, before anything trains, a method that would use private data outside DP-SGD's account."""
+    if not method.dp_compatible:
+        safe = ", ".join(n for n, m in METHODS.items() if m.dp_compatible)
+        raise ScenarioError(
+            FIELD,
+            f"'{method_name}' is not DP-compatible (it uses private data outside the DP-SGD step, unaccounted)",
+            f"use one of {safe}, or set privacy.enabled: false",
+        )

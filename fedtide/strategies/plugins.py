@@ -1,24 +1,35 @@
-"""Loading a user's class from a "pkg.module:Name" string, and checking its parameters.
+"""Finding a user's class: a "pkg.module:Name" path or a short name from an entry point.
 
-Both registries (aggregation strategies and continual methods) accept such a string
+Both registries (aggregation strategies and continual methods) accept either form
 wherever they accept a built-in name, so users extend fedtide without forking it.
+Short names are looked up after the built-ins: a plugin cannot shadow a built-in
+name (the built-in wins, and `fedtide list` says that the entry point is shadowed).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from fedtide.errors import ScenarioError
+
+STRATEGY_GROUP = "fedtide.strategies"
+CONTINUAL_GROUP = "fedtide.continual"
 
 
 def is_plugin_path(name: str) -> bool:
     return ":" in name
 
 
-def load_plugin(path: str, field: str, base: type) -> type:
-    """Import `pkg.module:Name` and check that it is a subclass of `base`."""
+def _describe(base: type | tuple[type, ...]) -> str:
+    bases = base if isinstance(base, tuple) else (base,)
+    return " or ".join(f"{b.__module__}.{b.__qualname__}" for b in bases)
+
+
+def load_plugin(path: str, field: str, base: type | tuple[type, ...]) -> type:
+    """Import `pkg.module:Name` and check that it is a subclass of `base` (or one of several bases)."""
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -28,18 +39,55 @@ def load_plugin(path: str, field: str, base: type) -> type:
         raise ScenarioError(field, f"'{module_name}' has no attribute '{attr}'")
     obj = getattr(module, attr)
     if not (inspect.isclass(obj) and issubclass(obj, base)):
-        raise ScenarioError(field, f"'{path}' is not a subclass of {base.__module__}.{base.__qualname__}")
+        raise ScenarioError(field, f"'{path}' is not a subclass of {_describe(base)}")
     return obj
+
+
+def plugin_entry_points(group: str) -> dict[str, EntryPoint]:
+    """The installed entry points of `group`, by lower-case name (the first one wins on a duplicate)."""
+    found: dict[str, EntryPoint] = {}
+    for point in entry_points(group=group):
+        found.setdefault(point.name.lower(), point)
+    return found
+
+
+def load_entry_point(point: EntryPoint, field: str, base: type | tuple[type, ...]) -> type:
+    """Load an entry point's class; a broken one is a one-line error naming it and its package."""
+    package = point.dist.name if point.dist else "unknown package"
+    where = f"entry point '{point.name}' = '{point.value}' of package '{package}' (group {point.group})"
+    try:
+        obj = point.load()
+    except Exception as error:  # an import error, or any exception the plugin's module raises
+        raise ScenarioError(field, f"{where} cannot be loaded: {type(error).__name__}: {error}") from None
+    if not (inspect.isclass(obj) and issubclass(obj, base)):
+        raise ScenarioError(field, f"{where} is not a subclass of {_describe(base)}")
+    return obj
+
+
+def constructor_parameters(cls: type) -> tuple[list[str], bool]:
+    """The keyword parameters `cls(...)` takes, and whether it takes any keyword at all.
+
+    A constructor with `**kwargs` is taken to forward them to its base class (the usual
+    `super().__init__(**kwargs)` of a FedAvg subclass), so the bases' parameters count
+    too; only a `**kwargs` that reaches `object` accepts anything.
+    """
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if klass is object:
+            return names, False
+        params = inspect.signature(init).parameters
+        names += [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return list(dict.fromkeys(names)), False
+    return list(dict.fromkeys(names)), True
 
 
 def check_parameters(cls: type, params: dict[str, Any], field: str) -> None:
     """Refuse parameters the class's constructor does not take, before anything runs."""
-    if cls.__init__ is object.__init__:
-        signature = inspect.Signature()
-    else:
-        signature = inspect.signature(cls.__init__)
-    accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    known = [n for n, p in signature.parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD]
+    known, accepts_any = constructor_parameters(cls)
     unknown = [name for name in params if name not in known]
     if unknown and not accepts_any:
         raise ScenarioError(
@@ -47,3 +95,13 @@ def check_parameters(cls: type, params: dict[str, Any], field: str) -> None:
             f"{cls.__name__} takes no parameter '{unknown[0]}'",
             f"accepted: {', '.join(known) or 'none'}",
         )
+
+
+def installed_plugins(kind: str, built_ins: dict) -> dict[str, str]:
+    """Entry points of `fedtide.<kind>` for `fedtide list`: name -> target and package (or why unused)."""
+    listed = {}
+    for name, point in plugin_entry_points(f"fedtide.{kind}").items():
+        package = point.dist.name if point.dist else "unknown package"
+        note = " [shadowed by the built-in name]" if name in built_ins else ""
+        listed[name] = f"{point.value} (entry point of {package}){note}"
+    return listed

@@ -1,0 +1,1 @@
+"""Examples of extending fedtide from your own package (see docs/extending.md)."""

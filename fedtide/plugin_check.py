@@ -1,0 +1,342 @@
+"""Contract checks for a user's strategy or continual method: `fedtide check-plugin NAME`.
+
+The same checks are a function for a user's own tests:
+
+    from fedtide.plugin_check import check_plugin
+    report = check_plugin("my_pkg.mod:MyMethod", {"strength": 0.5})
+    assert report.ok, report.message
+
+Both kinds run on a tiny digits scenario: 2 IID clients, 2 class-incremental
+experiences, so a method consolidates once. A continual method is driven in-process
+through `run_training_round` (the ClientApp's own function, no Ray), with FedAvg
+between the clients and the client state deep-copied between rounds as Ray does. A
+strategy runs a real 2-round federation on Flower's Ray simulation (~10 s).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
+
+from fedtide.errors import FederationError, ScenarioError
+from fedtide.scenarios.schema import Scenario
+
+STRATEGY, METHOD = "strategy", "continual method"
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class PluginReport:
+    """What `check_plugin` found: one entry per check, in the order they ran."""
+
+    plugin: str
+    kind: str | None
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failure(self) -> Check | None:
+        return next((c for c in self.checks if not c.ok), None)
+
+    @property
+    def message(self) -> str:
+        """One line: which plugin failed which check, and why (or that all passed)."""
+        if self.failure is None:
+            return f"{self.kind} '{self.plugin}' passed {len(self.checks)} checks"
+        what = self.kind or "plugin"
+        return f"{what} '{self.plugin}' failed check '{self.failure.name}': {self.failure.detail}"
+
+    def add(self, name: str, ok: bool, failed: str = "", passed: str = "") -> bool:
+        """Record a check; `failed` explains a failure, `passed` what a success found."""
+        self.checks.append(Check(name, ok, passed if ok else failed))
+        return ok
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings, values read as YAML (`--set strength=0.5`)."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ScenarioError("--set", f"'{pair}' is not key=value")
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
+def plugin_kind(name: str) -> str:
+    """Whether `name` is an aggregation strategy or a continual method (by its base class)."""
+    from avalanche.training.plugins import SupervisedPlugin
+
+    from fedtide.strategies.aggregation import STRATEGIES
+    from fedtide.strategies.continual import METHODS, ContinualMethod
+    from fedtide.strategies.plugins import (
+        CONTINUAL_GROUP,
+        STRATEGY_GROUP,
+        is_plugin_path,
+        load_plugin,
+        plugin_entry_points,
+    )
+
+    if is_plugin_path(name):
+        found = load_plugin(name, "plugin", (Strategy, ContinualMethod, SupervisedPlugin))
+        return STRATEGY if issubclass(found, Strategy) else METHOD
+    lower = name.lower()
+    if lower in STRATEGIES or lower in plugin_entry_points(STRATEGY_GROUP):
+        return STRATEGY
+    if lower in METHODS or lower in plugin_entry_points(CONTINUAL_GROUP):
+        return METHOD
+    raise ScenarioError("plugin", f"'{name}' is neither a strategy nor a continual method fedtide knows")
+
+
+def check_scenario(name: str, kind: str, params: dict[str, Any]) -> Scenario:
+    """The tiny scenario the checks run: 2 experiences x 1 round, 2 IID digits clients."""
+    from fedtide.scenarios.loading import parse_scenario
+
+    raw: dict[str, Any] = {
+        "name": "check-plugin",
+        "seed": 0,
+        "stream": {"n_experiences": 2},
+        "partition": {"kind": "iid", "num_clients": 2},
+        "federation": {"rounds_per_experience": 1},
+        "continual": {"method": "naive"},
+        "resources": {"device": "cpu"},
+    }
+    if kind == STRATEGY:
+        raw["federation"]["strategy"] = {"name": name, **params}
+    else:
+        raw["continual"] = {"method": name, **params}
+    return parse_scenario(raw)
+
+
+def check_plugin(name: str, params: dict[str, Any] | None = None) -> PluginReport:
+    """Run every contract check on the strategy or continual method `name` with `params`."""
+    params = params or {}
+    report = PluginReport(name, None)
+    try:
+        report.kind = plugin_kind(name)
+        scenario = check_scenario(name, report.kind, params)
+        from fedtide.validation import check_runnable
+
+        check_runnable(scenario)
+    except (ScenarioError, ValueError) as error:
+        report.add("loads", False, " ".join(str(error).split()))
+        return report
+    except Exception as error:  # the plugin's constructor or module raised
+        report.add("loads", False, f"{type(error).__name__}: {' '.join(str(error).split())}")
+        return report
+    report.add("loads", True, passed="importable, right base class, parameters accepted")
+    if report.kind == METHOD:
+        _check_method(scenario, report)
+    else:
+        _check_strategy(scenario, report)
+    return report
+
+
+# --- continual methods, in-process ---------------------------------------------------------
+
+# (experience, global round) of the three calls: round 2 consolidates experience 0,
+# round 3 is a second round of the same experience (no consolidation, state reused).
+SCHEDULE = [(0, 1), (1, 2), (1, 3)]
+
+
+def _check_method(scenario: Scenario, report: PluginReport) -> None:
+    from fedtide.client.training import METHOD_ARRAYS_KEY, RoundTask, run_training_round
+    from fedtide.models import build_scenario_model
+    from fedtide.scenarios.stream import build_stream
+    from fedtide.server.array_check import array_problem
+
+    model = build_scenario_model(scenario, build_stream(scenario).data.input_shape, scenario.seed)
+    global_arrays = ArrayRecord(model.state_dict())
+    states = [RecordDict(), RecordDict()]
+    after_consolidation: list[RecordDict] = []
+    for experience, global_round in SCHEDULE:
+        label = f"round {global_round} (experience {experience})"
+        replies = []
+        for client, state in enumerate(states):
+            try:
+                reply = run_training_round(RoundTask(scenario, client, experience, global_round), global_arrays, state)
+            except Exception as error:  # the plugin's own exception, named by method_phase
+                report.add(f"{label} trains", False, f"client {client}: {' '.join(str(error).split())}")
+                return
+            problem = array_problem(reply["arrays"], model)
+            if problem:
+                report.add(f"{label} returns valid arrays", False, f"client {client}: {problem}")
+                return
+            replies.append(reply)
+            states[client] = copy.deepcopy(state)  # Ray hands each call a copy of the Context
+        report.add(f"{label} trains", True, passed="finite arrays with the model's keys and shapes")
+        counts = [list(r["metrics"]["consolidation_counts"]) for r in replies]
+        if not report.add(
+            f"{label} consolidation counts",
+            all(c == [1 if global_round > 1 else 0, 0] for c in counts),
+            f"per client {counts}, expected experience 0 consolidated once from round 2 on",
+            f"per client {counts}",
+        ):
+            return
+        if global_round == 2:
+            after_consolidation = [copy.deepcopy(s) for s in states]
+        global_arrays = _fedavg(replies)
+
+    _check_state(scenario, states, after_consolidation, report, METHOD_ARRAYS_KEY)
+    _check_private(scenario, report)
+
+
+def _check_private(scenario: Scenario, report: PluginReport) -> None:
+    """A method that claims `dp_compatible` must train and consolidate under DP-SGD (noise 1.0)."""
+    from fedtide.client.training import RoundTask, run_training_round
+    from fedtide.models import build_scenario_model
+    from fedtide.scenarios.stream import build_stream
+    from fedtide.server.array_check import array_problem
+    from fedtide.strategies.continual import method_class
+
+    if not method_class(scenario.continual.method).dp_compatible:
+        report.add("DP-SGD", True, passed="not DP-compatible: refused when privacy is on")
+        return
+    private = scenario.model_copy(update={"privacy": scenario.privacy.model_copy(update={"enabled": True})})
+    private.privacy.noise_multiplier = 1.0
+    model = build_scenario_model(private, build_stream(private).data.input_shape, private.seed)
+    arrays, state = ArrayRecord(model.state_dict()), RecordDict()
+    try:
+        for experience, global_round in SCHEDULE[:2]:
+            reply = run_training_round(RoundTask(private, 0, experience, global_round), arrays, state)
+            arrays = reply["arrays"]
+    except Exception as error:
+        report.add("DP-SGD", False, f"dp_compatible, but a DP round failed: {' '.join(str(error).split())}")
+        return
+    problem = array_problem(arrays, model)
+    epsilon = float(reply["metrics"]["epsilon"])
+    report.add(
+        "DP-SGD",
+        problem is None and epsilon > 0,
+        f"under DP: {problem or f'epsilon {epsilon}'}",
+        f"trains and consolidates under DP-SGD (epsilon {epsilon:.2f} after 2 rounds)",
+    )
+
+
+def _check_state(scenario, states, after_consolidation, report: PluginReport, arrays_key: str) -> None:
+    from fedtide.client.training import METHOD_VALUES_KEY
+    from fedtide.models import build_scenario_model
+    from fedtide.scenarios.stream import build_stream
+    from fedtide.strategies.continual import build_method
+    from fedtide.strategies.plugin_method import STATE_KEY, PluginMethod
+
+    fresh = build_method(scenario.continual)
+    fresh_arrays, fresh_values = fresh.save()
+    state = after_consolidation[0]
+    arrays = {k: v.numpy() for k, v in state[arrays_key].items()}
+    values = dict(state[METHOD_VALUES_KEY])
+    if isinstance(fresh, PluginMethod) and STATE_KEY in values:
+        before = fresh.unsaved_attributes()
+        stored = json.loads(values[STATE_KEY])["unsaved"]
+        unsaved = sorted(a for a, digest in stored.items() if before.get(a) != digest)
+        if not report.add(
+            "plugin state storable in Context.state",
+            not unsaved,
+            f"attribute(s) {', '.join(unsaved)} of {fresh.plugin_class.__name__} changed in after_training_exp "
+            "but cannot be stored (define state_dict()/load_state_dict(), see docs/extending.md)",
+            "every attribute that consolidation changed is stored",
+        ):
+            return
+    stateful = not (_same(arrays, fresh_arrays) and values == fresh_values)
+    report.add(
+        "state after consolidation",
+        True,
+        passed=f"{len(arrays)} arrays, {len(values)} values in Context.state"
+        if stateful
+        else "nothing kept by consolidation (a stateless method)",
+    )
+    stream = build_stream(scenario)
+    model = build_scenario_model(scenario, stream.data.input_shape)
+    method = build_method(scenario.continual)
+    try:
+        method.load(arrays, values, stream.full_train, model)
+        again_arrays, again_values = method.save()
+    except Exception as error:
+        report.add("save()/load() round-trip", False, f"{type(error).__name__}: {error}")
+        return
+    report.add(
+        "save()/load() round-trip",
+        _same(arrays, again_arrays) and _json(again_values) == _json(values),
+        "loading the saved state and saving again gives different state",
+        "load() then save() gives back the same arrays and values",
+    )
+    later = {k: v.numpy() for k, v in states[0][arrays_key].items()}
+    report.add(
+        "state kept across rounds",
+        not stateful or set(later) >= set(arrays),
+        f"state keys after round 3 {sorted(later)} lost some of round 2's {sorted(arrays)}",
+        "round 3 restored and kept the state of round 2's consolidation",
+    )
+
+
+def _same(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
+def _json(values: dict) -> str:
+    return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}, sort_keys=True)
+
+
+def _fedavg(replies: list[RecordDict]) -> ArrayRecord:
+    weights = np.array([max(int(r["metrics"]["num-examples"]), 0) for r in replies], dtype=float)
+    weights = weights / weights.sum() if weights.sum() else np.full(len(replies), 1 / len(replies))
+    stacks = [r["arrays"].to_numpy_ndarrays() for r in replies]
+    mean = [sum(w * arrays[i] for w, arrays in zip(weights, stacks)) for i in range(len(stacks[0]))]
+    keys = list(replies[0]["arrays"].keys())
+    return ArrayRecord({k: Array.from_numpy_ndarray(m.astype(a.dtype)) for k, m, a in zip(keys, mean, stacks[0])})
+
+
+# --- strategies, on Ray ------------------------------------------------------------------
+
+
+def _check_strategy(scenario: Scenario, report: PluginReport) -> None:
+    from fedtide.report.run_files import create_run_folder, read_metrics
+    from fedtide.simulation import simulate
+
+    with tempfile.TemporaryDirectory(prefix="fedtide-check-") as folder:
+        run_dir = create_run_folder(scenario, Path(folder))
+        try:
+            simulate(scenario, run_dir)
+        except FederationError as error:
+            report.add("2-round federation completes", False, " ".join(str(error).split()))
+            return
+        except Exception as error:  # the strategy's own exception, raised in the ServerApp
+            report.add("2-round federation completes", False, f"{type(error).__name__}: {error}")
+            return
+        if not (run_dir / "summary.json").exists():
+            report.add("2-round federation completes", False, "the run ended without a summary (see the log)")
+            return
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rounds = [r for r in read_metrics(run_dir) if r["type"] == "round"]
+    report.add("2-round federation completes", True, passed=f"{len(rounds)} rounds, one start() per experience")
+    report.add(
+        "aggregated arrays fit the model every round",
+        len(rounds) == 2,
+        f"{len(rounds)} rounds recorded, expected 2",
+        "keys, shapes and finiteness checked after each round",
+    )
+    matrix = summary["accuracy_matrix"]
+    report.add(
+        "global model evaluates",
+        len(matrix) == 2 and all(0.0 <= a <= 1.0 for row in matrix for a in row),
+        f"accuracy matrix {matrix}",
+        f"accuracy matrix {[[round(a, 3) for a in row] for row in matrix]}",
+    )

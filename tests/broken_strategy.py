@@ -1,0 +1,27 @@
+"""Aggregation strategies that return malformed arrays, as buggy user strategies would."""
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import FedAvg
+
+
+class NaNStrategy(FedAvg):
+    """FedAvg whose aggregate holds a NaN in every tensor."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        poisoned = {k: Array.from_numpy_ndarray(np.full_like(a.numpy(), np.nan)) for k, a in arrays.items()}
+        return ArrayRecord(poisoned), metrics
+
+
+class DropsKeyStrategy(FedAvg):
+    """FedAvg whose aggregate lacks the model's last tensor."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        kept = dict(list(arrays.items())[:-1])
+        return ArrayRecord(kept), metrics
+
+
+class NotAStrategy:
+    """Not a subclass of Flower's Strategy."""

@@ -1,0 +1,315 @@
+"""User plugins without forking: entry points, the SupervisedPlugin adapter, stock Avalanche plugins, errors.
+
+Everything here runs in-process (no Ray): clients through `run_training_round`, the
+function the ClientApp calls, with the state deep-copied between calls as Ray does.
+The examples package (`pip install -e examples`, done by `make install`) provides
+the entry points `experience_momentum` and `l2_anchor`.
+"""
+
+import copy
+from importlib.metadata import EntryPoint
+
+import numpy as np
+import pytest
+from fedtide_examples.method import L2Anchor
+from fedtide_examples.strategy import ExperienceMomentum
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtide.client.training import RoundTask, run_training_round
+from fedtide.errors import ScenarioError
+from fedtide.plugin_check import check_plugin
+from fedtide.scenarios.loading import parse_scenario
+from fedtide.scenarios.stream import build_stream, experience_partitions
+from fedtide.strategies import aggregation
+from fedtide.strategies.aggregation import build_strategy, strategy_class
+from fedtide.strategies.continual import build_method, method_class
+from fedtide.strategies.plugin_method import PluginMethod
+from fedtide.validation import check_runnable
+from tests.broken_strategy import NaNStrategy
+from tests.conftest import small_scenario
+from tests.test_client import flat, initial_arrays
+
+SCHEDULE = [(e, 2 * e + k + 1) for e in range(3) for k in range(2)]  # 3 experiences x 2 rounds
+
+
+def drive(scenario, partition_id, schedule=SCHEDULE):
+    """Train one client through `schedule`; return [(arrays sent, reply, state after)] per round."""
+    state, arrays, rounds = RecordDict(), initial_arrays(scenario), []
+    for experience, global_round in schedule:
+        sent = arrays
+        reply = run_training_round(RoundTask(scenario, partition_id, experience, global_round), sent, state)
+        state = copy.deepcopy(state)  # Ray hands the next call a copy of the Context
+        rounds.append((sent, reply, copy.deepcopy(state)))
+        arrays = reply["arrays"]
+    return rounds
+
+
+def method_state(state):
+    return {k: v.numpy() for k, v in state["fedtide.method.arrays"].items()}
+
+
+# --- names: entry points, clash rule, broken entry points ------------------------------------
+
+
+def test_entry_point_names_resolve_to_the_examples_with_their_parameters():
+    assert strategy_class("experience_momentum") is ExperienceMomentum
+    scenario = small_scenario(federation={"strategy": {"name": "experience_momentum", "momentum": 0.5}})
+    strategy = build_strategy(scenario.federation, num_clients=4)
+    assert (type(strategy), strategy.momentum, strategy.server_lr) == (ExperienceMomentum, 0.5, 1.0)
+    method = build_method(small_scenario(continual={"method": "l2_anchor", "strength": 3.0}).continual)
+    assert isinstance(method, PluginMethod) and type(method.plugin) is L2Anchor
+    assert method.plugin.strength == 3.0 and method.dp_compatible
+
+
+def test_built_in_names_win_over_entry_points_and_broken_entry_points_name_themselves(monkeypatch):
+    group = "fedtide.strategies"
+    points = {
+        "fedavg": EntryPoint("fedavg", "tests.broken_strategy:NaNStrategy", group),
+        "nan": EntryPoint("nan", "tests.broken_strategy:NaNStrategy", group),
+        "gone": EntryPoint("gone", "no_such_module:Thing", group),
+        "wrong": EntryPoint("wrong", "tests.broken_strategy:NotAStrategy", group),
+    }
+    monkeypatch.setattr(aggregation, "plugin_entry_points", lambda _: points)
+    assert strategy_class("fedavg") is FedAvg
+    assert strategy_class("nan") is NaNStrategy
+    with pytest.raises(ScenarioError) as gone:
+        strategy_class("gone")
+    assert str(gone.value).startswith("federation.strategy.name: entry point 'gone' = 'no_such_module:Thing'")
+    assert "cannot be loaded: ModuleNotFoundError" in str(gone.value)
+    with pytest.raises(ScenarioError) as wrong:
+        strategy_class("wrong")
+    assert "entry point 'wrong'" in str(wrong.value)
+    assert "is not a subclass of flwr.serverapp.strategy.strategy.Strategy" in str(wrong.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["continual.method=no_such_pkg.mod:Method"], "continual.method: cannot import 'no_such_pkg.mod'"),
+        (["continual.method=tests.broken_strategy:NotAStrategy"], "continual.method: 'tests.broken_strategy:NotAS"),
+        (["federation.strategy.name=tests.broken_strategy:NotAStrategy"], "is not a subclass of flwr.serverapp"),
+        (["continual.method=l2_anchor", "continual.pull=1"], "continual.pull: L2Anchor takes no parameter 'pull'"),
+        (["continual.method=mas", "continual.lambda=1"], "continual.lambda: MAS takes no parameter 'lambda'"),
+        (
+            ["federation.strategy.name=experience_momentum", "federation.strategy.beta=0.9"],
+            "federation.strategy.beta: ExperienceMomentum takes no parameter 'beta'",
+        ),
+        (["continual.method=gem_typo"], "continual.method: unknown method 'gem_typo'"),
+        (
+            ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "continual.method=agem"],
+            "continual.method: 'agem' is not DP-compatible",
+        ),
+        (
+            ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "continual.method=mas"],
+            "continual.method: 'mas' is not DP-compatible",
+        ),
+        (
+            ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "continual.method=gem"],
+            "continual.method: 'gem' is not DP-compatible",
+        ),
+    ],
+)
+def test_bad_plugins_are_one_line_and_exit_2_before_the_run(run_cli, overrides, expected):
+    args = [a for o in overrides for a in ("--set", o)]
+    code, out, err = run_cli("validate", "scenarios/quickstart.yaml", *args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert expected in err
+    assert "Traceback" not in err + out
+
+
+def test_dp_compatible_plugin_is_accepted_under_dp_and_list_shows_dp_status(run_cli):
+    dp = ["--set", "privacy.enabled=true", "--set", "privacy.noise_multiplier=1.0"]
+    code, out, _ = run_cli("validate", "scenarios/quickstart.yaml", "--set", "continual.method=l2_anchor", *dp)
+    assert code == 0 and "l2_anchor" in out
+    # noise 0 is the non-private point: any method runs
+    check_runnable(small_scenario(continual={"method": "mas"}, privacy={"enabled": True, "noise_multiplier": 0}))
+    code, out, _ = run_cli("list")
+    lines = " ".join(out.split())
+    assert code == 0
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.count("│") == 4]
+    dp_column = {row[0]: row[2] for row in cells if row[0]}  # first line of each row of continual.method
+    expected = {"naive": "yes", "replay": "yes", "ewc": "yes", "lwf": "yes", "mas": "no", "gem": "no", "agem": "no"}
+    assert {k: dp_column[k] for k in expected} == expected
+    assert dp_column["l2_anchor"].startswith("see")
+    assert "experience_momentum" in out and "l2_anchor" in out and "check-plugin" in lines
+
+
+def test_a_client_refuses_a_non_dp_method_under_dp_even_without_validation():
+    scenario = small_scenario(continual={"method": "mas"}, privacy={"enabled": True, "noise_multiplier": 1.0})
+    with pytest.raises(ScenarioError, match="'mas' is not DP-compatible"):
+        run_training_round(RoundTask(scenario, 0, 0, 1), initial_arrays(scenario), RecordDict())
+
+
+# --- stock Avalanche plugins: once per experience, state across rounds ------------------------
+
+
+def test_mas_consolidates_once_per_experience_at_the_global_weights_and_keeps_state():
+    scenario = small_scenario(continual={"method": "mas", "lambda_reg": 1.0})
+    rounds = drive(scenario, 1)
+    assert [int(r["metrics"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
+    assert list(rounds[-1][1]["metrics"]["consolidation_counts"]) == [1, 1, 0]
+    names = list(initial_arrays(scenario).keys())  # MLP parameters, in order
+    after_first = method_state(rounds[2][2])
+    assert sorted(after_first) == sorted([f"params.{i}" for i in range(6)] + [f"importance.{i}" for i in range(6)])
+    # the anchor is the global model received in the first round of experience 1 ...
+    for i, name in enumerate(names):
+        assert np.array_equal(after_first[f"params.{i}"], rounds[2][0][name].numpy())
+    assert all((after_first[f"importance.{i}"] >= 0).all() for i in range(6))
+    assert sum(after_first[f"importance.{i}"].sum() for i in range(6)) > 0
+    # ... kept unchanged through the second round of that experience (no re-consolidation)
+    after_second = method_state(rounds[3][2])
+    assert all(np.array_equal(after_first[k], after_second[k]) for k in after_first)
+    # and replaced at the next experience's first round
+    assert not np.array_equal(after_first["params.0"], method_state(rounds[4][2])["params.0"])
+
+
+def test_mas_penalty_pulls_training_towards_the_anchor():
+    naive = drive(small_scenario(continual={"method": "naive"}), 1, SCHEDULE[:4])
+    mas = drive(small_scenario(continual={"method": "mas", "lambda_reg": 1.0}), 1, SCHEDULE[:4])
+    anchor = flat(mas[2][0])  # the weights received when experience 0 was consolidated
+    assert not np.allclose(flat(naive[3][1]["arrays"]), flat(mas[3][1]["arrays"]))
+    assert np.linalg.norm(flat(mas[3][1]["arrays"]) - anchor) < np.linalg.norm(flat(naive[3][1]["arrays"]) - anchor)
+
+
+@pytest.mark.parametrize(
+    "continual",
+    [
+        {"method": "gem", "patterns_per_experience": 16, "memory_strength": 0.5},
+        {"method": "agem", "patterns_per_experience": 16, "sample_size": 16},
+    ],
+)
+def test_gem_and_agem_memories_are_sample_ids_of_each_past_experience_and_shape_training(continual):
+    scenario = small_scenario(continual=continual)
+    rounds = drive(scenario, 3)
+    assert [int(r["metrics"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
+    stream = build_stream(scenario)
+    own = experience_partitions(scenario)
+    state = method_state(rounds[-1][2])
+    assert sorted(state) == ["ids.0", "ids.1"]
+    for e in (0, 1):
+        mine = set(np.asarray(stream.train[e].sample_id)[own[e][3]].tolist())
+        assert len(state[f"ids.{e}"]) == min(16, len(mine)) and set(state[f"ids.{e}"].tolist()) <= mine
+    # the memory of experience 0 is drawn once and restored unchanged in the next round
+    assert np.array_equal(method_state(rounds[3][2])["ids.0"], method_state(rounds[2][2])["ids.0"])
+    # and it is used: the projected gradients give other weights than plain fine-tuning
+    naive = drive(small_scenario(continual={"method": "naive"}), 3, SCHEDULE[:4])
+    assert not np.allclose(flat(naive[3][1]["arrays"]), flat(rounds[3][1]["arrays"]))
+
+
+# --- a user's SupervisedPlugin ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["l2_anchor", "fedtide_examples.method:L2Anchor"])
+def test_user_supervised_plugin_consolidates_once_and_its_attributes_persist(name):
+    scenario = small_scenario(continual={"method": name, "strength": 5.0})
+    rounds = drive(scenario, 0)
+    values = [rnd[2]["fedtide.method.values"]["plugin_state"] for rnd in rounds]
+    import json
+
+    # the plugin's own counter of after_training_exp calls, restored from Context.state every round
+    assert [json.loads(v)["plain"]["consolidations"] for v in values] == [0, 0, 1, 1, 2, 2]
+    anchor = method_state(rounds[2][2])
+    names = [k for k in initial_arrays(scenario).keys()]
+    assert sorted(anchor) == sorted(f"anchor.{i}" for i in range(len(names)))
+    for i, key in enumerate(names):
+        assert np.array_equal(anchor[f"anchor.{i}"], rounds[2][0][key].numpy())
+
+
+# --- aggregation: the example strategy ---------------------------------------------------------
+
+
+def _reply(arrays: ArrayRecord, n: int) -> Message:
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})})
+    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def test_experience_momentum_resets_at_experience_boundaries(monkeypatch):
+    # FedAvg's own node sampling needs a running grid; the momentum logic does not
+    monkeypatch.setattr(FedAvg, "configure_train", lambda self, server_round, arrays, config, grid: [])
+    for field in ("_run_id", "_node_id", "_task_id"):  # what a Message needs outside a running federation
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    strategy = ExperienceMomentum(server_lr=1.0, momentum=0.5)
+    zero = ArrayRecord([np.zeros(2, dtype=np.float32)])
+
+    def round_(experience, server_round, arrays, update):
+        strategy.configure_train(server_round, arrays, ConfigRecord({"experience": experience}), None)
+        target = ArrayRecord([a + np.float32(update) for a in arrays.to_numpy_ndarrays()])
+        new, _ = strategy.aggregate_train(server_round, [_reply(target, 5), _reply(target, 5)])
+        return new
+
+    first = round_(0, 1, zero, 1.0)  # v = 1
+    second = round_(0, 2, first, 1.0)  # v = 0.5 * 1 + 1
+    assert second.to_numpy_ndarrays()[0].tolist() == [2.5, 2.5]
+    third = round_(1, 1, second, 1.0)  # new experience: v = 1 again
+    assert third.to_numpy_ndarrays()[0].tolist() == [3.5, 3.5]
+    assert strategy.resets == 2
+
+
+# --- the contract checks ---------------------------------------------------------------------
+
+
+def test_check_plugin_passes_on_the_example_method_and_names_what_it_checked():
+    report = check_plugin("l2_anchor", {"strength": 0.5})
+    assert report.ok, report.message
+    assert report.kind == "continual method"
+    names = [c.name for c in report.checks]
+    assert names[0] == "loads" and "save()/load() round-trip" in names and "state kept across rounds" in names
+    assert "round 2 (experience 1) consolidation counts" in names
+    assert next(c for c in report.checks if c.name == "state after consolidation").detail.startswith("6 arrays")
+    assert report.checks[-1].name == "DP-SGD" and "trains and consolidates under DP-SGD" in report.checks[-1].detail
+
+
+def test_check_plugin_fails_a_raising_method_naming_it(run_cli):
+    code, out, err = run_cli("check-plugin", "tests.broken_method:BrokenMethod")
+    message = " ".join(err.split())
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1
+    assert "continual method 'tests.broken_method:BrokenMethod' failed check 'round 1 (experience 0) trains'" in message
+    assert "RuntimeError: broken_method exploded on purpose" in message
+
+
+def test_check_plugin_finds_plugin_state_that_cannot_live_in_the_context():
+    report = check_plugin("avalanche.training.plugins:AGEMPlugin", {"patterns_per_experience": 8, "sample_size": 8})
+    assert not report.ok
+    assert report.failure.name == "plugin state storable in Context.state"
+    assert "buffers" in report.failure.detail and "AGEMPlugin" in report.message
+
+
+def test_check_plugin_reports_unloadable_plugins_and_unknown_parameters():
+    missing = check_plugin("no_such_pkg.mod:Thing")
+    assert not missing.ok and missing.failure.name == "loads" and "cannot import 'no_such_pkg.mod'" in missing.message
+    unknown = check_plugin("l2_anchor", {"pull": 1})
+    assert "continual.pull: L2Anchor takes no parameter 'pull'" in unknown.message
+    assert unknown.message.startswith("continual method 'l2_anchor' failed check 'loads'")
+
+
+def test_parse_scenario_keeps_plugin_parameters_beside_the_name():
+    scenario = parse_scenario({"continual": {"method": "l2_anchor", "strength": 0.25}})
+    assert method_class(scenario.continual.method).plugin_class is L2Anchor
+    assert scenario.continual.params == {"strength": 0.25}
+
+
+def test_array_check_names_missing_keys_wrong_shapes_and_non_finite_values():
+    from fedtide.errors import FederationError
+    from fedtide.models import build_model
+    from fedtide.server.array_check import array_problem, check_strategy_arrays
+
+    model = build_model("mlp", (1, 8, 8), 10)
+    good = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    assert array_problem(_record(good), model) is None
+    missing = dict(list(good.items())[:-1])
+    assert array_problem(_record(missing), model) == "keys differ from the model's: missing ['5.bias'], unexpected []"
+    wrong = good | {"5.bias": np.zeros(3, dtype=np.float32)}
+    assert array_problem(_record(wrong), model) == "'5.bias' has shape (3,), the model's is (10,)"
+    inf = good | {"3.weight": np.full((128, 128), np.inf, dtype=np.float32)}
+    with pytest.raises(FederationError, match=r"strategy tests.broken_strategy.NaNStrategy returned malformed arrays"):
+        check_strategy_arrays(_record(inf), model, NaNStrategy(), server_round=2)
+
+
+def _record(arrays: dict) -> ArrayRecord:
+    from flwr.app import Array
+
+    return ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()})
