@@ -39,7 +39,7 @@ def main() -> None:
     """Entry point: turn user errors into one line and exit code 2."""
     _quiet_libraries()
     try:
-        cli(standalone_mode=False)
+        code = cli(standalone_mode=False)  # click returns a command's typer.Exit code here
     except ScenarioError as error:
         err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -55,6 +55,8 @@ def main() -> None:
             error.show()
             sys.exit(2)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 @cli.command()
@@ -221,7 +223,7 @@ def check_plugin(
     console.print(table)
     if not report.ok:
         err_console.print(f"[red]check failed:[/red] {report.message}", highlight=False, soft_wrap=True)
-        sys.exit(1)  # click's standalone_mode=False would swallow typer.Exit's code
+        raise typer.Exit(1)
 
 
 def _load_checked(scenario_file: Path, overrides: list[str] | None):
