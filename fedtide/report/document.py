@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from fedtide.report import figures
-from fedtide.report.runs import RunResult, SweepPoint, sweep_points
+from fedtide.report.runs import RunResult, SeedGroup, seed_groups
 
 HTML_FILE, MARKDOWN_FILE, CSV_FILE, FIGURES_DIR = "report.html", "report.md", "report.csv", "figures"
 RUN_COLUMNS = [
@@ -76,7 +76,7 @@ def build_blocks(runs: list[RunResult], unfinished: list[Path] = ()) -> list[Blo
     """The report's content, in reading order."""
     blocks: list[Block] = [Heading(_title(runs), 1), Text(_preamble(runs, unfinished))]
     blocks += [Heading("Runs"), TableBlock(RUN_COLUMNS, [run_row(run) for run in runs])]
-    points = sweep_points(runs)
+    points = seed_groups(runs)
     if len(points) > 1:
         blocks += _privacy_utility(points)
     blocks += _audit(runs, points)
@@ -123,7 +123,7 @@ def _preamble(runs: list[RunResult], unfinished: list[Path]) -> str:
     return text
 
 
-def _privacy_utility(points: list[SweepPoint]) -> list[Block]:
+def _privacy_utility(points: list[SeedGroup]) -> list[Block]:
     columns = ["series", "noise σ", "ε", "final accuracy %", "forgetting %", "attack AUC", "seeds"]
     rows = []
     for point in points:
@@ -148,7 +148,7 @@ def _privacy_utility(points: list[SweepPoint]) -> list[Block]:
     ]
 
 
-def _audit(runs: list[RunResult], points: list[SweepPoint]) -> list[Block]:
+def _audit(runs: list[RunResult], points: list[SeedGroup]) -> list[Block]:
     blocks: list[Block] = [
         Heading("Empirical privacy audit"),
         Text(
@@ -282,7 +282,7 @@ def _epsilon(value: float | None) -> str:
     return "∞" if value is None else f"{value:.2f}"
 
 
-def _mean_std(point: SweepPoint, value: str, scale: float, form: str) -> str:
+def _mean_std(point: SeedGroup, value: str, scale: float, form: str) -> str:
     mean, std = point.mean_std(value)
     return f"{form.format(scale * mean)} ± {form.format(scale * std)}"
 

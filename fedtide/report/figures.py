@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from fedtide.report.audit import LOW_FPR  # noqa: E402
-from fedtide.report.runs import RunResult, SweepPoint  # noqa: E402
+from fedtide.report.runs import RunResult, SeedGroup  # noqa: E402
 
 
 def accuracy_matrix_figure(run: RunResult) -> Figure:
@@ -87,13 +87,13 @@ def epsilon_figure(run: RunResult) -> Figure:
 _ROUND_TICKS = [0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
 
 
-def _no_dp_x(points: list[SweepPoint]) -> float:
+def _no_dp_x(points: list[SeedGroup]) -> float:
     """The x that stands for ε = ∞ (no DP): well right of the largest finite ε."""
     finite = [p.mean_std("epsilon")[0] for p in points if p.private]
     return 3 * max(finite) if finite else 10.0
 
 
-def _curves(axes, points: list[SweepPoint], value: str, scale: float) -> None:
+def _curves(axes, points: list[SeedGroup], value: str, scale: float) -> None:
     no_dp_x = _no_dp_x(points)
     for series in dict.fromkeys(p.series for p in points):
         mine = [p for p in points if p.series == series]
@@ -110,7 +110,7 @@ def _curves(axes, points: list[SweepPoint], value: str, scale: float) -> None:
     axes.set_xlabel("ε spent (max over clients)")
 
 
-def utility_figure(points: list[SweepPoint]) -> Figure:
+def utility_figure(points: list[SeedGroup]) -> Figure:
     """Final average accuracy and average forgetting against ε, mean ± std over seeds."""
     figure, (accuracy, forgetting) = plt.subplots(1, 2, figsize=(11, 4))
     _curves(accuracy, points, "final_average_accuracy", 100)
@@ -123,7 +123,7 @@ def utility_figure(points: list[SweepPoint]) -> Figure:
     return figure
 
 
-def audit_figure(points: list[SweepPoint], delta: float) -> Figure:
+def audit_figure(points: list[SeedGroup], delta: float) -> Figure:
     """Measured membership leakage against ε, with what (ε, δ)-DP allows at 1% FPR."""
     figure, (auc, tpr) = plt.subplots(1, 2, figsize=(11, 4))
     _curves(auc, points, "auc_max", 1)

@@ -121,7 +121,7 @@ def series_labels(runs: list[RunResult]) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class SweepPoint:
+class SeedGroup:
     """Runs that differ only in their seed: one point of a privacy-utility curve."""
 
     series: str
@@ -147,7 +147,7 @@ def _value(run: RunResult, name: str) -> float | None:
     return run.summary[name]
 
 
-def sweep_points(runs: list[RunResult]) -> list[SweepPoint]:
+def seed_groups(runs: list[RunResult]) -> list[SeedGroup]:
     """Runs grouped by series and privacy setting, seeds pooled; ordered by series then ε."""
     labels = series_labels(runs)
     groups: dict[tuple[str, str], list[RunResult]] = defaultdict(list)
@@ -156,5 +156,5 @@ def sweep_points(runs: list[RunResult]) -> list[SweepPoint]:
         privacy = repr(sorted((k, v) for k, v in settings.items() if k.startswith("privacy.")))
         key = repr(sorted((k, v) for k, v in settings.items() if not k.startswith("privacy.")))
         groups[(key, privacy)].append(run)
-    points = [SweepPoint(labels[group[0].run_id], privacy, group) for (_, privacy), group in groups.items()]
+    points = [SeedGroup(labels[group[0].run_id], privacy, group) for (_, privacy), group in groups.items()]
     return sorted(points, key=lambda p: (p.series, not p.private, p.mean_std("epsilon")[0]))
