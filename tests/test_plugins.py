@@ -7,6 +7,7 @@ the entry points `experience_momentum` and `l2_anchor`.
 """
 
 import copy
+import json
 from importlib.metadata import EntryPoint
 
 import numpy as np
@@ -22,6 +23,7 @@ from fedtide.errors import ScenarioError
 from fedtide.plugin_check import check_plugin
 from fedtide.scenarios.loading import parse_scenario
 from fedtide.scenarios.stream import build_stream, experience_partitions
+from fedtide.server.federation import train_config
 from fedtide.strategies import aggregation
 from fedtide.strategies.aggregation import build_strategy, strategy_class
 from fedtide.strategies.continual import build_method, method_class
@@ -313,3 +315,11 @@ def _record(arrays: dict) -> ArrayRecord:
     from flwr.app import Array
 
     return ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()})
+
+
+def test_train_config_tells_strategies_and_clients_the_experience_and_its_rounds():
+    scenario = parse_scenario({"stream": {"n_experiences": 4}, "federation": {"rounds_per_experience": 3}})
+    config = train_config(scenario, 2)
+    assert (config["experience"], config["n-experiences"], config["rounds-per-experience"]) == (2, 4, 3)
+    assert config["round-offset"] == 6  # global round = 6 + server-round
+    assert parse_scenario(json.loads(config["scenario"])) == scenario

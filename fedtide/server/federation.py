@@ -109,11 +109,12 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: Roun
 
     for experience in range(scenario.stream.n_experiences):
         random.seed(scenario.seed * 1000 + experience)  # Flower samples nodes with `random`
-        config = ConfigRecord(
-            {"experience": experience, "round-offset": experience * rounds, "scenario": scenario.model_dump_json()}
-        )
         result = strategy.start(
-            ordered, arrays, num_rounds=rounds, train_config=config, evaluate_fn=recorder.evaluate_fn(experience)
+            ordered,
+            arrays,
+            num_rounds=rounds,
+            train_config=train_config(scenario, experience),
+            evaluate_fn=recorder.evaluate_fn(experience),
         )
         if len(result.arrays) > 0:
             arrays = result.arrays
@@ -152,6 +153,20 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: Roun
     summary["audit"] = audit_clients(scenario, recorder.model)
     write_summary(run_dir, summary)
     return summary
+
+
+def train_config(scenario: Scenario, experience: int) -> ConfigRecord:
+    """What every train message of `experience` tells clients (and the strategy): docs/extending.md."""
+    rounds = scenario.federation.rounds_per_experience
+    return ConfigRecord(
+        {
+            "experience": experience,
+            "n-experiences": scenario.stream.n_experiences,
+            "rounds-per-experience": rounds,
+            "round-offset": experience * rounds,
+            "scenario": scenario.model_dump_json(),
+        }
+    )
 
 
 def _round_record(
