@@ -108,6 +108,10 @@ def test_built_in_names_win_over_entry_points_and_broken_entry_points_name_thems
             "continual.method: 'mas' is not DP-compatible",
         ),
         (
+            ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "continual.method=si"],
+            "continual.method: 'si' is not DP-compatible",
+        ),
+        (
             ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "continual.method=gem"],
             "continual.method: 'gem' is not DP-compatible",
         ),
@@ -133,7 +137,8 @@ def test_dp_compatible_plugin_is_accepted_under_dp_and_list_shows_dp_status(run_
     assert code == 0
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.count("│") == 4]
     dp_column = {row[0]: row[2] for row in cells if row[0]}  # first line of each row of continual.method
-    expected = {"naive": "yes", "replay": "yes", "ewc": "yes", "lwf": "yes", "mas": "no", "gem": "no", "agem": "no"}
+    expected = {"naive": "yes", "replay": "yes", "ewc": "yes", "lwf": "yes"}
+    expected |= {"mas": "no", "si": "no", "gem": "no", "agem": "no"}
     assert {k: dp_column[k] for k in expected} == expected
     assert dp_column["l2_anchor"].startswith("see")
     assert "experience_momentum" in out and "l2_anchor" in out and "check-plugin" in lines
@@ -168,12 +173,41 @@ def test_mas_consolidates_once_per_experience_at_the_global_weights_and_keeps_st
     assert not np.array_equal(after_first["params.0"], method_state(rounds[4][2])["params.0"])
 
 
-def test_mas_penalty_pulls_training_towards_the_anchor():
+@pytest.mark.parametrize("continual", [{"method": "mas", "lambda_reg": 1.0}, {"method": "si", "si_lambda": 1000.0}])
+def test_importance_penalties_pull_training_towards_the_anchor(continual):
     naive = drive(small_scenario(continual={"method": "naive"}), 1, SCHEDULE[:4])
-    mas = drive(small_scenario(continual={"method": "mas", "lambda_reg": 1.0}), 1, SCHEDULE[:4])
-    anchor = flat(mas[2][0])  # the weights received when experience 0 was consolidated
-    assert not np.allclose(flat(naive[3][1]["arrays"]), flat(mas[3][1]["arrays"]))
-    assert np.linalg.norm(flat(mas[3][1]["arrays"]) - anchor) < np.linalg.norm(flat(naive[3][1]["arrays"]) - anchor)
+    penalised = drive(small_scenario(continual=continual), 1, SCHEDULE[:4])
+    anchor = flat(penalised[2][0])  # the weights received when experience 0 was consolidated
+    trained, plain = flat(penalised[3][1]["arrays"]), flat(naive[3][1]["arrays"])
+    assert not np.allclose(plain, trained)
+    assert np.linalg.norm(trained - anchor) < np.linalg.norm(plain - anchor)
+
+
+def test_si_integrates_the_path_over_every_round_of_an_experience_and_consolidates_once():
+    """Avalanche's SI restarts its integral and anchor at every train(); fedtide's spans the experience."""
+    rounds = drive(small_scenario(continual={"method": "si", "si_lambda": 1.0}), 1)
+    assert [int(r["metrics"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
+    states = [method_state(state) for _, _, state in rounds]
+
+    def table(state, kind):
+        return np.concatenate([state[f"{kind}.{i}"] for i in range(6)])
+
+    start = flat(rounds[0][0])  # the model the client first trained from
+    assert np.array_equal(table(states[0], "anchor"), start) and np.array_equal(table(states[1], "anchor"), start)
+    # plain SGD makes every step's grad·Δθ = -lr·grad² <= 0: round 2 adds to round 1's integral
+    first, second = table(states[0], "trajectory"), table(states[1], "trajectory")
+    assert (second <= first).all() and second.sum() < first.sum() < 0
+    # consolidated at experience 1: the integral over both rounds, divided by the squared move of
+    # the global model over experience 0, capped at 0.001 as Avalanche does (Zenke et al. 2017, eq. 5)
+    end = flat(rounds[2][0])
+    expected = np.minimum(-second / ((end - start) ** 2 + 1e-7), 0.001)
+    assert np.allclose(table(states[2], "importance"), expected, rtol=1e-4, atol=1e-10)
+    assert (expected > 0).sum() > 100
+    assert np.array_equal(table(states[2], "anchor"), end)
+    # the integral restarted at the consolidation (a continued one could only decrease), and the
+    # importance is kept through the next round
+    assert (table(states[2], "trajectory") > second).any()
+    assert np.array_equal(table(states[3], "importance"), table(states[2], "importance"))
 
 
 @pytest.mark.parametrize(
@@ -262,6 +296,13 @@ def test_check_plugin_passes_on_the_example_method_and_names_what_it_checked():
     assert "round 2 (experience 1) consolidation counts" in names
     assert next(c for c in report.checks if c.name == "state after consolidation").detail.startswith("6 arrays")
     assert report.checks[-1].name == "DP-SGD" and "trains and consolidates under DP-SGD" in report.checks[-1].detail
+
+
+def test_check_plugin_passes_on_stock_si_whose_state_is_its_own_state_dict():
+    report = check_plugin("si", {"si_lambda": 1.0})
+    assert report.ok, report.message
+    stored = next(c for c in report.checks if c.name == "state after consolidation").detail
+    assert stored.startswith("24 arrays")  # anchor, importance and two integrals for the MLP's 6 tensors
 
 
 def test_check_plugin_fails_a_raising_method_naming_it(run_cli):

@@ -38,7 +38,7 @@ from fedtide.errors import ScenarioError
 from fedtide.scenarios.schema import ContinualConfig
 from fedtide.scenarios.stream import Dataset
 from fedtide.strategies.method_base import Arrays, ContinualMethod, Values
-from fedtide.strategies.plugin_method import STOCK_PLUGINS, plugin_method
+from fedtide.strategies.plugin_method import plugin_method
 from fedtide.strategies.plugins import (
     CONTINUAL_GROUP,
     check_parameters,
@@ -47,6 +47,7 @@ from fedtide.strategies.plugins import (
     load_plugin,
     plugin_entry_points,
 )
+from fedtide.strategies.stock_plugins import STOCK_PLUGINS
 
 if TYPE_CHECKING:
     from fedtide.privacy.dp_sgd import ClientPrivacy

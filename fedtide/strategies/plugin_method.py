@@ -31,11 +31,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from avalanche.training.plugins import AGEMPlugin, GEMPlugin, MASPlugin, SupervisedPlugin
+from avalanche.training.plugins import SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
 from avalanche.training.utils import ParamData
 
-from fedtide.errors import ScenarioError
 from fedtide.scenarios.stream import Dataset
 from fedtide.strategies.method_base import Arrays, ContinualMethod, Values
 
@@ -232,97 +231,3 @@ def restore_state(plugin: SupervisedPlugin, arrays: Arrays, meta: dict, model: t
     else:
         for attr, value in restored.items():
             setattr(plugin, attr, value)
-
-
-class GEM(GEMPlugin):
-    """Avalanche's GEMPlugin that remembers which samples it keeps, refused without its QP solver."""
-
-    def __init__(self, patterns_per_experience: int = 64, memory_strength: float = 0.5) -> None:
-        import qpsolvers
-
-        if "quadprog" not in qpsolvers.available_solvers:
-            raise ScenarioError("continual.method", "gem needs the quadprog solver", "pip install quadprog")
-        super().__init__(patterns_per_experience=patterns_per_experience, memory_strength=memory_strength)
-        self.memory_ids: dict[int, np.ndarray] = {}
-
-    @torch.no_grad()
-    def update_memory(self, dataset, t, batch_size):
-        """Draw the experience's patterns as a subset first, so their sample ids can be stored."""
-        if len(dataset) > self.patterns_per_experience:
-            chosen = torch.randperm(len(dataset))[: self.patterns_per_experience].tolist()
-            dataset = dataset.subset(chosen)
-        self.memory_ids[t] = np.asarray(list(dataset.sample_id), dtype=np.int64)
-        super().update_memory(dataset, t, batch_size)
-
-
-class GEMMethod(PluginMethod):
-    """GEM whose memory is stored as sample ids (not raw samples) in `Context.state`."""
-
-    plugin_class = GEM
-    name = "gem"
-    description = "gradient episodic memory: Avalanche GEMPlugin (patterns_per_experience, memory_strength)"
-    dp_compatible = False
-
-    def save(self) -> tuple[Arrays, Values]:
-        ids = self.plugin.memory_ids
-        return {f"ids.{t}": ids[t] for t in ids}, {"experiences": sorted(ids)}
-
-    def load(self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module) -> None:
-        for t in values.get("experiences", []):
-            subset = full_train.subset(arrays[f"ids.{t}"].tolist())
-            self.plugin.update_memory(subset, t, batch_size=len(subset))
-
-
-class MAS(MASPlugin):
-    """Avalanche's MASPlugin with defaults for every parameter."""
-
-    def __init__(self, lambda_reg: float = 1.0, alpha: float = 0.5) -> None:
-        super().__init__(lambda_reg=lambda_reg, alpha=alpha)
-
-
-class AGEM(AGEMPlugin):
-    """Avalanche's AGEMPlugin with defaults for every parameter."""
-
-    def __init__(self, patterns_per_experience: int = 64, sample_size: int = 64) -> None:
-        super().__init__(patterns_per_experience=patterns_per_experience, sample_size=sample_size)
-
-
-class AGEMMethod(PluginMethod):
-    """A-GEM whose memory (a list of datasets) is stored as sample ids, like fedtide's replay buffer."""
-
-    plugin_class = AGEM
-    name = "agem"
-    description = "averaged GEM: Avalanche AGEMPlugin (patterns_per_experience, sample_size), memory as sample ids"
-    dp_compatible = False
-
-    def save(self) -> tuple[Arrays, Values]:
-        buffers = self.plugin.buffers
-        arrays = {f"ids.{i}": np.asarray(list(b.sample_id), dtype=np.int64) for i, b in enumerate(buffers)}
-        return arrays, {"buffers": len(buffers)}
-
-    def load(self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module) -> None:
-        for i in range(int(values.get("buffers", 0))):
-            # update_memory appends the group and rebuilds A-GEM's balanced loader over all groups
-            self.plugin.update_memory(full_train.subset(arrays[f"ids.{i}"].tolist()))
-
-
-# Stock Avalanche plugins that fit the FL loop, each tested in tests/test_plugins.py.
-# Not DP-compatible: MAS's importance pass and (A-)GEM's memory gradients read private data
-# outside the DP-SGD step. (A-)GEM memories are stored as sample ids, like the replay buffer.
-STOCK_PLUGINS: dict[str, type[PluginMethod]] = {
-    "mas": plugin_method(
-        MAS,
-        "mas",
-        "memory aware synapses: Avalanche MASPlugin (lambda_reg, alpha)",
-        dp_compatible=False,
-    ),
-    "gem": GEMMethod,
-    "agem": AGEMMethod,
-}
-
-# Stock plugins that do not fit, and why (README and docs/extending.md say the same).
-UNSUPPORTED_STOCK = {
-    "si / rwalk": "path integrals re-initialised at every train() call, i.e. every round",
-    "lfl": "needs an avalanche BaseModel with get_features() and freezes the live head (lost each round)",
-    "gdumb": "retrains from the initial model at every experience: not a federated update",
-}

@@ -1,0 +1,177 @@
+"""Stock Avalanche plugins that fit the federated loop, adapted where they assume one train() per experience.
+
+Each is tested in tests/test_plugins.py to consolidate once per experience and keep
+its state in `Context.state`. None is DP-compatible: MAS's importance pass, (A-)GEM's
+memory gradients and SI's path integral read private data outside the DP-SGD step.
+(A-)GEM memories are stored as sample ids, like the replay buffer.
+
+Not supported, and why (README and docs/extending.md say the same): RWalk (its
+running Fisher and path score restart at every train() call, i.e. every round), LFL
+(needs an Avalanche BaseModel with get_features() and freezes the live head, lost each
+round), GDumb (retrains from the initial model at every experience: not a federated
+update).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from avalanche.training.plugins import AGEMPlugin, GEMPlugin, MASPlugin, SupervisedPlugin, SynapticIntelligencePlugin
+from avalanche.training.utils import ParamData
+
+from fedtide.errors import ScenarioError
+from fedtide.scenarios.stream import Dataset
+from fedtide.strategies.method_base import Arrays, Values
+from fedtide.strategies.plugin_method import PluginMethod, plugin_method
+
+
+class GEM(GEMPlugin):
+    """Avalanche's GEMPlugin that remembers which samples it keeps, refused without its QP solver."""
+
+    def __init__(self, patterns_per_experience: int = 64, memory_strength: float = 0.5) -> None:
+        import qpsolvers
+
+        if "quadprog" not in qpsolvers.available_solvers:
+            raise ScenarioError("continual.method", "gem needs the quadprog solver", "pip install quadprog")
+        super().__init__(patterns_per_experience=patterns_per_experience, memory_strength=memory_strength)
+        self.memory_ids: dict[int, np.ndarray] = {}
+
+    @torch.no_grad()
+    def update_memory(self, dataset, t, batch_size):
+        """Draw the experience's patterns as a subset first, so their sample ids can be stored."""
+        if len(dataset) > self.patterns_per_experience:
+            chosen = torch.randperm(len(dataset))[: self.patterns_per_experience].tolist()
+            dataset = dataset.subset(chosen)
+        self.memory_ids[t] = np.asarray(list(dataset.sample_id), dtype=np.int64)
+        super().update_memory(dataset, t, batch_size)
+
+
+class GEMMethod(PluginMethod):
+    """GEM whose memory is stored as sample ids (not raw samples) in `Context.state`."""
+
+    plugin_class = GEM
+    name = "gem"
+    description = "gradient episodic memory: Avalanche GEMPlugin (patterns_per_experience, memory_strength)"
+    dp_compatible = False
+
+    def save(self) -> tuple[Arrays, Values]:
+        ids = self.plugin.memory_ids
+        return {f"ids.{t}": ids[t] for t in ids}, {"experiences": sorted(ids)}
+
+    def load(self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module) -> None:
+        for t in values.get("experiences", []):
+            subset = full_train.subset(arrays[f"ids.{t}"].tolist())
+            self.plugin.update_memory(subset, t, batch_size=len(subset))
+
+
+class MAS(MASPlugin):
+    """Avalanche's MASPlugin with defaults for every parameter."""
+
+    def __init__(self, lambda_reg: float = 1.0, alpha: float = 0.5) -> None:
+        super().__init__(lambda_reg=lambda_reg, alpha=alpha)
+
+
+class AGEM(AGEMPlugin):
+    """Avalanche's AGEMPlugin with defaults for every parameter."""
+
+    def __init__(self, patterns_per_experience: int = 64, sample_size: int = 64) -> None:
+        super().__init__(patterns_per_experience=patterns_per_experience, sample_size=sample_size)
+
+
+class AGEMMethod(PluginMethod):
+    """A-GEM whose memory (a list of datasets) is stored as sample ids, like fedtide's replay buffer."""
+
+    plugin_class = AGEM
+    name = "agem"
+    description = "averaged GEM: Avalanche AGEMPlugin (patterns_per_experience, sample_size), memory as sample ids"
+    dp_compatible = False
+
+    def save(self) -> tuple[Arrays, Values]:
+        buffers = self.plugin.buffers
+        arrays = {f"ids.{i}": np.asarray(list(b.sample_id), dtype=np.int64) for i, b in enumerate(buffers)}
+        return arrays, {"buffers": len(buffers)}
+
+    def load(self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module) -> None:
+        for i in range(int(values.get("buffers", 0))):
+            # update_memory appends the group and rebuilds A-GEM's balanced loader over all groups
+            self.plugin.update_memory(full_train.subset(arrays[f"ids.{i}"].tolist()))
+
+
+class SI(SynapticIntelligencePlugin):
+    """Avalanche's SynapticIntelligencePlugin with its path integral taken over a whole experience.
+
+    Avalanche starts the integral and moves the anchor in `before_training_exp`, which
+    runs at every `train()`, i.e. every round: importance would only see the last
+    round, measured against the last round's global model. Here the integral starts
+    when the client first trains and restarts after each consolidation, so it sums the
+    client's local steps over all rounds of the experience, and the importance divides
+    it by how far the global model moved over the experience (Zenke et al. 2017, eq. 5).
+
+    It also keeps real copies of the weights it remembers: Avalanche 0.6 stores
+    `param.detach().cpu().flatten()`, which on the CPU is a view of the live parameter,
+    so the step's start weights and the anchor move with training and SI does nothing.
+    """
+
+    def __init__(self, si_lambda: float | Sequence[float] = 1.0, eps: float = 1e-7) -> None:
+        super().__init__(si_lambda=si_lambda, eps=eps)
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        SupervisedPlugin.before_training_exp(self, strategy, **kwargs)
+        self._start_once(strategy.model)
+
+    def before_training_iteration(self, strategy, **kwargs) -> None:
+        super().before_training_iteration(strategy, **kwargs)
+        _own_copies(self.syn_data["old_theta"])
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        self._start_once(strategy.model)  # a client consolidating an experience it never trained in
+        super().after_training_exp(strategy, **kwargs)  # importance from the integral; anchor := these weights
+        self._start_integral(strategy.model)
+
+    def _start_once(self, model: torch.nn.Module) -> None:
+        fresh = not self.ewc_data[0]
+        self.create_syn_data(model, self.ewc_data, self.syn_data, self.excluded_parameters)
+        if fresh:
+            self._start_integral(model)
+
+    def _start_integral(self, model: torch.nn.Module) -> None:
+        """Anchor at the current weights, integral at zero."""
+        self.init_batch(model, self.ewc_data, self.syn_data, self.excluded_parameters)
+        _own_copies(self.ewc_data[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Anchor, importance and both integrals; the per-step scratch (old/new theta, grad) is rebuilt."""
+        anchor, importance = self.ewc_data
+        tables = {"anchor": anchor, "importance": importance} | {k: self.syn_data[k] for k in _SI_INTEGRALS}
+        return {key: {name: p.data for name, p in table.items()} for key, table in tables.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        def params(table: dict[str, torch.Tensor]) -> dict[str, ParamData]:
+            return {name: ParamData(name, init_tensor=tensor) for name, tensor in table.items()}
+
+        self.ewc_data = (params(state["anchor"]), params(state["importance"]))
+        for key in _SI_INTEGRALS:
+            self.syn_data[key] = params(state[key])
+        for key in ("old_theta", "new_theta", "grad"):
+            self.syn_data[key] = {name: ParamData(name, p.shape) for name, p in self.ewc_data[0].items()}
+
+
+_SI_INTEGRALS = ("trajectory", "cum_trajectory")
+
+
+def _own_copies(table: dict[str, ParamData]) -> None:
+    """Replace views of live parameters with copies of their current values."""
+    for param in table.values():
+        param.data = param.data.clone()
+
+STOCK_PLUGINS: dict[str, type[PluginMethod]] = {
+    "mas": plugin_method(MAS, "mas", "memory aware synapses: Avalanche MASPlugin (lambda_reg, alpha)"),
+    "si": plugin_method(
+        SI, "si", "synaptic intelligence: Avalanche SynapticIntelligencePlugin, path integral over each experience"
+    ),
+    "gem": GEMMethod,
+    "agem": AGEMMethod,
+}
