@@ -23,5 +23,14 @@ class DropsKeyStrategy(FedAvg):
         return ArrayRecord(kept), metrics
 
 
+class RaisesInRoundTwo(FedAvg):
+    """FedAvg whose aggregation raises from its second round on."""
+
+    def aggregate_train(self, server_round, replies):
+        if server_round >= 2:
+            raise ValueError("aggregation broke on purpose")
+        return super().aggregate_train(server_round, replies)
+
+
 class NotAStrategy:
     """Not a subclass of Flower's Strategy."""

@@ -99,3 +99,29 @@ def test_a_round_where_every_client_fails_stops_the_run_with_the_clients_reason(
     assert "every sampled client failed" in err and "broken_method exploded on purpose" in " ".join(err.split())
     assert "continual method 'tests.broken_method:BrokenMethod' failed in training" in " ".join(err.split())
     assert not (tmp_path / "runs" / "broken" / "summary.json").exists()
+
+
+def test_a_strategy_that_raises_stops_the_run_with_one_line_naming_it(tmp_path, run_cli):
+    scenario = tmp_path / "raises.yaml"
+    scenario.write_text(
+        yaml.safe_dump(
+            {
+                "name": "raises",
+                "partition": {"kind": "iid", "num_clients": 2},
+                "stream": {"n_experiences": 2},
+                "federation": {"strategy": {"name": "tests.broken_strategy:RaisesInRoundTwo"}},
+                "resources": {"num_cpus_per_client": 2},
+            }
+        )
+    )
+    code, out, err = run_cli("run", str(scenario), "--output", str(tmp_path / "runs"))
+    message = " ".join(err.split())
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err + out
+    assert message.startswith("run failed: strategy tests.broken_strategy.RaisesInRoundTwo raised in round 2:")
+    assert "ValueError: aggregation broke on purpose (broken_strategy.py:" in message
+    assert "in aggregate_train)" in message
+    folder = tmp_path / "runs" / "raises"
+    rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds if r["type"] == "round"] == [1]  # what ran before is kept
+    assert not (folder / "summary.json").exists()

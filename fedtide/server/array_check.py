@@ -39,5 +39,11 @@ def check_strategy_arrays(arrays: ArrayRecord, model: torch.nn.Module, strategy:
     """Raise `FederationError` naming the strategy's class when its arrays do not fit the model."""
     problem = array_problem(arrays, model)
     if problem:
-        name = f"{type(strategy).__module__}.{type(strategy).__qualname__}"
-        raise FederationError(f"strategy {name} returned malformed arrays in round {server_round}: {problem}")
+        raise FederationError(
+            f"strategy {strategy_name(strategy)} returned malformed arrays in round {server_round}: {problem}"
+        )
+
+
+def strategy_name(strategy: object) -> str:
+    """The strategy's class as a user finds it in their code: `my_pkg.agg.TrimmedMomentum`."""
+    return f"{type(strategy).__module__}.{type(strategy).__qualname__}"

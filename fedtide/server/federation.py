@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+import traceback
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from fedtide.errors import FederationError, ScenarioError
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta, noise_multiplier
 from fedtide.report.audit import audit_clients
@@ -26,7 +28,7 @@ from fedtide.report.continual_metrics import average_accuracy, average_forgettin
 from fedtide.report.run_files import append_metrics, save_model, write_summary
 from fedtide.scenarios.schema import Scenario
 from fedtide.scenarios.stream import build_stream
-from fedtide.server.array_check import check_strategy_arrays
+from fedtide.server.array_check import check_strategy_arrays, strategy_name
 from fedtide.server.evaluation import experience_accuracies
 from fedtide.server.grid import PartitionOrderedGrid
 from fedtide.strategies.aggregation import build_strategy
@@ -48,6 +50,7 @@ class _RunRecorder:
         self.observer = observer
         self.started = time.monotonic()
         self.matrix: list[list[float]] = []
+        self.rounds_done = 0
         self.failures = 0
         self.private = scenario.privacy.private
         self.epsilon: dict[int, float] = {}  # latest cumulative ε per client
@@ -80,6 +83,7 @@ class _RunRecorder:
         if server_round == 0:  # start() also evaluates the initial weights; the previous round did
             return None
         check_strategy_arrays(arrays, self.model, self.strategy, server_round)
+        self.rounds_done += 1
         accuracies = experience_accuracies(self.model, arrays, self.stream.test[: experience + 1])
         record = _round_record(experience, server_round, self.rounds, accuracies, self.grid)
         record["wall_time_s"] = self.elapsed()
@@ -109,13 +113,20 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: Roun
 
     for experience in range(scenario.stream.n_experiences):
         random.seed(scenario.seed * 1000 + experience)  # Flower samples nodes with `random`
-        result = strategy.start(
-            ordered,
-            arrays,
-            num_rounds=rounds,
-            train_config=train_config(scenario, experience),
-            evaluate_fn=recorder.evaluate_fn(experience),
-        )
+        try:
+            result = strategy.start(
+                ordered,
+                arrays,
+                num_rounds=rounds,
+                train_config=train_config(scenario, experience),
+                evaluate_fn=recorder.evaluate_fn(experience),
+            )
+        except (FederationError, ScenarioError):
+            raise
+        except Exception as error:
+            if _raised_in(error, _RunRecorder._after_round):
+                raise  # fedtide's own evaluation: a bug to see whole
+            raise _strategy_failure(strategy, recorder.rounds_done + 1, error) from error
         if len(result.arrays) > 0:
             arrays = result.arrays
 
@@ -153,6 +164,24 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: Roun
     summary["audit"] = audit_clients(scenario, recorder.model)
     write_summary(run_dir, summary)
     return summary
+
+
+def _raised_in(error: BaseException, function: Callable) -> bool:
+    frames = traceback.walk_tb(error.__traceback__)
+    return any(frame.f_code is function.__code__ for frame, _ in frames)
+
+
+def _strategy_failure(strategy: object, global_round: int, error: Exception) -> FederationError:
+    """One line naming the strategy, the round and where it raised, for the user who wrote it.
+
+    Without it the exception surfaces through Flower's simulation threads as a long
+    traceback that is mostly Flower's and Ray's frames.
+    """
+    where = traceback.extract_tb(error.__traceback__)[-1]
+    return FederationError(
+        f"strategy {strategy_name(strategy)} raised in round {global_round}: {type(error).__name__}: {error} "
+        f"({Path(where.filename).name}:{where.lineno}, in {where.name})"
+    )
 
 
 def train_config(scenario: Scenario, experience: int) -> ConfigRecord:
