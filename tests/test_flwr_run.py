@@ -28,7 +28,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def superlink(tmp_path):
-    """A SuperLink in simulation mode on loopback; yields its HTTP API address."""
+    """A SuperLink in simulation mode on loopback, working in an empty folder; yields its HTTP API address."""
     http, fleet, control = free_port(), free_port(), free_port()
     process = subprocess.Popen(
         [
@@ -51,6 +51,7 @@ def superlink(tmp_path):
         env=os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
         start_new_session=True,
     )
     deadline = time.monotonic() + 60
@@ -74,7 +75,8 @@ def test_flwr_run_executes_a_scenario_from_the_run_config(tmp_path, superlink):
     bin_dir = BIN
     env = os.environ | {"FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     overrides = "partition.num_clients=2 stream.n_experiences=2 federation.rounds_per_experience=1 name=viaflwr"
-    run_config = f'scenario="{REPO / "scenarios" / "quickstart.yaml"}" output="{tmp_path / "runs"}" set="{overrides}"'
+    # a relative path the SuperLink's folder lacks: found in the app that `flwr run .` ships
+    run_config = f'scenario="scenarios/quickstart.yaml" output="{tmp_path / "runs"}" set="{overrides}"'
     done = subprocess.run(
         [str(bin_dir / "flwr"), "run", str(REPO), "fedtide-test", "--stream", "--run-config", run_config],
         env=env,

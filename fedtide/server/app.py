@@ -1,7 +1,10 @@
 """fedtide's Flower ServerApp.
 
 Under `flwr run .` the scenario comes from the run config (`scenario` = a YAML path,
-`output` = the runs folder, `set` = space-separated field=value overrides). The
+`output` = the runs folder, `set` = space-separated field=value overrides). Paths are
+relative to the SuperLink's working directory; a scenario path not found there is
+looked up in the app that `flwr run` shipped, so `scenarios/quickstart.yaml` runs on
+any SuperLink. The
 `fedtide run` CLI instead builds a ServerApp around a scenario it has already
 validated, with a progress observer.
 """
@@ -30,7 +33,7 @@ def make_server_app(
         if scenario is None:
             config = context.run_config
             overrides = str(config.get("set", "")).split()
-            loaded = load_scenario(str(config["scenario"]), overrides)
+            loaded = load_scenario(scenario_path(str(config["scenario"])), overrides)
             folder = create_run_folder(loaded, Path(str(config["output"])) if "output" in config else None)
             run_federation(grid, loaded, folder)
         else:
@@ -39,4 +42,14 @@ def make_server_app(
     return server_app
 
 
+def scenario_path(path: str) -> Path:
+    """`path` as given if it exists, else the same relative path inside this app (the FAB's copy)."""
+    given = Path(path)
+    shipped = APP_ROOT / given
+    if given.is_absolute() or given.exists() or not shipped.is_file():
+        return given
+    return shipped
+
+
+APP_ROOT = Path(__file__).resolve().parents[2]  # the project folder that `flwr run .` packaged
 app = make_server_app()
