@@ -70,7 +70,7 @@ def test_flwr_run_executes_a_scenario_from_the_run_config(tmp_path, superlink):
     home.mkdir()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "fedtide-test"\n\n'
-        f'[superlink.fedtide-test]\naddress = "{superlink}"\ninsecure = true\noptions.num-supernodes = 2\n'
+        f'[superlink.fedtide-test]\naddress = "{superlink}"\ninsecure = true\n'
     )
     bin_dir = BIN
     env = os.environ | {"FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
@@ -78,7 +78,10 @@ def test_flwr_run_executes_a_scenario_from_the_run_config(tmp_path, superlink):
     # a relative path the SuperLink's folder lacks: found in the app that `flwr run .` ships
     run_config = f'scenario="scenarios/quickstart.yaml" output="{tmp_path / "runs"}" set="{overrides}"'
     done = subprocess.run(
-        [str(bin_dir / "flwr"), "run", str(REPO), "fedtide-test", "--stream", "--run-config", run_config],
+        [
+            *[str(bin_dir / "flwr"), "run", str(REPO), "fedtide-test", "--stream"],
+            *["--federation-config", "num-supernodes=2", "--run-config", run_config],
+        ],
         env=env,
         capture_output=True,
         text=True,
