@@ -108,10 +108,6 @@ def test_built_in_names_win_over_entry_points_and_broken_entry_points_name_thems
             "continual.method: 'mas' is not DP-compatible",
         ),
         (
-            ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "continual.method=si"],
-            "continual.method: 'si' is not DP-compatible",
-        ),
-        (
             ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "continual.method=gem"],
             "continual.method: 'gem' is not DP-compatible",
         ),
@@ -138,7 +134,7 @@ def test_dp_compatible_plugin_is_accepted_under_dp_and_list_shows_dp_status(run_
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.count("│") == 4]
     dp_column = {row[0]: row[2] for row in cells if row[0]}  # first line of each row of continual.method
     expected = {"naive": "yes", "replay": "yes", "ewc": "yes", "lwf": "yes"}
-    expected |= {"mas": "no", "si": "no", "gem": "no", "agem": "no"}
+    expected |= {"mas": "no", "si": "yes", "gem": "no", "agem": "no"}
     assert {k: dp_column[k] for k in expected} == expected
     assert dp_column["l2_anchor"].startswith("see")
     assert "experience_momentum" in out and "l2_anchor" in out and "check-plugin" in lines
@@ -303,6 +299,7 @@ def test_check_plugin_passes_on_stock_si_whose_state_is_its_own_state_dict():
     assert report.ok, report.message
     stored = next(c for c in report.checks if c.name == "state after consolidation").detail
     assert stored.startswith("24 arrays")  # anchor, importance and two integrals for the MLP's 6 tensors
+    assert report.checks[-1].name == "DP-SGD" and "trains and consolidates under DP-SGD" in report.checks[-1].detail
 
 
 def test_check_plugin_fails_a_raising_method_naming_it(run_cli):

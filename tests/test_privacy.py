@@ -19,10 +19,10 @@ from tests.test_client import flat, initial_arrays
 SCHEDULE = [(0, 1), (0, 2), (1, 3), (1, 4), (2, 5)]
 
 
-def private_scenario(method="naive", **privacy):
+def private_scenario(method="naive", method_params=None, **privacy):
     return small_scenario(
         partition={"kind": "iid", "num_clients": 2},
-        continual={"method": method},
+        continual={"method": method, **(method_params or {})},
         privacy={"enabled": True, "max_grad_norm": 1.0, **(privacy or {"noise_multiplier": 1.0})},
     )
 
@@ -69,6 +69,22 @@ def test_ewc_and_fedprox_penalties_survive_the_dp_optimizer():
     assert not np.allclose(flat(plain), flat(proximal))
     # same noise draws (same seed): the proximal term pulls the update towards the global model
     assert np.linalg.norm(flat(proximal) - start) < np.linalg.norm(flat(plain) - start)
+
+
+def test_si_under_dp_spends_nothing_more_and_its_penalty_survives():
+    """SI's integral reads only weights and the privatised p.grad after each DP step: post-processing."""
+    naive, naive_replies = run_private(private_scenario("naive"), schedule=SCHEDULE[:4])
+    si_scenario = private_scenario("si", {"si_lambda": 1000.0}, noise_multiplier=1.0)
+    state, arrays, replies = RecordDict(), initial_arrays(si_scenario), []
+    for experience, global_round in SCHEDULE[:4]:
+        replies.append(run_training_round(RoundTask(si_scenario, 0, experience, global_round), arrays, state))
+        arrays = replies[-1]["arrays"]
+    assert [int(r["metrics"]["consolidated"]) for r in replies] == [0, 0, 1, 0]
+    assert history(replies[-1]) == history(naive_replies[-1])  # the same DP steps, nothing else charged
+    assert replies[-1]["metrics"]["epsilon"] == naive_replies[-1]["metrics"]["epsilon"]
+    importance = [v.numpy() for k, v in state["fedtide.method.arrays"].items() if k.startswith("importance.")]
+    assert sum(int((i > 0).sum()) for i in importance) > 100  # learned from the noised path
+    assert not np.allclose(flat(naive), flat(arrays))  # same noise draws: only the penalty differs
 
 
 def test_ewc_fisher_pass_under_dp_is_charged_to_the_accountant():

@@ -1,9 +1,11 @@
 """Stock Avalanche plugins that fit the federated loop, adapted where they assume one train() per experience.
 
 Each is tested in tests/test_plugins.py to consolidate once per experience and keep
-its state in `Context.state`. None is DP-compatible: MAS's importance pass, (A-)GEM's
-memory gradients and SI's path integral read private data outside the DP-SGD step.
-(A-)GEM memories are stored as sample ids, like the replay buffer.
+its state in `Context.state`. SI is DP-compatible: its path integral reads the weights
+and `p.grad` after the optimizer step, which under DP-SGD is the clipped, noised
+gradient, so it is post-processing and its penalty is parameter-only. MAS's importance
+pass and (A-)GEM's memory gradients read private data outside the DP-SGD step, so they
+are not. (A-)GEM memories are stored as sample ids, like the replay buffer.
 
 Not supported, and why (README and docs/extending.md say the same): RWalk (its
 running Fisher and path score restart at every train() call, i.e. every round), LFL
@@ -170,7 +172,10 @@ def _own_copies(table: dict[str, ParamData]) -> None:
 STOCK_PLUGINS: dict[str, type[PluginMethod]] = {
     "mas": plugin_method(MAS, "mas", "memory aware synapses: Avalanche MASPlugin (lambda_reg, alpha)"),
     "si": plugin_method(
-        SI, "si", "synaptic intelligence: Avalanche SynapticIntelligencePlugin, path integral over each experience"
+        SI,
+        "si",
+        "synaptic intelligence: Avalanche SynapticIntelligencePlugin, path integral over each experience",
+        dp_compatible=True,
     ),
     "gem": GEMMethod,
     "agem": AGEMMethod,
