@@ -21,6 +21,8 @@ from fedtide.scenarios.loading import load_scenario
 from fedtide.scenarios.schema import Scenario
 from fedtide.server.federation import RoundObserver, run_federation
 
+APP_ROOT = Path(__file__).resolve().parents[2]  # the project folder that `flwr run .` packaged
+
 
 def make_server_app(
     scenario: Scenario | None = None, run_dir: Path | None = None, observer: RoundObserver | None = None
@@ -51,5 +53,4 @@ def scenario_path(path: str) -> Path:
     return shipped
 
 
-APP_ROOT = Path(__file__).resolve().parents[2]  # the project folder that `flwr run .` packaged
 app = make_server_app()
