@@ -7,6 +7,11 @@ after a simulation has started.
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+from fedtide.errors import ScenarioError
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import check_privacy
 from fedtide.scenarios.schema import Scenario
@@ -26,3 +31,37 @@ def check_runnable(scenario: Scenario) -> None:
     if scenario.privacy.private:
         check_privacy(scenario)
     build_scenario_model(scenario, stream.data.input_shape)
+    check_resources(scenario)
+
+
+def check_resources(scenario: Scenario) -> None:
+    """Refuse per-client resources that the run's Ray could never grant.
+
+    Flower's Ray backend would build an empty actor pool, log the error, and leave the
+    server waiting for replies that never come: a hang instead of a message. The
+    resources of a cluster (`ray_address`) are known only once joined, so only a
+    private local Ray is checked against this machine.
+    """
+    resources = scenario.resources
+    if resources.device == "cuda" and resources.num_gpus_per_client == 0:
+        raise ScenarioError(
+            "resources.device",
+            "cuda, but num_gpus_per_client is 0, and Ray hides the GPUs from clients without a GPU share",
+            "set resources.num_gpus_per_client, e.g. 0.25 for four clients per GPU",
+        )
+    if resources.ray_address is not None:
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if resources.num_cpus_per_client > cpus:
+        raise ScenarioError(
+            "resources.num_cpus_per_client",
+            f"{resources.num_cpus_per_client:g} CPUs per client, but this machine has {cpus}",
+            f"use at most {cpus}, or join a larger Ray cluster with resources.ray_address",
+        )
+    gpus = torch.cuda.device_count()
+    if resources.num_gpus_per_client > gpus:
+        raise ScenarioError(
+            "resources.num_gpus_per_client",
+            f"{resources.num_gpus_per_client:g} GPU per client, but this machine has {gpus} CUDA GPU(s)",
+            "set it to 0 to train on the CPU, or join a Ray cluster with GPUs with resources.ray_address",
+        )

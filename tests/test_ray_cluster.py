@@ -214,3 +214,4 @@ def test_malformed_ray_address_is_one_line_naming_the_field(tmp_path, run_cli, a
     assert "resources.ray_address" in err and "host:port" in err
     assert len(err.strip().splitlines()) == 1
     assert "Traceback" not in out + err
+

@@ -3,9 +3,12 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fedtide.scenarios.loading import load_scenario
+from fedtide.validation import check_resources
+from tests.conftest import small_scenario
 
 
 def write(tmp_path: Path, content: dict | str) -> Path:
@@ -95,3 +98,25 @@ def test_list_shows_every_registry(run_cli):
     assert code == 0
     for name in ("fedavg", "fedprox", "krum", "replay", "ewc", "lwf", "digits", "fashion_mnist", "dirichlet", "cnn"):
         assert name in out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["resources.num_cpus_per_client=4096"], "resources.num_cpus_per_client: 4096 CPUs per client, but this mach"),
+        (["resources.num_gpus_per_client=0.25"], "resources.num_gpus_per_client: 0.25 GPU per client, but this mach"),
+        (["resources.device=cuda"], "resources.device: cuda, but num_gpus_per_client is 0"),
+    ],
+)
+def test_resources_a_local_ray_cannot_grant_are_one_line_before_anything_starts(
+    tmp_path, run_cli, monkeypatch, overrides, expected
+):
+    """Flower's Ray backend would start no client actor and the run would wait for ever."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on CI: the GPU case reads the same anywhere
+    args = [a for o in overrides for a in ("--set", o)]
+    code, out, err = run_cli("run", "scenarios/quickstart.yaml", *args, "--output", str(tmp_path))
+    assert code == 2
+    assert expected in " ".join(err.split()) and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # no run folder was made
+    # on a cluster they are the cluster's to grant
+    check_resources(small_scenario(resources={"num_cpus_per_client": 4096, "ray_address": "auto"}))
