@@ -117,7 +117,10 @@ class SI(SynapticIntelligencePlugin):
     so the step's start weights and the anchor move with training and SI does nothing.
     """
 
-    def __init__(self, si_lambda: float | Sequence[float] = 1.0, eps: float = 1e-7) -> None:
+    def __init__(self, si_lambda: float | Sequence[float] = 1000.0, eps: float = 1e-7) -> None:
+        """`si_lambda` is large because Avalanche caps each importance at 0.001. On the quickstart
+        (2026-11-22) average forgetting was 96.4% at 100 (as naive), 90.7% at 1000, 81.3% at 3000,
+        and 10000 stopped learning new experiences."""
         super().__init__(si_lambda=si_lambda, eps=eps)
 
     def before_training_exp(self, strategy, **kwargs) -> None:
