@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fedtide_examples.method import L2Anchor
 from fedtide_examples.strategy import ExperienceMomentum
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -134,7 +134,7 @@ def test_dp_compatible_plugin_is_accepted_under_dp_and_list_shows_dp_status(run_
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.count("│") == 4]
     dp_column = {row[0]: row[2] for row in cells if row[0]}  # first line of each row of continual.method
     expected = {"naive": "yes", "replay": "yes", "ewc": "yes", "lwf": "yes"}
-    expected |= {"mas": "no", "si": "yes", "gem": "no", "agem": "no"}
+    expected |= {"mas": "no", "si": "yes", "rwalk": "no", "gem": "no", "agem": "no"}
     assert {k: dp_column[k] for k in expected} == expected
     assert dp_column["l2_anchor"].startswith("see")
     assert "experience_momentum" in out and "l2_anchor" in out and "check-plugin" in lines
@@ -169,7 +169,14 @@ def test_mas_consolidates_once_per_experience_at_the_global_weights_and_keeps_st
     assert not np.array_equal(after_first["params.0"], method_state(rounds[4][2])["params.0"])
 
 
-@pytest.mark.parametrize("continual", [{"method": "mas", "lambda_reg": 1.0}, {"method": "si", "si_lambda": 1000.0}])
+@pytest.mark.parametrize(
+    "continual",
+    [
+        {"method": "mas", "lambda_reg": 1.0},
+        {"method": "si", "si_lambda": 1000.0},
+        {"method": "rwalk", "ewc_lambda": 2.0, "delta_t": 2},
+    ],
+)
 def test_importance_penalties_pull_training_towards_the_anchor(continual):
     naive = drive(small_scenario(continual={"method": "naive"}), 1, SCHEDULE[:4])
     penalised = drive(small_scenario(continual=continual), 1, SCHEDULE[:4])
@@ -229,6 +236,34 @@ def test_gem_and_agem_memories_are_sample_ids_of_each_past_experience_and_shape_
     # and it is used: the projected gradients give other weights than plain fine-tuning
     naive = drive(small_scenario(continual={"method": "naive"}), 3, SCHEDULE[:4])
     assert not np.allclose(flat(naive[3][1]["arrays"]), flat(rounds[3][1]["arrays"]))
+
+
+def test_rwalk_scores_every_round_of_an_experience_and_consolidates_once():
+    """Avalanche's RWalk zeroes its scores at every train() and scores only whole delta_t windows."""
+    scenario = small_scenario(continual={"method": "rwalk", "delta_t": 1000})  # windows end only with rounds
+    rounds = drive(scenario, 1)
+    assert [int(r["metrics"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
+
+    def table(state, kind):
+        return np.concatenate([method_state(state)[f"{kind}.{i}"].ravel() for i in range(6)])
+
+    first = table(rounds[0][2], "checkpoint_scores")
+    assert np.abs(first).sum() > 0  # the round's one, partial window was scored at its end
+    # round 2 adds to round 1's scores: run round 2 again from round 1's state with the scores zeroed
+    state = copy.deepcopy(rounds[0][2])
+    stored = state["fedtide.method.arrays"]
+    for key in [k for k in stored if k.startswith("checkpoint_scores.")]:
+        stored[key] = Array(np.zeros_like(stored[key].numpy()))
+    run_training_round(RoundTask(scenario, 1, 0, 2), rounds[1][0], state)
+    second = table(rounds[1][2], "checkpoint_scores")
+    assert np.allclose(second, first + table(state, "checkpoint_scores"), rtol=1e-5, atol=1e-6)
+    # consolidated at experience 1's first round: penalties at the received global weights, scores restarted
+    consolidated = method_state(rounds[2][2])
+    for i, name in enumerate(initial_arrays(scenario).keys()):
+        assert np.array_equal(consolidated[f"exp_params.{i}"], rounds[2][0][name].numpy())
+    penalties = np.concatenate([consolidated[f"exp_penalties.{i}"].ravel() for i in range(6)])
+    assert penalties.min() >= 0 and 1.0 <= penalties.max() <= 2.0  # importance and score, each scaled to [0, 1]
+    assert not np.allclose(table(rounds[2][2], "checkpoint_scores"), second)
 
 
 # --- a user's SupervisedPlugin ----------------------------------------------------------------

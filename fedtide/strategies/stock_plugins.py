@@ -4,14 +4,13 @@ Each is tested in tests/test_plugins.py to consolidate once per experience and k
 its state in `Context.state`. SI is DP-compatible: its path integral reads the weights
 and `p.grad` after the optimizer step, which under DP-SGD is the clipped, noised
 gradient, so it is post-processing and its penalty is parameter-only. MAS's importance
-pass and (A-)GEM's memory gradients read private data outside the DP-SGD step, so they
-are not. (A-)GEM memories are stored as sample ids, like the replay buffer.
+pass, RWalk's extra backward pass and (A-)GEM's memory gradients read private data
+outside the DP-SGD step, so they are not. (A-)GEM memories are stored as sample ids,
+like the replay buffer.
 
-Not supported, and why (README and docs/extending.md say the same): RWalk (its
-running Fisher and path score restart at every train() call, i.e. every round), LFL
-(needs an Avalanche BaseModel with get_features() and freezes the live head, lost each
-round), GDumb (retrains from the initial model at every experience: not a federated
-update).
+Not supported, and why (README and docs/extending.md say the same): LFL (needs an
+Avalanche BaseModel with get_features() and freezes the live head, lost each round),
+GDumb (retrains from the initial model at every experience: not a federated update).
 """
 
 from __future__ import annotations
@@ -21,8 +20,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from avalanche.training.plugins import AGEMPlugin, GEMPlugin, MASPlugin, SupervisedPlugin, SynapticIntelligencePlugin
-from avalanche.training.utils import ParamData
+from avalanche.training.plugins import (
+    AGEMPlugin,
+    GEMPlugin,
+    MASPlugin,
+    RWalkPlugin,
+    SupervisedPlugin,
+    SynapticIntelligencePlugin,
+)
+from avalanche.training.utils import ParamData, copy_params_dict, zerolike_params_dict
 
 from fedtide.errors import ScenarioError
 from fedtide.scenarios.stream import Dataset
@@ -167,6 +173,67 @@ class SI(SynapticIntelligencePlugin):
 _SI_INTEGRALS = ("trajectory", "cum_trajectory")
 
 
+class RWalk(RWalkPlugin):
+    """Avalanche's RWalkPlugin with its path scores summed over every round of an experience.
+
+    Avalanche zeroes the scores in `before_training`, i.e. every round, and closes a
+    scoring window only every `delta_t` iterations of one `train()`: a client with a
+    few minibatches a round would never score anything. Here a round keeps the scores of
+    the rounds before it, and its last, partial window is closed when the round ends
+    (the next round starts from the new global model, so a window never spans two
+    rounds). Consolidation (`after_training_exp`) turns the scores into penalties and
+    zeroes them, as in Avalanche. Not DP-compatible: it reads each minibatch's raw
+    gradient in an extra backward pass.
+    """
+
+    def __init__(self, ewc_lambda: float = 0.1, ewc_alpha: float = 0.9, delta_t: int = 10) -> None:
+        if not 0 <= ewc_alpha <= 1:
+            raise ValueError(f"ewc_alpha must be in [0, 1], got {ewc_alpha}")
+        if delta_t < 1:
+            raise ValueError(f"delta_t must be at least 1, got {delta_t}")
+        super().__init__(ewc_lambda=ewc_lambda, ewc_alpha=ewc_alpha, delta_t=delta_t)
+        self._window_open = False
+
+    def before_training(self, strategy, *args, **kwargs) -> None:
+        if not self.checkpoint_scores:
+            self.checkpoint_scores = zerolike_params_dict(strategy.model)
+        self.checkpoint_loss = zerolike_params_dict(strategy.model)
+        self.checkpoint_params = copy_params_dict(strategy.model)
+
+    def before_backward(self, strategy, *args, **kwargs) -> None:
+        if self.exp_penalties is not None:  # a client may train in experience 2 with nothing consolidated
+            super().before_backward(strategy, *args, **kwargs)
+
+    def after_training_iteration(self, strategy, *args, **kwargs) -> None:
+        super().after_training_iteration(strategy, *args, **kwargs)
+        self._window_open = not self._is_checkpoint_iter(strategy)
+
+    def after_training(self, strategy, *args, **kwargs) -> None:
+        if self._window_open:
+            self._update_score(strategy)
+            self._window_open = False
+
+    def after_training_exp(self, strategy, *args, **kwargs) -> None:
+        if self.iter_importance is not None:  # else the client never trained: nothing to turn into penalties
+            super().after_training_exp(strategy, *args, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What outlives a round; the per-iteration and per-window scratch is rebuilt."""
+        return {
+            key: None if table is None else {name: p.data for name, p in table.items()}
+            for key, table in ((key, getattr(self, key)) for key in _RWALK_KEPT)
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in _RWALK_KEPT:
+            table = state[key]
+            params = None if table is None else {n: ParamData(n, init_tensor=t) for n, t in table.items()}
+            setattr(self, key, params)
+
+
+_RWALK_KEPT = ("checkpoint_scores", "iter_importance", "exp_scores", "exp_params", "exp_importance", "exp_penalties")
+
+
 def _own_copies(table: dict[str, ParamData]) -> None:
     """Replace views of live parameters with copies of their current values."""
     for param in table.values():
@@ -180,6 +247,7 @@ STOCK_PLUGINS: dict[str, type[PluginMethod]] = {
         "synaptic intelligence: Avalanche SynapticIntelligencePlugin, path integral over each experience",
         dp_compatible=True,
     ),
+    "rwalk": plugin_method(RWalk, "rwalk", "Riemannian walk: Avalanche RWalkPlugin, path scores over each experience"),
     "gem": GEMMethod,
     "agem": AGEMMethod,
 }
