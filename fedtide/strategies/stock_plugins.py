@@ -157,15 +157,12 @@ class SI(SynapticIntelligencePlugin):
         """Anchor, importance and both integrals; the per-step scratch (old/new theta, grad) is rebuilt."""
         anchor, importance = self.ewc_data
         tables = {"anchor": anchor, "importance": importance} | {k: self.syn_data[k] for k in _SI_INTEGRALS}
-        return {key: {name: p.data for name, p in table.items()} for key, table in tables.items()}
+        return {key: _tensors(table) for key, table in tables.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        def params(table: dict[str, torch.Tensor]) -> dict[str, ParamData]:
-            return {name: ParamData(name, init_tensor=tensor) for name, tensor in table.items()}
-
-        self.ewc_data = (params(state["anchor"]), params(state["importance"]))
+        self.ewc_data = (_param_data(state["anchor"]), _param_data(state["importance"]))
         for key in _SI_INTEGRALS:
-            self.syn_data[key] = params(state[key])
+            self.syn_data[key] = _param_data(state[key])
         for key in ("old_theta", "new_theta", "grad"):
             self.syn_data[key] = {name: ParamData(name, p.shape) for name, p in self.ewc_data[0].items()}
 
@@ -219,16 +216,11 @@ class RWalk(RWalkPlugin):
 
     def state_dict(self) -> dict[str, Any]:
         """What outlives a round; the per-iteration and per-window scratch is rebuilt."""
-        return {
-            key: None if table is None else {name: p.data for name, p in table.items()}
-            for key, table in ((key, getattr(self, key)) for key in _RWALK_KEPT)
-        }
+        return {key: _tensors(getattr(self, key)) for key in _RWALK_KEPT}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in _RWALK_KEPT:
-            table = state[key]
-            params = None if table is None else {n: ParamData(n, init_tensor=t) for n, t in table.items()}
-            setattr(self, key, params)
+            setattr(self, key, _param_data(state[key]))
 
 
 _RWALK_KEPT = ("checkpoint_scores", "iter_importance", "exp_scores", "exp_params", "exp_importance", "exp_penalties")
@@ -238,6 +230,16 @@ def _own_copies(table: dict[str, ParamData]) -> None:
     """Replace views of live parameters with copies of their current values."""
     for param in table.values():
         param.data = param.data.clone()
+
+
+def _tensors(table: dict[str, ParamData] | None) -> dict[str, torch.Tensor] | None:
+    """A table of Avalanche `ParamData` as plain tensors, the form `Context.state` stores."""
+    return None if table is None else {name: param.data for name, param in table.items()}
+
+
+def _param_data(table: dict[str, torch.Tensor] | None) -> dict[str, ParamData] | None:
+    return None if table is None else {name: ParamData(name, init_tensor=tensor) for name, tensor in table.items()}
+
 
 STOCK_PLUGINS: dict[str, type[PluginMethod]] = {
     "mas": plugin_method(MAS, "mas", "memory aware synapses: Avalanche MASPlugin (lambda_reg, alpha)"),
