@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedtide.data.datasets import load_dataset
+from fedtide.data.loading import parse_scenario
 from fedtide.models import build_model
-from fedtide.report.run_files import create_run_folder, read_metrics
-from fedtide.scenarios.datasets import load_dataset
-from fedtide.scenarios.loading import parse_scenario
+from fedtide.run_files import create_run_folder, read_metrics
 from fedtide.simulation import simulate
 
 

@@ -68,7 +68,7 @@ def run(
     """Run a scenario; writes runs/<name>/ (scenario.yaml, metrics.jsonl, model.pt, summary.json, report.html)."""
     scenario = _load_checked(scenario_file, set_)
     from fedtide.report.console import summary_view
-    from fedtide.report.run_files import create_run_folder, read_summary
+    from fedtide.run_files import create_run_folder, read_summary
     from fedtide.simulation import simulate
 
     run_dir = create_run_folder(scenario, output)
@@ -152,7 +152,7 @@ def _round_status(record: dict) -> str:
 @cli.command()
 def validate(scenario_file: ScenarioArg, set_: SetOption = None) -> None:
     """Check a scenario (schema, names, dataset, partitioning), or every point of a sweep, without running."""
-    from fedtide.scenarios.loading import read_yaml
+    from fedtide.data.loading import read_yaml
     from fedtide.sweep import SWEEP_KEY, load_sweep
 
     if SWEEP_KEY in read_yaml(scenario_file):
@@ -170,12 +170,12 @@ def validate(scenario_file: ScenarioArg, set_: SetOption = None) -> None:
 @cli.command("list")
 def list_components() -> None:
     """Show the built-in strategies, continual methods, datasets, models and partitioners."""
+    from fedtide.aggregation import STRATEGIES
+    from fedtide.continual.methods import METHODS
+    from fedtide.data.partition import PARTITIONERS
+    from fedtide.data.schema import NUM_CLASSES
     from fedtide.models import MODELS
-    from fedtide.scenarios.partition import PARTITIONERS
-    from fedtide.scenarios.schema import NUM_CLASSES
-    from fedtide.strategies.aggregation import STRATEGIES
-    from fedtide.strategies.continual import METHODS
-    from fedtide.strategies.plugins import installed_plugins
+    from fedtide.registry import installed_plugins
 
     strategies = {n: f"flwr.serverapp.strategy.{c.__name__}" for n, c in STRATEGIES.items()}
     # continual methods get a third column: whether they may run under DP-SGD
@@ -227,7 +227,7 @@ def check_plugin(
 
 
 def _load_checked(scenario_file: Path, overrides: list[str] | None):
-    from fedtide.scenarios.loading import load_scenario
+    from fedtide.data.loading import load_scenario
     from fedtide.validation import check_runnable
 
     scenario = load_scenario(scenario_file, overrides or [])

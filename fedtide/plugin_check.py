@@ -27,8 +27,8 @@ import yaml
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
+from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
-from fedtide.scenarios.schema import Scenario
 
 STRATEGY, METHOD = "strategy", "continual method"
 
@@ -85,9 +85,10 @@ def plugin_kind(name: str) -> str:
     """Whether `name` is an aggregation strategy or a continual method (by its base class)."""
     from avalanche.training.plugins import SupervisedPlugin
 
-    from fedtide.strategies.aggregation import STRATEGIES
-    from fedtide.strategies.continual import METHODS, ContinualMethod
-    from fedtide.strategies.plugins import (
+    from fedtide.aggregation import STRATEGIES
+    from fedtide.continual.base import ContinualMethod
+    from fedtide.continual.methods import METHODS
+    from fedtide.registry import (
         CONTINUAL_GROUP,
         STRATEGY_GROUP,
         is_plugin_path,
@@ -108,7 +109,7 @@ def plugin_kind(name: str) -> str:
 
 def check_scenario(name: str, kind: str, params: dict[str, Any]) -> Scenario:
     """The tiny scenario the checks run: 2 experiences x 1 round, 2 IID digits clients."""
-    from fedtide.scenarios.loading import parse_scenario
+    from fedtide.data.loading import parse_scenario
 
     raw: dict[str, Any] = {
         "name": "check-plugin",
@@ -159,8 +160,8 @@ SCHEDULE = [(0, 1), (1, 2), (1, 3)]
 
 def _check_method(scenario: Scenario, report: PluginReport) -> None:
     from fedtide.client.training import METHOD_ARRAYS_KEY, RoundTask, run_training_round
+    from fedtide.data.stream import build_stream
     from fedtide.models import build_scenario_model
-    from fedtide.scenarios.stream import build_stream
     from fedtide.server.array_check import array_problem
 
     model = build_scenario_model(scenario, build_stream(scenario).data.input_shape, scenario.seed)
@@ -202,10 +203,10 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
 def _check_private(scenario: Scenario, report: PluginReport) -> None:
     """A method that claims `dp_compatible` must train and consolidate under DP-SGD (noise 1.0)."""
     from fedtide.client.training import RoundTask, run_training_round
+    from fedtide.continual.methods import method_class
+    from fedtide.data.stream import build_stream
     from fedtide.models import build_scenario_model
-    from fedtide.scenarios.stream import build_stream
     from fedtide.server.array_check import array_problem
-    from fedtide.strategies.continual import method_class
 
     if not method_class(scenario.continual.method).dp_compatible:
         report.add("DP-SGD", True, passed="not DP-compatible: refused when privacy is on")
@@ -233,10 +234,10 @@ def _check_private(scenario: Scenario, report: PluginReport) -> None:
 
 def _check_state(scenario, states, after_consolidation, report: PluginReport, arrays_key: str) -> None:
     from fedtide.client.training import METHOD_VALUES_KEY
+    from fedtide.continual.methods import build_method
+    from fedtide.continual.plugin_adapter import STATE_KEY, PluginMethod
+    from fedtide.data.stream import build_stream
     from fedtide.models import build_scenario_model
-    from fedtide.scenarios.stream import build_stream
-    from fedtide.strategies.continual import build_method
-    from fedtide.strategies.plugin_method import STATE_KEY, PluginMethod
 
     fresh = build_method(scenario.continual)
     fresh_arrays, fresh_values = fresh.save()
@@ -308,7 +309,7 @@ def _fedavg(replies: list[RecordDict]) -> ArrayRecord:
 
 
 def _check_strategy(scenario: Scenario, report: PluginReport) -> None:
-    from fedtide.report.run_files import create_run_folder, read_metrics
+    from fedtide.run_files import create_run_folder, read_metrics
     from fedtide.simulation import simulate
 
     with tempfile.TemporaryDirectory(prefix="fedtide-check-") as folder:

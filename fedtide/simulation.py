@@ -8,7 +8,7 @@ from pathlib import Path
 from flwr.simulation import run_simulation
 
 from fedtide.client.app import app as client_app
-from fedtide.scenarios.schema import Scenario
+from fedtide.data.schema import Scenario
 from fedtide.server.app import make_server_app
 from fedtide.server.federation import RoundObserver
 

@@ -29,10 +29,10 @@ from typing import Any
 
 import yaml
 
+from fedtide.data.loading import apply_overrides, parse_scenario, read_yaml, set_field
+from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
-from fedtide.report.run_files import SCENARIO_FILE, SUMMARY_FILE, prepare_run_folder
-from fedtide.scenarios.loading import apply_overrides, parse_scenario, read_yaml, set_field
-from fedtide.scenarios.schema import Scenario
+from fedtide.run_files import SCENARIO_FILE, SUMMARY_FILE, prepare_run_folder
 from fedtide.validation import check_runnable
 
 SWEEP_KEY = "sweep"

@@ -11,13 +11,13 @@ import os
 
 import torch
 
+from fedtide.aggregation import build_strategy
+from fedtide.continual.methods import build_method, require_dp_compatible
+from fedtide.data.schema import Scenario
+from fedtide.data.stream import build_stream, experience_partitions
 from fedtide.errors import ScenarioError
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import check_privacy
-from fedtide.scenarios.schema import Scenario
-from fedtide.scenarios.stream import build_stream, experience_partitions
-from fedtide.strategies.aggregation import build_strategy
-from fedtide.strategies.continual import build_method, require_dp_compatible
 
 
 def check_runnable(scenario: Scenario) -> None:

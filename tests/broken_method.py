@@ -2,7 +2,7 @@
 
 from avalanche.training.plugins import SupervisedPlugin
 
-from fedtide.strategies.continual import Naive
+from fedtide.continual.builtin import Naive
 
 
 class _Explodes(SupervisedPlugin):

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from fedtide.cli import main
-from fedtide.scenarios.loading import parse_scenario
+from fedtide.data.loading import parse_scenario
 
 
 def small_scenario(**sections):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedtide.data.datasets import load_dataset
+from fedtide.metrics.audit import loss_threshold_attack, matched_by_class, sample_losses
 from fedtide.models import build_model
-from fedtide.report.audit import loss_threshold_attack, matched_by_class, sample_losses
-from fedtide.scenarios.datasets import load_dataset
 
 
 def train(model, x, y, epochs, lr=0.01):

@@ -5,10 +5,10 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp.strategy import FedProx
 
+from fedtide.aggregation import build_strategy
 from fedtide.client.training import RoundTask, run_training_round
+from fedtide.data.stream import build_stream, experience_partitions
 from fedtide.models import build_model
-from fedtide.scenarios.stream import build_stream, experience_partitions
-from fedtide.strategies.aggregation import build_strategy
 from tests.conftest import small_scenario
 
 

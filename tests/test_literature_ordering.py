@@ -7,8 +7,8 @@ in class-IL; replay is far above. The shipped `scenarios/centralized_split.yaml`
 
 import json
 
-from fedtide.report.run_files import create_run_folder
-from fedtide.scenarios.loading import load_scenario
+from fedtide.data.loading import load_scenario
+from fedtide.run_files import create_run_folder
 from fedtide.simulation import simulate
 
 

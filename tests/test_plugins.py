@@ -18,16 +18,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedtide import aggregation
+from fedtide.aggregation import build_strategy, strategy_class
 from fedtide.client.training import RoundTask, run_training_round
+from fedtide.continual.methods import build_method, method_class
+from fedtide.continual.plugin_adapter import PluginMethod
+from fedtide.data.loading import parse_scenario
+from fedtide.data.stream import build_stream, experience_partitions
 from fedtide.errors import ScenarioError
 from fedtide.plugin_check import check_plugin
-from fedtide.scenarios.loading import parse_scenario
-from fedtide.scenarios.stream import build_stream, experience_partitions
 from fedtide.server.federation import train_config
-from fedtide.strategies import aggregation
-from fedtide.strategies.aggregation import build_strategy, strategy_class
-from fedtide.strategies.continual import build_method, method_class
-from fedtide.strategies.plugin_method import PluginMethod
 from fedtide.validation import check_runnable
 from tests.broken_strategy import NaNStrategy
 from tests.conftest import small_scenario

@@ -9,10 +9,10 @@ from flwr.app import RecordDict
 from opacus.accountants import RDPAccountant
 
 from fedtide.client.training import RoundTask, run_training_round
+from fedtide.data.stream import experience_partitions
 from fedtide.models import build_model
 from fedtide.privacy.accounting import client_delta, noise_multiplier
 from fedtide.privacy.dp_sgd import opacus_ready
-from fedtide.scenarios.stream import experience_partitions
 from tests.conftest import small_scenario
 from tests.test_client import flat, initial_arrays
 

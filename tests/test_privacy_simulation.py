@@ -2,9 +2,9 @@
 
 import json
 
+from fedtide.data.stream import experience_partitions
 from fedtide.privacy.accounting import client_delta, epsilon_spent, steps_and_rate
-from fedtide.report.run_files import create_run_folder
-from fedtide.scenarios.stream import experience_partitions
+from fedtide.run_files import create_run_folder
 from fedtide.simulation import simulate
 from tests.conftest import small_scenario
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtide.report.run_files import create_run_folder, read_metrics
+from fedtide.run_files import create_run_folder, read_metrics
 from fedtide.simulation import backend_config, simulate
 from tests.conftest import small_scenario
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
+from fedtide.data.loading import parse_scenario
+from fedtide.metrics.audit import audit_clients
 from fedtide.models import build_scenario_model
-from fedtide.report.audit import audit_clients
-from fedtide.report.run_files import read_summary
-from fedtide.scenarios.loading import parse_scenario
+from fedtide.run_files import read_summary
 from fedtide.simulation import simulate
 from fedtide.sweep import load_sweep, run_sweep
 

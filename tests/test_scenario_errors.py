@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from fedtide.scenarios.loading import load_scenario
+from fedtide.data.loading import load_scenario
 from fedtide.validation import check_resources
 from tests.conftest import small_scenario
 

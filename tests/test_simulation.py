@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from fedtide.report.continual_metrics import average_forgetting, backward_transfer
-from fedtide.report.run_files import create_run_folder, read_metrics
-from fedtide.scenarios.loading import parse_scenario
+from fedtide.data.loading import parse_scenario
+from fedtide.metrics.forgetting import average_forgetting, backward_transfer
+from fedtide.run_files import create_run_folder, read_metrics
 from fedtide.simulation import simulate
 from tests.conftest import small_scenario
 

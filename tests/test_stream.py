@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedtide.scenarios.stream import build_stream, classes_per_experience, client_experiences, experience_partitions
+from fedtide.data.stream import build_stream, classes_per_experience, client_experiences, experience_partitions
 from tests.conftest import small_scenario
 
 

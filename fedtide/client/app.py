@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtide.client.training import RoundTask, run_training_round
-from fedtide.scenarios.loading import parse_scenario
+from fedtide.data.loading import parse_scenario
 
 app = ClientApp()
 

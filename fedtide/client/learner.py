@@ -1,7 +1,7 @@
 """One client's local learner: Avalanche's supervised template, driven round by round.
 
 `RoundLearner.train_round` is one federated round of local training; consolidation
-is not part of it (see `fedtide.strategies.continual`) and happens only through
+is not part of it (see `fedtide.continual.builtin`) and happens only through
 `RoundLearner.consolidate`.
 """
 
@@ -12,8 +12,8 @@ from avalanche.evaluation.metrics import loss_metrics
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
 
-from fedtide.scenarios.schema import ClientConfig
-from fedtide.strategies.continual import ContinualMethod
+from fedtide.continual.base import ContinualMethod
+from fedtide.data.schema import ClientConfig
 
 TRAIN_LOSS_KEY = "Loss_Epoch/train_phase/train_stream"
 

@@ -19,12 +19,13 @@ from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datas
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtide.client.learner import ProximalTerm, RoundLearner
+from fedtide.continual.base import ContinualMethod
+from fedtide.continual.methods import build_method, require_dp_compatible
+from fedtide.data.schema import Scenario
+from fedtide.data.stream import build_stream, client_experiences
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import History, client_delta, epsilon_spent, noise_multiplier, steps_and_rate
 from fedtide.privacy.dp_sgd import ClientPrivacy
-from fedtide.scenarios.schema import Scenario
-from fedtide.scenarios.stream import build_stream, client_experiences
-from fedtide.strategies.continual import ContinualMethod, build_method, require_dp_compatible
 
 PROGRESS_KEY = "fedtide.progress"
 METHOD_ARRAYS_KEY = "fedtide.method.arrays"

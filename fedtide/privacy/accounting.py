@@ -17,9 +17,9 @@ import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
+from fedtide.data.schema import PrivacyConfig, Scenario
+from fedtide.data.stream import experience_partitions
 from fedtide.errors import ScenarioError
-from fedtide.scenarios.schema import PrivacyConfig, Scenario
-from fedtide.scenarios.stream import experience_partitions
 
 History = list[tuple[float, float, int]]
 
@@ -111,7 +111,7 @@ def planned_steps(scenario: Scenario, partition_id: int) -> list[tuple[float, in
     client's e data plus, for replay, its buffer. EWC adds one Fisher pass per past
     experience it consolidates.
     """
-    from fedtide.strategies.continual import build_method
+    from fedtide.continual.methods import build_method
 
     method = build_method(scenario.continual)
     sizes = [len(exp[partition_id]) for exp in experience_partitions(scenario)]

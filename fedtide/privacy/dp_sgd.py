@@ -26,10 +26,10 @@ from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
+from fedtide.continual.base import ContinualMethod
+from fedtide.data.schema import PrivacyConfig
 from fedtide.errors import ScenarioError
 from fedtide.privacy.accounting import History
-from fedtide.scenarios.schema import PrivacyConfig
-from fedtide.strategies.continual import ContinualMethod
 
 log = logging.getLogger(__name__)
 

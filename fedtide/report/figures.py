@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from fedtide.report.audit import LOW_FPR  # noqa: E402
 from fedtide.report.runs import RunResult, SeedGroup  # noqa: E402
+from fedtide.run_files import LOW_FPR  # noqa: E402
 
 
 def accuracy_matrix_figure(run: RunResult) -> Figure:

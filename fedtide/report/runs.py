@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from fedtide.errors import ScenarioError
-from fedtide.report.run_files import SCENARIO_FILE, SUMMARY_FILE, read_metrics, read_summary
+from fedtide.run_files import SCENARIO_FILE, SUMMARY_FILE, read_metrics, read_summary
 
 # Fields that vary between runs without making them a different method or setting.
 _NOT_A_SETTING = ("name", "seed", "output")

@@ -16,9 +16,9 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtide.report.run_files import create_run_folder
-from fedtide.scenarios.loading import load_scenario
-from fedtide.scenarios.schema import Scenario
+from fedtide.data.loading import load_scenario
+from fedtide.data.schema import Scenario
+from fedtide.run_files import create_run_folder
 from fedtide.server.federation import RoundObserver, run_federation
 
 APP_ROOT = Path(__file__).resolve().parents[2]  # the project folder that `flwr run .` packaged

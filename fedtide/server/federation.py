@@ -17,21 +17,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from fedtide.aggregation import build_strategy
+from fedtide.data.schema import Scenario
+from fedtide.data.stream import build_stream
 from fedtide.errors import FederationError, ScenarioError
+from fedtide.metrics.audit import audit_clients
+from fedtide.metrics.evaluation import experience_accuracies
+from fedtide.metrics.forgetting import average_accuracy, average_forgetting, backward_transfer
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta, noise_multiplier
-from fedtide.report.audit import audit_clients
-from fedtide.report.continual_metrics import average_accuracy, average_forgetting, backward_transfer
-from fedtide.report.run_files import append_metrics, save_model, write_summary
-from fedtide.scenarios.schema import Scenario
-from fedtide.scenarios.stream import build_stream
+from fedtide.run_files import MODEL_FILE, append_metrics, write_summary
 from fedtide.server.array_check import check_strategy_arrays, strategy_name
-from fedtide.server.evaluation import experience_accuracies
 from fedtide.server.grid import PartitionOrderedGrid
-from fedtide.strategies.aggregation import build_strategy
 
 RoundObserver = Callable[[dict[str, Any]], None]
 
@@ -131,7 +132,7 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: Roun
             arrays = result.arrays
 
     recorder.model.load_state_dict(arrays.to_torch_state_dict())
-    save_model(run_dir, recorder.model)
+    torch.save(recorder.model.state_dict(), run_dir / MODEL_FILE)  # to evaluate or audit the run again later
     matrix = recorder.matrix
     summary = {
         "name": scenario.name,

@@ -22,7 +22,7 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
 
-from fedtide.scenarios.stream import Dataset
+from fedtide.data.stream import Dataset
 
 if TYPE_CHECKING:
     from fedtide.privacy.dp_sgd import ClientPrivacy

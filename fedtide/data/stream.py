@@ -19,9 +19,9 @@ from avalanche.benchmarks.utils.classification_dataset import (
     _make_taskaware_tensor_classification_dataset,
 )
 
-from fedtide.scenarios.datasets import ImageData, load_dataset
-from fedtide.scenarios.partition import partition_labels
-from fedtide.scenarios.schema import PartitionConfig, Scenario
+from fedtide.data.datasets import ImageData, load_dataset
+from fedtide.data.partition import partition_labels
+from fedtide.data.schema import PartitionConfig, Scenario
 
 Dataset = TaskAwareSupervisedClassificationDataset
 

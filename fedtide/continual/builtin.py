@@ -12,9 +12,9 @@ per experience, so each method here separates the two parts of an Avalanche plug
 Client state lives in Flower's `Context.state`, so each method also converts its
 state to and from records: arrays (`dict[str, np.ndarray]`) and plain values.
 
-The base class and its contract are in `fedtide.strategies.method_base`; stock
+The base class and its contract are in `fedtide.continual.base`; stock
 Avalanche plugins and users' `SupervisedPlugin`s are adapted in
-`fedtide.strategies.plugin_method`. Names resolve as: built-in, then stock Avalanche
+`fedtide.continual.plugin_adapter`. Names resolve as: built-in, then stock Avalanche
 plugin, then an installed `fedtide.continual` entry point, or a "pkg.module:Name" path.
 """
 
@@ -34,25 +34,12 @@ from avalanche.training.storage_policy import (
 from avalanche.training.templates import SupervisedTemplate
 from avalanche.training.utils import ParamData
 
+from fedtide.continual.base import Arrays, ContinualMethod, Values
+from fedtide.data.stream import Dataset
 from fedtide.errors import ScenarioError
-from fedtide.scenarios.schema import ContinualConfig
-from fedtide.scenarios.stream import Dataset
-from fedtide.strategies.method_base import Arrays, ContinualMethod, Values
-from fedtide.strategies.plugin_method import plugin_method
-from fedtide.strategies.plugins import (
-    CONTINUAL_GROUP,
-    check_parameters,
-    is_plugin_path,
-    load_entry_point,
-    load_plugin,
-    plugin_entry_points,
-)
-from fedtide.strategies.stock_plugins import STOCK_PLUGINS
 
 if TYPE_CHECKING:
     from fedtide.privacy.dp_sgd import ClientPrivacy
-
-__all__ = ["Arrays", "ContinualMethod", "Values", "METHODS", "build_method", "method_class"]
 
 
 class Naive(ContinualMethod):
@@ -204,51 +191,3 @@ class LwF(ContinualMethod):
         lwf.prev_model = teacher
         lwf.expcount = values["expcount"]
         lwf.prev_classes_by_task[0] = set(values["classes"])
-
-
-BUILT_INS: dict[str, type[ContinualMethod]] = {m.name: m for m in (Naive, Replay, EWC, LwF)}
-METHODS: dict[str, type[ContinualMethod]] = BUILT_INS | STOCK_PLUGINS
-FIELD = "continual.method"
-
-
-def method_class(name: str) -> type[ContinualMethod]:
-    """Resolve a method name: built-in or stock Avalanche plugin, then entry point, or a path.
-
-    A path or entry point may name a `ContinualMethod` or an Avalanche `SupervisedPlugin`
-    subclass; the latter is wrapped by `plugin_method` (consolidated once per experience).
-    """
-    bases = (ContinualMethod, SupervisedPlugin)
-    if is_plugin_path(name):
-        found = load_plugin(name, FIELD, bases)
-    elif name.lower() in METHODS:
-        return METHODS[name.lower()]
-    elif name.lower() in (installed := plugin_entry_points(CONTINUAL_GROUP)):
-        found = load_entry_point(installed[name.lower()], FIELD, bases)
-    else:
-        known = ", ".join([*METHODS, *installed])
-        raise ScenarioError(FIELD, f"unknown method '{name}'", f"one of {known}, or a 'pkg.module:Name'")
-    if issubclass(found, ContinualMethod):
-        return found
-    return plugin_method(found, name=name)
-
-
-def build_method(config: ContinualConfig) -> ContinualMethod:
-    """Instantiate the scenario's continual method with its parameters."""
-    cls = method_class(config.method)
-    check_parameters(getattr(cls, "plugin_class", cls), config.params, "continual")
-    try:
-        return cls(**config.params)
-    except (TypeError, ValueError) as error:  # a user plugin refusing its parameters' values
-        built = getattr(cls, "plugin_class", cls).__name__
-        raise ScenarioError("continual", f"{built} cannot be built: {error}") from None
-
-
-def require_dp_compatible(method: ContinualMethod, method_name: str) -> None:
-    """Refuse, before anything trains, a method that would use private data outside DP-SGD's account."""
-    if not method.dp_compatible:
-        safe = ", ".join(n for n, m in METHODS.items() if m.dp_compatible)
-        raise ScenarioError(
-            FIELD,
-            f"'{method_name}' is not DP-compatible (it uses private data outside the DP-SGD step, unaccounted)",
-            f"use one of {safe}, or set privacy.enabled: false",
-        )

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedtide.report.continual_metrics import average_accuracy, average_forgetting, backward_transfer
+from fedtide.metrics.forgetting import average_accuracy, average_forgetting, backward_transfer
 
 MATRIX = [
     [0.90],

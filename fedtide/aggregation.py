@@ -24,9 +24,9 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from fedtide.data.schema import FederationConfig
 from fedtide.errors import ScenarioError
-from fedtide.scenarios.schema import FederationConfig
-from fedtide.strategies.plugins import (
+from fedtide.registry import (
     STRATEGY_GROUP,
     check_parameters,
     constructor_parameters,

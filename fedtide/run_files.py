@@ -11,15 +11,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from fedtide.scenarios.loading import scenario_to_yaml
-from fedtide.scenarios.schema import Scenario
+from fedtide.data.loading import scenario_to_yaml
+from fedtide.data.schema import Scenario
 
 SCENARIO_FILE = "scenario.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.pt"  # the final global weights (a torch state_dict), written by the server
+# The false-positive rate at which a summary's audit reports the attack's true-positive rate.
+LOW_FPR = 0.01
 
 
 def create_run_folder(scenario: Scenario, output: Path | None = None) -> Path:
@@ -52,11 +52,6 @@ def write_summary(folder: Path, summary: dict[str, Any]) -> None:
     partial = folder / (SUMMARY_FILE + ".partial")
     partial.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(partial, folder / SUMMARY_FILE)
-
-
-def save_model(folder: Path, model: torch.nn.Module) -> None:
-    """The final global weights (a state_dict), so a run can be evaluated or audited again later."""
-    torch.save(model.state_dict(), folder / MODEL_FILE)
 
 
 def read_summary(folder: Path) -> dict[str, Any]:

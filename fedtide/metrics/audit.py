@@ -19,10 +19,9 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch.nn.functional import cross_entropy
 
-from fedtide.scenarios.schema import Scenario
-from fedtide.scenarios.stream import build_stream, client_experiences
-
-LOW_FPR = 0.01
+from fedtide.data.schema import Scenario
+from fedtide.data.stream import build_stream, client_experiences
+from fedtide.run_files import LOW_FPR
 
 
 @dataclass(frozen=True)

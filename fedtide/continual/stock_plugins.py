@@ -30,10 +30,10 @@ from avalanche.training.plugins import (
 )
 from avalanche.training.utils import ParamData, copy_params_dict, zerolike_params_dict
 
+from fedtide.continual.base import Arrays, Values
+from fedtide.continual.plugin_adapter import PluginMethod, plugin_method
+from fedtide.data.stream import Dataset
 from fedtide.errors import ScenarioError
-from fedtide.scenarios.stream import Dataset
-from fedtide.strategies.method_base import Arrays, Values
-from fedtide.strategies.plugin_method import PluginMethod, plugin_method
 
 
 class GEM(GEMPlugin):

@@ -7,7 +7,7 @@ from avalanche.evaluation.metrics import Accuracy
 from flwr.app import ArrayRecord
 from torch.utils.data import DataLoader
 
-from fedtide.scenarios.stream import Dataset
+from fedtide.data.stream import Dataset
 
 
 @torch.no_grad()

@@ -16,8 +16,8 @@ from flwr_datasets.partitioner import (
 )
 from flwr_datasets.partitioner.partitioner import Partitioner
 
+from fedtide.data.schema import PartitionConfig
 from fedtide.errors import ScenarioError
-from fedtide.scenarios.schema import PartitionConfig
 
 PARTITIONERS = {
     "iid": "IidPartitioner (uniform random split)",

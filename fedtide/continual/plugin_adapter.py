@@ -35,8 +35,8 @@ from avalanche.training.plugins import SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
 from avalanche.training.utils import ParamData
 
-from fedtide.scenarios.stream import Dataset
-from fedtide.strategies.method_base import Arrays, ContinualMethod, Values
+from fedtide.continual.base import Arrays, ContinualMethod, Values
+from fedtide.data.stream import Dataset
 
 STATE_KEY = "plugin_state"
 Tensorish = (torch.Tensor, np.ndarray, ParamData)

@@ -1,0 +1,72 @@
+"""Continual methods by name: built-ins, stock Avalanche plugins, entry points, "pkg.module:Name" paths.
+
+Names resolve in that order, so a plugin can never shadow a built-in. A path or an
+entry point may name a `ContinualMethod` or an Avalanche `SupervisedPlugin`; the
+latter is adapted by `plugin_method` (consolidated once per experience).
+"""
+
+from __future__ import annotations
+
+from avalanche.training.plugins import SupervisedPlugin
+
+from fedtide.continual.base import ContinualMethod
+from fedtide.continual.builtin import EWC, LwF, Naive, Replay
+from fedtide.continual.plugin_adapter import plugin_method
+from fedtide.continual.stock_plugins import STOCK_PLUGINS
+from fedtide.data.schema import ContinualConfig
+from fedtide.errors import ScenarioError
+from fedtide.registry import (
+    CONTINUAL_GROUP,
+    check_parameters,
+    is_plugin_path,
+    load_entry_point,
+    load_plugin,
+    plugin_entry_points,
+)
+
+BUILT_INS: dict[str, type[ContinualMethod]] = {m.name: m for m in (Naive, Replay, EWC, LwF)}
+METHODS: dict[str, type[ContinualMethod]] = BUILT_INS | STOCK_PLUGINS
+FIELD = "continual.method"
+
+
+def method_class(name: str) -> type[ContinualMethod]:
+    """Resolve a method name: built-in or stock Avalanche plugin, then entry point, or a path.
+
+    A path or entry point may name a `ContinualMethod` or an Avalanche `SupervisedPlugin`
+    subclass; the latter is wrapped by `plugin_method` (consolidated once per experience).
+    """
+    bases = (ContinualMethod, SupervisedPlugin)
+    if is_plugin_path(name):
+        found = load_plugin(name, FIELD, bases)
+    elif name.lower() in METHODS:
+        return METHODS[name.lower()]
+    elif name.lower() in (installed := plugin_entry_points(CONTINUAL_GROUP)):
+        found = load_entry_point(installed[name.lower()], FIELD, bases)
+    else:
+        known = ", ".join([*METHODS, *installed])
+        raise ScenarioError(FIELD, f"unknown method '{name}'", f"one of {known}, or a 'pkg.module:Name'")
+    if issubclass(found, ContinualMethod):
+        return found
+    return plugin_method(found, name=name)
+
+
+def build_method(config: ContinualConfig) -> ContinualMethod:
+    """Instantiate the scenario's continual method with its parameters."""
+    cls = method_class(config.method)
+    check_parameters(getattr(cls, "plugin_class", cls), config.params, "continual")
+    try:
+        return cls(**config.params)
+    except (TypeError, ValueError) as error:  # a user plugin refusing its parameters' values
+        built = getattr(cls, "plugin_class", cls).__name__
+        raise ScenarioError("continual", f"{built} cannot be built: {error}") from None
+
+
+def require_dp_compatible(method: ContinualMethod, method_name: str) -> None:
+    """Refuse, before anything trains, a method that would use private data outside DP-SGD's account."""
+    if not method.dp_compatible:
+        safe = ", ".join(n for n, m in METHODS.items() if m.dp_compatible)
+        raise ScenarioError(
+            FIELD,
+            f"'{method_name}' is not DP-compatible (it uses private data outside the DP-SGD step, unaccounted)",
+            f"use one of {safe}, or set privacy.enabled: false",
+        )
