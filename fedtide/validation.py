@@ -29,7 +29,7 @@ def check_runnable(scenario: Scenario) -> None:
     stream = build_stream(scenario)
     experience_partitions(scenario)
     if scenario.privacy.private:
-        check_privacy(scenario)
+        check_privacy(scenario, method.private_footprint())
     build_scenario_model(scenario, stream.data.input_shape)
     check_resources(scenario)
 

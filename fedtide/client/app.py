@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 
 from fedtide.client.training import RoundTask, run_training_round
 from fedtide.data.loading import parse_scenario
+from fedtide.protocol import experience_ends
 
 app = ClientApp()
 
@@ -32,6 +33,7 @@ def train(msg: Message, context: Context) -> Message:
         experience=int(config["experience"]),
         global_round=int(config["round-offset"]) + int(config["server-round"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        experience_ends=experience_ends(msg.content),
     )
     content = run_training_round(task, msg.content["arrays"], context.state)
     content["host"] = host_record()

@@ -1,111 +1,164 @@
-"""One federated training call of one client: consolidate what is due, then train a round.
+"""One federated training call of one client: plan, consolidate what is due, then train a round.
 
-Everything a client must remember between rounds (consolidation progress, the
-method's state) goes through Flower's `Context.state`, so it behaves the same under
-the Ray simulation and a real `flwr run` deployment.
+Everything a client must remember between rounds goes through `ClientState` over
+Flower's `Context.state`, so it behaves the same under the Ray simulation and a real
+`flwr run` deployment.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from fedtide.client.learner import ProximalTerm, RoundLearner
+from fedtide.client.state import ClientState, Progress
 from fedtide.continual.base import ContinualMethod
 from fedtide.continual.methods import build_method, require_dp_compatible
 from fedtide.data.schema import Scenario
 from fedtide.data.stream import build_stream, client_experiences
 from fedtide.models import build_scenario_model
-from fedtide.privacy.accounting import History, client_delta, epsilon_spent, noise_multiplier, steps_and_rate
+from fedtide.privacy.accounting import PrivateFootprint, client_delta, epsilon_spent, noise_multiplier
+from fedtide.privacy.budget import BudgetGuard
 from fedtide.privacy.dp_sgd import ClientPrivacy
-
-PROGRESS_KEY = "fedtide.progress"
-METHOD_ARRAYS_KEY = "fedtide.method.arrays"
-METHOD_VALUES_KEY = "fedtide.method.values"
-PRIVACY_KEY = "fedtide.privacy.history"
+from fedtide.protocol import ClientRoundReport
 
 
 @dataclass(frozen=True)
 class RoundTask:
-    """What the server asks of a client in one round."""
+    """What the server asks of a client in one round.
+
+    `experience_ends` holds, for past experiences this client may still have to
+    consolidate, the global weights that ended them (the server sends those it has
+    not seen the client settle); a past experience missing from it ended with the
+    weights of this round's message.
+    """
 
     scenario: Scenario
     partition_id: int
     experience: int
     global_round: int
     proximal_mu: float = 0.0
+    experience_ends: dict[int, ArrayRecord] = field(default_factory=dict)
 
 
-def run_training_round(task: RoundTask, global_arrays: ArrayRecord, state: RecordDict) -> RecordDict:
-    """Consolidate past experiences once each, train one round, and update `state` in place.
+@dataclass(frozen=True)
+class RoundPlan:
+    """What this call will do, settled before any private data is touched."""
 
-    The reply holds the model (`arrays`), the metrics Flower's strategies aggregate
-    (`metrics`) and, under DP, the client's whole accountant history (`privacy`) so
-    its ε can be checked independently.
+    pending: list[int]  # past experiences to consolidate now, in order
+    examples: int  # the client's own samples of this experience
+    consolidation_passes: list[int]  # sizes of the DP passes consolidation makes
+    replay_extra: int  # past samples that join the DP training set
+
+    @property
+    def private_training(self) -> int:
+        return self.examples + self.replay_extra
+
+
+def plan_round(task: RoundTask, progress: Progress, sizes: list[int], footprint: PrivateFootprint) -> RoundPlan:
+    pending = progress.pending(task.experience, sizes)
+    return RoundPlan(
+        pending=pending,
+        examples=sizes[task.experience],
+        consolidation_passes=[sizes[p] for p in pending] * footprint.passes_per_consolidation,
+        replay_extra=footprint.extra_samples(sizes[: task.experience]),
+    )
+
+
+def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: RecordDict) -> RecordDict:
+    """Consolidate past experiences once each, train one round, and update `records` in place.
+
+    The reply's records are described in `fedtide.protocol`.
     """
     scenario = task.scenario
-    stream = build_stream(scenario)
     own_data = client_experiences(scenario, task.partition_id)
+    sizes = [len(d) for d in own_data]
     experiences = benchmark_from_datasets(train=own_data).train_stream
+    stream = build_stream(scenario)
     # Seeded only now: building the process's data caches draws from the global RNGs the
     # first time, and which client a Ray worker serves first must not change its numbers.
     seed_everything(scenario.seed, task.partition_id, task.global_round)
 
     model = build_scenario_model(scenario, stream.data.input_shape)
     model.load_state_dict(global_arrays.to_torch_state_dict())
+    state = ClientState(records, scenario.stream.n_experiences)
     name = scenario.continual.method
     with method_phase(name, "construction"):
         method = build_method(scenario.continual)
+    method.bind(model, stream.full_train)
     with method_phase(name, "load"):
-        _load_method(method, state, stream.full_train, model)
-    privacy = _client_privacy(task, state)
+        state.restore_method(method, model)
+    privacy = _client_privacy(task, state, method)
+    learner = _learner(task, model, method, privacy)
+
+    progress = state.progress
+    plan = plan_round(task, progress, sizes, method.private_footprint())
+    guard = BudgetGuard(scenario, privacy, client_delta(scenario)) if privacy else None
+    if plan.examples and guard and not guard.allows(plan.private_training, plan.consolidation_passes):
+        report = _report(task, progress, privacy, guard, empty=False)
+        return report.to_content(global_arrays)
+
+    for past in plan.pending:
+        _load_weights(model, task.experience_ends.get(past, global_arrays))
+        with method_phase(name, f"consolidation of experience {past}"):
+            learner.consolidate(experiences[past], past)
+        progress.counts[past] += 1
+    _load_weights(model, global_arrays)
+    progress.done_through = max(progress.done_through, task.experience)
+
+    extra_data = method.private_training_data() if privacy else None
+    examples, loss = plan.examples, 0.0
+    if examples and (guard is None or guard.allows(examples + (len(extra_data) if extra_data else 0))):
+        with method_phase(name, "training"):
+            loss = learner.train_round(experiences[task.experience], task.experience)
+        check_finite(task, model, loss)
+    else:
+        examples = 0
+
+    state.progress = progress
+    with method_phase(name, "save"):
+        state.store_method(method)
     if privacy:
-        require_dp_compatible(method, name)
+        state.privacy_history = privacy.history
+    report = _report(task, progress, privacy, guard, sizes[task.experience] == 0, examples, loss, len(plan.pending))
+    return report.to_content(ArrayRecord(model.cpu().state_dict()))
+
+
+def _load_weights(model: torch.nn.Module, arrays: ArrayRecord) -> None:
+    model.load_state_dict(arrays.to_torch_state_dict())
+
+
+def _learner(task: RoundTask, model: torch.nn.Module, method: ContinualMethod, privacy: ClientPrivacy | None):
     extra: list = [ProximalTerm(task.proximal_mu, model)] if task.proximal_mu > 0 else []
     if privacy:
         method.use_privacy(privacy)
-        extra.append(privacy.training_plugin(method))
-    learner = RoundLearner(model, method, scenario.client, device=pick_device(scenario), extra_plugins=extra)
+        extra.append(privacy.training_plugin(method.private_training_data))
+    device = pick_device(task.scenario)
+    return RoundLearner(model, method, task.scenario.client, device=device, extra_plugins=extra)
 
-    progress = _progress(state, scenario.stream.n_experiences)
-    pending = [p for p in range(int(progress["done_through"]), task.experience) if len(own_data[p]) > 0]
-    examples = len(own_data[task.experience])
-    budget = BudgetGuard(scenario, privacy)
-    planned = examples + method.planned_private_extra([len(d) for d in own_data[: task.experience]])
-    consolidation_passes = [len(own_data[p]) for p in pending] * method.private_passes_per_consolidation
-    if examples and not budget.allows(training=planned, other_passes=consolidation_passes):
-        metrics = _metrics(task, 0, 0.0, progress, 0, privacy, empty=False, exhausted=True)
-        return _reply(global_arrays, metrics, privacy)
 
-    for past in pending:
-        with method_phase(name, f"consolidation of experience {past}"):
-            learner.consolidate(experiences[past], past)
-        progress["counts"][past] += 1
-    progress["done_through"] = max(int(progress["done_through"]), task.experience)
+class ClientDiverged(RuntimeError):
+    """Local training blew up (non-finite loss or weights); the message says what to lower."""
 
-    extra_data = method.private_training_data() if privacy else None
-    if examples and budget.allows(training=examples + (len(extra_data) if extra_data else 0)):
-        with method_phase(name, "training"):
-            loss = learner.train_round(experiences[task.experience], task.experience)
-    else:
-        loss, examples = 0.0, 0
 
-    state[PROGRESS_KEY] = ConfigRecord({"done_through": progress["done_through"], "counts": progress["counts"]})
-    with method_phase(name, "save"):
-        _save_method(method, state)
-    if privacy:
-        state[PRIVACY_KEY] = history_record(privacy.history)
-    empty = len(own_data[task.experience]) == 0
-    metrics = _metrics(task, examples, loss, progress, len(pending), privacy, empty, budget.exhausted)
-    return _reply(ArrayRecord(model.cpu().state_dict()), metrics, privacy)
+def check_finite(task: RoundTask, model: torch.nn.Module, loss: float) -> None:
+    """Stop a client whose training diverged, naming it, rather than send the server NaN weights."""
+    if math.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters()):
+        return
+    client = task.scenario.client
+    raise ClientDiverged(
+        f"client {task.partition_id} diverged in round {task.global_round}: train loss {loss:.4g}, "
+        f"weights no longer finite (lower client.lr, now {client.lr:g}, or the continual method's strength)"
+    )
 
 
 class MethodFailed(RuntimeError):
@@ -129,86 +182,6 @@ def method_phase(method_name: str, phase: str) -> Iterator[None]:
         ) from error
 
 
-def _reply(arrays: ArrayRecord, metrics: MetricRecord, privacy: ClientPrivacy | None) -> RecordDict:
-    content = RecordDict({"arrays": arrays, "metrics": metrics})
-    if privacy:
-        content["privacy"] = history_record(privacy.history)
-    return content
-
-
-class BudgetGuard:
-    """Refuses DP passes that would take a client past `target_epsilon`, so ε never exceeds it."""
-
-    def __init__(self, scenario: Scenario, privacy: ClientPrivacy | None) -> None:
-        self.privacy = privacy
-        self.target = scenario.privacy.target_epsilon if privacy else None
-        self.delta = client_delta(scenario) if privacy else 0.0
-        self.batch_size, self.epochs = scenario.client.batch_size, scenario.client.epochs
-        self.exhausted = False
-
-    def allows(self, training: int, other_passes: list[int] = ()) -> bool:
-        """Whether a training round over `training` samples (and single passes over others) fits."""
-        if self.target is None or self.exhausted:
-            return not self.exhausted
-        sigma = self.privacy.noise_multiplier
-        plan = []
-        for size, epochs in [(n, 1) for n in other_passes] + [(training, self.epochs)]:
-            steps, rate = steps_and_rate(size, self.batch_size)
-            plan.append((sigma, rate, steps * epochs))
-        spent = epsilon_spent(self.privacy.history + plan, self.delta, self.privacy.config.accountant)
-        self.exhausted = spent > self.target
-        return not self.exhausted
-
-
-def history_record(history: History) -> ConfigRecord:
-    return ConfigRecord(
-        {"sigmas": [h[0] for h in history], "rates": [h[1] for h in history], "steps": [h[2] for h in history]}
-    )
-
-
-def history_from_state(state: RecordDict) -> History:
-    if PRIVACY_KEY not in state:
-        return []
-    record = state[PRIVACY_KEY]
-    return list(zip(map(float, record["sigmas"]), map(float, record["rates"]), map(int, record["steps"])))
-
-
-def _client_privacy(task: RoundTask, state: RecordDict) -> ClientPrivacy | None:
-    config = task.scenario.privacy
-    if not config.private:
-        return None
-    sigma = noise_multiplier(task.scenario, task.partition_id)
-    return ClientPrivacy(config, sigma, history_from_state(state))
-
-
-def _metrics(
-    task: RoundTask,
-    examples: int,
-    loss: float,
-    progress: dict,
-    consolidated: int,
-    privacy: ClientPrivacy | None,
-    empty: bool,
-    exhausted: bool,
-) -> MetricRecord:
-    epsilon = 0.0
-    if privacy:
-        epsilon = epsilon_spent(privacy.history, client_delta(task.scenario), privacy.config.accountant)
-    return MetricRecord(
-        {
-            "num-examples": examples,
-            "train_loss": loss,
-            "partition_id": task.partition_id,
-            "empty": int(empty),
-            "consolidated": consolidated,
-            "consolidation_counts": list(progress["counts"]),
-            "epsilon": epsilon,
-            "noise_multiplier": privacy.noise_multiplier if privacy else 0.0,
-            "budget_exhausted": int(exhausted),
-        }
-    )
-
-
 def seed_everything(seed: int, partition_id: int, global_round: int) -> None:
     """Seed every RNG from (seed, client, round) so results do not depend on Ray's scheduling."""
     derived = zlib.crc32(f"{seed}/{partition_id}/{global_round}".encode())
@@ -224,22 +197,38 @@ def pick_device(scenario: Scenario) -> str:
     return wanted
 
 
-def _progress(state: RecordDict, n_experiences: int) -> dict:
-    if PROGRESS_KEY in state:
-        record = state[PROGRESS_KEY]
-        return {"done_through": int(record["done_through"]), "counts": list(record["counts"])}
-    return {"done_through": 0, "counts": [0] * n_experiences}
+def _client_privacy(task: RoundTask, state: ClientState, method: ContinualMethod) -> ClientPrivacy | None:
+    """This round's DP-SGD, resuming the client's account; refuses a method that is not DP-compatible."""
+    config = task.scenario.privacy
+    if not config.private:
+        return None
+    require_dp_compatible(method, task.scenario.continual.method)
+    sigma = noise_multiplier(task.scenario, task.partition_id, method.private_footprint())
+    return ClientPrivacy(config, sigma, state.privacy_history)
 
 
-def _load_method(method: ContinualMethod, state: RecordDict, full_train, model: torch.nn.Module) -> None:
-    if METHOD_VALUES_KEY not in state:
-        return
-    arrays = {k: v.numpy() for k, v in state[METHOD_ARRAYS_KEY].items()}
-    values = dict(state[METHOD_VALUES_KEY])
-    method.load(arrays, values, full_train, model)
-
-
-def _save_method(method: ContinualMethod, state: RecordDict) -> None:
-    arrays, values = method.save()
-    state[METHOD_ARRAYS_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    state[METHOD_VALUES_KEY] = ConfigRecord(values)
+def _report(
+    task: RoundTask,
+    progress: Progress,
+    privacy: ClientPrivacy | None,
+    guard: BudgetGuard | None,
+    empty: bool,
+    examples: int = 0,
+    loss: float = 0.0,
+    consolidated: int = 0,
+) -> ClientRoundReport:
+    epsilon = 0.0
+    if privacy:
+        epsilon = epsilon_spent(privacy.history, client_delta(task.scenario), privacy.config.accountant)
+    return ClientRoundReport(
+        partition_id=task.partition_id,
+        num_examples=examples,
+        train_loss=loss,
+        empty=empty,
+        consolidated=consolidated,
+        consolidation_counts=list(progress.counts),
+        epsilon=epsilon,
+        noise_multiplier=privacy.noise_multiplier if privacy else 0.0,
+        budget_exhausted=guard.exhausted if guard else False,
+        dp_history=privacy.history if privacy else None,
+    )

@@ -9,26 +9,24 @@ per experience, so a method separates the two parts of an Avalanche plugin:
   once per past experience, at the global weights that ended it.
 
 Clients are rebuilt on every call (Ray copies the Context), so everything a method
-remembers goes through `save()`/`load()` into Flower's `Context.state`.
+remembers goes through `state_dict()` / `load_state_dict()` — PyTorch's convention,
+and Opacus's accountants' — into Flower's `Context.state` (`fedtide.client.state`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
 
 from fedtide.data.stream import Dataset
+from fedtide.privacy.accounting import PrivateFootprint
+from fedtide.privacy.dp_sgd import ClientPrivacy
 
-if TYPE_CHECKING:
-    from fedtide.privacy.dp_sgd import ClientPrivacy
-
-Arrays = dict[str, np.ndarray]
-Values = dict[str, Any]
+StateDict = dict[str, Any]
 
 
 class ContinualMethod(ABC):
@@ -44,8 +42,10 @@ class ContinualMethod(ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
     dp_compatible: ClassVar[bool] = False
-    # Passes over one past experience's private data that `consolidate` makes (EWC's Fisher: 1).
-    private_passes_per_consolidation: ClassVar[int] = 0
+
+    # Set by `bind` before `load_state_dict`: what stored state refers to.
+    model: torch.nn.Module
+    full_train: Dataset
 
     @abstractmethod
     def plugins(self) -> list[SupervisedPlugin]:
@@ -53,7 +53,24 @@ class ContinualMethod(ABC):
 
     @abstractmethod
     def consolidate(self, learner: SupervisedTemplate) -> None:
-        """Absorb `learner.experience` at the model's current (global) weights."""
+        """Absorb `learner.experience` at the model's current weights (those that ended it)."""
+
+    def bind(self, model: torch.nn.Module, full_train: Dataset) -> None:
+        """The client's model (holding the received global weights) and the dataset sample ids index.
+
+        Called once per client call, before `load_state_dict`, so stored sample ids can be
+        resolved (`self.full_train.subset(ids)`) and stored weights loaded into a model.
+        """
+        self.model = model
+        self.full_train = full_train
+
+    def state_dict(self) -> StateDict:
+        """What to keep in `Context.state` between rounds: tensors, numpy arrays, modules,
+        Avalanche `ParamData`, JSON values, and dicts or lists of those."""
+        return {}
+
+    def load_state_dict(self, state: StateDict) -> None:  # noqa: B027 - stateless methods keep nothing
+        """Restore what `state_dict` returned (tensors on the CPU; modules as frozen copies of the model)."""
 
     def use_privacy(self, privacy: ClientPrivacy) -> None:  # noqa: B027 - optional hook
         """Called before a DP round: route every pass over private data through `privacy`."""
@@ -62,15 +79,6 @@ class ContinualMethod(ABC):
         """Extra samples to put inside the Poisson-sampled training set under DP (replay's buffer)."""
         return None
 
-    def planned_private_extra(self, past_sizes: list[int]) -> int:
-        """How many extra samples `private_training_data` will hold, given the past experiences' sizes."""
-        return 0
-
-    def save(self) -> tuple[Arrays, Values]:
-        """State to keep in `Context.state` between rounds."""
-        return {}, {}
-
-    def load(  # noqa: B027 - optional hook: stateless methods keep nothing
-        self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module
-    ) -> None:
-        """Restore what `save` returned; `full_train` resolves stored sample ids."""
+    def private_footprint(self) -> PrivateFootprint:
+        """The DP passes this method adds beyond training, for noise calibration and the budget."""
+        return PrivateFootprint()

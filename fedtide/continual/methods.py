@@ -10,7 +10,7 @@ from __future__ import annotations
 from avalanche.training.plugins import SupervisedPlugin
 
 from fedtide.continual.base import ContinualMethod
-from fedtide.continual.builtin import EWC, LwF, Naive, Replay
+from fedtide.continual.builtin import BUILT_INS
 from fedtide.continual.plugin_adapter import plugin_method
 from fedtide.continual.stock_plugins import STOCK_PLUGINS
 from fedtide.data.schema import ContinualConfig
@@ -24,7 +24,6 @@ from fedtide.registry import (
     plugin_entry_points,
 )
 
-BUILT_INS: dict[str, type[ContinualMethod]] = {m.name: m for m in (Naive, Replay, EWC, LwF)}
 METHODS: dict[str, type[ContinualMethod]] = BUILT_INS | STOCK_PLUGINS
 FIELD = "continual.method"
 

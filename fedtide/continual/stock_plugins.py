@@ -30,9 +30,8 @@ from avalanche.training.plugins import (
 )
 from avalanche.training.utils import ParamData, copy_params_dict, zerolike_params_dict
 
-from fedtide.continual.base import Arrays, Values
+from fedtide.continual.base import StateDict
 from fedtide.continual.plugin_adapter import PluginMethod, plugin_method
-from fedtide.data.stream import Dataset
 from fedtide.errors import ScenarioError
 
 
@@ -65,13 +64,12 @@ class GEMMethod(PluginMethod):
     description = "gradient episodic memory: Avalanche GEMPlugin (patterns_per_experience, memory_strength)"
     dp_compatible = False
 
-    def save(self) -> tuple[Arrays, Values]:
-        ids = self.plugin.memory_ids
-        return {f"ids.{t}": ids[t] for t in ids}, {"experiences": sorted(ids)}
+    def state_dict(self) -> StateDict:
+        return {"memory_ids": dict(self.plugin.memory_ids)}
 
-    def load(self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module) -> None:
-        for t in values.get("experiences", []):
-            subset = full_train.subset(arrays[f"ids.{t}"].tolist())
+    def load_state_dict(self, state: StateDict) -> None:
+        for t, ids in state["memory_ids"].items():
+            subset = self.full_train.subset(ids.tolist())
             self.plugin.update_memory(subset, t, batch_size=len(subset))
 
 
@@ -97,15 +95,13 @@ class AGEMMethod(PluginMethod):
     description = "averaged GEM: Avalanche AGEMPlugin (patterns_per_experience, sample_size), memory as sample ids"
     dp_compatible = False
 
-    def save(self) -> tuple[Arrays, Values]:
-        buffers = self.plugin.buffers
-        arrays = {f"ids.{i}": np.asarray(list(b.sample_id), dtype=np.int64) for i, b in enumerate(buffers)}
-        return arrays, {"buffers": len(buffers)}
+    def state_dict(self) -> StateDict:
+        return {"buffer_ids": [np.asarray(list(b.sample_id), dtype=np.int64) for b in self.plugin.buffers]}
 
-    def load(self, arrays: Arrays, values: Values, full_train: Dataset, model: torch.nn.Module) -> None:
-        for i in range(int(values.get("buffers", 0))):
+    def load_state_dict(self, state: StateDict) -> None:
+        for ids in state["buffer_ids"]:
             # update_memory appends the group and rebuilds A-GEM's balanced loader over all groups
-            self.plugin.update_memory(full_train.subset(arrays[f"ids.{i}"].tolist()))
+            self.plugin.update_memory(self.full_train.subset(ids.tolist()))
 
 
 class SI(SynapticIntelligencePlugin):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from flwr.app import ConfigRecord
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
@@ -21,7 +23,7 @@ from fedtide.data.schema import PrivacyConfig, Scenario
 from fedtide.data.stream import experience_partitions
 from fedtide.errors import ScenarioError
 
-History = list[tuple[float, float, int]]
+History = list[tuple[float, float, int]]  # Opacus accountant rows: (noise multiplier, sample rate, steps)
 
 DEFAULT_NOISE_MULTIPLIER = 1.0
 MAX_NOISE_MULTIPLIER = 100.0
@@ -61,7 +63,7 @@ def steps_and_rate(num_samples: int, batch_size: int) -> tuple[int, float]:
     return steps, 1.0 / steps
 
 
-def check_privacy(scenario: Scenario) -> None:
+def check_privacy(scenario: Scenario, footprint: PrivateFootprint) -> None:
     """Refuse DP settings that cannot hold before any training: δ too large, target out of reach."""
     if not scenario.privacy.private:
         return
@@ -74,7 +76,7 @@ def check_privacy(scenario: Scenario) -> None:
             f"use a delta below {1.0 / largest:.1e}, e.g. {1.0 / (10 * largest):.1e}, or leave it unset",
         )
     for client in range(scenario.partition.num_clients):
-        noise_multiplier(scenario, client)
+        noise_multiplier(scenario, client, footprint)
 
 
 def client_delta(scenario: Scenario) -> float:
@@ -87,33 +89,46 @@ def largest_client_dataset(scenario: Scenario) -> int:
     return max(sum(len(exp[c]) for exp in shares) for c in range(scenario.partition.num_clients))
 
 
-def noise_multiplier(scenario: Scenario, partition_id: int) -> float:
+def noise_multiplier(scenario: Scenario, partition_id: int, footprint: PrivateFootprint) -> float:
     """σ for this client: the configured one, or calibrated to spend `target_epsilon` over its planned run."""
     privacy = scenario.privacy
     if privacy.noise_multiplier is not None:
         return privacy.noise_multiplier
     if privacy.target_epsilon is None:
         return DEFAULT_NOISE_MULTIPLIER
-    return _calibrated(scenario.model_dump_json(), partition_id)
+    return _calibrated(scenario.model_dump_json(), partition_id, footprint)
 
 
 @lru_cache(maxsize=64)
-def _calibrated(scenario_json: str, partition_id: int) -> float:
+def _calibrated(scenario_json: str, partition_id: int, footprint: PrivateFootprint) -> float:
     scenario = Scenario.model_validate_json(scenario_json)
-    plan = planned_steps(scenario, partition_id)
+    plan = planned_steps(scenario, partition_id, footprint)
     return calibrate_noise(scenario.privacy, client_delta(scenario), plan)
 
 
-def planned_steps(scenario: Scenario, partition_id: int) -> list[tuple[float, int]]:
+@dataclass(frozen=True)
+class PrivateFootprint:
+    """What a continual method adds to a client's DP passes beyond its own experience's data.
+
+    Privacy is the lower layer: it never builds a method, it is told this much
+    (as Opacus's accountants are told steps and rates, never handed the engine).
+    """
+
+    replay_capacity: int = 0  # at most this many past samples join the sampled training set (replay)
+    passes_per_consolidation: int = 0  # DP passes over a past experience's data when it is consolidated (EWC)
+
+    def extra_samples(self, past_sizes: list[int]) -> int:
+        """Past samples inside the training set, given the past experiences' sizes."""
+        return min(self.replay_capacity, sum(past_sizes))
+
+
+def planned_steps(scenario: Scenario, partition_id: int, footprint: PrivateFootprint) -> list[tuple[float, int]]:
     """(sample rate, steps) of every DP pass the client will make if sampled in every round.
 
     Training passes: each round of experience e runs `epochs` Poisson epochs over the
     client's e data plus, for replay, its buffer. EWC adds one Fisher pass per past
     experience it consolidates.
     """
-    from fedtide.continual.methods import build_method
-
-    method = build_method(scenario.continual)
     sizes = [len(exp[partition_id]) for exp in experience_partitions(scenario)]
     batch, rounds, epochs = (
         scenario.client.batch_size,
@@ -125,10 +140,10 @@ def planned_steps(scenario: Scenario, partition_id: int) -> list[tuple[float, in
         if size == 0:
             continue
         for past in sizes[:e]:
-            if past and method.private_passes_per_consolidation:
+            if past and footprint.passes_per_consolidation:
                 steps, rate = steps_and_rate(past, batch)
-                plan.append((rate, steps * method.private_passes_per_consolidation))
-        steps, rate = steps_and_rate(size + method.planned_private_extra(sizes[:e]), batch)
+                plan.append((rate, steps * footprint.passes_per_consolidation))
+        steps, rate = steps_and_rate(size + footprint.extra_samples(sizes[:e]), batch)
         plan.append((rate, steps * epochs * rounds))
     return plan
 
@@ -155,3 +170,15 @@ def calibrate_noise(privacy: PrivacyConfig, delta: float, plan: list[tuple[float
         middle = (low + high) / 2
         low, high = (low, middle) if middle > 0 and spent(middle) <= target else (middle, high)
     return high
+
+
+def history_record(history: History) -> ConfigRecord:
+    """An accountant's history as a record (one list per column): kept in the client's state and
+    sent with every DP reply, so anyone can recompute the client's ε with Opacus."""
+    return ConfigRecord(
+        {"sigmas": [h[0] for h in history], "rates": [h[1] for h in history], "steps": [h[2] for h in history]}
+    )
+
+
+def history_from_record(record: ConfigRecord) -> History:
+    return list(zip(map(float, record["sigmas"]), map(float, record["rates"]), map(int, record["steps"])))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
@@ -26,8 +27,8 @@ from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
-from fedtide.continual.base import ContinualMethod
 from fedtide.data.schema import PrivacyConfig
+from fedtide.data.stream import Dataset
 from fedtide.errors import ScenarioError
 from fedtide.privacy.accounting import History
 
@@ -59,9 +60,13 @@ class ClientPrivacy:
     def history(self) -> History:
         return [(float(s), float(q), int(n)) for s, q, n in self.engine.accountant.history]
 
-    def training_plugin(self, method: ContinualMethod) -> SupervisedPlugin:
-        """The plugin that privatises the learner's round; the method's private data joins the sampled set."""
-        return _DPSGDPlugin(self, method)
+    def training_plugin(self, extra_samples: Callable[[], Dataset | None]) -> SupervisedPlugin:
+        """The plugin that privatises the learner's round.
+
+        `extra_samples` is asked when the round starts (after consolidation has filled
+        it): samples that join the Poisson-sampled set, e.g. a replay buffer.
+        """
+        return _DPSGDPlugin(self, extra_samples)
 
     def make_private(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset, batch_size: int):
         """Opacus's make_private with Poisson sampling over `dataset`; the model keeps its own names."""
@@ -106,15 +111,15 @@ class ClientPrivacy:
 class _DPSGDPlugin(SupervisedPlugin):
     """Makes an Avalanche learner's round DP-SGD; runs after the learner built its optimizer."""
 
-    def __init__(self, privacy: ClientPrivacy, method: ContinualMethod) -> None:
+    def __init__(self, privacy: ClientPrivacy, extra_samples: Callable[[], Dataset | None]) -> None:
         super().__init__()
         self.privacy = privacy
-        self.method = method
+        self.extra_samples = extra_samples
         self.parameter_only: list[torch.Tensor] = []
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         dataset = strategy.adapted_dataset
-        extra = self.method.private_training_data()
+        extra = self.extra_samples()
         if extra is not None:
             dataset = dataset.concat(extra)
         optimizer, loader = self.privacy.make_private(

@@ -4,8 +4,8 @@ Flower's simulation gives nodes random ids and returns replies as they arrive, s
 both sampling (`random.sample` over node ids) and aggregation (a floating-point
 sum over replies) would depend on the run and on Ray's scheduling. This wrapper
 asks every node for its data partition once, then lists nodes and replies in
-partition order. It also keeps the last training exchange for the metrics, and
-holds back from aggregation the replies of clients that did not train.
+partition order; it does nothing else (what a round's replies mean is
+`ContinualStrategy`'s business).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedtide.errors import FederationError, ScenarioError
+from fedtide.errors import ScenarioError
 
 
 class PartitionOrderedGrid(Grid):
@@ -25,8 +25,6 @@ class PartitionOrderedGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self.partition_of: dict[int, int] = {}
-        self.last_train_sent = 0
-        self.last_train_replies: list[Message] = []
 
     def discover(self, num_clients: int, timeout: float = 600.0) -> None:
         """Wait for `num_clients` nodes and learn which partition each one holds."""
@@ -56,20 +54,10 @@ class PartitionOrderedGrid(Grid):
         return sorted(self._grid.get_node_ids(), key=lambda n: self.partition_of.get(n, n))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        replies = sorted(
+        return sorted(
             self._grid.send_and_receive(messages, timeout=timeout),
             key=lambda m: self.partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id),
         )
-        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
-            self.last_train_sent = len(messages)
-            self.last_train_replies = replies
-            if replies and all(r.has_error() for r in replies):
-                raise FederationError(f"every sampled client failed; the first said: {replies[0].error.reason}")
-            # Clients that trained on nothing (no data in this experience, or privacy budget
-            # spent) are recorded but not aggregated: their reply is the global model itself.
-            return [r for r in replies if r.has_error() or r.content["metrics"]["num-examples"] > 0]
-        return replies
 
     # Plain delegation of the rest of Grid's interface.
     def set_run(self, run) -> None:

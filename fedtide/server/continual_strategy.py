@@ -1,0 +1,176 @@
+"""The scenario's strategy, wrapped with what a federated continual-learning run adds around it.
+
+Flower adds behaviour around any strategy by wrapping it (its
+`DifferentialPrivacyServerSideFixedClipping(strategy)` does); fedtide does the same,
+so the user's strategy sees plain Flower calls and nothing else has to know about it:
+
+- `configure_train` adds the experience's config to the strategy's messages, and the
+  global weights that ended past experiences to clients that still have to
+  consolidate them (a client first sampled late consolidates at the right weights);
+- `aggregate_train` records every client's reply, drops the replies of clients that
+  trained on nothing or failed (a failure is counted and its reason kept; a round
+  in which every sampled client failed stops the run), checks the clients' and the
+  strategy's arrays against the model, and names the strategy when it raises.
+
+Round numbers in every message are global (experience × rounds + round).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedtide.errors import FederationError
+from fedtide.protocol import ClientRoundReport, experience_end_key
+from fedtide.server.array_check import array_problem
+
+Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    partition_id: int
+    reason: str
+
+
+@dataclass
+class RoundOutcome:
+    """What happened in one training round, as the recorder writes it."""
+
+    global_round: int
+    sent: int = 0
+    reports: list[ClientRoundReport] = field(default_factory=list)
+    failures: list[ClientFailure] = field(default_factory=list)
+
+
+class ContinualStrategy(Strategy):
+    """Delegates aggregation to `strategy`; adds the experience loop's messages and checks."""
+
+    def __init__(self, strategy: Strategy, reference: ArrayRecord, partition_of: dict[int, int]) -> None:
+        self.strategy = strategy
+        self.reference = reference  # arrays whose keys, shapes and dtypes every model must have
+        self.partition_of = partition_of  # node id -> partition id
+        self.experience = 0
+        self.round_offset = 0
+        self.experience_config = ConfigRecord()
+        self.experience_ends: dict[int, ArrayRecord] = {}
+        self.settled_through: dict[int, int] = {}  # node id -> experience of its last successful reply
+        self.last_round = RoundOutcome(0)
+
+    @property
+    def name(self) -> str:
+        """The wrapped strategy's class as a user finds it in their code: `my_pkg.agg.TrimmedMomentum`."""
+        return f"{type(self.strategy).__module__}.{type(self.strategy).__qualname__}"
+
+    def begin_experience(self, experience: int, arrays: ArrayRecord, config: ConfigRecord, rounds: int) -> None:
+        """Enter `experience`, whose first round starts from `arrays` (the weights that ended the last one)."""
+        if experience > 0:
+            self.experience_ends[experience - 1] = arrays
+        self.experience = experience
+        self.round_offset = experience * rounds
+        self.experience_config = config
+
+    def global_round(self, server_round: int) -> int:
+        return self.round_offset + server_round
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config = ConfigRecord({**dict(config), **dict(self.experience_config)})
+        messages = list(self._call(self.strategy.configure_train, server_round, arrays, config, grid))
+        for message in messages:
+            self._add_experience_ends(message, server_round)
+        self.last_round = RoundOutcome(self.global_round(server_round), sent=len(messages))
+        return messages
+
+    def _add_experience_ends(self, message: Message, server_round: int) -> None:
+        """Give the node the weights that ended each past experience it has not been seen to settle.
+
+        In round 1 of an experience the message's own arrays ended the previous one, so
+        with every client sampled every round nothing extra is ever sent.
+        """
+        node = message.metadata.dst_node_id
+        owed = range(self.settled_through.get(node, 0), self.experience)
+        extra = {experience_end_key(e): self.experience_ends[e] for e in owed}
+        if server_round == 1:
+            extra.pop(experience_end_key(self.experience - 1), None)
+        if extra:
+            message.content = RecordDict({**dict(message.content.items()), **extra})
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        outcome = self.last_round
+        trained: list[Message] = []
+        for reply in replies:
+            partition = self.partition_of.get(reply.metadata.src_node_id, reply.metadata.src_node_id)
+            if reply.has_error():
+                outcome.failures.append(ClientFailure(partition, reply.error.reason))
+                continue
+            problem = array_problem(reply.content["arrays"], self.reference)
+            if problem:
+                reason = f"client {partition} returned unusable weights in round {outcome.global_round}: {problem}"
+                outcome.failures.append(ClientFailure(partition, reason))
+                continue
+            report = ClientRoundReport.from_reply(reply)
+            outcome.reports.append(report)
+            self.settled_through[reply.metadata.src_node_id] = self.experience
+            if report.num_examples > 0:  # a client with no data, or out of budget, replied the global model
+                trained.append(reply)
+        if outcome.sent and not outcome.reports:
+            raise FederationError(
+                f"every sampled client failed in round {outcome.global_round}; "
+                f"client {outcome.failures[0].partition_id} said: {outcome.failures[0].reason}"
+            )
+        result = self._call(self.strategy.aggregate_train, server_round, trained)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise FederationError(
+                f"strategy {self.name}.aggregate_train returned {type(result).__name__} in round "
+                f"{outcome.global_round}; it must return (ArrayRecord | None, MetricRecord | None)"
+            )
+        arrays, metrics = result
+        problem = None if arrays is None else array_problem(arrays, self.reference)
+        if problem:
+            raise FederationError(
+                f"strategy {self.name} returned malformed arrays in round {outcome.global_round}: {problem}"
+            )
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._call(self.strategy.configure_evaluate, server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self._call(self.strategy.aggregate_evaluate, server_round, replies)
+
+    def summary(self) -> None:
+        self._call(self.strategy.summary)
+
+    def _call(self, hook: Callable[..., Result], *args: Any) -> Result:
+        """Run one of the strategy's hooks; its exception becomes one line naming it, the round and where."""
+        try:
+            return hook(*args)
+        except FederationError:
+            raise
+        except Exception as error:
+            where = _user_frame(error)
+            server_round = self.global_round(args[0]) if args else self.round_offset
+            raise FederationError(
+                f"strategy {self.name} raised in round {server_round}: {type(error).__name__}: {error} "
+                f"({Path(where.filename).name}:{where.lineno}, in {where.name})"
+            ) from error
+
+
+def _user_frame(error: BaseException) -> traceback.FrameSummary:
+    """Where the strategy raised: its deepest frame outside installed libraries (Flower, numpy...)."""
+    frames = traceback.extract_tb(error.__traceback__)[1:]  # [0] is `_call` itself
+    own = [frame for frame in frames if "site-packages" not in frame.filename]
+    return (own or frames)[-1]
