@@ -1,4 +1,4 @@
-"""A continual method that fails on every client, as a buggy user plugin would."""
+"""Continual methods that fail on every client, as buggy user plugins would."""
 
 from avalanche.training.plugins import SupervisedPlugin
 
@@ -15,3 +15,17 @@ class BrokenMethod(Naive):
 
     def plugins(self):
         return [_Explodes()]
+
+
+class _NaNLoss(SupervisedPlugin):
+    def before_backward(self, strategy, **kwargs):
+        strategy.loss = strategy.loss * float("nan")
+
+
+class NaNLoss(Naive):
+    """Training that diverges: every minibatch loss is NaN."""
+
+    name = "nan_loss"
+
+    def plugins(self):
+        return [_NaNLoss()]

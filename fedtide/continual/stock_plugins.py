@@ -28,6 +28,7 @@ from avalanche.training.plugins import (
     SupervisedPlugin,
     SynapticIntelligencePlugin,
 )
+from avalanche.models import avalanche_forward
 from avalanche.training.utils import ParamData, copy_params_dict, zerolike_params_dict
 
 from fedtide.continual.base import StateDict
@@ -45,6 +46,35 @@ class GEM(GEMPlugin):
             raise ScenarioError("continual.method", "gem needs the quadprog solver", "pip install quadprog")
         super().__init__(patterns_per_experience=patterns_per_experience, memory_strength=memory_strength)
         self.memory_ids: dict[int, np.ndarray] = {}
+
+    def before_training_iteration(self, strategy, **kwargs) -> None:
+        """Reference gradients of the experiences this client remembers.
+
+        Avalanche takes every index below the current experience, which fails for a
+        client that held no data (and so has no memory) in some past experience.
+        """
+        if not self.memory_x:
+            return
+        device = strategy.device
+        references = []
+        for t in sorted(self.memory_x):
+            strategy.model.train()
+            strategy.optimizer.zero_grad()
+            out = avalanche_forward(strategy.model, self.memory_x[t].to(device), self.memory_tid[t])
+            strategy._criterion(out, self.memory_y[t].to(device)).backward()
+            references.append(
+                torch.cat(
+                    [
+                        p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=device)
+                        for p in strategy.model.parameters()
+                    ]
+                )
+            )
+        self.G = torch.stack(references)
+
+    def after_backward(self, strategy, **kwargs) -> None:
+        if self.memory_x:
+            super().after_backward(strategy, **kwargs)
 
     @torch.no_grad()
     def update_memory(self, dataset, t, batch_size):
@@ -74,10 +104,27 @@ class GEMMethod(PluginMethod):
 
 
 class MAS(MASPlugin):
-    """Avalanche's MASPlugin with defaults for every parameter."""
+    """Avalanche's MASPlugin with defaults for every parameter, for clients that may have nothing consolidated.
+
+    Avalanche raises "Importance is not available" in any experience after the first
+    when nothing was consolidated, which is the case of a client that held no data in
+    the experiences before: it trains without a penalty instead.
+    """
 
     def __init__(self, lambda_reg: float = 1.0, alpha: float = 0.5) -> None:
         super().__init__(lambda_reg=lambda_reg, alpha=alpha)
+
+    def before_backward(self, strategy, **kwargs) -> None:
+        if self.importance:
+            super().before_backward(strategy, **kwargs)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        if self.importance:
+            super().after_training_exp(strategy, **kwargs)
+            return
+        # The first experience this client consolidates: Avalanche's own first step.
+        self.params = dict(copy_params_dict(strategy.model))
+        self.importance = self._get_importance(strategy)
 
 
 class AGEM(AGEMPlugin):
