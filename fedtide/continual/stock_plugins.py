@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from avalanche.models import avalanche_forward
 from avalanche.training.plugins import (
     AGEMPlugin,
     GEMPlugin,
@@ -28,7 +29,6 @@ from avalanche.training.plugins import (
     SupervisedPlugin,
     SynapticIntelligencePlugin,
 )
-from avalanche.models import avalanche_forward
 from avalanche.training.utils import ParamData, copy_params_dict, zerolike_params_dict
 
 from fedtide.continual.base import StateDict
