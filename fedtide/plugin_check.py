@@ -159,7 +159,7 @@ SCHEDULE = [(0, 1), (1, 2), (1, 3)]
 
 
 def _check_method(scenario: Scenario, report: PluginReport) -> None:
-    from fedtide.client.training import METHOD_ARRAYS_KEY, RoundTask, run_training_round
+    from fedtide.client.training import RoundTask, run_training_round
     from fedtide.data.stream import build_stream
     from fedtide.models import build_scenario_model
     from fedtide.server.array_check import array_problem
@@ -177,14 +177,14 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
             except Exception as error:  # the plugin's own exception, named by method_phase
                 report.add(f"{label} trains", False, f"client {client}: {' '.join(str(error).split())}")
                 return
-            problem = array_problem(reply["arrays"], model)
+            problem = array_problem(reply["arrays"], ArrayRecord(model.state_dict()))
             if problem:
                 report.add(f"{label} returns valid arrays", False, f"client {client}: {problem}")
                 return
             replies.append(reply)
             states[client] = copy.deepcopy(state)  # Ray hands each call a copy of the Context
         report.add(f"{label} trains", True, passed="finite arrays with the model's keys and shapes")
-        counts = [list(r["metrics"]["consolidation_counts"]) for r in replies]
+        counts = [list(r["client"]["consolidation_counts"]) for r in replies]
         if not report.add(
             f"{label} consolidation counts",
             all(c == [1 if global_round > 1 else 0, 0] for c in counts),
@@ -196,7 +196,7 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
             after_consolidation = [copy.deepcopy(s) for s in states]
         global_arrays = _fedavg(replies)
 
-    _check_state(scenario, states, after_consolidation, report, METHOD_ARRAYS_KEY)
+    _check_state(scenario, states, after_consolidation, report)
     _check_private(scenario, report)
 
 
@@ -222,7 +222,7 @@ def _check_private(scenario: Scenario, report: PluginReport) -> None:
     except Exception as error:
         report.add("DP-SGD", False, f"dp_compatible, but a DP round failed: {' '.join(str(error).split())}")
         return
-    problem = array_problem(arrays, model)
+    problem = array_problem(arrays, ArrayRecord(model.state_dict()))
     epsilon = float(reply["metrics"]["epsilon"])
     report.add(
         "DP-SGD",
@@ -232,68 +232,54 @@ def _check_private(scenario: Scenario, report: PluginReport) -> None:
     )
 
 
-def _check_state(scenario, states, after_consolidation, report: PluginReport, arrays_key: str) -> None:
-    from fedtide.client.training import METHOD_VALUES_KEY
+def _check_state(scenario, states, after_consolidation, report: PluginReport) -> None:
+    """The state stored after consolidation loads back unchanged and is still there a round later."""
+    from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY, ClientState
     from fedtide.continual.methods import build_method
-    from fedtide.continual.plugin_adapter import STATE_KEY, PluginMethod
+    from fedtide.continual.state_codec import encode
     from fedtide.data.stream import build_stream
     from fedtide.models import build_scenario_model
 
-    fresh = build_method(scenario.continual)
-    fresh_arrays, fresh_values = fresh.save()
-    state = after_consolidation[0]
-    arrays = {k: v.numpy() for k, v in state[arrays_key].items()}
-    values = dict(state[METHOD_VALUES_KEY])
-    if isinstance(fresh, PluginMethod) and STATE_KEY in values:
-        before = fresh.unsaved_attributes()
-        stored = json.loads(values[STATE_KEY])["unsaved"]
-        unsaved = sorted(a for a, digest in stored.items() if before.get(a) != digest)
-        if not report.add(
-            "plugin state storable in Context.state",
-            not unsaved,
-            f"attribute(s) {', '.join(unsaved)} of {fresh.plugin_class.__name__} changed in after_training_exp "
-            "but cannot be stored (define state_dict()/load_state_dict(), see docs/extending.md)",
-            "every attribute that consolidation changed is stored",
-        ):
-            return
-    stateful = not (_same(arrays, fresh_arrays) and values == fresh_values)
-    report.add(
-        "state after consolidation",
-        True,
-        passed=f"{len(arrays)} arrays, {len(values)} values in Context.state"
-        if stateful
-        else "nothing kept by consolidation (a stateless method)",
-    )
+    stored = after_consolidation[0]
+    arrays = {k: v.numpy() for k, v in stored[METHOD_ARRAYS_KEY].items()}
+    layout = json.loads(str(stored[METHOD_LAYOUT_KEY]["layout"]))
     stream = build_stream(scenario)
     model = build_scenario_model(scenario, stream.data.input_shape)
     method = build_method(scenario.continual)
+    method.bind(model, stream.full_train)
     try:
-        method.load(arrays, values, stream.full_train, model)
-        again_arrays, again_values = method.save()
+        ClientState(stored, scenario.stream.n_experiences).restore_method(method, model)
+        again_arrays, again_layout = encode(method.state_dict())
     except Exception as error:
-        report.add("save()/load() round-trip", False, f"{type(error).__name__}: {error}")
+        report.add("state_dict() round-trip", False, f"{type(error).__name__}: {error}")
         return
     report.add(
-        "save()/load() round-trip",
-        _same(arrays, again_arrays) and _json(again_values) == _json(values),
-        "loading the saved state and saving again gives different state",
-        "load() then save() gives back the same arrays and values",
+        "state_dict() round-trip",
+        _same(arrays, {k: v.numpy() for k, v in again_arrays.items()})
+        and json.loads(str(again_layout["layout"])) == layout,
+        "loading the stored state and storing it again gives different state",
+        f"load_state_dict() then state_dict() gives back the same {len(arrays)} arrays and values",
     )
-    later = {k: v.numpy() for k, v in states[0][arrays_key].items()}
+    later = json.loads(str(states[0][METHOD_LAYOUT_KEY]["layout"]))
     report.add(
         "state kept across rounds",
-        not stateful or set(later) >= set(arrays),
-        f"state keys after round 3 {sorted(later)} lost some of round 2's {sorted(arrays)}",
+        _entries(later) >= _entries(layout),
+        f"state after round 3 {sorted(_entries(later))} lost some of round 2's {sorted(_entries(layout))}",
         "round 3 restored and kept the state of round 2's consolidation",
     )
 
 
+def _entries(layout: dict, path: str = "") -> set[str]:
+    """The paths of a state layout's entries (`anchor/0/1.weight`), to compare two states' shapes."""
+    if "dict" in layout:
+        return {p for key, item in layout["dict"] for p in _entries(item, f"{path}/{key}")}
+    if "list" in layout:
+        return {p for i, item in enumerate(layout["list"]) for p in _entries(item, f"{path}/{i}")}
+    return {path}
+
+
 def _same(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
-
-
-def _json(values: dict) -> str:
-    return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}, sort_keys=True)
 
 
 def _fedavg(replies: list[RecordDict]) -> ArrayRecord:

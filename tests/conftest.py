@@ -39,3 +39,18 @@ def run_cli(monkeypatch, capsys):
         return code, out, err
 
     return invoke
+
+
+def stored_method_state(records, scenario=None) -> dict:
+    """The continual method's state as a client stored it in `Context.state`, decoded.
+
+    `scenario` gives the model that stored modules are rebuilt into (any, for states without one).
+    """
+    from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY
+    from fedtide.continual.state_codec import decode
+    from fedtide.data.stream import build_stream
+    from fedtide.models import build_scenario_model
+
+    scenario = scenario or small_scenario()
+    model = build_scenario_model(scenario, build_stream(scenario).data.input_shape)
+    return decode(records[METHOD_ARRAYS_KEY], records[METHOD_LAYOUT_KEY], model)

@@ -9,7 +9,8 @@ from fedtide.aggregation import build_strategy
 from fedtide.client.training import RoundTask, run_training_round
 from fedtide.data.stream import build_stream, experience_partitions
 from fedtide.models import build_model
-from tests.conftest import small_scenario
+from fedtide.protocol import ClientRoundReport
+from tests.conftest import small_scenario, stored_method_state
 
 
 def initial_arrays(scenario) -> ArrayRecord:
@@ -23,13 +24,13 @@ def flat(arrays: ArrayRecord) -> np.ndarray:
 
 
 def run_rounds(scenario, partition_id, schedule, state=None, mu=0.0):
-    """Train through `schedule` = [(experience, global_round), ...]; return last arrays, metrics, state."""
+    """Train through `schedule` = [(experience, global_round), ...]; return last arrays, report, state."""
     state = RecordDict() if state is None else state
     arrays = initial_arrays(scenario)
     for experience, global_round in schedule:
         reply = run_training_round(RoundTask(scenario, partition_id, experience, global_round, mu), arrays, state)
-        arrays, metrics = reply["arrays"], reply["metrics"]
-    return arrays, metrics, state
+        arrays, report = reply["arrays"], ClientRoundReport.from_content(reply)
+    return arrays, report, state
 
 
 def test_fedprox_proximal_term_changes_the_update_on_dirichlet_clients():
@@ -56,23 +57,23 @@ def test_fedprox_is_flowers_strategy_with_mu_from_the_scenario():
 def test_consolidation_happens_once_per_past_experience_across_many_rounds():
     scenario = small_scenario(continual={"method": "ewc"})
     schedule = [(e, 2 * e + k + 1) for e in range(3) for k in range(2)]
-    _, metrics, state = run_rounds(scenario, 1, schedule)
-    assert list(metrics["consolidation_counts"]) == [1, 1, 0]
-    assert sorted(k for k in state["fedtide.method.arrays"] if k.startswith("anchor.0.")) != []
-    assert {k.split(".")[1] for k in state["fedtide.method.arrays"]} == {"0", "1"}
+    _, report, state = run_rounds(scenario, 1, schedule)
+    assert report.consolidation_counts == [1, 1, 0]
+    stored = stored_method_state(state, scenario)
+    assert set(stored["anchor"]) == set(stored["importance"]) == {0, 1}
 
 
 def test_client_that_skipped_experiences_consolidates_each_once():
     scenario = small_scenario(continual={"method": "lwf"})
-    _, metrics, _ = run_rounds(scenario, 0, [(0, 1), (2, 5), (2, 6)])
-    assert list(metrics["consolidation_counts"]) == [1, 1, 0]
-    assert metrics["consolidated"] == 0  # the second round of experience 2 consolidated nothing new
+    _, report, _ = run_rounds(scenario, 0, [(0, 1), (2, 5), (2, 6)])
+    assert report.consolidation_counts == [1, 1, 0]
+    assert report.consolidated == 0  # the second round of experience 2 consolidated nothing new
 
 
 def test_replay_buffer_survives_the_context_as_sample_ids():
     scenario = small_scenario(continual={"method": "replay", "mem_size": 30})
     _, _, state = run_rounds(scenario, 3, [(0, 1), (1, 3)])
-    ids = state["fedtide.method.arrays"]["ids.0"].numpy()
+    ids = np.asarray(stored_method_state(state, scenario)["groups"][0]["ids"])
     own_first = experience_partitions(scenario)[0][3]
     stream = build_stream(scenario)
     first_experience_ids = set(np.asarray(stream.train[0].sample_id)[own_first].tolist())
@@ -80,7 +81,7 @@ def test_replay_buffer_survives_the_context_as_sample_ids():
     assert set(ids.tolist()) <= first_experience_ids
     # the restored buffer is used: training continues from it and keeps the same ids
     _, _, state = run_rounds(scenario, 3, [(1, 4)], state=state)
-    assert np.array_equal(state["fedtide.method.arrays"]["ids.0"].numpy(), ids)
+    assert np.array_equal(stored_method_state(state, scenario)["groups"][0]["ids"], ids)
 
 
 def test_ewc_penalty_changes_training_after_consolidation():
@@ -96,6 +97,6 @@ def test_client_without_data_in_an_experience_reports_it():
     empty = [(e, c) for e, row in enumerate(sizes) for c, n in enumerate(row) if n == 0]
     assert empty, "Dirichlet(0.05) over 20 clients leaves some client without data"
     experience, client = empty[0]
-    arrays, metrics, _ = run_rounds(scenario, client, [(experience, 1)])
-    assert (metrics["empty"], metrics["num-examples"]) == (1, 0)
+    arrays, report, _ = run_rounds(scenario, client, [(experience, 1)])
+    assert (report.empty, report.num_examples) == (True, 0)
     assert np.array_equal(flat(arrays), flat(initial_arrays(scenario)))

@@ -12,6 +12,7 @@ from importlib.metadata import EntryPoint
 
 import numpy as np
 import pytest
+import torch
 from fedtide_examples.method import L2Anchor
 from fedtide_examples.strategy import ExperienceMomentum
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -20,9 +21,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedtide import aggregation
 from fedtide.aggregation import build_strategy, strategy_class
+from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY
 from fedtide.client.training import RoundTask, run_training_round
 from fedtide.continual.methods import build_method, method_class
 from fedtide.continual.plugin_adapter import PluginMethod
+from fedtide.continual.state_codec import encode
 from fedtide.data.loading import parse_scenario
 from fedtide.data.stream import build_stream, experience_partitions
 from fedtide.errors import ScenarioError
@@ -30,7 +33,7 @@ from fedtide.plugin_check import check_plugin
 from fedtide.server.federation import train_config
 from fedtide.validation import check_runnable
 from tests.broken_strategy import NaNStrategy
-from tests.conftest import small_scenario
+from tests.conftest import small_scenario, stored_method_state
 from tests.test_client import flat, initial_arrays
 
 SCHEDULE = [(e, 2 * e + k + 1) for e in range(3) for k in range(2)]  # 3 experiences x 2 rounds
@@ -48,8 +51,14 @@ def drive(scenario, partition_id, schedule=SCHEDULE):
     return rounds
 
 
-def method_state(state):
-    return {k: v.numpy() for k, v in state["fedtide.method.arrays"].items()}
+def method_state(state) -> dict[str, np.ndarray]:
+    """The stored method state, each table of tensors flattened to `table.i` arrays (i: position)."""
+    flat: dict[str, np.ndarray] = {}
+    for key, value in stored_method_state(state).items():
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        for i, item in enumerate(items or []):
+            flat[f"{key}.{i}"] = np.asarray(item.data if hasattr(item, "data") else item)
+    return flat
 
 
 # --- names: entry points, clash rule, broken entry points ------------------------------------
@@ -152,8 +161,8 @@ def test_a_client_refuses_a_non_dp_method_under_dp_even_without_validation():
 def test_mas_consolidates_once_per_experience_at_the_global_weights_and_keeps_state():
     scenario = small_scenario(continual={"method": "mas", "lambda_reg": 1.0})
     rounds = drive(scenario, 1)
-    assert [int(r["metrics"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
-    assert list(rounds[-1][1]["metrics"]["consolidation_counts"]) == [1, 1, 0]
+    assert [int(r["client"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
+    assert list(rounds[-1][1]["client"]["consolidation_counts"]) == [1, 1, 0]
     names = list(initial_arrays(scenario).keys())  # MLP parameters, in order
     after_first = method_state(rounds[2][2])
     assert sorted(after_first) == sorted([f"params.{i}" for i in range(6)] + [f"importance.{i}" for i in range(6)])
@@ -189,7 +198,7 @@ def test_importance_penalties_pull_training_towards_the_anchor(continual):
 def test_si_integrates_the_path_over_every_round_of_an_experience_and_consolidates_once():
     """Avalanche's SI restarts its integral and anchor at every train(); fedtide's spans the experience."""
     rounds = drive(small_scenario(continual={"method": "si", "si_lambda": 1.0}), 1)
-    assert [int(r["metrics"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
+    assert [int(r["client"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
     states = [method_state(state) for _, _, state in rounds]
 
     def table(state, kind):
@@ -223,16 +232,18 @@ def test_si_integrates_the_path_over_every_round_of_an_experience_and_consolidat
 def test_gem_and_agem_memories_are_sample_ids_of_each_past_experience_and_shape_training(continual):
     scenario = small_scenario(continual=continual)
     rounds = drive(scenario, 3)
-    assert [int(r["metrics"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
+    assert [int(r["client"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
     stream = build_stream(scenario)
     own = experience_partitions(scenario)
     state = method_state(rounds[-1][2])
-    assert sorted(state) == ["ids.0", "ids.1"]
+    table = "memory_ids" if continual["method"] == "gem" else "buffer_ids"
+    assert sorted(state) == [f"{table}.0", f"{table}.1"]
     for e in (0, 1):
         mine = set(np.asarray(stream.train[e].sample_id)[own[e][3]].tolist())
-        assert len(state[f"ids.{e}"]) == min(16, len(mine)) and set(state[f"ids.{e}"].tolist()) <= mine
+        ids = state[f"{table}.{e}"]
+        assert len(ids) == min(16, len(mine)) and set(ids.tolist()) <= mine
     # the memory of experience 0 is drawn once and restored unchanged in the next round
-    assert np.array_equal(method_state(rounds[3][2])["ids.0"], method_state(rounds[2][2])["ids.0"])
+    assert np.array_equal(method_state(rounds[3][2])[f"{table}.0"], method_state(rounds[2][2])[f"{table}.0"])
     # and it is used: the projected gradients give other weights than plain fine-tuning
     naive = drive(small_scenario(continual={"method": "naive"}), 3, SCHEDULE[:4])
     assert not np.allclose(flat(naive[3][1]["arrays"]), flat(rounds[3][1]["arrays"]))
@@ -242,7 +253,7 @@ def test_rwalk_scores_every_round_of_an_experience_and_consolidates_once():
     """Avalanche's RWalk zeroes its scores at every train() and scores only whole delta_t windows."""
     scenario = small_scenario(continual={"method": "rwalk", "delta_t": 1000})  # windows end only with rounds
     rounds = drive(scenario, 1)
-    assert [int(r["metrics"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
+    assert [int(r["client"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
 
     def table(state, kind):
         return np.concatenate([method_state(state)[f"{kind}.{i}"].ravel() for i in range(6)])
@@ -251,9 +262,9 @@ def test_rwalk_scores_every_round_of_an_experience_and_consolidates_once():
     assert np.abs(first).sum() > 0  # the round's one, partial window was scored at its end
     # round 2 adds to round 1's scores: run round 2 again from round 1's state with the scores zeroed
     state = copy.deepcopy(rounds[0][2])
-    stored = state["fedtide.method.arrays"]
-    for key in [k for k in stored if k.startswith("checkpoint_scores.")]:
-        stored[key] = Array(np.zeros_like(stored[key].numpy()))
+    zeroed = stored_method_state(state)
+    zeroed["checkpoint_scores"] = {name: torch.zeros_like(t) for name, t in zeroed["checkpoint_scores"].items()}
+    state[METHOD_ARRAYS_KEY], state[METHOD_LAYOUT_KEY] = encode(zeroed)
     run_training_round(RoundTask(scenario, 1, 0, 2), rounds[1][0], state)
     second = table(rounds[1][2], "checkpoint_scores")
     assert np.allclose(second, first + table(state, "checkpoint_scores"), rtol=1e-5, atol=1e-6)
@@ -273,11 +284,8 @@ def test_rwalk_scores_every_round_of_an_experience_and_consolidates_once():
 def test_user_supervised_plugin_consolidates_once_and_its_attributes_persist(name):
     scenario = small_scenario(continual={"method": name, "strength": 5.0})
     rounds = drive(scenario, 0)
-    values = [rnd[2]["fedtide.method.values"]["plugin_state"] for rnd in rounds]
-    import json
-
     # the plugin's own counter of after_training_exp calls, restored from Context.state every round
-    assert [json.loads(v)["plain"]["consolidations"] for v in values] == [0, 0, 1, 1, 2, 2]
+    assert [stored_method_state(rnd[2])["consolidations"] for rnd in rounds] == [0, 0, 1, 1, 2, 2]
     anchor = method_state(rounds[2][2])
     names = [k for k in initial_arrays(scenario).keys()]
     assert sorted(anchor) == sorted(f"anchor.{i}" for i in range(len(names)))
@@ -323,17 +331,18 @@ def test_check_plugin_passes_on_the_example_method_and_names_what_it_checked():
     assert report.ok, report.message
     assert report.kind == "continual method"
     names = [c.name for c in report.checks]
-    assert names[0] == "loads" and "save()/load() round-trip" in names and "state kept across rounds" in names
+    assert names[0] == "loads" and "state kept across rounds" in names
     assert "round 2 (experience 1) consolidation counts" in names
-    assert next(c for c in report.checks if c.name == "state after consolidation").detail.startswith("6 arrays")
+    round_trip = next(c for c in report.checks if c.name == "state_dict() round-trip").detail
+    assert "the same 6 arrays" in round_trip  # L2Anchor's anchor: one per MLP tensor
     assert report.checks[-1].name == "DP-SGD" and "trains and consolidates under DP-SGD" in report.checks[-1].detail
 
 
 def test_check_plugin_passes_on_stock_si_whose_state_is_its_own_state_dict():
     report = check_plugin("si", {"si_lambda": 1.0})
     assert report.ok, report.message
-    stored = next(c for c in report.checks if c.name == "state after consolidation").detail
-    assert stored.startswith("24 arrays")  # anchor, importance and two integrals for the MLP's 6 tensors
+    stored = next(c for c in report.checks if c.name == "state_dict() round-trip").detail
+    assert "the same 24 arrays" in stored  # anchor, importance and two integrals for the MLP's 6 tensors
     assert report.checks[-1].name == "DP-SGD" and "trains and consolidates under DP-SGD" in report.checks[-1].detail
 
 
@@ -349,8 +358,8 @@ def test_check_plugin_fails_a_raising_method_naming_it(run_cli):
 def test_check_plugin_finds_plugin_state_that_cannot_live_in_the_context():
     report = check_plugin("avalanche.training.plugins:AGEMPlugin", {"patterns_per_experience": 8, "sample_size": 8})
     assert not report.ok
-    assert report.failure.name == "plugin state storable in Context.state"
-    assert "buffers" in report.failure.detail and "AGEMPlugin" in report.message
+    assert report.failure.name == "round 2 (experience 1) trains"  # the round that consolidated
+    assert "attribute(s) buffer_dataloader, buffer_dliter, buffers of AGEMPlugin changed" in report.message
 
 
 def test_check_plugin_reports_unloadable_plugins_and_unknown_parameters():
@@ -368,24 +377,23 @@ def test_parse_scenario_keeps_plugin_parameters_beside_the_name():
 
 
 def test_array_check_names_missing_keys_wrong_shapes_and_non_finite_values():
-    from fedtide.errors import FederationError
     from fedtide.models import build_model
-    from fedtide.server.array_check import array_problem, check_strategy_arrays
+    from fedtide.server.array_check import array_problem
 
     model = build_model("mlp", (1, 8, 8), 10)
     good = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    assert array_problem(_record(good), model) is None
+    reference = _record(good)
+    assert array_problem(_record(good), reference) is None
     missing = dict(list(good.items())[:-1])
-    assert array_problem(_record(missing), model) == "keys differ from the model's: missing ['5.bias'], unexpected []"
+    expected = "keys differ from the model's: missing ['5.bias'], unexpected []"
+    assert array_problem(_record(missing), reference) == expected
     wrong = good | {"5.bias": np.zeros(3, dtype=np.float32)}
-    assert array_problem(_record(wrong), model) == "'5.bias' has shape (3,), the model's is (10,)"
+    assert array_problem(_record(wrong), reference) == "'5.bias' has shape (3,), the model's is (10,)"
     inf = good | {"3.weight": np.full((128, 128), np.inf, dtype=np.float32)}
-    with pytest.raises(FederationError, match=r"strategy tests.broken_strategy.NaNStrategy returned malformed arrays"):
-        check_strategy_arrays(_record(inf), model, NaNStrategy(), server_round=2)
+    assert array_problem(_record(inf), reference) == "'3.weight' holds non-finite values (NaN or inf)"
 
 
 def _record(arrays: dict) -> ArrayRecord:
-    from flwr.app import Array
 
     return ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in arrays.items()})
 

@@ -9,11 +9,12 @@ from flwr.app import RecordDict
 from opacus.accountants import RDPAccountant
 
 from fedtide.client.training import RoundTask, run_training_round
+from fedtide.continual.methods import build_method
 from fedtide.data.stream import experience_partitions
 from fedtide.models import build_model
 from fedtide.privacy.accounting import client_delta, noise_multiplier
 from fedtide.privacy.dp_sgd import opacus_ready
-from tests.conftest import small_scenario
+from tests.conftest import small_scenario, stored_method_state
 from tests.test_client import flat, initial_arrays
 
 SCHEDULE = [(0, 1), (0, 2), (1, 3), (1, 4), (2, 5)]
@@ -79,10 +80,10 @@ def test_si_under_dp_spends_nothing_more_and_its_penalty_survives():
     for experience, global_round in SCHEDULE[:4]:
         replies.append(run_training_round(RoundTask(si_scenario, 0, experience, global_round), arrays, state))
         arrays = replies[-1]["arrays"]
-    assert [int(r["metrics"]["consolidated"]) for r in replies] == [0, 0, 1, 0]
+    assert [int(r["client"]["consolidated"]) for r in replies] == [0, 0, 1, 0]
     assert history(replies[-1]) == history(naive_replies[-1])  # the same DP steps, nothing else charged
     assert replies[-1]["metrics"]["epsilon"] == naive_replies[-1]["metrics"]["epsilon"]
-    importance = [v.numpy() for k, v in state["fedtide.method.arrays"].items() if k.startswith("importance.")]
+    importance = stored_method_state(state, si_scenario)["importance"].values()
     assert sum(int((i > 0).sum()) for i in importance) > 100  # learned from the noised path
     assert not np.allclose(flat(naive), flat(arrays))  # same noise draws: only the penalty differs
 
@@ -113,9 +114,9 @@ def test_budget_stops_a_client_before_it_exceeds_the_target():
     scenario = private_scenario(noise_multiplier=1.0, target_epsilon=3.0)
     _, replies = run_private(scenario)
     epsilons = [reply["metrics"]["epsilon"] for reply in replies]
-    stopped = [reply["metrics"]["budget_exhausted"] for reply in replies]
+    stopped = [reply["client"]["budget_exhausted"] for reply in replies]
     assert max(epsilons) <= 3.0
-    assert stopped[0] == 0 and stopped[-1] == 1
+    assert stopped[0] is False and stopped[-1] is True
     assert replies[-1]["metrics"]["num-examples"] == 0
 
 
@@ -128,7 +129,8 @@ def test_target_epsilon_calibrates_noise_to_spend_about_the_target():
     _, replies = run_private(scenario, schedule=[(0, 1), (1, 2), (2, 3)])
     final = replies[-1]["metrics"]["epsilon"]
     assert 1.9 <= final <= 2.0
-    assert replies[-1]["metrics"]["noise_multiplier"] == noise_multiplier(scenario, 0) > 0.5
+    footprint = build_method(scenario.continual).private_footprint()
+    assert replies[-1]["client"]["noise_multiplier"] == noise_multiplier(scenario, 0, footprint) > 0.5
 
 
 def test_opacus_validator_fixes_batchnorm_and_keeps_builtin_models():

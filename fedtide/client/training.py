@@ -23,6 +23,7 @@ from fedtide.client.learner import ProximalTerm, RoundLearner
 from fedtide.client.state import ClientState, Progress
 from fedtide.continual.base import ContinualMethod
 from fedtide.continual.methods import build_method, require_dp_compatible
+from fedtide.continual.state_codec import UnstorableState
 from fedtide.data.schema import Scenario
 from fedtide.data.stream import build_stream, client_experiences
 from fedtide.models import build_scenario_model
@@ -110,7 +111,9 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
     for past in plan.pending:
         _load_weights(model, task.experience_ends.get(past, global_arrays))
         with method_phase(name, f"consolidation of experience {past}"):
+            unsaved = method.unsaved_attributes()
             learner.consolidate(experiences[past], past)
+            refuse_lost_state(method, unsaved)
         progress.counts[past] += 1
     _load_weights(model, global_arrays)
     progress.done_through = max(progress.done_through, task.experience)
@@ -144,6 +147,19 @@ def _learner(task: RoundTask, model: torch.nn.Module, method: ContinualMethod, p
         extra.append(privacy.training_plugin(method.private_training_data))
     device = pick_device(task.scenario)
     return RoundLearner(model, method, task.scenario.client, device=device, extra_plugins=extra)
+
+
+def refuse_lost_state(method: ContinualMethod, before: dict[str, str]) -> None:
+    """Fail when consolidation changed an attribute the state dict leaves out: it would be lost."""
+    after = method.unsaved_attributes()
+    changed = sorted(attr for attr, digest in after.items() if before.get(attr) != digest)
+    if changed:
+        owner = type(getattr(method, "plugin", method)).__name__
+        raise UnstorableState(
+            f"attribute(s) {', '.join(changed)} of {owner} changed in after_training_exp but cannot be "
+            "stored in Context.state, so they would be lost by the next round (define state_dict()/"
+            "load_state_dict(), see docs/extending.md)"
+        )
 
 
 class ClientDiverged(RuntimeError):

@@ -72,6 +72,14 @@ class ContinualMethod(ABC):
     def load_state_dict(self, state: StateDict) -> None:  # noqa: B027 - stateless methods keep nothing
         """Restore what `state_dict` returned (tensors on the CPU; modules as frozen copies of the model)."""
 
+    def unsaved_attributes(self) -> dict[str, str]:
+        """Attributes the state dict leaves out, with a fingerprint of their content.
+
+        The client compares them before and after consolidation: one that changed is state
+        that would be lost between rounds, and the round fails naming it.
+        """
+        return {}
+
     def use_privacy(self, privacy: ClientPrivacy) -> None:  # noqa: B027 - optional hook
         """Called before a DP round: route every pass over private data through `privacy`."""
 

@@ -66,12 +66,8 @@ class PluginMethod(ContinualMethod):
             setattr(self.plugin, attr, value)
 
     def unsaved_attributes(self) -> dict[str, str]:
-        """Attributes that cannot go to `Context.state`, with a fingerprint of their content.
-
-        `fedtide check-plugin` compares the fingerprints of a fresh plugin with those
-        after consolidation: an unstorable attribute that changed is state lost between rounds.
-        """
-        if _has_own_state(self.plugin):
+        """The plugin's attributes that cannot go to `Context.state` (when its attributes are the state)."""
+        if _has_own_state(self.plugin) or type(self).state_dict is not PluginMethod.state_dict:
             return {}
         return {attr: fingerprint(value) for attr, value in vars(self.plugin).items() if not is_storable(value)}
 
