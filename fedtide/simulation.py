@@ -1,4 +1,4 @@
-"""Running a scenario on Flower's simulation runtime (Ray backend) from Python or the CLI."""
+"""Running a scenario on Flower's simulation runtime (Ray backend), or in this process without Ray."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from flwr.simulation import run_simulation
 from fedtide.client.app import app as client_app
 from fedtide.data.schema import Scenario
 from fedtide.server.app import make_server_app
-from fedtide.server.federation import RoundObserver
+from fedtide.server.federation import RoundObserver, run_federation
+from fedtide.server.local_grid import InProcessGrid
 
 
 def backend_config(scenario: Scenario) -> dict:
@@ -49,3 +50,13 @@ def simulate(scenario: Scenario, run_dir: Path, observer: RoundObserver | None =
         num_supernodes=scenario.partition.num_clients,
         backend_config=backend_config(scenario),
     )
+
+
+def simulate_in_process(scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> dict:
+    """The same run with every client called in this process, one after another: no Ray start-up.
+
+    The numbers are those of `simulate` (clients seed themselves per round and the
+    server orders replies by partition); what is lost is parallelism and isolation.
+    """
+    grid = InProcessGrid(client_app, scenario.partition.num_clients)
+    return run_federation(grid, scenario, run_dir, observer)

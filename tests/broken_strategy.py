@@ -34,3 +34,24 @@ class RaisesInRoundTwo(FedAvg):
 
 class NotAStrategy:
     """Not a subclass of Flower's Strategy."""
+
+
+class RaisesInExperienceOne(FedAvg):
+    """FedAvg whose aggregation raises in the first round of experience 1."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.experience = int(config["experience"])
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        if self.experience == 1:
+            raise ValueError("aggregation broke on purpose in experience 1")
+        return super().aggregate_train(server_round, replies)
+
+
+class ReturnsArraysOnly(FedAvg):
+    """FedAvg whose aggregate_train forgets the MetricRecord of its (arrays, metrics) tuple."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, _ = super().aggregate_train(server_round, replies)
+        return arrays

@@ -1,0 +1,107 @@
+"""The wrapper around the user's strategy, driven by real Flower strategies over the in-process grid."""
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+from fedtide.client.app import app as client_app
+from fedtide.errors import FederationError
+from fedtide.protocol import experience_end_key
+from fedtide.run_files import create_run_folder, read_metrics
+from fedtide.server.federation import run_federation
+from fedtide.server.local_grid import InProcessGrid
+from tests.conftest import small_scenario
+
+
+class RecordingGrid(InProcessGrid):
+    """The in-process grid, keeping every train message it delivered."""
+
+    def __init__(self, num_nodes: int) -> None:
+        super().__init__(client_app, num_nodes)
+        self.delivered: list[Message] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.delivered += [m for m in messages if m.metadata.message_type == "train"]
+        return super().push_messages(messages)
+
+
+def run(scenario, tmp_path, grid=None):
+    grid = grid or InProcessGrid(client_app, scenario.partition.num_clients)
+    return run_federation(grid, scenario, create_run_folder(scenario, tmp_path)), grid
+
+
+def test_a_client_sampled_late_is_sent_the_weights_that_ended_the_experience(tmp_path):
+    scenario = small_scenario(
+        stream={"n_experiences": 2},
+        partition={"kind": "iid", "num_clients": 4},
+        federation={"rounds_per_experience": 3, "fraction_train": 0.5, "min_train_nodes": 2},
+        continual={"method": "ewc"},
+    )
+    grid = RecordingGrid(4)
+    run(scenario, tmp_path, grid)
+    experience_1 = [m for m in grid.delivered if m.content["config"]["experience"] == 1]
+    ended = experience_1[0].content["arrays"]  # round 1 of experience 1 starts from the weights that ended 0
+    seen: set[int] = set()
+    late = 0
+    for message in experience_1:
+        node, server_round = message.metadata.dst_node_id, int(message.content["config"]["server-round"])
+        owed = server_round > 1 and node not in seen
+        assert (experience_end_key(0) in message.content) == owed
+        if owed:
+            late += 1
+            for key, array in message.content[experience_end_key(0)].items():
+                assert np.array_equal(array.numpy(), ended[key].numpy())
+        seen.add(node)
+    assert late > 0, "with half the clients sampled a round, some are first sampled after round 1"
+
+
+def test_with_every_client_sampled_nothing_extra_is_sent(tmp_path):
+    grid = RecordingGrid(4)
+    run(small_scenario(continual={"method": "naive"}), tmp_path, grid)
+    assert not any(k.startswith("experience-end") for m in grid.delivered for k in m.content.keys())
+
+
+def test_bookkeeping_is_not_averaged_into_the_strategys_metrics(tmp_path):
+    summary, _ = run(small_scenario(stream={"n_experiences": 2}), tmp_path)
+    rounds = [r for r in read_metrics(tmp_path / "small") if r["type"] == "round"]
+    assert [c["partition_id"] for c in rounds[-1]["per_client"]] == [0, 1, 2, 3]
+    assert summary["clients_failed"] == 0
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        (
+            "tests.broken_strategy:RaisesInExperienceOne",
+            "strategy tests.broken_strategy.RaisesInExperienceOne raised in round 3: ValueError: aggregation broke "
+            "on purpose in experience 1 (broken_strategy.py:",
+        ),
+        (
+            "tests.broken_strategy:ReturnsArraysOnly",
+            "strategy tests.broken_strategy.ReturnsArraysOnly.aggregate_train returned ArrayRecord in round 1; "
+            "it must return (ArrayRecord | None, MetricRecord | None)",
+        ),
+        (
+            "tests.broken_strategy:NaNStrategy",
+            "strategy tests.broken_strategy.NaNStrategy returned malformed arrays in round 1: '1.weight' holds "
+            "non-finite values (NaN or inf)",
+        ),
+    ],
+)
+def test_a_strategys_mistake_names_it_and_the_global_round(tmp_path, strategy, expected):
+    scenario = small_scenario(
+        stream={"n_experiences": 2}, federation={"strategy": {"name": strategy}, "rounds_per_experience": 2}
+    )
+    with pytest.raises(FederationError) as raised:
+        run(scenario, tmp_path)
+    assert str(raised.value).startswith(expected)
+
+
+def test_a_round_where_every_client_fails_names_the_round_and_a_client(tmp_path):
+    scenario = small_scenario(continual={"method": "tests.broken_method:BrokenMethod"})
+    with pytest.raises(FederationError) as raised:
+        run(scenario, tmp_path)
+    message = str(raised.value)
+    assert message.startswith("every sampled client failed in round 1; client 0 said:")
+    assert "continual method 'tests.broken_method:BrokenMethod' failed in training" in message
