@@ -10,7 +10,7 @@ Both kinds run on a tiny digits scenario: 2 IID clients, 2 class-incremental
 experiences, so a method consolidates once. A continual method is driven in-process
 through `run_training_round` (the ClientApp's own function, no Ray), with FedAvg
 between the clients and the client state deep-copied between rounds as Ray does. A
-strategy runs a real 2-round federation on Flower's Ray simulation (~10 s).
+strategy runs a real 2-round Flower federation over the in-process grid (no Ray start-up).
 """
 
 from __future__ import annotations
@@ -291,17 +291,17 @@ def _fedavg(replies: list[RecordDict]) -> ArrayRecord:
     return ArrayRecord({k: Array.from_numpy_ndarray(m.astype(a.dtype)) for k, m, a in zip(keys, mean, stacks[0])})
 
 
-# --- strategies, on Ray ------------------------------------------------------------------
+# --- strategies, in-process ---------------------------------------------------------------
 
 
 def _check_strategy(scenario: Scenario, report: PluginReport) -> None:
     from fedtide.run_files import create_run_folder, read_metrics
-    from fedtide.simulation import simulate
+    from fedtide.simulation import simulate_in_process
 
     with tempfile.TemporaryDirectory(prefix="fedtide-check-") as folder:
         run_dir = create_run_folder(scenario, Path(folder))
         try:
-            simulate(scenario, run_dir)
+            simulate_in_process(scenario, run_dir)
         except FederationError as error:
             report.add("2-round federation completes", False, " ".join(str(error).split()))
             return

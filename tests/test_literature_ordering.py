@@ -9,13 +9,13 @@ import json
 
 from fedtide.data.loading import load_scenario
 from fedtide.run_files import create_run_folder
-from fedtide.simulation import simulate
+from fedtide.simulation import simulate_in_process
 
 
 def final_accuracy(method: str, tmp_path) -> float:
     scenario = load_scenario("scenarios/centralized_split.yaml", [f"continual.method={method}"])
     folder = create_run_folder(scenario, tmp_path)
-    simulate(scenario, folder)
+    simulate_in_process(scenario, folder)
     return json.loads((folder / "summary.json").read_text())["final_average_accuracy"]
 
 

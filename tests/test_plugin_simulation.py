@@ -1,7 +1,7 @@
-"""`fedtide check-plugin` on strategies: real 2-round federations on Flower's Ray simulation.
+"""`fedtide check-plugin` on strategies: real 2-round Flower federations over the in-process grid.
 
-Two short runs (~30 s each on 2 cores): the example strategy passes, and a strategy
-whose aggregate holds NaNs stops the run with one line naming its class.
+The example strategy passes, and a strategy whose aggregate holds NaNs stops the
+run with one line naming its class.
 """
 
 from fedtide.plugin_check import check_plugin

@@ -5,7 +5,7 @@ import json
 from fedtide.data.stream import experience_partitions
 from fedtide.privacy.accounting import client_delta, epsilon_spent, steps_and_rate
 from fedtide.run_files import create_run_folder
-from fedtide.simulation import simulate
+from fedtide.simulation import simulate_in_process
 from tests.conftest import small_scenario
 
 ROUNDS = 4
@@ -24,7 +24,7 @@ def scenario_with(privacy: dict):
 
 def run(scenario, tmp_path) -> dict:
     folder = create_run_folder(scenario, tmp_path)
-    simulate(scenario, folder)
+    simulate_in_process(scenario, folder)
     return json.loads((folder / "summary.json").read_text())
 
 

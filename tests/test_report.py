@@ -19,7 +19,7 @@ from fedtide.data.loading import parse_scenario
 from fedtide.metrics.audit import audit_clients
 from fedtide.models import build_scenario_model
 from fedtide.run_files import read_summary
-from fedtide.simulation import simulate
+from fedtide.simulation import simulate_in_process
 from fedtide.sweep import load_sweep, run_sweep
 
 SWEEP = {
@@ -63,7 +63,7 @@ def sweep_dir(tmp_path_factory):
         started.append(scenario.name)
         if len(started) == 3:
             raise Interrupted  # as if Ctrl-C hit after the folder was made
-        simulate(scenario, folder)
+        simulate_in_process(scenario, folder)
 
     with pytest.raises(Interrupted):
         run_sweep(plan, interrupting_runner)
