@@ -10,7 +10,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedtide.errors import FederationError, ScenarioError
+
+if TYPE_CHECKING:
+    from fedtide.run_files import RoundRecord
 
 cli = typer.Typer(
     add_completion=False,
@@ -76,8 +79,8 @@ def run(
     with _progress() as progress:
         task = progress.add_task("rounds", total=scenario.total_rounds, status="starting Ray...")
 
-        def on_round(record: dict) -> None:
-            progress.update(task, completed=record["round"], status=_round_status(record))
+        def on_round(record: RoundRecord) -> None:
+            progress.update(task, completed=record.round, status=_round_status(record))
 
         simulate(scenario, run_dir, observer=on_round)
     console.print(summary_view(read_summary(run_dir)))
@@ -96,8 +99,8 @@ def sweep(scenario_file: ScenarioArg, set_: SetOption = None, output: OutputOpti
         task = progress.add_task("runs", total=len(plan.points), status="starting...")
 
         def runner(scenario, folder: Path) -> None:
-            def on_round(record: dict) -> None:
-                status = f"{scenario.name} round {record['round']}/{scenario.total_rounds} | {_round_status(record)}"
+            def on_round(record: RoundRecord) -> None:
+                status = f"{scenario.name} round {record.round}/{scenario.total_rounds} | {_round_status(record)}"
                 progress.update(task, status=status)
 
             simulate(scenario, folder, observer=on_round)
@@ -139,13 +142,13 @@ def _progress() -> Progress:
     return Progress(*columns, TextColumn("{task.fields[status]}"), console=console)
 
 
-def _round_status(record: dict) -> str:
+def _round_status(record: RoundRecord) -> str:
     status = (
-        f"exp {record['experience']} | acc {100 * record['mean_accuracy']:.1f}% "
-        f"| loss {record['train_loss'] or 0:.3f} | failed {record['clients']['failed']}"
+        f"exp {record.experience} | acc {100 * record.mean_accuracy:.1f}% "
+        f"| loss {record.train_loss or 0:.3f} | failed {record.clients['failed']}"
     )
-    if "privacy" in record:
-        status += f" | ε max {record['privacy']['epsilon_max']:.2f}"
+    if record.privacy:
+        status += f" | ε max {record.privacy['epsilon_max']:.2f}"
     return status
 
 

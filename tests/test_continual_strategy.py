@@ -66,7 +66,7 @@ def test_bookkeeping_is_not_averaged_into_the_strategys_metrics(tmp_path):
     summary, _ = run(small_scenario(stream={"n_experiences": 2}), tmp_path)
     rounds = [r for r in read_metrics(tmp_path / "small") if r["type"] == "round"]
     assert [c["partition_id"] for c in rounds[-1]["per_client"]] == [0, 1, 2, 3]
-    assert summary["clients_failed"] == 0
+    assert summary.clients_failed == 0
 
 
 @pytest.mark.parametrize(

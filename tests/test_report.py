@@ -18,7 +18,6 @@ import yaml
 from fedtide.data.loading import parse_scenario
 from fedtide.metrics.audit import audit_clients
 from fedtide.models import build_scenario_model
-from fedtide.run_files import read_summary
 from fedtide.simulation import simulate_in_process
 from fedtide.sweep import load_sweep, run_sweep
 
@@ -45,6 +44,11 @@ def write(tmp_path: Path, raw: dict) -> Path:
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def read_summary(folder: Path) -> dict:
+    """summary.json as written (the report must agree with the file, whatever reads it)."""
+    return json.loads((folder / "summary.json").read_text())
 
 
 class Interrupted(Exception):

@@ -5,9 +5,11 @@ from __future__ import annotations
 from rich.console import Group
 from rich.table import Table
 
+from fedtide.run_files import RunSummary
 
-def summary_view(summary: dict) -> Group:
-    matrix = summary["accuracy_matrix"]
+
+def summary_view(summary: RunSummary) -> Group:
+    matrix = summary.accuracy_matrix
     grid = Table(title="Accuracy matrix A[e][j] (rows: after experience e; columns: test on j)")
     grid.add_column("after", justify="right")
     for j in range(len(matrix)):
@@ -16,18 +18,18 @@ def summary_view(summary: dict) -> Group:
         cells = [f"{100 * a:.1f}" for a in row] + [""] * (len(matrix) - len(row))
         grid.add_row(f"exp {e}", *cells)
 
-    headline = Table(title=f"Run '{summary['name']}': {summary['strategy']} + {summary['method']}")
+    headline = Table(title=f"Run '{summary.name}': {summary.strategy} + {summary.method}")
     headline.add_column("metric")
     headline.add_column("value", justify="right")
-    headline.add_row("final average accuracy", f"{100 * summary['final_average_accuracy']:.2f}%")
-    headline.add_row("average forgetting", f"{100 * summary['average_forgetting']:.2f}%")
-    headline.add_row("BWT", f"{100 * summary['bwt']:.2f}%")
-    headline.add_row("clients failed", str(summary["clients_failed"]))
-    if "privacy" in summary:
-        privacy = summary["privacy"]
-        headline.add_row("ε (max over clients)", f"{privacy['epsilon_max']:.3f}")
-        headline.add_row("δ", f"{privacy['delta']:.2e}")
-        if privacy["budget_exhausted_clients"]:
-            headline.add_row("clients out of budget", ", ".join(map(str, privacy["budget_exhausted_clients"])))
-    headline.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
+    headline.add_row("final average accuracy", f"{100 * summary.final_average_accuracy:.2f}%")
+    headline.add_row("average forgetting", f"{100 * summary.average_forgetting:.2f}%")
+    headline.add_row("BWT", f"{100 * summary.bwt:.2f}%")
+    headline.add_row("clients failed", str(summary.clients_failed))
+    if summary.privacy:
+        privacy = summary.privacy
+        headline.add_row("ε (max over clients)", f"{privacy.epsilon_max:.3f}")
+        headline.add_row("δ", f"{privacy.delta:.2e}")
+        if privacy.budget_exhausted_clients:
+            headline.add_row("clients out of budget", ", ".join(map(str, privacy.budget_exhausted_clients)))
+    headline.add_row("wall time", f"{summary.wall_time_s:.1f} s")
     return Group(grid, headline)

@@ -91,17 +91,17 @@ def run_row(run: RunResult) -> list[str]:
     summary, audit = run.summary, run.audit
     return [
         run.run_id,
-        summary["method"],
-        summary["strategy"],
+        summary.method,
+        summary.strategy,
         f"{run.noise:.3g}",
         _epsilon(run.epsilon),
-        f"{summary['privacy']['delta']:.1e}" if run.private else "–",
-        _pct(summary["final_average_accuracy"]),
-        _pct(summary["average_forgetting"]),
-        _pct(summary["bwt"]),
-        _number(audit.get("auc_max")),
-        _pct(audit.get("tpr_at_1pct_fpr_max")),
-        f"{summary['wall_time_s']:.1f}",
+        f"{summary.privacy.delta:.1e}" if summary.privacy else "–",
+        _pct(summary.final_average_accuracy),
+        _pct(summary.average_forgetting),
+        _pct(summary.bwt),
+        _number(audit.auc_max if audit else None),
+        _pct(audit.tpr_at_1pct_fpr_max if audit else None),
+        f"{summary.wall_time_s:.1f}",
     ]
 
 
@@ -161,14 +161,14 @@ def _audit(runs: list[RunResult], points: list[SeedGroup]) -> list[Block]:
     ]
     private = [run for run in runs if run.private]
     if len(points) > 1 and private:
-        delta = max(run.summary["privacy"]["delta"] for run in private)
+        delta = max(run.summary.privacy.delta for run in private)
         blocks.append(Image("audit_vs_epsilon.png", "Attack success against ε", _png(
             figures.audit_figure(points, delta))))
     columns = ["run", "client", "members", "non-members", "AUC", "TPR@1%FPR %", "ε"]
     rows = []
     for run in runs:
-        epsilons = run.summary.get("privacy", {}).get("epsilon_per_client", {})
-        for client, result in run.audit.get("per_client", {}).items():
+        epsilons = run.summary.privacy.epsilon_per_client if run.summary.privacy else {}
+        for client, result in (run.audit.per_client if run.audit else {}).items():
             epsilon = _epsilon(epsilons.get(client, 0.0)) if run.private else "∞"
             rows.append([
                 run.run_id, client, str(result["members"]), str(result["nonmembers"]), _number(result["auc"]),
@@ -182,13 +182,13 @@ def _audit(runs: list[RunResult], points: list[SeedGroup]) -> list[Block]:
 def _run_details(run: RunResult) -> list[Block]:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "__", run.run_id)
     summary = run.summary
-    matrix = summary["accuracy_matrix"]
+    matrix = summary.accuracy_matrix
     blocks: list[Block] = [
         Heading(run.run_id, 3),
         Text(
-            f"{summary['strategy']} + {summary['method']}, {summary['num_clients']} clients, "
-            f"{summary['n_experiences']} experiences (classes {summary['classes_per_experience']}), "
-            f"{summary['rounds']} rounds, seed {summary['seed']}; clients failed: {summary['clients_failed']}."
+            f"{summary.strategy} + {summary.method}, {summary.num_clients} clients, "
+            f"{summary.n_experiences} experiences (classes {summary.classes_per_experience}), "
+            f"{summary.rounds} rounds, seed {summary.seed}; clients failed: {summary.clients_failed}."
         ),
         TableBlock(
             ["after", *(f"exp {j}" for j in range(len(matrix)))],

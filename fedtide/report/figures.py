@@ -23,7 +23,7 @@ from fedtide.run_files import LOW_FPR  # noqa: E402
 
 def accuracy_matrix_figure(run: RunResult) -> Figure:
     """A[e][j], accuracy on experience j after training experience e, as a heatmap."""
-    matrix = run.summary["accuracy_matrix"]
+    matrix = run.summary.accuracy_matrix
     size = len(matrix)
     grid = np.full((size, size), np.nan)
     for e, row in enumerate(matrix):
@@ -44,15 +44,15 @@ def accuracy_matrix_figure(run: RunResult) -> Figure:
 
 def accuracy_over_rounds_figure(run: RunResult) -> Figure:
     """Global accuracy on each experience's test data after every round; dotted lines end experiences."""
-    rounds = [r for r in run.metrics if r["type"] == "round"]
+    rounds = run.rounds
     figure, axes = plt.subplots(figsize=(6.4, 3.4))
-    for j in range(run.summary["n_experiences"]):
-        seen = [(r["round"], 100 * r["accuracy"][j]) for r in rounds if len(r["accuracy"]) > j]
+    for j in range(run.summary.n_experiences):
+        seen = [(r.round, 100 * r.accuracy[j]) for r in rounds if len(r.accuracy) > j]
         if seen:
             axes.plot(*zip(*seen), marker=".", label=f"exp {j}")
-    axes.plot([r["round"] for r in rounds], [100 * r["mean_accuracy"] for r in rounds], "k--", lw=1.5, label="mean")
-    per_experience = run.summary["rounds"] // run.summary["n_experiences"]
-    for boundary in range(per_experience, run.summary["rounds"], per_experience):
+    axes.plot([r.round for r in rounds], [100 * r.mean_accuracy for r in rounds], "k--", lw=1.5, label="mean")
+    per_experience = run.summary.rounds // run.summary.n_experiences
+    for boundary in range(per_experience, run.summary.rounds, per_experience):
         axes.axvline(boundary + 0.5, color="grey", ls=":", lw=1)
     axes.set_xlabel("global round")
     axes.set_ylabel("test accuracy (%)")
@@ -65,19 +65,19 @@ def accuracy_over_rounds_figure(run: RunResult) -> Figure:
 
 def epsilon_figure(run: RunResult) -> Figure:
     """Cumulative ε of each client after every round (a client not sampled keeps its value)."""
-    rounds = [r for r in run.metrics if r["type"] == "round" and "privacy" in r]
-    clients = sorted({c for r in rounds for c in r["privacy"]["epsilon_per_client"]}, key=int)
+    rounds = [r for r in run.rounds if r.privacy]
+    clients = sorted({c for r in rounds for c in r.privacy["epsilon_per_client"]}, key=int)
     figure, axes = plt.subplots(figsize=(6.4, 3.2))
     for client in clients:
-        points = [(r["round"], r["privacy"]["epsilon_per_client"][client]) for r in rounds]
+        points = [(r.round, r.privacy["epsilon_per_client"][client]) for r in rounds]
         points = [(x, y) for x, y in points if y is not None] if points else []
         axes.plot(*zip(*points), marker=".", lw=1, label=f"client {client}")
-    target = run.summary["privacy"].get("target_epsilon")
+    target = run.summary.privacy.target_epsilon
     if target:
         axes.axhline(target, color="red", ls="--", lw=1, label="target ε")
     axes.set_xlabel("global round")
     axes.set_ylabel("ε spent")
-    axes.set_title(f"{run.run_id}: ε per client (δ={run.summary['privacy']['delta']:.1e})", fontsize=9)
+    axes.set_title(f"{run.run_id}: ε per client (δ={run.summary.privacy.delta:.1e})", fontsize=9)
     if len(clients) <= 12:
         axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()

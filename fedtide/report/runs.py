@@ -15,7 +15,15 @@ from typing import Any
 import yaml
 
 from fedtide.errors import ScenarioError
-from fedtide.run_files import SCENARIO_FILE, SUMMARY_FILE, read_metrics, read_summary
+from fedtide.run_files import (
+    SCENARIO_FILE,
+    SUMMARY_FILE,
+    AuditSummary,
+    RoundRecord,
+    RunSummary,
+    read_rounds,
+    read_summary,
+)
 
 # Fields that vary between runs without making them a different method or setting.
 _NOT_A_SETTING = ("name", "seed", "output")
@@ -28,29 +36,29 @@ class RunResult:
     folder: Path
     run_id: str
     scenario: dict[str, Any]
-    summary: dict[str, Any]
-    metrics: list[dict[str, Any]] = field(repr=False)
+    summary: RunSummary
+    rounds: list[RoundRecord] = field(repr=False)
 
     @property
     def private(self) -> bool:
-        return "privacy" in self.summary
+        return self.summary.private
 
     @property
     def epsilon(self) -> float | None:
         """ε spent (the largest over clients), or None for a non-private run (ε = ∞)."""
-        return self.summary["privacy"]["epsilon_max"] if self.private else None
+        return self.summary.privacy.epsilon_max if self.summary.privacy else None
 
     @property
     def noise(self) -> float:
         """The noise multiplier (mean over clients: with a target ε each client has its own)."""
-        if not self.private:
+        if not self.summary.privacy:
             return 0.0
-        sigmas = list(self.summary["privacy"]["noise_multiplier"].values())
+        sigmas = list(self.summary.privacy.noise_multiplier.values())
         return sum(sigmas) / len(sigmas)
 
     @property
-    def audit(self) -> dict[str, Any]:
-        return self.summary.get("audit", {})
+    def audit(self) -> AuditSummary | None:
+        return self.summary.audit
 
 
 def find_runs(paths: list[Path]) -> tuple[list[RunResult], list[Path]]:
@@ -73,7 +81,7 @@ def find_runs(paths: list[Path]) -> tuple[list[RunResult], list[Path]]:
                 continue
             run_id = folder.relative_to(path.parent).as_posix()
             scenario = yaml.safe_load((folder / SCENARIO_FILE).read_text())
-            runs.append(RunResult(folder, run_id, scenario, read_summary(folder), read_metrics(folder)))
+            runs.append(RunResult(folder, run_id, scenario, read_summary(folder), read_rounds(folder)))
     if not runs:
         raise ScenarioError(", ".join(map(str, paths)), "holds no finished run (no summary.json)", "run it first")
     return runs, unfinished
@@ -143,8 +151,8 @@ def _value(run: RunResult, name: str) -> float | None:
     if name == "epsilon":
         return run.epsilon
     if name in ("auc_max", "tpr_at_1pct_fpr_max"):
-        return run.audit.get(name)
-    return run.summary[name]
+        return getattr(run.audit, name) if run.audit else None
+    return getattr(run.summary, name)
 
 
 def seed_groups(runs: list[RunResult]) -> list[SeedGroup]:

@@ -29,11 +29,20 @@ from fedtide.metrics.evaluation import experience_accuracies
 from fedtide.metrics.forgetting import average_accuracy, average_forgetting, backward_transfer
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta, noise_multiplier
-from fedtide.run_files import MODEL_FILE, append_metrics, write_summary
+from fedtide.run_files import (
+    MODEL_FILE,
+    AuditSummary,
+    ExperienceRecord,
+    PrivacySummary,
+    RoundRecord,
+    RunSummary,
+    append_metrics,
+    write_summary,
+)
 from fedtide.server.continual_strategy import ContinualStrategy, RoundOutcome
 from fedtide.server.grid import PartitionOrderedGrid
 
-RoundObserver = Callable[[dict[str, Any]], None]
+RoundObserver = Callable[[RoundRecord], None]
 
 
 class _RunRecorder:
@@ -60,7 +69,7 @@ class _RunRecorder:
     def elapsed(self) -> float:
         return round(time.monotonic() - self.started, 3)
 
-    def _privacy_record(self, outcome: RoundOutcome) -> dict:
+    def _privacy_record(self, outcome: RoundOutcome) -> dict[str, Any]:
         """Cumulative ε per client (carried over for clients not sampled this round)."""
         for report in outcome.reports:
             self.epsilon[report.partition_id] = report.epsilon
@@ -79,22 +88,22 @@ class _RunRecorder:
             return None
         outcome = federation.last_round
         accuracies = experience_accuracies(self.model, arrays, self.stream.test[: experience + 1])
-        record = _round_record(experience, server_round, accuracies, outcome)
-        record["wall_time_s"] = self.elapsed()
-        self.failures += record["clients"]["failed"]
+        privacy = self._privacy_record(outcome) if self.private else None
+        record = _round_record(experience, server_round, accuracies, outcome, self.elapsed(), privacy)
+        self.failures += record.clients["failed"]
         self.ray_nodes.update(r.host["ray_node_id"] for r in outcome.reports if r.host.get("ray_node_id"))
-        if self.private:
-            record["privacy"] = self._privacy_record(outcome)
         append_metrics(self.run_dir, record)
         if server_round == self.rounds:
             self.matrix.append(accuracies)
-            append_metrics(self.run_dir, {"type": "experience", "experience": experience, "accuracy": accuracies})
+            append_metrics(self.run_dir, ExperienceRecord(experience, accuracies))
         if self.observer:
             self.observer(record)
         return None
 
 
-def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> dict:
+def run_federation(
+    grid: Grid, scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None
+) -> RunSummary:
     """Run every experience and round of `scenario`, writing metrics and the summary to `run_dir`."""
     num_clients = scenario.partition.num_clients
     rounds = scenario.federation.rounds_per_experience
@@ -117,36 +126,38 @@ def run_federation(grid: Grid, scenario: Scenario, run_dir: Path, observer: Roun
     recorder.model.load_state_dict(arrays.to_torch_state_dict())
     torch.save(recorder.model.state_dict(), run_dir / MODEL_FILE)  # to evaluate or audit the run again later
     matrix = recorder.matrix
-    summary = {
-        "name": scenario.name,
-        "seed": scenario.seed,
-        "strategy": scenario.federation.strategy.name,
-        "method": scenario.continual.method,
-        "num_clients": num_clients,
-        "n_experiences": scenario.stream.n_experiences,
-        "rounds": scenario.total_rounds,
-        "classes_per_experience": recorder.stream.classes,
-        "accuracy_matrix": matrix,
-        "final_average_accuracy": average_accuracy(matrix),
-        "average_forgetting": average_forgetting(matrix),
-        "bwt": backward_transfer(matrix),
-        "clients_failed": recorder.failures,
-        "wall_time_s": recorder.elapsed(),
-        "ray_nodes": sorted(recorder.ray_nodes),
-    }
+    privacy = None
     if recorder.private:
         footprint = build_method(scenario.continual).private_footprint()
-        summary["privacy"] = {
-            "delta": client_delta(scenario),
-            "accountant": scenario.privacy.accountant,
-            "max_grad_norm": scenario.privacy.max_grad_norm,
-            "noise_multiplier": {str(c): noise_multiplier(scenario, c, footprint) for c in range(num_clients)},
-            "target_epsilon": scenario.privacy.target_epsilon,
-            "epsilon_max": max(recorder.epsilon.values(), default=0.0),
-            "epsilon_per_client": {str(k): v for k, v in sorted(recorder.epsilon.items())},
-            "budget_exhausted_clients": sorted(recorder.stopped),
-        }
-    summary["audit"] = audit_clients(scenario, recorder.model)
+        privacy = PrivacySummary(
+            delta=client_delta(scenario),
+            accountant=scenario.privacy.accountant,
+            max_grad_norm=scenario.privacy.max_grad_norm,
+            noise_multiplier={str(c): noise_multiplier(scenario, c, footprint) for c in range(num_clients)},
+            target_epsilon=scenario.privacy.target_epsilon,
+            epsilon_max=max(recorder.epsilon.values(), default=0.0),
+            epsilon_per_client={str(k): v for k, v in sorted(recorder.epsilon.items())},
+            budget_exhausted_clients=sorted(recorder.stopped),
+        )
+    summary = RunSummary(
+        name=scenario.name,
+        seed=scenario.seed,
+        strategy=scenario.federation.strategy.name,
+        method=scenario.continual.method,
+        num_clients=num_clients,
+        n_experiences=scenario.stream.n_experiences,
+        rounds=scenario.total_rounds,
+        classes_per_experience=recorder.stream.classes,
+        accuracy_matrix=matrix,
+        final_average_accuracy=average_accuracy(matrix),
+        average_forgetting=average_forgetting(matrix),
+        bwt=backward_transfer(matrix),
+        clients_failed=recorder.failures,
+        wall_time_s=recorder.elapsed(),
+        ray_nodes=sorted(recorder.ray_nodes),
+        privacy=privacy,
+        audit=AuditSummary(**audit_clients(scenario, recorder.model)),
+    )
     write_summary(run_dir, summary)
     return summary
 
@@ -165,27 +176,33 @@ def train_config(scenario: Scenario, experience: int) -> ConfigRecord:
     )
 
 
-def _round_record(experience: int, server_round: int, accuracies: list[float], outcome: RoundOutcome) -> dict:
+def _round_record(
+    experience: int,
+    server_round: int,
+    accuracies: list[float],
+    outcome: RoundOutcome,
+    wall_time_s: float,
+    privacy: dict[str, Any] | None,
+) -> RoundRecord:
     reports = outcome.reports
     trained = [r for r in reports if r.num_examples > 0]
     examples = sum(r.num_examples for r in trained)
-    loss = sum(r.train_loss * r.num_examples for r in trained) / examples if examples else None
-    record: dict[str, Any] = {
-        "type": "round",
-        "round": outcome.global_round,
-        "experience": experience,
-        "round_in_experience": server_round,
-        "accuracy": accuracies,
-        "mean_accuracy": sum(accuracies) / len(accuracies),
-        "train_loss": loss,
-        "clients": {
+    failures = [{"partition_id": f.partition_id, "reason": f.reason} for f in outcome.failures]
+    return RoundRecord(
+        round=outcome.global_round,
+        experience=experience,
+        round_in_experience=server_round,
+        accuracy=accuracies,
+        mean_accuracy=sum(accuracies) / len(accuracies),
+        train_loss=sum(r.train_loss * r.num_examples for r in trained) / examples if examples else None,
+        clients={
             "sampled": outcome.sent,
             "replied": len(reports),
             "failed": outcome.sent - len(reports),
             "empty": sum(r.empty for r in reports),
         },
-        "per_client": [r.as_record() for r in reports],
-    }
-    if outcome.failures:
-        record["failures"] = [{"partition_id": f.partition_id, "reason": f.reason} for f in outcome.failures]
-    return record
+        per_client=[r.as_record() for r in reports],
+        failures=failures or None,
+        wall_time_s=wall_time_s,
+        privacy=privacy,
+    )
