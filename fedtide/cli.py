@@ -148,7 +148,7 @@ def _round_status(record: RoundRecord) -> str:
         f"| loss {record.train_loss or 0:.3f} | failed {record.clients['failed']}"
     )
     if record.privacy:
-        status += f" | ε max {record.privacy['epsilon_max']:.2f}"
+        status += f" | ε max {record.privacy.epsilon_max:.2f}"
     return status
 
 

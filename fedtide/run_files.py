@@ -5,18 +5,25 @@ scenario.yaml (the resolved scenario), metrics.jsonl (a `RoundRecord` per round 
 `RunSummary`). A run never writes into an existing folder: a second run of the same
 name gets a numbered sibling. summary.json appears only, and whole, when the run has
 finished. Readers (the report) use the records, never torch: this module imports none.
+
+A record's `to_dict()` is exactly the JSON the file holds (same keys, same order, an
+optional section left out when absent), so run folders written before the records
+existed read and write back byte for byte.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from fedtide.data.loading import scenario_to_yaml
 from fedtide.data.schema import Scenario
+from fedtide.errors import ScenarioError
 
 SCENARIO_FILE = "scenario.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -25,9 +32,134 @@ MODEL_FILE = "model.pt"  # the final global weights (a torch state_dict), writte
 # The false-positive rate at which a summary's audit reports the attack's true-positive rate.
 LOW_FPR = 0.01
 
+R = TypeVar("R", bound="_Record")
+
+
+class _Record:
+    """The file's keys are the record's fields, in order; the `_OPTIONAL` ones are left out while None.
+
+    A nested section may be given typed or in its JSON form (a dict, or a list or map of
+    them): `from_dict` hands the file's sections to the constructor as they are, and the
+    server still builds some as dicts; either way the record holds them typed.
+    """
+
+    _TYPE: ClassVar[str | None] = None  # the line's "type" in metrics.jsonl
+    _OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        raw: dict[str, Any] = {} if self._TYPE is None else {"type": self._TYPE}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None or f.name not in self._OPTIONAL:
+                raw[f.name] = _plain(value)
+        return raw
+
+    @classmethod
+    def from_dict(cls: type[R], raw: dict[str, Any]) -> R:
+        """Keys this version does not know (a later version's) are ignored rather than refused."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def _plain(value: Any) -> Any:
+    """JSON values, a nested record through its own `to_dict` (`asdict` would write absent optional keys as null)."""
+    if isinstance(value, _Record):
+        return value.to_dict()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _typed(value: R | dict[str, Any] | None, record: type[R]) -> R | None:
+    return record.from_dict(value) if isinstance(value, dict) else value
+
+
+def _typed_list(values: list[R | dict[str, Any]] | None, record: type[R]) -> list[R] | None:
+    return None if values is None else [_typed(v, record) for v in values]
+
+
+def _set(record: _Record, name: str, value: Any) -> None:
+    """Assign in __post_init__ of a frozen record."""
+    object.__setattr__(record, name, value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientRoundRecord(_Record):
+    """One replying client's round, as `fedtide.protocol.ClientRoundReport.as_record` writes it."""
+
+    _OPTIONAL = ("ray_node_id", "hostname", "dp_history")
+
+    partition_id: int
+    num_examples: int
+    train_loss: float
+    empty: int  # 1 when it held no data in this experience (0/1 in the file, not a JSON bool)
+    consolidated: int  # past experiences consolidated in this call
+    consolidation_counts: list[int]
+    epsilon: float
+    noise_multiplier: float
+    budget_exhausted: int  # 0/1, as `empty`
+    ray_node_id: str | None = None  # absent when the client ran outside Ray
+    hostname: str | None = None
+    dp_history: list[list[float]] | None = None  # under DP: (noise multiplier, sample rate, steps) rows
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientFailure(_Record):
+    """A client that failed a round, and why (the exception it raised, or what it returned wrong)."""
+
+    partition_id: int
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundPrivacy(_Record):
+    """The clients' cumulative ε after a round: a client not sampled keeps its last value."""
+
+    epsilon_max: float
+    epsilon_mean: float
+    epsilon_per_client: dict[str, float]
+    budget_exhausted_clients: list[int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundRecord(_Record):
+    """One line of metrics.jsonl per global round: the global model's accuracy and the clients' round."""
+
+    _TYPE = "round"
+    _OPTIONAL = ("failures", "privacy")
+
+    round: int
+    experience: int
+    round_in_experience: int
+    accuracy: list[float]  # on each experience seen so far
+    mean_accuracy: float
+    train_loss: float | None  # None when no client trained
+    clients: dict[str, int]  # sampled, replied, failed, empty
+    per_client: list[ClientRoundRecord]
+    failures: list[ClientFailure] | None = None  # only when a client failed
+    wall_time_s: float
+    privacy: RoundPrivacy | None = None  # only under DP
+
+    def __post_init__(self) -> None:
+        _set(self, "per_client", _typed_list(self.per_client, ClientRoundRecord))
+        _set(self, "failures", _typed_list(self.failures, ClientFailure))
+        _set(self, "privacy", _typed(self.privacy, RoundPrivacy))
+
 
 @dataclass(frozen=True)
-class PrivacySummary:
+class ExperienceRecord(_Record):
+    """One line of metrics.jsonl per finished experience: its row of the accuracy matrix."""
+
+    _TYPE = "experience"
+
+    experience: int
+    accuracy: list[float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacySummary(_Record):
     """Sample-level DP-SGD of a run: each client's noise and cumulative ε, by its own accountant."""
 
     delta: float
@@ -40,21 +172,39 @@ class PrivacySummary:
     budget_exhausted_clients: list[int]
 
 
-@dataclass(frozen=True)
-class AuditSummary:
-    """The membership-inference attack on the final model: per client, with mean and worst case."""
+@dataclass(frozen=True, kw_only=True)
+class ClientAudit(_Record):
+    """The attack's success on one client's members against as many class-matched non-members."""
+
+    auc: float
+    tpr_at_1pct_fpr: float
+    members: int
+    nonmembers: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditSummary(_Record):
+    """The membership-inference attack on the final model: per client, with mean and worst case.
+
+    The aggregates are None when no client held training data to attack.
+    """
 
     attack: str
     auc_mean: float | None
     auc_max: float | None
     tpr_at_1pct_fpr_mean: float | None
     tpr_at_1pct_fpr_max: float | None
-    per_client: dict[str, dict[str, Any]]
+    per_client: dict[str, ClientAudit]
+
+    def __post_init__(self) -> None:
+        _set(self, "per_client", {k: _typed(v, ClientAudit) for k, v in self.per_client.items()})
 
 
-@dataclass(frozen=True)
-class RunSummary:
+@dataclass(frozen=True, kw_only=True)
+class RunSummary(_Record):
     """summary.json: what a finished run measured."""
+
+    _OPTIONAL = ("privacy", "audit")
 
     name: str
     seed: int
@@ -71,72 +221,17 @@ class RunSummary:
     clients_failed: int
     wall_time_s: float
     ray_nodes: list[str]
-    privacy: PrivacySummary | None = None
-    audit: AuditSummary | None = None
+    privacy: PrivacySummary | None = None  # only under DP
+    audit: AuditSummary | None = None  # absent from runs written before the audit existed
+
+    def __post_init__(self) -> None:
+        _set(self, "privacy", _typed(self.privacy, PrivacySummary))
+        _set(self, "audit", _typed(self.audit, AuditSummary))
 
     @property
     def private(self) -> bool:
+        """A run is private exactly when its summary has a privacy section (noise 0 writes none)."""
         return self.privacy is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return _without_none(asdict(self), ("privacy", "audit"))
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> RunSummary:
-        privacy = PrivacySummary(**raw["privacy"]) if "privacy" in raw else None
-        audit = AuditSummary(**raw["audit"]) if "audit" in raw else None
-        return cls(**_known(cls, raw) | {"privacy": privacy, "audit": audit})
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    """One line of metrics.jsonl per global round: the global model's accuracy and the clients' round.
-
-    `per_client` holds each replying client's `ClientRoundReport` as written by
-    `fedtide.protocol`; `failures` the reasons of clients that failed (when any did);
-    `privacy` the cumulative ε per client (under DP).
-    """
-
-    round: int
-    experience: int
-    round_in_experience: int
-    accuracy: list[float]  # on each experience seen so far
-    mean_accuracy: float
-    train_loss: float | None  # None when no client trained
-    clients: dict[str, int]  # sampled, replied, failed, empty
-    per_client: list[dict[str, Any]] = field(default_factory=list)
-    failures: list[dict[str, Any]] | None = None
-    wall_time_s: float = 0.0
-    privacy: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": "round"} | _without_none(asdict(self), ("failures", "privacy"))
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> RoundRecord:
-        return cls(**_known(cls, raw))
-
-
-@dataclass(frozen=True)
-class ExperienceRecord:
-    """One line of metrics.jsonl per finished experience: its row of the accuracy matrix."""
-
-    experience: int
-    accuracy: list[float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": "experience"} | asdict(self)
-
-
-def _without_none(raw: dict[str, Any], optional: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in raw.items() if not (k in optional and v is None)}
-
-
-def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in raw.items() if k in names}
-
-
 
 
 def create_run_folder(scenario: Scenario, output: Path | None = None) -> Path:
@@ -172,7 +267,8 @@ def write_summary(folder: Path, summary: RunSummary) -> None:
 
 
 def read_summary(folder: Path) -> RunSummary:
-    return RunSummary.from_dict(json.loads((folder / SUMMARY_FILE).read_text()))
+    with _run_file(folder / SUMMARY_FILE) as path:
+        return RunSummary.from_dict(json.loads(path.read_text()))
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
@@ -181,4 +277,14 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
 
 
 def read_rounds(folder: Path) -> list[RoundRecord]:
-    return [RoundRecord.from_dict(r) for r in read_metrics(folder) if r["type"] == "round"]
+    with _run_file(folder / METRICS_FILE):
+        return [RoundRecord.from_dict(r) for r in read_metrics(folder) if r["type"] == RoundRecord._TYPE]
+
+
+@contextmanager
+def _run_file(path: Path) -> Iterator[Path]:
+    """A file another program wrote, or one edited by hand, fails naming the file, not with a traceback."""
+    try:
+        yield path
+    except (KeyError, TypeError, ValueError) as error:
+        raise ScenarioError(str(path), f"is not a fedtide run file ({type(error).__name__}: {error})") from None

@@ -1,65 +1,163 @@
-"""The report is read-side: writing one from run files loads no torch, Avalanche, Ray, Flower or Opacus."""
+"""The report is read-side: its records round-trip the run files, and it loads no training stack.
+
+The run folder here is written by hand through the typed records and the run-file
+writers, so the report is exercised on every section (DP, audit, a failed client, a
+client first sampled in round 2) without torch ever being needed to produce it.
+"""
 
 import json
 import subprocess
 import sys
 
-from fedtide.data.loading import parse_scenario, scenario_to_yaml
+import pytest
+
+from fedtide.data.loading import parse_scenario
 from fedtide.run_files import (
     METRICS_FILE,
-    SCENARIO_FILE,
     SUMMARY_FILE,
     AuditSummary,
+    ClientAudit,
+    ClientFailure,
+    ClientRoundRecord,
     ExperienceRecord,
+    PrivacySummary,
+    RoundPrivacy,
     RoundRecord,
     RunSummary,
+    append_metrics,
+    prepare_run_folder,
+    read_rounds,
+    read_summary,
+    write_summary,
 )
 
 HEAVY = ("torch", "avalanche", "ray", "flwr", "opacus")
 
+# A round line as the version before the typed records wrote it (quick_dp, cut to two clients).
+OLD_ROUND_LINE = (
+    '{"type": "round", "round": 1, "experience": 0, "round_in_experience": 1, "accuracy": [0.6813186813186813], '
+    '"mean_accuracy": 0.6813186813186813, "train_loss": 2.088394005556819, "clients": {"sampled": 2, "replied": 2, '
+    '"failed": 0, "empty": 0}, "per_client": [{"partition_id": 0, "num_examples": 9, "train_loss": '
+    '2.0907411575317383, "empty": 0, "consolidated": 0, "consolidation_counts": [0, 0, 0, 0, 0], "epsilon": '
+    '5.733567976251924, "noise_multiplier": 1.0, "budget_exhausted": 0, "ray_node_id": "5ea12683", "hostname": '
+    '"vm", "dp_history": [[1.0, 1.0, 2]]}, {"partition_id": 1, "num_examples": 21, "train_loss": 2.023709535598755, '
+    '"empty": 0, "consolidated": 0, "consolidation_counts": [0, 0, 0, 0, 0], "epsilon": 5.671716972289063, '
+    '"noise_multiplier": 1.0, "budget_exhausted": 0, "ray_node_id": "5ea12683", "hostname": "vm", "dp_history": '
+    '[[1.0, 0.5, 4]]}], "wall_time_s": 16.249, "privacy": {"epsilon_max": 5.733567976251924, "epsilon_mean": '
+    '5.702642474270493, "epsilon_per_client": {"0": 5.733567976251924, "1": 5.671716972289063}, '
+    '"budget_exhausted_clients": []}}'
+)
+# summary.json's keys, in the order every version so far has written them.
+SUMMARY_KEYS = [
+    "name", "seed", "strategy", "method", "num_clients", "n_experiences", "rounds", "classes_per_experience",
+    "accuracy_matrix", "final_average_accuracy", "average_forgetting", "bwt", "clients_failed", "wall_time_s",
+    "ray_nodes", "privacy", "audit",
+]  # fmt: skip
+
+
+def client(partition_id: int, epsilon: float) -> ClientRoundRecord:
+    return ClientRoundRecord(
+        partition_id=partition_id, num_examples=20, train_loss=0.5, empty=0, consolidated=0,
+        consolidation_counts=[0, 0], epsilon=epsilon, noise_multiplier=1.0, budget_exhausted=0,
+        dp_history=[[1.0, 0.5, 4]],
+    )  # fmt: skip
+
+
+def spent(epsilons: dict[str, float]) -> RoundPrivacy:
+    values = list(epsilons.values())
+    return RoundPrivacy(
+        epsilon_max=max(values), epsilon_mean=sum(values) / len(values), epsilon_per_client=epsilons,
+        budget_exhausted_clients=[],
+    )  # fmt: skip
+
 
 def write_run(folder) -> RunSummary:
-    """A finished two-experience run, written by hand through the typed records."""
-    folder.mkdir()
-    scenario = parse_scenario({"name": "by-hand", "stream": {"n_experiences": 2}})
-    (folder / SCENARIO_FILE).write_text(scenario_to_yaml(scenario))
-    clients = {"sampled": 2, "replied": 2, "failed": 0, "empty": 0}
+    """A finished private two-experience run: client 1 fails round 1 and first trains in round 2."""
+    prepare_run_folder(folder, parse_scenario({"name": "by-hand", "stream": {"n_experiences": 2}}))
     records = [
-        RoundRecord(1, 0, 1, [0.9], 0.9, 0.3, clients, wall_time_s=1.0),
+        RoundRecord(
+            round=1, experience=0, round_in_experience=1, accuracy=[0.9], mean_accuracy=0.9, train_loss=0.3,
+            clients={"sampled": 2, "replied": 1, "failed": 1, "empty": 0}, per_client=[client(0, 1.5)],
+            failures=[ClientFailure(partition_id=1, reason="ValueError: no")], wall_time_s=1.0,
+            privacy=spent({"0": 1.5}),
+        ),
         ExperienceRecord(0, [0.9]),
-        RoundRecord(2, 1, 1, [0.2, 0.8], 0.5, 0.4, clients, wall_time_s=2.0),
+        RoundRecord(
+            round=2, experience=1, round_in_experience=1, accuracy=[0.2, 0.8], mean_accuracy=0.5, train_loss=0.4,
+            clients={"sampled": 2, "replied": 2, "failed": 0, "empty": 0}, per_client=[client(0, 2.0), client(1, 1.5)],
+            wall_time_s=2.0, privacy=spent({"0": 2.0, "1": 1.5}),
+        ),
         ExperienceRecord(1, [0.2, 0.8]),
-    ]
-    (folder / METRICS_FILE).write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
-    audit = AuditSummary("loss threshold", 0.51, 0.52, 0.01, 0.02, {"0": {"auc": 0.52, "tpr_at_1pct_fpr": 0.02,
-                                                                           "members": 10, "nonmembers": 10}})
+    ]  # fmt: skip
+    for record in records:
+        append_metrics(folder, record)
     summary = RunSummary(
-        "by-hand", 0, "fedavg", "naive", 2, 2, 2, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], [[0.9], [0.2, 0.8]],
-        0.5, 0.7, -0.7, 0, 3.0, [], audit=audit,
+        name="by-hand", seed=0, strategy="fedavg", method="naive", num_clients=2, n_experiences=2, rounds=2,
+        classes_per_experience=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], accuracy_matrix=[[0.9], [0.2, 0.8]],
+        final_average_accuracy=0.5, average_forgetting=0.7, bwt=-0.7, clients_failed=1, wall_time_s=3.0, ray_nodes=[],
+        privacy=PrivacySummary(
+            delta=1e-4, accountant="rdp", max_grad_norm=1.0, noise_multiplier={"0": 1.0, "1": 1.0},
+            target_epsilon=None, epsilon_max=2.0, epsilon_per_client={"0": 2.0, "1": 1.5}, budget_exhausted_clients=[],
+        ),
+        audit=AuditSummary(
+            attack="loss threshold", auc_mean=0.51, auc_max=0.52, tpr_at_1pct_fpr_mean=0.01, tpr_at_1pct_fpr_max=0.02,
+            per_client={c: ClientAudit(auc=0.5, tpr_at_1pct_fpr=0.01, members=10, nonmembers=10) for c in "01"},
+        ),
     )  # fmt: skip
-    (folder / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    write_summary(folder, summary)
     return summary
 
 
-def test_typed_records_round_trip_the_files_exactly(tmp_path):
+def test_typed_records_read_and_write_the_files_byte_for_byte(tmp_path):
     summary = write_run(tmp_path / "run")
-    raw = json.loads((tmp_path / "run" / SUMMARY_FILE).read_text())
-    assert "privacy" not in raw and raw["audit"]["auc_max"] == 0.52
-    assert RunSummary.from_dict(raw) == summary and RunSummary.from_dict(raw).to_dict() == raw
-    lines = [json.loads(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
-    assert [line["type"] for line in lines] == ["round", "experience", "round", "experience"]
-    assert RoundRecord.from_dict(lines[2]).to_dict() == lines[2] and "failures" not in lines[2]
+    text = (tmp_path / "run" / SUMMARY_FILE).read_text()
+    assert read_summary(tmp_path / "run") == summary
+    assert list(json.loads(text)) == SUMMARY_KEYS
+    assert json.dumps(read_summary(tmp_path / "run").to_dict(), indent=2) + "\n" == text
+    lines = (tmp_path / "run" / METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line)["type"] for line in lines] == ["round", "experience", "round", "experience"]
+    assert "failures" in json.loads(lines[0]) and "failures" not in json.loads(lines[2])
+    assert [json.dumps(r.to_dict()) for r in read_rounds(tmp_path / "run")] == [lines[0], lines[2]]
+    assert json.dumps(ExperienceRecord.from_dict(json.loads(lines[3])).to_dict()) == lines[3]
+
+    old = RoundRecord.from_dict(json.loads(OLD_ROUND_LINE))
+    assert json.dumps(old.to_dict()) == OLD_ROUND_LINE
+    assert old.privacy.epsilon_per_client["1"] == old.per_client[1].epsilon and old.per_client[0].hostname == "vm"
 
 
-def test_writing_a_report_imports_no_training_stack(tmp_path):
+def test_a_section_given_as_its_json_form_is_held_typed():
+    """The server may hand sections over as dicts; readers see the same typed record either way."""
+    typed = RoundRecord.from_dict(json.loads(OLD_ROUND_LINE))
+    as_json = typed.to_dict()
+    del as_json["type"]
+    assert RoundRecord(**as_json) == typed
+    assert isinstance(typed.per_client[0], ClientRoundRecord) and isinstance(typed.privacy, RoundPrivacy)
+
+
+def test_a_summary_that_is_not_fedtide_s_fails_naming_the_file(tmp_path, run_cli):
+    summary = write_run(tmp_path / "run").to_dict()
+    del summary["accuracy_matrix"]
+    (tmp_path / "run" / SUMMARY_FILE).write_text(json.dumps(summary))
+    code, _, err = run_cli("report", str(tmp_path / "run"))
+    assert code == 2 and f"{tmp_path / 'run' / SUMMARY_FILE}: is not a fedtide run file" in " ".join(err.split())
+
+
+@pytest.mark.parametrize("args", [["--help"], ["report", "RUN"]], ids=["help", "report"])
+def test_the_report_and_help_load_no_training_stack(tmp_path, args):
     write_run(tmp_path / "run")
+    args = [str(tmp_path / "run") if a == "RUN" else a for a in args]
     code = (
-        "import sys; from fedtide.cli import main; sys.argv = ['fedtide', 'report', sys.argv[1]]\n"
+        "import sys\n"
+        "import fedtide.report.document, fedtide.report.figures, fedtide.report.runs, fedtide.run_files\n"
+        "from fedtide.cli import main\n"
+        "sys.argv = ['fedtide', *sys.argv[1:]]\n"
         "try:\n    main()\nexcept SystemExit as done:\n    assert not done.code, done.code\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
-    assert (tmp_path / "run" / "report.html").is_file()
-    assert "fedavg + naive, 2 clients, 2 experiences" in (tmp_path / "run" / "report.md").read_text()
+    if args[0] == "report":
+        report = (tmp_path / "run" / "report.md").read_text()
+        assert "fedavg + naive, 2 clients, 2 experiences" in report and "ε per client over rounds" in report
+        assert (tmp_path / "run" / "figures" / "run-epsilon.png").stat().st_size > 5000

@@ -171,8 +171,8 @@ def _audit(runs: list[RunResult], points: list[SeedGroup]) -> list[Block]:
         for client, result in (run.audit.per_client if run.audit else {}).items():
             epsilon = _epsilon(epsilons.get(client, 0.0)) if run.private else "∞"
             rows.append([
-                run.run_id, client, str(result["members"]), str(result["nonmembers"]), _number(result["auc"]),
-                _pct(result["tpr_at_1pct_fpr"]), epsilon,
+                run.run_id, client, str(result.members), str(result.nonmembers), _number(result.auc),
+                _pct(result.tpr_at_1pct_fpr), epsilon,
             ])  # fmt: skip
     if rows:
         blocks.append(TableBlock(columns, rows))

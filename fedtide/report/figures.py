@@ -65,12 +65,12 @@ def accuracy_over_rounds_figure(run: RunResult) -> Figure:
 
 def epsilon_figure(run: RunResult) -> Figure:
     """Cumulative ε of each client after every round (a client not sampled keeps its value)."""
-    rounds = [r for r in run.rounds if r.privacy]
-    clients = sorted({c for r in rounds for c in r.privacy["epsilon_per_client"]}, key=int)
+    spent = [(r.round, r.privacy.epsilon_per_client) for r in run.rounds if r.privacy]
+    clients = sorted({c for _, per_client in spent for c in per_client}, key=int)
     figure, axes = plt.subplots(figsize=(6.4, 3.2))
     for client in clients:
-        points = [(r.round, r.privacy["epsilon_per_client"][client]) for r in rounds]
-        points = [(x, y) for x, y in points if y is not None] if points else []
+        # a client enters the record when first sampled (fraction_train < 1 leaves some out at first)
+        points = [(round_, per_client[client]) for round_, per_client in spent if client in per_client]
         axes.plot(*zip(*points), marker=".", lw=1, label=f"client {client}")
     target = run.summary.privacy.target_epsilon
     if target:

@@ -124,7 +124,7 @@ def series_labels(runs: list[RunResult]) -> dict[str, str]:
     labels = {}
     for run, setting in zip(runs, settings):
         parts = [f"{k.rsplit('.', 1)[-1]}={setting[k]}" for k in varying if k in setting]
-        labels[run.run_id] = " ".join([run.scenario["continual"]["method"], *parts])
+        labels[run.run_id] = " ".join([run.summary.method, *parts])
     return labels
 
 
