@@ -12,8 +12,6 @@ positives (what matters for confident attacks: Carlini et al. 2022).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -21,17 +19,7 @@ from torch.nn.functional import cross_entropy
 
 from fedtide.data.schema import Scenario
 from fedtide.data.stream import build_stream, client_experiences
-from fedtide.run_files import LOW_FPR
-
-
-@dataclass(frozen=True)
-class AuditResult:
-    """The attack's success on one set of members against as many matched non-members."""
-
-    auc: float
-    tpr_at_1pct_fpr: float
-    members: int
-    nonmembers: int
+from fedtide.run_files import LOW_FPR, ClientAudit
 
 
 @torch.no_grad()
@@ -49,12 +37,12 @@ def sample_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batc
     return torch.cat(losses).numpy() if losses else np.zeros(0)
 
 
-def loss_threshold_attack(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> AuditResult:
+def loss_threshold_attack(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> ClientAudit:
     """AUC and TPR at 1% FPR of the attack "member if loss < threshold", over every threshold."""
     scores = -np.concatenate([member_losses, nonmember_losses])
     truth = np.concatenate([np.ones(len(member_losses)), np.zeros(len(nonmember_losses))])
     fpr, tpr, _ = roc_curve(truth, scores)
-    return AuditResult(
+    return ClientAudit(
         auc=float(roc_auc_score(truth, scores)),
         tpr_at_1pct_fpr=float(tpr[fpr <= LOW_FPR].max()),
         members=len(member_losses),
@@ -101,7 +89,7 @@ def audit_clients(scenario: Scenario, model: torch.nn.Module) -> dict:
             continue
         member_ids = torch.from_numpy(ids[members])
         member_losses = sample_losses(model, data.train_x[member_ids], data.train_y[member_ids])
-        per_client[str(client)] = asdict(loss_threshold_attack(member_losses, test_losses[nonmembers]))
+        per_client[str(client)] = loss_threshold_attack(member_losses, test_losses[nonmembers]).to_dict()
     aucs = [r["auc"] for r in per_client.values()]
     tprs = [r["tpr_at_1pct_fpr"] for r in per_client.values()]
     return {
