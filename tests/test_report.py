@@ -18,6 +18,7 @@ import yaml
 from fedtide.data.loading import parse_scenario
 from fedtide.metrics.audit import audit_clients
 from fedtide.models import build_scenario_model
+from fedtide.run_files import read_summary
 from fedtide.simulation import simulate_in_process
 from fedtide.sweep import load_sweep, run_sweep
 
@@ -44,11 +45,6 @@ def write(tmp_path: Path, raw: dict) -> Path:
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
-
-
-def read_summary(folder: Path) -> dict:
-    """summary.json as written (the report must agree with the file, whatever reads it)."""
-    return json.loads((folder / "summary.json").read_text())
 
 
 class Interrupted(Exception):
@@ -144,10 +140,10 @@ def test_a_sweep_never_overwrites_a_folder_holding_another_scenario(sweep_dir, r
 def test_private_points_spend_epsilon_and_noise_zero_is_the_non_private_point(sweep_dir):
     _, _, folder, _ = sweep_dir
     summaries = {n: read_summary(folder / n) for n in NAMES}
-    assert "privacy" not in summaries[NAMES[0]]
-    private = summaries[NAMES[2]]["privacy"]
-    assert private["epsilon_max"] > 0 and set(private["noise_multiplier"].values()) == {1.0}
-    assert summaries[NAMES[0]]["seed"] == 0 and summaries[NAMES[1]]["seed"] == 1
+    assert summaries[NAMES[0]].privacy is None
+    private = summaries[NAMES[2]].privacy
+    assert private.epsilon_max > 0 and set(private.noise_multiplier.values()) == {1.0}
+    assert summaries[NAMES[0]].seed == 0 and summaries[NAMES[1]].seed == 1
 
 
 def test_report_tables_carry_the_runs_numbers(sweep_dir):
@@ -157,17 +153,17 @@ def test_report_tables_carry_the_runs_numbers(sweep_dir):
     assert set(rows) == set(summaries)
     for run, summary in summaries.items():
         row = rows[run]
-        assert float(row["final accuracy %"]) == pytest.approx(100 * summary["final_average_accuracy"], abs=0.005)
-        assert float(row["forgetting %"]) == pytest.approx(100 * summary["average_forgetting"], abs=0.005)
-        assert float(row["BWT %"]) == pytest.approx(100 * summary["bwt"], abs=0.005)
-        assert float(row["attack AUC"]) == pytest.approx(summary["audit"]["auc_max"], abs=0.0005)
-        expected_epsilon = f"{summary['privacy']['epsilon_max']:.2f}" if "privacy" in summary else "∞"
+        assert float(row["final accuracy %"]) == pytest.approx(100 * summary.final_average_accuracy, abs=0.005)
+        assert float(row["forgetting %"]) == pytest.approx(100 * summary.average_forgetting, abs=0.005)
+        assert float(row["BWT %"]) == pytest.approx(100 * summary.bwt, abs=0.005)
+        assert float(row["attack AUC"]) == pytest.approx(summary.audit.auc_max, abs=0.0005)
+        expected_epsilon = f"{summary.privacy.epsilon_max:.2f}" if summary.privacy else "∞"
         assert row["ε"] == expected_epsilon
 
     # the privacy-utility table: mean ± std over the two seeds of each noise level
     markdown = (folder / "report.md").read_text()
     for noise in ("0.0", "1.0"):
-        seeds = [summaries[f"pu/noise_multiplier-{noise}_seed-{s}"]["final_average_accuracy"] for s in (0, 1)]
+        seeds = [summaries[f"pu/noise_multiplier-{noise}_seed-{s}"].final_average_accuracy for s in (0, 1)]
         mean, std = 100 * statistics.fmean(seeds), 100 * statistics.pstdev(seeds)
         assert f"| {mean:.2f} ± {std:.2f} |" in markdown
     assert "![Final average accuracy and forgetting against ε](figures/utility_vs_epsilon.png)" in markdown
