@@ -9,6 +9,7 @@ from flwr.simulation import run_simulation
 
 from fedtide.client.app import app as client_app
 from fedtide.data.schema import Scenario
+from fedtide.run_files import RunSummary
 from fedtide.server.app import make_server_app
 from fedtide.server.federation import RoundObserver, run_federation
 from fedtide.server.local_grid import InProcessGrid
@@ -52,11 +53,11 @@ def simulate(scenario: Scenario, run_dir: Path, observer: RoundObserver | None =
     )
 
 
-def simulate_in_process(scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> dict:
+def simulate_in_process(scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> RunSummary:
     """The same run with every client called in this process, one after another: no Ray start-up.
 
     The numbers are those of `simulate` (clients seed themselves per round and the
     server orders replies by partition); what is lost is parallelism and isolation.
     """
-    grid = InProcessGrid(client_app, scenario.partition.num_clients)
+    grid = InProcessGrid(scenario.partition.num_clients)
     return run_federation(grid, scenario, run_dir, observer)

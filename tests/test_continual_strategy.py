@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from fedtide.client.app import app as client_app
 from fedtide.errors import FederationError
 from fedtide.protocol import experience_end_key
 from fedtide.run_files import create_run_folder, read_metrics
@@ -17,7 +16,7 @@ class RecordingGrid(InProcessGrid):
     """The in-process grid, keeping every train message it delivered."""
 
     def __init__(self, num_nodes: int) -> None:
-        super().__init__(client_app, num_nodes)
+        super().__init__(num_nodes)
         self.delivered: list[Message] = []
 
     def push_messages(self, messages):
@@ -27,7 +26,7 @@ class RecordingGrid(InProcessGrid):
 
 
 def run(scenario, tmp_path, grid=None):
-    grid = grid or InProcessGrid(client_app, scenario.partition.num_clients)
+    grid = grid or InProcessGrid(scenario.partition.num_clients)
     return run_federation(grid, scenario, create_run_folder(scenario, tmp_path)), grid
 
 
