@@ -7,15 +7,14 @@ The same checks are a function for a user's own tests:
     assert report.ok, report.message
 
 Both kinds run on a tiny digits scenario: 2 IID clients, 2 class-incremental
-experiences, so a method consolidates once. A continual method is driven in-process
-through `run_training_round` (the ClientApp's own function, no Ray), with FedAvg
-between the clients and the client state deep-copied between rounds as Ray does. A
-strategy runs a real 2-round Flower federation over the in-process grid (no Ray start-up).
+experiences, so a method consolidates once. A continual method's two clients are
+driven in-process by `fedtide.client.schedule` (the ClientApp's own training call on a
+copy of the client state, as Ray makes), with FedAvg between them. A strategy runs a
+real 2-round Flower federation over the in-process grid (no Ray start-up).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -159,30 +158,29 @@ SCHEDULE = [(0, 1), (1, 2), (1, 3)]
 
 
 def _check_method(scenario: Scenario, report: PluginReport) -> None:
-    from fedtide.client.training import RoundTask, run_training_round
+    from fedtide.client.schedule import ScheduledClient
     from fedtide.data.stream import build_stream
     from fedtide.models import build_scenario_model
     from fedtide.server.array_check import array_problem
 
     model = build_scenario_model(scenario, build_stream(scenario).data.input_shape, scenario.seed)
     global_arrays = ArrayRecord(model.state_dict())
-    states = [RecordDict(), RecordDict()]
+    clients = [ScheduledClient(scenario, partition) for partition in range(2)]
     after_consolidation: list[RecordDict] = []
     for experience, global_round in SCHEDULE:
         label = f"round {global_round} (experience {experience})"
         replies = []
-        for client, state in enumerate(states):
+        for client in clients:
             try:
-                reply = run_training_round(RoundTask(scenario, client, experience, global_round), global_arrays, state)
+                reply = client.train(experience, global_round, global_arrays).reply
             except Exception as error:  # the plugin's own exception, named by method_phase
-                report.add(f"{label} trains", False, f"client {client}: {' '.join(str(error).split())}")
+                report.add(f"{label} trains", False, f"client {client.partition_id}: {' '.join(str(error).split())}")
                 return
             problem = array_problem(reply["arrays"], ArrayRecord(model.state_dict()))
             if problem:
-                report.add(f"{label} returns valid arrays", False, f"client {client}: {problem}")
+                report.add(f"{label} returns valid arrays", False, f"client {client.partition_id}: {problem}")
                 return
             replies.append(reply)
-            states[client] = copy.deepcopy(state)  # Ray hands each call a copy of the Context
         report.add(f"{label} trains", True, passed="finite arrays with the model's keys and shapes")
         counts = [list(r["client"]["consolidation_counts"]) for r in replies]
         if not report.add(
@@ -193,16 +191,16 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
         ):
             return
         if global_round == 2:
-            after_consolidation = [copy.deepcopy(s) for s in states]
+            after_consolidation = [client.state for client in clients]  # no later call changes these
         global_arrays = _fedavg(replies)
 
-    _check_state(scenario, states, after_consolidation, report)
+    _check_state(scenario, [client.state for client in clients], after_consolidation, report)
     _check_private(scenario, report)
 
 
 def _check_private(scenario: Scenario, report: PluginReport) -> None:
     """A method that claims `dp_compatible` must train and consolidate under DP-SGD (noise 1.0)."""
-    from fedtide.client.training import RoundTask, run_training_round
+    from fedtide.client.schedule import train_schedule
     from fedtide.continual.methods import method_class
     from fedtide.data.stream import build_stream
     from fedtide.models import build_scenario_model
@@ -214,15 +212,12 @@ def _check_private(scenario: Scenario, report: PluginReport) -> None:
     private = scenario.model_copy(update={"privacy": scenario.privacy.model_copy(update={"enabled": True})})
     private.privacy.noise_multiplier = 1.0
     model = build_scenario_model(private, build_stream(private).data.input_shape, private.seed)
-    arrays, state = ArrayRecord(model.state_dict()), RecordDict()
     try:
-        for experience, global_round in SCHEDULE[:2]:
-            reply = run_training_round(RoundTask(private, 0, experience, global_round), arrays, state)
-            arrays = reply["arrays"]
+        reply = train_schedule(private, 0, SCHEDULE[:2], ArrayRecord(model.state_dict()))[-1].reply
     except Exception as error:
         report.add("DP-SGD", False, f"dp_compatible, but a DP round failed: {' '.join(str(error).split())}")
         return
-    problem = array_problem(arrays, ArrayRecord(model.state_dict()))
+    problem = array_problem(reply["arrays"], ArrayRecord(model.state_dict()))
     epsilon = float(reply["metrics"]["epsilon"])
     report.add(
         "DP-SGD",
@@ -232,7 +227,9 @@ def _check_private(scenario: Scenario, report: PluginReport) -> None:
     )
 
 
-def _check_state(scenario, states, after_consolidation, report: PluginReport) -> None:
+def _check_state(
+    scenario: Scenario, states: list[RecordDict], after_consolidation: list[RecordDict], report: PluginReport
+) -> None:
     """The state stored after consolidation loads back unchanged and is still there a round later."""
     from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY, ClientState
     from fedtide.continual.methods import build_method

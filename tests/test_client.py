@@ -2,11 +2,11 @@
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedProx
 
 from fedtide.aggregation import build_strategy
-from fedtide.client.training import RoundTask, run_training_round
+from fedtide.client.schedule import train_schedule
 from fedtide.data.stream import build_stream, experience_partitions
 from fedtide.models import build_model
 from fedtide.protocol import ClientRoundReport
@@ -25,12 +25,8 @@ def flat(arrays: ArrayRecord) -> np.ndarray:
 
 def run_rounds(scenario, partition_id, schedule, state=None, mu=0.0):
     """Train through `schedule` = [(experience, global_round), ...]; return last arrays, report, state."""
-    state = RecordDict() if state is None else state
-    arrays = initial_arrays(scenario)
-    for experience, global_round in schedule:
-        reply = run_training_round(RoundTask(scenario, partition_id, experience, global_round, mu), arrays, state)
-        arrays, report = reply["arrays"], ClientRoundReport.from_content(reply)
-    return arrays, report, state
+    last = train_schedule(scenario, partition_id, schedule, initial_arrays(scenario), state, mu)[-1]
+    return last.reply["arrays"], ClientRoundReport.from_content(last.reply), last.state
 
 
 def test_fedprox_proximal_term_changes_the_update_on_dirichlet_clients():

@@ -21,6 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedtide import aggregation
 from fedtide.aggregation import build_strategy, strategy_class
+from fedtide.client.schedule import train_schedule
 from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY
 from fedtide.client.training import RoundTask, run_training_round
 from fedtide.continual.methods import build_method, method_class
@@ -41,14 +42,7 @@ SCHEDULE = [(e, 2 * e + k + 1) for e in range(3) for k in range(2)]  # 3 experie
 
 def drive(scenario, partition_id, schedule=SCHEDULE):
     """Train one client through `schedule`; return [(arrays sent, reply, state after)] per round."""
-    state, arrays, rounds = RecordDict(), initial_arrays(scenario), []
-    for experience, global_round in schedule:
-        sent = arrays
-        reply = run_training_round(RoundTask(scenario, partition_id, experience, global_round), sent, state)
-        state = copy.deepcopy(state)  # Ray hands the next call a copy of the Context
-        rounds.append((sent, reply, copy.deepcopy(state)))
-        arrays = reply["arrays"]
-    return rounds
+    return train_schedule(scenario, partition_id, schedule, initial_arrays(scenario))
 
 
 def method_state(state) -> dict[str, np.ndarray]:

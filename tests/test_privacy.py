@@ -5,10 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import RecordDict
 from opacus.accountants import RDPAccountant
 
-from fedtide.client.training import RoundTask, run_training_round
+from fedtide.client.schedule import train_schedule
 from fedtide.continual.methods import build_method
 from fedtide.data.stream import experience_partitions
 from fedtide.models import build_model
@@ -30,12 +29,8 @@ def private_scenario(method="naive", method_params=None, **privacy):
 
 def run_private(scenario, schedule=SCHEDULE, mu=0.0, partition_id=0):
     """Train through the schedule; return final arrays and each round's reply."""
-    state, arrays, replies = RecordDict(), initial_arrays(scenario), []
-    for experience, global_round in schedule:
-        reply = run_training_round(RoundTask(scenario, partition_id, experience, global_round, mu), arrays, state)
-        arrays = reply["arrays"]
-        replies.append(reply)
-    return arrays, replies
+    rounds = train_schedule(scenario, partition_id, schedule, initial_arrays(scenario), proximal_mu=mu)
+    return rounds[-1].reply["arrays"], [r.reply for r in rounds]
 
 
 def history(reply) -> list[tuple[float, float, int]]:
@@ -76,10 +71,8 @@ def test_si_under_dp_spends_nothing_more_and_its_penalty_survives():
     """SI's integral reads only weights and the privatised p.grad after each DP step: post-processing."""
     naive, naive_replies = run_private(private_scenario("naive"), schedule=SCHEDULE[:4])
     si_scenario = private_scenario("si", {"si_lambda": 1000.0}, noise_multiplier=1.0)
-    state, arrays, replies = RecordDict(), initial_arrays(si_scenario), []
-    for experience, global_round in SCHEDULE[:4]:
-        replies.append(run_training_round(RoundTask(si_scenario, 0, experience, global_round), arrays, state))
-        arrays = replies[-1]["arrays"]
+    rounds = train_schedule(si_scenario, 0, SCHEDULE[:4], initial_arrays(si_scenario))
+    replies, arrays, state = [r.reply for r in rounds], rounds[-1].reply["arrays"], rounds[-1].state
     assert [int(r["client"]["consolidated"]) for r in replies] == [0, 0, 1, 0]
     assert history(replies[-1]) == history(naive_replies[-1])  # the same DP steps, nothing else charged
     assert replies[-1]["metrics"]["epsilon"] == naive_replies[-1]["metrics"]["epsilon"]
