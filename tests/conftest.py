@@ -5,9 +5,15 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 from fedtide.cli import main
 from fedtide.data.loading import parse_scenario
+
+# The suite's models are tiny and its 2 cores are shared with Ray workers and subprocesses:
+# a second intra-op thread gains nothing and, with another process busy, its waiting makes
+# in-process training 2-3 times slower. The numbers are the same either way.
+torch.set_num_threads(1)
 
 
 def small_scenario(**sections):
