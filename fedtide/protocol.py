@@ -19,11 +19,11 @@ config records pass through them untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedtide.privacy.accounting import History, history_from_record, history_record
+from fedtide.run_files import ClientRoundRecord
 
 EXPERIENCE_END_PREFIX = "experience-end."
 
@@ -104,20 +104,19 @@ class ClientRoundReport:
             host={k: str(v) for k, v in content["host"].items()} if "host" in content else {},
         )
 
-    def as_record(self) -> dict[str, Any]:
+    def as_record(self) -> ClientRoundRecord:
         """The client's entry in a metrics.jsonl round record."""
-        record: dict[str, Any] = {
-            "partition_id": self.partition_id,
-            "num_examples": self.num_examples,
-            "train_loss": self.train_loss,
-            "empty": int(self.empty),
-            "consolidated": self.consolidated,
-            "consolidation_counts": list(self.consolidation_counts),
-            "epsilon": self.epsilon,
-            "noise_multiplier": self.noise_multiplier,
-            "budget_exhausted": int(self.budget_exhausted),
-        }
-        record |= {key: self.host[key] for key in ("ray_node_id", "hostname") if key in self.host}
-        if self.dp_history is not None:
-            record["dp_history"] = [list(row) for row in self.dp_history]
-        return record
+        return ClientRoundRecord(
+            partition_id=self.partition_id,
+            num_examples=self.num_examples,
+            train_loss=self.train_loss,
+            empty=int(self.empty),
+            consolidated=self.consolidated,
+            consolidation_counts=list(self.consolidation_counts),
+            epsilon=self.epsilon,
+            noise_multiplier=self.noise_multiplier,
+            budget_exhausted=int(self.budget_exhausted),
+            ray_node_id=self.host.get("ray_node_id"),
+            hostname=self.host.get("hostname"),
+            dp_history=[list(row) for row in self.dp_history] if self.dp_history is not None else None,
+        )

@@ -40,7 +40,7 @@ class _Record:
 
     A nested section may be given typed or in its JSON form (a dict, or a list or map of
     them): `from_dict` hands the file's sections to the constructor as they are, and the
-    server still builds some as dicts; either way the record holds them typed.
+    record holds them typed either way.
     """
 
     _TYPE: ClassVar[str | None] = None  # the line's "type" in metrics.jsonl

@@ -29,15 +29,10 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtide.errors import FederationError
 from fedtide.protocol import ClientRoundReport, experience_end_key
+from fedtide.run_files import ClientFailure
 from fedtide.server.array_check import array_problem
 
 Result = TypeVar("Result")
-
-
-@dataclass(frozen=True)
-class ClientFailure:
-    partition_id: int
-    reason: str
 
 
 @dataclass
@@ -112,12 +107,12 @@ class ContinualStrategy(Strategy):
         for reply in replies:
             partition = self.partition_of.get(reply.metadata.src_node_id, reply.metadata.src_node_id)
             if reply.has_error():
-                outcome.failures.append(ClientFailure(partition, reply.error.reason))
+                outcome.failures.append(ClientFailure(partition_id=partition, reason=reply.error.reason))
                 continue
             problem = array_problem(reply.content["arrays"], self.reference)
             if problem:
                 reason = f"client {partition} returned unusable weights in round {outcome.global_round}: {problem}"
-                outcome.failures.append(ClientFailure(partition, reason))
+                outcome.failures.append(ClientFailure(partition_id=partition, reason=reason))
                 continue
             report = ClientRoundReport.from_reply(reply)
             outcome.reports.append(report)

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -34,6 +33,7 @@ from fedtide.run_files import (
     AuditSummary,
     ExperienceRecord,
     PrivacySummary,
+    RoundPrivacy,
     RoundRecord,
     RunSummary,
     append_metrics,
@@ -69,19 +69,19 @@ class _RunRecorder:
     def elapsed(self) -> float:
         return round(time.monotonic() - self.started, 3)
 
-    def _privacy_record(self, outcome: RoundOutcome) -> dict[str, Any]:
+    def _privacy_record(self, outcome: RoundOutcome) -> RoundPrivacy:
         """Cumulative ε per client (carried over for clients not sampled this round)."""
         for report in outcome.reports:
             self.epsilon[report.partition_id] = report.epsilon
             if report.budget_exhausted:
                 self.stopped.add(report.partition_id)
         values = list(self.epsilon.values())
-        return {
-            "epsilon_max": max(values),
-            "epsilon_mean": sum(values) / len(values),
-            "epsilon_per_client": {str(k): v for k, v in sorted(self.epsilon.items())},
-            "budget_exhausted_clients": sorted(self.stopped),
-        }
+        return RoundPrivacy(
+            epsilon_max=max(values),
+            epsilon_mean=sum(values) / len(values),
+            epsilon_per_client={str(k): v for k, v in sorted(self.epsilon.items())},
+            budget_exhausted_clients=sorted(self.stopped),
+        )
 
     def _after_round(self, experience: int, federation: ContinualStrategy, server_round: int, arrays: ArrayRecord):
         if server_round == 0:  # start() also evaluates the initial weights; the previous round did
@@ -156,7 +156,7 @@ def run_federation(
         wall_time_s=recorder.elapsed(),
         ray_nodes=sorted(recorder.ray_nodes),
         privacy=privacy,
-        audit=AuditSummary(**audit_clients(scenario, recorder.model)),
+        audit=AuditSummary.from_dict(audit_clients(scenario, recorder.model)),
     )
     write_summary(run_dir, summary)
     return summary
@@ -182,12 +182,11 @@ def _round_record(
     accuracies: list[float],
     outcome: RoundOutcome,
     wall_time_s: float,
-    privacy: dict[str, Any] | None,
+    privacy: RoundPrivacy | None,
 ) -> RoundRecord:
     reports = outcome.reports
     trained = [r for r in reports if r.num_examples > 0]
     examples = sum(r.num_examples for r in trained)
-    failures = [{"partition_id": f.partition_id, "reason": f.reason} for f in outcome.failures]
     return RoundRecord(
         round=outcome.global_round,
         experience=experience,
@@ -202,7 +201,7 @@ def _round_record(
             "empty": sum(r.empty for r in reports),
         },
         per_client=[r.as_record() for r in reports],
-        failures=failures or None,
+        failures=outcome.failures or None,
         wall_time_s=wall_time_s,
         privacy=privacy,
     )
