@@ -7,7 +7,7 @@ each round. Each variant runs as its own process and is timed whole, start to ex
 - bare loop: one process trains the 10 shards in turn each round and averages them;
 - plain Flower: `benchmarks/plain_flower.py` (`run_simulation` on Ray, one CPU per client);
 - fedtide run: `fedtide run` on Ray (audit, run files and report included);
-- fedtide in-process: the same scenario through `simulate_in_process` (no Ray).
+- fedtide in-process: `fedtide run --set resources.backend=in_process` (no Ray).
 
     python benchmarks/experiment_cost.py
 """
@@ -60,15 +60,6 @@ for _ in range({ROUNDS}):
     with torch.no_grad():
         (model(data.test_x).argmax(1) == data.test_y).float().mean()
 """
-IN_PROCESS = """
-import sys
-from pathlib import Path
-from fedtide.data.loading import load_scenario
-from fedtide.run_files import create_run_folder
-from fedtide.simulation import simulate_in_process
-scenario = load_scenario(Path(sys.argv[1]), [])
-simulate_in_process(scenario, create_run_folder(scenario, Path(sys.argv[2])))
-"""
 
 
 def timed(command: list[str]) -> float:
@@ -90,7 +81,8 @@ def main() -> None:
             "plain Flower": timed([python, str(here / "plain_flower.py"), "--clients", str(CLIENTS),
                                    "--rounds", str(ROUNDS), "--epochs", str(EPOCHS)]),
             "fedtide run": timed([fedtide, "run", str(scenario), "--output", f"{folder}/ray"]),
-            "fedtide in-process": timed([python, "-c", IN_PROCESS, str(scenario), f"{folder}/local"]),
+            "fedtide in-process": timed([fedtide, "run", str(scenario), "--set", "resources.backend=in_process",
+                                         "--output", f"{folder}/local"]),
         }  # fmt: skip
     for name, wall in walls.items():
         print(f"{name:20s} {wall:6.1f} s   {wall / walls['plain Flower']:5.2f}x plain Flower   "

@@ -72,17 +72,18 @@ def run(
     scenario = _load_checked(scenario_file, set_)
     from fedtide.report.console import summary_view
     from fedtide.run_files import create_run_folder, read_summary
-    from fedtide.simulation import simulate
+    from fedtide.simulation import run_scenario
 
     run_dir = create_run_folder(scenario, output)
     console.print(f"run folder: [bold]{run_dir}[/bold]")
     with _progress() as progress:
-        task = progress.add_task("rounds", total=scenario.total_rounds, status="starting Ray...")
+        starting = "starting Ray..." if scenario.resources.backend == "ray" else "starting..."
+        task = progress.add_task("rounds", total=scenario.total_rounds, status=starting)
 
         def on_round(record: RoundRecord) -> None:
             progress.update(task, completed=record.round, status=_round_status(record))
 
-        simulate(scenario, run_dir, observer=on_round)
+        run_scenario(scenario, run_dir, observer=on_round)
     console.print(summary_view(read_summary(run_dir)))
     console.print(f"report: [bold]{_write_report([run_dir], run_dir)}[/bold]")
 
@@ -90,7 +91,7 @@ def run(
 @cli.command()
 def sweep(scenario_file: ScenarioArg, set_: SetOption = None, output: OutputOption = None) -> None:
     """Run the grid in the file's `sweep:` section; a re-run skips the runs already finished."""
-    from fedtide.simulation import simulate
+    from fedtide.simulation import run_scenario
     from fedtide.sweep import load_sweep, run_sweep
 
     plan = load_sweep(scenario_file, set_ or [], output)
@@ -103,7 +104,7 @@ def sweep(scenario_file: ScenarioArg, set_: SetOption = None, output: OutputOpti
                 status = f"{scenario.name} round {record.round}/{scenario.total_rounds} | {_round_status(record)}"
                 progress.update(task, status=status)
 
-            simulate(scenario, folder, observer=on_round)
+            run_scenario(scenario, folder, observer=on_round)
 
         def on_point(point, event: str) -> None:
             progress.update(task, advance=event != "started", status=f"{point.name}: {event}")

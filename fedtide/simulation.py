@@ -43,8 +43,16 @@ def backend_config(scenario: Scenario) -> dict:
     }
 
 
+def run_scenario(scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> None:
+    """Run the scenario to completion on its `resources.backend`; metrics and summary land in `run_dir`."""
+    if scenario.resources.backend == "in_process":
+        simulate_in_process(scenario, run_dir, observer)
+    else:
+        simulate(scenario, run_dir, observer)
+
+
 def simulate(scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> None:
-    """Run the scenario to completion; metrics and summary land in `run_dir`."""
+    """Run the scenario on Flower's Ray simulation; metrics and summary land in `run_dir`."""
     run_simulation(
         server_app=make_server_app(scenario, run_dir, observer),
         client_app=client_app,

@@ -43,6 +43,14 @@ def check_resources(scenario: Scenario) -> None:
     private local Ray is checked against this machine.
     """
     resources = scenario.resources
+    if resources.backend == "in_process":
+        if resources.ray_address is not None:
+            raise ScenarioError(
+                "resources.backend",
+                "in_process runs every client in this process, so it cannot use the Ray cluster in ray_address",
+                "unset resources.ray_address, or use backend: ray",
+            )
+        return
     if resources.device == "cuda" and resources.num_gpus_per_client == 0:
         raise ScenarioError(
             "resources.device",

@@ -106,6 +106,10 @@ def test_list_shows_every_registry(run_cli):
         (["resources.num_cpus_per_client=4096"], "resources.num_cpus_per_client: 4096 CPUs per client, but this mach"),
         (["resources.num_gpus_per_client=0.25"], "resources.num_gpus_per_client: 0.25 GPU per client, but this mach"),
         (["resources.device=cuda"], "resources.device: cuda, but num_gpus_per_client is 0"),
+        (
+            ["resources.backend=in_process", "resources.ray_address=auto"],
+            "resources.backend: in_process runs every client in this process, so it cannot use the Ray cluster",
+        ),
     ],
 )
 def test_resources_a_local_ray_cannot_grant_are_one_line_before_anything_starts(

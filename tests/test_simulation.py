@@ -110,3 +110,14 @@ def test_a_strategy_that_raises_stops_the_run_with_one_line_naming_it(tmp_path, 
     rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds if r["type"] == "round"] == [1]  # what ran before is kept
     assert not (folder / "summary.json").exists()
+
+
+def test_the_in_process_backend_runs_the_cli_without_ray_and_gives_the_same_numbers(federated_run, tmp_path, run_cli):
+    scenario, _, summary, _ = federated_run
+    path = tmp_path / "local.yaml"
+    path.write_text(yaml.safe_dump(scenario.model_dump(mode="json") | {"resources": {"backend": "in_process"}}))
+    code, out, err = run_cli("run", str(path), "--output", str(tmp_path / "runs"))
+    assert code == 0, err
+    local = json.loads((tmp_path / "runs" / "small" / "summary.json").read_text())
+    assert local["ray_nodes"] == []  # no client ran in a Ray worker (a Ray run lists its nodes)
+    assert {k: local[k] for k in NUMBERS} == {k: summary[k] for k in NUMBERS}

@@ -111,7 +111,13 @@ class PrivacyConfig(Section):
 
 
 class ResourcesConfig(Section):
-    """Ray resources per client, and which Ray instance runs the clients.
+    """Where the clients run: Ray resources per client and which Ray instance, or this process.
+
+    `backend`: "ray" runs each client in a Ray worker, as Flower's simulation does (clients
+    in parallel, a cluster possible); "in_process" calls every client in the driver's own
+    process, one after another, through the same Flower strategy and ClientApp: no Ray
+    start-up (seconds on a small run), the same numbers (tests/test_simulation.py), no
+    parallelism between clients and no cluster. `flwr run` ignores it.
 
     `ray_address`: None starts a private local Ray instance for the run (never joins a
     cluster left running on the machine); "auto" joins the cluster Ray finds
@@ -120,6 +126,7 @@ class ResourcesConfig(Section):
     `num_gpus_per_client` may be fractional: 0.25 packs four clients on one GPU.
     """
 
+    backend: Literal["ray", "in_process"] = "ray"
     num_cpus_per_client: float = Field(1.0, gt=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
