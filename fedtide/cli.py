@@ -89,13 +89,24 @@ def run(
 
 
 @cli.command()
-def sweep(scenario_file: ScenarioArg, set_: SetOption = None, output: OutputOption = None) -> None:
+def sweep(
+    scenario_file: ScenarioArg,
+    set_: SetOption = None,
+    output: OutputOption = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Points at a time (in-process sweeps only; default: one per core, 1 on Ray).", min=1),
+    ] = None,
+) -> None:
     """Run the grid in the file's `sweep:` section; a re-run skips the runs already finished."""
     from fedtide.simulation import run_scenario
-    from fedtide.sweep import load_sweep, run_sweep
+    from fedtide.sweep import check_workers, default_workers, load_sweep, run_sweep
 
     plan = load_sweep(scenario_file, set_ or [], output)
-    console.print(f"sweep folder: [bold]{plan.folder}[/bold] ({len(plan.points)} runs)")
+    workers = workers or default_workers(plan)
+    check_workers(plan, workers)
+    side_by_side = f", {workers} at a time" if workers > 1 else ""
+    console.print(f"sweep folder: [bold]{plan.folder}[/bold] ({len(plan.points)} runs{side_by_side})")
     with _progress() as progress:
         task = progress.add_task("runs", total=len(plan.points), status="starting...")
 
@@ -109,7 +120,8 @@ def sweep(scenario_file: ScenarioArg, set_: SetOption = None, output: OutputOpti
         def on_point(point, event: str) -> None:
             progress.update(task, advance=event != "started", status=f"{point.name}: {event}")
 
-        outcome = run_sweep(plan, runner, on_point)
+        # side by side, each point runs in a worker process: no per-round progress from there
+        outcome = run_sweep(plan, run_scenario if workers > 1 else runner, on_point, workers)
     console.print(
         f"{len(outcome.ran)} ran, {len(outcome.skipped)} skipped (finished before), {len(outcome.failed)} failed"
     )

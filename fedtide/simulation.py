@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 from flwr.simulation import run_simulation
@@ -68,4 +69,6 @@ def simulate_in_process(scenario: Scenario, run_dir: Path, observer: RoundObserv
     server orders replies by partition); what is lost is parallelism and isolation.
     """
     grid = InProcessGrid(scenario.partition.num_clients)
-    return run_federation(grid, scenario, run_dir, observer)
+    with warnings.catch_warnings():  # what Ray's workers keep from the console (log_to_driver off)
+        warnings.filterwarnings("ignore", module=r"(avalanche|opacus)\.")
+        return run_federation(grid, scenario, run_dir, observer)

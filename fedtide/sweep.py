@@ -1,4 +1,4 @@
-"""A grid of runs declared in a scenario file's `sweep:` section, run one after another.
+"""A grid of runs declared in a scenario file's `sweep:` section, run one after another or side by side.
 
 ```yaml
 sweep:
@@ -14,16 +14,24 @@ validated before the first run starts. A finished point (its summary.json exists
 is skipped when the sweep runs again, so an interrupted sweep resumes where it
 stopped; an unfinished one is started afresh. A folder that holds a *different*
 scenario under a point's name is never touched: the sweep refuses to start.
+
+Points whose clients run in-process (`resources.backend: in_process`) may run side by
+side, each in a process of its own (`workers`); every point's numbers are those it gives
+run alone (each run seeds itself), so only the order in which points finish changes.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import multiprocessing
+import os
 import re
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -114,17 +122,22 @@ class SweepOutcome:
     failed: dict[str, str]
 
 
-def run_sweep(sweep: Sweep, runner: Runner, on_point: Callable[[SweepPoint, str], None] | None = None) -> SweepOutcome:
-    """Run every point not finished yet, in grid order; a failed run does not stop the others.
+def run_sweep(
+    sweep: Sweep, runner: Runner, on_point: Callable[[SweepPoint, str], None] | None = None, workers: int = 1
+) -> SweepOutcome:
+    """Run every point not finished yet; a failed run does not stop the others.
 
     `runner(scenario, folder)` runs one scenario into a prepared folder; `on_point`
-    hears "skipped", "started", "finished" or "failed" for each point.
+    hears "skipped", "started", "finished" or "failed" for each point. With `workers`
+    > 1 that many points run at a time, each in a process of its own, so `runner` must
+    be a module-level function (it is sent to the worker by name).
     """
     _check_folders(sweep)
     sweep.folder.mkdir(parents=True, exist_ok=True)
     (sweep.folder / "sweep.yaml").write_text(yaml.safe_dump({SWEEP_KEY: sweep.grid}, sort_keys=False))
     outcome = SweepOutcome([], [], {})
     notify = on_point or (lambda point, event: None)
+    pending: list[tuple[SweepPoint, Path]] = []
     for point in sweep.points:
         folder = sweep.folder / point.name
         if (folder / SUMMARY_FILE).is_file():
@@ -133,17 +146,70 @@ def run_sweep(sweep: Sweep, runner: Runner, on_point: Callable[[SweepPoint, str]
             continue
         if folder.exists():
             shutil.rmtree(folder)  # an interrupted run of this very scenario (checked above)
-        prepare_run_folder(folder, point.scenario)
-        notify(point, "started")
-        try:
-            runner(point.scenario, folder)
-        except FederationError as error:
-            outcome.failed[point.name] = str(error)
-            notify(point, "failed")
-            continue
+        pending.append((point, folder))
+    if workers <= 1 or len(pending) <= 1:
+        for point, folder in pending:
+            prepare_run_folder(folder, point.scenario)
+            notify(point, "started")
+            _record(outcome, notify, point, _attempt(partial(runner, point.scenario, folder)))
+        return outcome
+    threads = max(1, _cores() // workers)
+    context = multiprocessing.get_context("spawn")  # never fork a process holding torch's threads
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_worker, initargs=(threads,)) as pool:
+        running: dict[Future, SweepPoint] = {}
+        for point, folder in pending:
+            prepare_run_folder(folder, point.scenario)
+            running[pool.submit(runner, point.scenario, folder)] = point
+            notify(point, "started")
+        for future in as_completed(running):
+            _record(outcome, notify, running[future], _attempt(future.result))
+    return outcome
+
+
+def _attempt(run: Callable[[], Any]) -> str | None:
+    """None when the run finished, else the reason it failed (a run's own failure, not a bug)."""
+    try:
+        run()
+    except FederationError as error:
+        return str(error)
+    return None
+
+
+def _record(outcome: SweepOutcome, notify: Callable, point: SweepPoint, failure: str | None) -> None:
+    if failure is None:
         outcome.ran.append(point.name)
         notify(point, "finished")
-    return outcome
+    else:
+        outcome.failed[point.name] = failure
+        notify(point, "failed")
+
+
+def default_workers(sweep: Sweep) -> int:
+    """As many points at a time as there are cores when every point runs in-process, else one."""
+    if any(point.scenario.resources.backend != "in_process" for point in sweep.points):
+        return 1
+    return min(_cores(), len(sweep.points))
+
+
+def check_workers(sweep: Sweep, workers: int) -> None:
+    """Points on Ray run one at a time: each starts its own Ray instance for its clients."""
+    if workers > 1 and default_workers(sweep) == 1:
+        raise ScenarioError(
+            "--workers",
+            f"{workers} points at a time, but this sweep's clients run on Ray (resources.backend: ray)",
+            "set resources.backend: in_process to run points side by side, or leave --workers unset",
+        )
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _one_worker(threads: int) -> None:
+    """A sweep worker's torch uses its share of the cores, not all of them each."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _check_folders(sweep: Sweep) -> None:

@@ -19,7 +19,7 @@ from fedtide.data.loading import parse_scenario
 from fedtide.metrics.audit import audit_clients
 from fedtide.models import build_scenario_model
 from fedtide.run_files import read_summary
-from fedtide.simulation import simulate_in_process
+from fedtide.simulation import run_scenario, simulate_in_process
 from fedtide.sweep import load_sweep, run_sweep
 
 SWEEP = {
@@ -208,3 +208,23 @@ def test_report_of_one_run_and_of_several_folders(sweep_dir, run_cli):
     assert len(list(csv.DictReader((base / "two" / "report.csv").open()))) == 2
     code, _, err = run_cli("report", str(base / "nothing-here"))
     assert code == 2 and "is not a folder" in err
+
+
+def test_in_process_points_side_by_side_give_each_points_numbers(sweep_dir, tmp_path):
+    """Two points at a time, each in a worker process, in-process clients: the Ray sweep's numbers."""
+    _, _, folder, _ = sweep_dir
+    path = write(tmp_path, dict(SWEEP, resources={"backend": "in_process"}))
+    plan = load_sweep(path, output=tmp_path / "runs")
+    outcome = run_sweep(plan, run_scenario, workers=2)
+    assert sorted(outcome.ran) == sorted(NAMES)
+    for name in NAMES:
+        side_by_side, alone = read_summary(plan.folder / name), read_summary(folder / name)
+        assert side_by_side.accuracy_matrix == alone.accuracy_matrix
+        assert side_by_side.privacy == alone.privacy and side_by_side.audit == alone.audit
+
+
+def test_points_on_ray_run_one_at_a_time(tmp_path, run_cli):
+    code, _, err = run_cli("sweep", str(write(tmp_path, SWEEP)), "--workers", "2", "--output", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--workers: 2 points at a time, but this sweep's clients run on Ray" in " ".join(err.split())
+    assert not (tmp_path / "pu").exists()
