@@ -18,11 +18,9 @@ config records pass through them untouched.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-
-from fedtide.privacy.accounting import History, history_from_record, history_record
+from fedtide.privacy.accounting import history_from_record, history_record
 from fedtide.run_files import ClientRoundRecord
 
 EXPERIENCE_END_PREFIX = "experience-end."
@@ -41,82 +39,47 @@ def experience_ends(content: RecordDict) -> dict[int, ArrayRecord]:
     }
 
 
-@dataclass(frozen=True)
-class ClientRoundReport:
-    """One client's account of one round: what it trained, consolidated and spent."""
+def reply_content(report: ClientRoundRecord, arrays: ArrayRecord) -> RecordDict:
+    """A client's reply to a train message: its model and its round (see the module docstring)."""
+    content = RecordDict(
+        {
+            "arrays": arrays,
+            "metrics": MetricRecord(
+                {"num-examples": report.num_examples, "train_loss": report.train_loss, "epsilon": report.epsilon}
+            ),
+            "client": ConfigRecord(
+                {
+                    "partition_id": report.partition_id,
+                    "empty": bool(report.empty),
+                    "consolidated": report.consolidated,
+                    "consolidation_counts": list(report.consolidation_counts),
+                    "noise_multiplier": report.noise_multiplier,
+                    "budget_exhausted": bool(report.budget_exhausted),
+                }
+            ),
+        }
+    )
+    if report.dp_history is not None:
+        content["privacy"] = history_record([(s, q, int(n)) for s, q, n in report.dp_history])
+    return content
 
-    partition_id: int
-    num_examples: int = 0
-    train_loss: float = 0.0
-    empty: bool = False  # it holds no data in this experience
-    consolidated: int = 0  # past experiences consolidated in this call
-    consolidation_counts: list[int] = field(default_factory=list)
-    epsilon: float = 0.0
-    noise_multiplier: float = 0.0
-    budget_exhausted: bool = False
-    dp_history: History | None = None
-    host: dict[str, str] = field(default_factory=dict)
 
-    def to_content(self, arrays: ArrayRecord) -> RecordDict:
-        """The reply's records (see the module docstring)."""
-        content = RecordDict(
-            {
-                "arrays": arrays,
-                "metrics": MetricRecord(
-                    {"num-examples": self.num_examples, "train_loss": self.train_loss, "epsilon": self.epsilon}
-                ),
-                "client": ConfigRecord(
-                    {
-                        "partition_id": self.partition_id,
-                        "empty": self.empty,
-                        "consolidated": self.consolidated,
-                        "consolidation_counts": list(self.consolidation_counts),
-                        "noise_multiplier": self.noise_multiplier,
-                        "budget_exhausted": self.budget_exhausted,
-                    }
-                ),
-            }
-        )
-        if self.dp_history is not None:
-            content["privacy"] = history_record(self.dp_history)
-        if self.host:
-            content["host"] = ConfigRecord(dict(self.host))
-        return content
-
-    @classmethod
-    def from_reply(cls, reply: Message) -> ClientRoundReport:
-        return cls.from_content(reply.content)
-
-    @classmethod
-    def from_content(cls, content: RecordDict) -> ClientRoundReport:
-        metrics, client = content["metrics"], content["client"]
-        return cls(
-            partition_id=int(client["partition_id"]),
-            num_examples=int(metrics["num-examples"]),
-            train_loss=float(metrics["train_loss"]),
-            empty=bool(client["empty"]),
-            consolidated=int(client["consolidated"]),
-            consolidation_counts=[int(c) for c in client["consolidation_counts"]],
-            epsilon=float(metrics["epsilon"]),
-            noise_multiplier=float(client["noise_multiplier"]),
-            budget_exhausted=bool(client["budget_exhausted"]),
-            dp_history=history_from_record(content["privacy"]) if "privacy" in content else None,
-            host={k: str(v) for k, v in content["host"].items()} if "host" in content else {},
-        )
-
-    def as_record(self) -> ClientRoundRecord:
-        """The client's entry in a metrics.jsonl round record."""
-        return ClientRoundRecord(
-            partition_id=self.partition_id,
-            num_examples=self.num_examples,
-            train_loss=self.train_loss,
-            empty=int(self.empty),
-            consolidated=self.consolidated,
-            consolidation_counts=list(self.consolidation_counts),
-            epsilon=self.epsilon,
-            noise_multiplier=self.noise_multiplier,
-            budget_exhausted=int(self.budget_exhausted),
-            ray_node_id=self.host.get("ray_node_id"),
-            hostname=self.host.get("hostname"),
-            dp_history=[list(row) for row in self.dp_history] if self.dp_history is not None else None,
-        )
+def client_round(content: RecordDict) -> ClientRoundRecord:
+    """The client's round as the run files record it, read back from its reply."""
+    metrics, client = content["metrics"], content["client"]
+    host = content["host"] if "host" in content else {}
+    history = history_from_record(content["privacy"]) if "privacy" in content else None
+    return ClientRoundRecord(
+        partition_id=int(client["partition_id"]),
+        num_examples=int(metrics["num-examples"]),
+        train_loss=float(metrics["train_loss"]),
+        empty=int(bool(client["empty"])),
+        consolidated=int(client["consolidated"]),
+        consolidation_counts=[int(c) for c in client["consolidation_counts"]],
+        epsilon=float(metrics["epsilon"]),
+        noise_multiplier=float(client["noise_multiplier"]),
+        budget_exhausted=int(bool(client["budget_exhausted"])),
+        ray_node_id=str(host["ray_node_id"]) if "ray_node_id" in host else None,
+        hostname=str(host["hostname"]) if "hostname" in host else None,
+        dp_history=[list(row) for row in history] if history is not None else None,
+    )

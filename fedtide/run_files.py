@@ -87,7 +87,7 @@ def _set(record: _Record, name: str, value: Any) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ClientRoundRecord(_Record):
-    """One replying client's round, as `fedtide.protocol.ClientRoundReport.as_record` writes it."""
+    """One replying client's round: built by the client, read from its reply (`fedtide.protocol`), written per round."""
 
     _OPTIONAL = ("ray_node_id", "hostname", "dp_history")
 

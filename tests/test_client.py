@@ -9,7 +9,7 @@ from fedtide.aggregation import build_strategy
 from fedtide.client.schedule import train_schedule
 from fedtide.data.stream import build_stream, experience_partitions
 from fedtide.models import build_model
-from fedtide.protocol import ClientRoundReport
+from fedtide.protocol import client_round
 from tests.conftest import small_scenario, stored_method_state
 
 
@@ -26,7 +26,7 @@ def flat(arrays: ArrayRecord) -> np.ndarray:
 def run_rounds(scenario, partition_id, schedule, state=None, mu=0.0):
     """Train through `schedule` = [(experience, global_round), ...]; return last arrays, report, state."""
     last = train_schedule(scenario, partition_id, schedule, initial_arrays(scenario), state, mu)[-1]
-    return last.reply["arrays"], ClientRoundReport.from_content(last.reply), last.state
+    return last.reply["arrays"], client_round(last.reply), last.state
 
 
 def test_fedprox_proximal_term_changes_the_update_on_dirichlet_clients():

@@ -4,7 +4,6 @@ Clients run in-process through `run_training_round` (the ClientApp's own functio
 their `Context.state` deep-copied between calls as Ray does.
 """
 
-import copy
 import subprocess
 import sys
 
@@ -14,47 +13,40 @@ import torch
 from avalanche.training.utils import ParamData
 from flwr.app import ArrayRecord, RecordDict
 
+from fedtide.client.schedule import train_schedule
 from fedtide.client.state import ClientState, Progress
 from fedtide.client.training import RoundTask, run_training_round
 from fedtide.continual.builtin import EWC
 from fedtide.continual.methods import METHODS
 from fedtide.continual.state_codec import UnstorableState, decode, encode
-from fedtide.data.loading import parse_scenario
 from fedtide.data.stream import build_stream, experience_partitions
 from fedtide.models import build_scenario_model
-from fedtide.protocol import ClientRoundReport
+from fedtide.protocol import client_round
+from tests.conftest import small_scenario
 
 # The issue's run: Dirichlet(0.05) over 20 clients, 3 experiences, seed 1. Client 6 holds
 # no data in experience 0 (sizes 0, 5, 2); client 16 holds one sample in it (1, 118, 9).
-SPARSE = {
-    "name": "sparse",
-    "seed": 1,
-    "stream": {"n_experiences": 3},
-    "partition": {"kind": "dirichlet", "alpha": 0.05, "num_clients": 20},
-    "federation": {"rounds_per_experience": 2},
-    "client": {"epochs": 2, "batch_size": 32, "lr": 0.1},
-}
 SCHEDULE = [(e, 2 * e + k + 1) for e in range(3) for k in range(2)]
 
 
-def sparse(method: dict) -> object:
-    return parse_scenario(SPARSE | {"continual": method})
+def sparse(method: dict):
+    return small_scenario(
+        name="sparse",
+        seed=1,
+        partition={"kind": "dirichlet", "alpha": 0.05, "num_clients": 20},
+        client={"epochs": 2, "batch_size": 32, "lr": 0.1},
+        continual=method,
+    )
 
 
 def model_of(scenario):
     return build_scenario_model(scenario, build_stream(scenario).data.input_shape, scenario.seed)
 
 
-def drive(scenario, partition_id, schedule=SCHEDULE, arrays=None):
+def drive(scenario, partition_id, schedule=SCHEDULE):
     """Train one client through `schedule` on its own chain of weights; return replies and the last state."""
-    arrays = arrays or ArrayRecord(model_of(scenario).state_dict())
-    state, replies = RecordDict(), []
-    for experience, global_round in schedule:
-        reply = run_training_round(RoundTask(scenario, partition_id, experience, global_round), arrays, state)
-        state = copy.deepcopy(state)
-        replies.append(reply)
-        arrays = reply["arrays"]
-    return replies, state
+    rounds = train_schedule(scenario, partition_id, schedule, ArrayRecord(model_of(scenario).state_dict()))
+    return [r.reply for r in rounds], rounds[-1].state
 
 
 def test_codec_round_trips_nested_tensors_params_modules_and_plain_values():
@@ -91,7 +83,7 @@ def test_every_method_runs_a_client_with_no_data_in_the_first_experience(name):
     scenario = sparse({"method": name})
     assert [len(exp[6]) for exp in experience_partitions(scenario)] == [0, 5, 2]
     replies, state = drive(scenario, 6)
-    report = ClientRoundReport.from_content(replies[-1])
+    report = client_round(replies[-1])
     assert report.consolidation_counts == [0, 1, 0]  # experience 0 held nothing; 1 consolidated once
     assert report.num_examples == 2 and np.isfinite(report.train_loss)
     method = METHODS[name]()
@@ -118,7 +110,7 @@ def test_ewc_caps_importances_at_the_stiffness_sgd_can_follow():
     ClientState(state, 3).store_method(ewc)
     ClientState(state, 3).progress = Progress(done_through=1, counts=[1, 0, 0])  # experience 0 consolidated
     reply = run_training_round(RoundTask(scenario, 16, 1, 3), ArrayRecord(model.state_dict()), state)
-    report = ClientRoundReport.from_content(reply)
+    report = client_round(reply)
     assert np.isfinite(report.train_loss) and report.train_loss < 20
     cap = 1 / (2 * 10.0 * 0.1)
     assert report.num_examples == 118

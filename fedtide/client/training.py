@@ -30,7 +30,8 @@ from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import PrivateFootprint, client_delta, epsilon_spent, noise_multiplier
 from fedtide.privacy.budget import BudgetGuard
 from fedtide.privacy.dp_sgd import ClientPrivacy
-from fedtide.protocol import ClientRoundReport
+from fedtide.protocol import reply_content
+from fedtide.run_files import ClientRoundRecord
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
     seed_everything(scenario.seed, task.partition_id, task.global_round)
 
     model = build_scenario_model(scenario, stream.data.input_shape)
-    model.load_state_dict(global_arrays.to_torch_state_dict())
+    _load_weights(model, global_arrays)
     state = ClientState(records, scenario.stream.n_experiences)
     name = scenario.continual.method
     with method_phase(name, "construction"):
@@ -105,17 +106,19 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
     plan = plan_round(task, progress, sizes, method.private_footprint())
     guard = BudgetGuard(scenario, privacy, client_delta(scenario)) if privacy else None
     if plan.examples and guard and not guard.allows(plan.private_training, plan.consolidation_passes):
-        report = _report(task, progress, privacy, guard, empty=False)
-        return report.to_content(global_arrays)
+        return reply_content(_report(task, progress, privacy, guard, empty=False), global_arrays)
 
+    ends = {past: task.experience_ends[past] for past in plan.pending if past in task.experience_ends}
     for past in plan.pending:
-        _load_weights(model, task.experience_ends.get(past, global_arrays))
+        if ends:  # at the weights that ended `past`: the server's, or this round's for the last one
+            _load_weights(model, ends.get(past, global_arrays))
         with method_phase(name, f"consolidation of experience {past}"):
             unsaved = method.unsaved_attributes()
             learner.consolidate(experiences[past], past)
             refuse_lost_state(method, unsaved)
         progress.counts[past] += 1
-    _load_weights(model, global_arrays)
+    if ends:
+        _load_weights(model, global_arrays)  # training starts from this round's weights
     progress.done_through = max(progress.done_through, task.experience)
 
     extra_data = method.private_training_data() if privacy else None
@@ -133,7 +136,7 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
     if privacy:
         state.privacy_history = privacy.history
     report = _report(task, progress, privacy, guard, sizes[task.experience] == 0, examples, loss, len(plan.pending))
-    return report.to_content(ArrayRecord(model.cpu().state_dict()))
+    return reply_content(report, ArrayRecord(model.cpu().state_dict()))
 
 
 def _load_weights(model: torch.nn.Module, arrays: ArrayRecord) -> None:
@@ -232,19 +235,19 @@ def _report(
     examples: int = 0,
     loss: float = 0.0,
     consolidated: int = 0,
-) -> ClientRoundReport:
+) -> ClientRoundRecord:
     epsilon = 0.0
     if privacy:
         epsilon = epsilon_spent(privacy.history, client_delta(task.scenario), privacy.config.accountant)
-    return ClientRoundReport(
+    return ClientRoundRecord(
         partition_id=task.partition_id,
         num_examples=examples,
         train_loss=loss,
-        empty=empty,
+        empty=int(empty),
         consolidated=consolidated,
         consolidation_counts=list(progress.counts),
         epsilon=epsilon,
         noise_multiplier=privacy.noise_multiplier if privacy else 0.0,
-        budget_exhausted=guard.exhausted if guard else False,
-        dp_history=privacy.history if privacy else None,
+        budget_exhausted=int(guard.exhausted) if guard else 0,
+        dp_history=[list(row) for row in privacy.history] if privacy else None,
     )

@@ -28,8 +28,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtide.errors import FederationError
-from fedtide.protocol import ClientRoundReport, experience_end_key
-from fedtide.run_files import ClientFailure
+from fedtide.protocol import client_round, experience_end_key
+from fedtide.run_files import ClientFailure, ClientRoundRecord
 from fedtide.server.array_check import array_problem
 
 Result = TypeVar("Result")
@@ -41,7 +41,7 @@ class RoundOutcome:
 
     global_round: int
     sent: int = 0
-    reports: list[ClientRoundReport] = field(default_factory=list)
+    reports: list[ClientRoundRecord] = field(default_factory=list)
     failures: list[ClientFailure] = field(default_factory=list)
 
 
@@ -114,7 +114,7 @@ class ContinualStrategy(Strategy):
                 reason = f"client {partition} returned unusable weights in round {outcome.global_round}: {problem}"
                 outcome.failures.append(ClientFailure(partition_id=partition, reason=reason))
                 continue
-            report = ClientRoundReport.from_reply(reply)
+            report = client_round(reply.content)
             outcome.reports.append(report)
             self.settled_through[reply.metadata.src_node_id] = self.experience
             if report.num_examples > 0:  # a client with no data, or out of budget, replied the global model

@@ -91,7 +91,7 @@ class _RunRecorder:
         privacy = self._privacy_record(outcome) if self.private else None
         record = _round_record(experience, server_round, accuracies, outcome, self.elapsed(), privacy)
         self.failures += record.clients["failed"]
-        self.ray_nodes.update(r.host["ray_node_id"] for r in outcome.reports if r.host.get("ray_node_id"))
+        self.ray_nodes.update(r.ray_node_id for r in outcome.reports if r.ray_node_id)
         append_metrics(self.run_dir, record)
         if server_round == self.rounds:
             self.matrix.append(accuracies)
@@ -200,7 +200,7 @@ def _round_record(
             "failed": outcome.sent - len(reports),
             "empty": sum(r.empty for r in reports),
         },
-        per_client=[r.as_record() for r in reports],
+        per_client=reports,
         failures=outcome.failures or None,
         wall_time_s=wall_time_s,
         privacy=privacy,

@@ -121,7 +121,7 @@ class InProcessGrid(Grid):
         node_id = message.metadata.dst_node_id
         context = copy.deepcopy(self.contexts[node_id])
         try:
-            reply = copy.deepcopy(self.client_app(copy.deepcopy(message), context))
+            reply = self.client_app(copy.deepcopy(message), context)
         except Exception as error:  # what ClientAppActor.run and the simulation's worker make of it
             wrapped = ClientAppException(str(error))
             reason = str(type(wrapped)) + ":<'" + str(wrapped) + "'>"
