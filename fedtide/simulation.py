@@ -6,6 +6,7 @@ import logging
 import warnings
 from pathlib import Path
 
+import torch
 from flwr.simulation import run_simulation
 
 from fedtide.client.app import app as client_app
@@ -67,8 +68,16 @@ def simulate_in_process(scenario: Scenario, run_dir: Path, observer: RoundObserv
 
     The numbers are those of `simulate` (clients seed themselves per round and the
     server orders replies by partition); what is lost is parallelism and isolation.
+    Clients get the torch threads a Ray worker would (Ray sets OMP_NUM_THREADS to the
+    worker's CPUs): the weights do not depend on it, but the reported train losses
+    differ in their eighth digit with another thread count.
     """
     grid = InProcessGrid(scenario.partition.num_clients)
-    with warnings.catch_warnings():  # what Ray's workers keep from the console (log_to_driver off)
-        warnings.filterwarnings("ignore", module=r"(avalanche|opacus)\.")
-        return run_federation(grid, scenario, run_dir, observer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(scenario.resources.num_cpus_per_client)))
+    try:
+        with warnings.catch_warnings():  # what Ray's workers keep from the console (log_to_driver off)
+            warnings.filterwarnings("ignore", module=r"(avalanche|opacus)\.")
+            return run_federation(grid, scenario, run_dir, observer)
+    finally:
+        torch.set_num_threads(threads)

@@ -153,9 +153,8 @@ def run_sweep(
             notify(point, "started")
             _record(outcome, notify, point, _attempt(partial(runner, point.scenario, folder)))
         return outcome
-    threads = max(1, _cores() // workers)
     context = multiprocessing.get_context("spawn")  # never fork a process holding torch's threads
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_worker, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
         running: dict[Future, SweepPoint] = {}
         for point, folder in pending:
             prepare_run_folder(folder, point.scenario)
@@ -203,13 +202,6 @@ def check_workers(sweep: Sweep, workers: int) -> None:
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _one_worker(threads: int) -> None:
-    """A sweep worker's torch uses its share of the cores, not all of them each."""
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def _check_folders(sweep: Sweep) -> None:

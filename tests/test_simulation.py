@@ -80,9 +80,17 @@ def test_same_scenario_and_seed_give_identical_numbers_on_ray_whatever_the_worke
     torch.rand(17)  # whatever state this process's RNGs are in
     random.random()
     one_worker = parse_scenario(scenario.model_dump(mode="json") | {"resources": {"num_cpus_per_client": 2}})
-    _, again = run(one_worker, tmp_path_factory, runner=simulate)
+    ray_folder, again = run(one_worker, tmp_path_factory, runner=simulate)
     assert {k: again[k] for k in NUMBERS} == {k: summary[k] for k in NUMBERS}
     assert summary["final_average_accuracy"] > 0.2
+    # in-process with the same CPUs per client, even the clients' reported losses are Ray's to the bit
+    local_folder, _ = run(one_worker, tmp_path_factory)
+    assert train_losses(local_folder) == train_losses(ray_folder)
+
+
+def train_losses(folder) -> list[list[float]]:
+    rounds = [r for r in read_metrics(folder) if r["type"] == "round"]
+    return [[c["train_loss"] for c in r["per_client"]] for r in rounds]
 
 
 def test_a_strategy_that_raises_stops_the_run_with_one_line_naming_it(tmp_path, run_cli):
