@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedtide.errors import FederationError, ScenarioError
@@ -70,18 +69,19 @@ def run(
 ) -> None:
     """Run a scenario; writes runs/<name>/ (scenario.yaml, metrics.jsonl, model.pt, summary.json, report.html)."""
     scenario = _load_checked(scenario_file, set_)
+    from fedtide.progress import round_status, run_progress
     from fedtide.report.console import summary_view
     from fedtide.run_files import create_run_folder, read_summary
     from fedtide.simulation import run_scenario
 
     run_dir = create_run_folder(scenario, output)
     console.print(f"run folder: [bold]{run_dir}[/bold]")
-    with _progress() as progress:
+    with run_progress(console) as progress:
         starting = "starting Ray..." if scenario.resources.backend == "ray" else "starting..."
         task = progress.add_task("rounds", total=scenario.total_rounds, status=starting)
 
         def on_round(record: RoundRecord) -> None:
-            progress.update(task, completed=record.round, status=_round_status(record))
+            progress.update(task, completed=record.round, status=round_status(record))
 
         run_scenario(scenario, run_dir, observer=on_round)
     console.print(summary_view(read_summary(run_dir)))
@@ -95,33 +95,17 @@ def sweep(
     output: OutputOption = None,
     workers: Annotated[
         int | None,
-        typer.Option(help="Points at a time (in-process sweeps only; default: one per core, 1 on Ray).", min=1),
+        typer.Option(help="Most points at a time (default: one per core in-process, as Ray's resources allow).", min=1),
     ] = None,
 ) -> None:
     """Run the grid in the file's `sweep:` section; a re-run skips the runs already finished."""
-    from fedtide.simulation import run_scenario
-    from fedtide.sweep import check_workers, default_workers, load_sweep, run_sweep
+    from fedtide.progress import SweepProgress
+    from fedtide.sweep import load_sweep, run_sweep
 
     plan = load_sweep(scenario_file, set_ or [], output)
-    workers = workers or default_workers(plan)
-    check_workers(plan, workers)
-    side_by_side = f", {workers} at a time" if workers > 1 else ""
-    console.print(f"sweep folder: [bold]{plan.folder}[/bold] ({len(plan.points)} runs{side_by_side})")
-    with _progress() as progress:
-        task = progress.add_task("runs", total=len(plan.points), status="starting...")
-
-        def runner(scenario, folder: Path) -> None:
-            def on_round(record: RoundRecord) -> None:
-                status = f"{scenario.name} round {record.round}/{scenario.total_rounds} | {_round_status(record)}"
-                progress.update(task, status=status)
-
-            run_scenario(scenario, folder, observer=on_round)
-
-        def on_point(point, event: str) -> None:
-            progress.update(task, advance=event != "started", status=f"{point.name}: {event}")
-
-        # side by side, each point runs in a worker process: no per-round progress from there
-        outcome = run_sweep(plan, run_scenario if workers > 1 else runner, on_point, workers)
+    console.print(f"sweep folder: [bold]{plan.folder}[/bold] ({len(plan.points)} runs)")
+    with SweepProgress(plan, console) as view:
+        outcome = run_sweep(plan, view.on_point, workers, refresh=view.refresh)
     console.print(
         f"{len(outcome.ran)} ran, {len(outcome.skipped)} skipped (finished before), {len(outcome.failed)} failed"
     )
@@ -148,21 +132,6 @@ def _write_report(folders: list[Path], target: Path) -> Path:
 
     runs, unfinished = find_runs(folders)
     return write_report(runs, target, unfinished)
-
-
-def _progress() -> Progress:
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    return Progress(*columns, TextColumn("{task.fields[status]}"), console=console)
-
-
-def _round_status(record: RoundRecord) -> str:
-    status = (
-        f"exp {record.experience} | acc {100 * record.mean_accuracy:.1f}% "
-        f"| loss {record.train_loss or 0:.3f} | failed {record.clients['failed']}"
-    )
-    if record.privacy:
-        status += f" | ε max {record.privacy.epsilon_max:.2f}"
-    return status
 
 
 @cli.command()

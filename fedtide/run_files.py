@@ -276,6 +276,15 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / METRICS_FILE).read_text().splitlines() if line]
 
 
+def rounds_done(folder: Path) -> int:
+    """How many rounds a run, perhaps still going, has written (without parsing its records)."""
+    try:
+        lines = (folder / METRICS_FILE).read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return sum(line.startswith(f'{{"type": "{RoundRecord._TYPE}"') for line in lines)
+
+
 def read_rounds(folder: Path) -> list[RoundRecord]:
     with _run_file(folder / METRICS_FILE):
         return [RoundRecord.from_dict(r) for r in read_metrics(folder) if r["type"] == RoundRecord._TYPE]

@@ -15,21 +15,22 @@ is skipped when the sweep runs again, so an interrupted sweep resumes where it
 stopped; an unfinished one is started afresh. A folder that holds a *different*
 scenario under a point's name is never touched: the sweep refuses to start.
 
-Points whose clients run in-process (`resources.backend: in_process`) may run side by
-side, each in a process of its own (`workers`); every point's numbers are those it gives
-run alone (each run seeds itself), so only the order in which points finish changes.
+Points run side by side where the machine or the cluster allows (`fedtide.point_pools`):
+in worker processes when their clients run in-process (`resources.backend: in_process`),
+else as tasks on one Ray instance for the whole sweep. Every point's numbers are those
+it gives run alone (each run seeds itself), so only the order in which points finish
+changes.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import multiprocessing
 import os
 import re
 import shutil
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,6 +41,7 @@ import yaml
 from fedtide.data.loading import apply_overrides, parse_scenario, read_yaml, set_field
 from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
+from fedtide.point_pools import Submit, local_processes, ray_tasks
 from fedtide.run_files import SCENARIO_FILE, SUMMARY_FILE, prepare_run_folder
 from fedtide.validation import check_runnable
 
@@ -113,6 +115,8 @@ def _slug(value: Any) -> str:
 
 
 Runner = Callable[[Scenario, Path], None]
+# How often the pooled loop wakes to refresh the progress view while points run.
+REFRESH_S = 0.5
 
 
 @dataclass
@@ -123,20 +127,29 @@ class SweepOutcome:
 
 
 def run_sweep(
-    sweep: Sweep, runner: Runner, on_point: Callable[[SweepPoint, str], None] | None = None, workers: int = 1
+    sweep: Sweep,
+    on_point: Callable[[SweepPoint, str], None] | None = None,
+    workers: int | None = None,
+    runner: Runner | None = None,
+    refresh: Callable[[], None] | None = None,
 ) -> SweepOutcome:
     """Run every point not finished yet; a failed run does not stop the others.
 
-    `runner(scenario, folder)` runs one scenario into a prepared folder; `on_point`
-    hears "skipped", "started", "finished" or "failed" for each point. With `workers`
-    > 1 that many points run at a time, each in a process of its own, so `runner` must
-    be a module-level function (it is sent to the worker by name).
+    Points whose clients run in-process (`resources.backend: in_process`) run in this
+    process one after another, or with `workers` > 1 that many at a time in worker
+    processes. Points on Ray run as Ray tasks on one Ray instance for the whole sweep,
+    as many at a time as its resources allow (at most `workers`). A given `runner(scenario,
+    folder)` runs every point here, one after another. `on_point` hears "skipped",
+    "started", "finished" or "failed" for each point; `refresh` is called after every
+    round of a point run here and every `REFRESH_S` while points run elsewhere.
     """
     _check_folders(sweep)
+    address = _ray_address(sweep)
     sweep.folder.mkdir(parents=True, exist_ok=True)
     (sweep.folder / "sweep.yaml").write_text(yaml.safe_dump({SWEEP_KEY: sweep.grid}, sort_keys=False))
     outcome = SweepOutcome([], [], {})
     notify = on_point or (lambda point, event: None)
+    tick = refresh or (lambda: None)
     pending: list[tuple[SweepPoint, Path]] = []
     for point in sweep.points:
         folder = sweep.folder / point.name
@@ -147,22 +160,68 @@ def run_sweep(
         if folder.exists():
             shutil.rmtree(folder)  # an interrupted run of this very scenario (checked above)
         pending.append((point, folder))
-    if workers <= 1 or len(pending) <= 1:
+    on_ray = any(point.scenario.resources.backend == "ray" for point, _ in pending)
+    side_by_side = min(workers or _cores(), len(pending))
+    if runner is None and not on_ray and side_by_side > 1:
+        with local_processes(side_by_side) as submit:
+            _run_pooled(pending, submit, side_by_side, outcome, notify, tick)
+    elif runner is None and on_ray:
+        with ray_tasks(address) as submit:
+            _run_pooled(pending, submit, workers or len(pending), outcome, notify, tick)
+    else:
+        run = runner or partial(_run_here, refresh=tick)
         for point, folder in pending:
             prepare_run_folder(folder, point.scenario)
             notify(point, "started")
-            _record(outcome, notify, point, _attempt(partial(runner, point.scenario, folder)))
-        return outcome
-    context = multiprocessing.get_context("spawn")  # never fork a process holding torch's threads
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        running: dict[Future, SweepPoint] = {}
-        for point, folder in pending:
-            prepare_run_folder(folder, point.scenario)
-            running[pool.submit(runner, point.scenario, folder)] = point
-            notify(point, "started")
-        for future in as_completed(running):
-            _record(outcome, notify, running[future], _attempt(future.result))
+            _record(outcome, notify, point, _attempt(partial(run, point.scenario, folder)))
     return outcome
+
+
+def _run_here(scenario: Scenario, folder: Path, refresh: Callable[[], None]) -> None:
+    from fedtide.simulation import simulate_in_process
+
+    simulate_in_process(scenario, folder, observer=lambda record: refresh())
+
+
+def _run_pooled(
+    pending: list[tuple[SweepPoint, Path]],
+    submit: Submit,
+    window: int,
+    outcome: SweepOutcome,
+    notify: Callable[[SweepPoint, str], None],
+    refresh: Callable[[], None],
+) -> None:
+    """Keep up to `window` points submitted; record each as it ends, in whatever order."""
+    queue = list(pending)
+    running: dict[Future, tuple[SweepPoint, Path]] = {}
+    while queue or running:
+        while queue and len(running) < window:
+            point, folder = queue.pop(0)
+            prepare_run_folder(folder, point.scenario)
+            running[submit(point.scenario, folder)] = (point, folder)
+            notify(point, "started")
+        done, _ = wait(running, timeout=REFRESH_S, return_when=FIRST_COMPLETED)
+        for future in done:
+            point, folder = running.pop(future)
+            _record(outcome, notify, point, _pooled_failure(future.result(), folder))
+        refresh()
+
+
+def _pooled_failure(failure: str | None, folder: Path) -> str | None:
+    """A run that finished elsewhere must have left its summary where this machine reads it."""
+    if failure is None and not (folder / SUMMARY_FILE).is_file():
+        return f"it finished on a Ray node that does not share {folder.parent}: put --output on a shared filesystem"
+    return failure
+
+
+def _ray_address(sweep: Sweep) -> str | None:
+    """The one Ray cluster the sweep joins (None: a private Ray on this machine)."""
+    addresses = {point.scenario.resources.ray_address for point in sweep.points}
+    if len(addresses) > 1:
+        raise ScenarioError(
+            "resources.ray_address", "the sweep's points name different Ray clusters", "sweep one cluster at a time"
+        )
+    return addresses.pop()
 
 
 def _attempt(run: Callable[[], Any]) -> str | None:
@@ -181,23 +240,6 @@ def _record(outcome: SweepOutcome, notify: Callable, point: SweepPoint, failure:
     else:
         outcome.failed[point.name] = failure
         notify(point, "failed")
-
-
-def default_workers(sweep: Sweep) -> int:
-    """As many points at a time as there are cores when every point runs in-process, else one."""
-    if any(point.scenario.resources.backend != "in_process" for point in sweep.points):
-        return 1
-    return min(_cores(), len(sweep.points))
-
-
-def check_workers(sweep: Sweep, workers: int) -> None:
-    """Points on Ray run one at a time: each starts its own Ray instance for its clients."""
-    if workers > 1 and default_workers(sweep) == 1:
-        raise ScenarioError(
-            "--workers",
-            f"{workers} points at a time, but this sweep's clients run on Ray (resources.backend: ray)",
-            "set resources.backend: in_process to run points side by side, or leave --workers unset",
-        )
 
 
 def _cores() -> int:

@@ -6,6 +6,7 @@ other two and write the report.
 """
 
 import csv
+import io
 import json
 import re
 import statistics
@@ -14,12 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from rich.console import Console
 
 from fedtide.data.loading import parse_scenario
 from fedtide.metrics.audit import audit_clients
 from fedtide.models import build_scenario_model
+from fedtide.progress import SweepProgress
 from fedtide.run_files import read_summary
-from fedtide.simulation import run_scenario, simulate_in_process
+from fedtide.simulation import simulate_in_process
 from fedtide.sweep import load_sweep, run_sweep
 
 SWEEP = {
@@ -66,7 +69,7 @@ def sweep_dir(tmp_path_factory):
         simulate_in_process(scenario, folder)
 
     with pytest.raises(Interrupted):
-        run_sweep(plan, interrupting_runner)
+        run_sweep(plan, runner=interrupting_runner)
     return base, path, plan.folder, started
 
 
@@ -211,11 +214,14 @@ def test_report_of_one_run_and_of_several_folders(sweep_dir, run_cli):
 
 
 def test_in_process_points_side_by_side_give_each_points_numbers(sweep_dir, tmp_path):
-    """Two points at a time, each in a worker process, in-process clients: the Ray sweep's numbers."""
+    """Two points at a time, each in a worker process, in-process clients: the numbers of the
+    points run here (the first two) and as Ray tasks (the last two, resumed by the CLI)."""
     _, _, folder, _ = sweep_dir
     path = write(tmp_path, dict(SWEEP, resources={"backend": "in_process"}))
     plan = load_sweep(path, output=tmp_path / "runs")
-    outcome = run_sweep(plan, run_scenario, workers=2)
+    events: list[str] = []
+    outcome = run_sweep(plan, lambda point, event: events.append(event), workers=2)
+    assert events[:2] == ["started", "started"] and events.count("started") == len(NAMES)
     assert sorted(outcome.ran) == sorted(NAMES)
     for name in NAMES:
         side_by_side, alone = read_summary(plan.folder / name), read_summary(folder / name)
@@ -223,8 +229,22 @@ def test_in_process_points_side_by_side_give_each_points_numbers(sweep_dir, tmp_
         assert side_by_side.privacy == alone.privacy and side_by_side.audit == alone.audit
 
 
-def test_points_on_ray_run_one_at_a_time(tmp_path, run_cli):
-    code, _, err = run_cli("sweep", str(write(tmp_path, SWEEP)), "--workers", "2", "--output", str(tmp_path))
+def test_the_sweep_view_counts_rounds_over_the_points_it_runs(sweep_dir):
+    base, path, _, _ = sweep_dir
+    plan = load_sweep(path, output=base / "runs")
+    with SweepProgress(plan, Console(file=io.StringIO())) as view:
+        skipped, finished, running, _ = plan.points
+        view.on_point(skipped, "skipped")
+        view.on_point(finished, "finished")
+        view.on_point(running, "started")  # its metrics.jsonl holds both its rounds
+        task = view.progress.tasks[0]
+        assert (task.completed, task.total) == (4, 6)
+        assert task.fields["status"] == "1 done · 1 running · 1 left"
+
+
+def test_a_sweep_joins_one_ray_cluster(tmp_path, run_cli):
+    grid = {"resources.ray_address": ["10.0.0.1:6379", "10.0.0.2:6379"]}
+    code, _, err = run_cli("sweep", str(write(tmp_path, dict(SWEEP, sweep=grid))), "--output", str(tmp_path))
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "--workers: 2 points at a time, but this sweep's clients run on Ray" in " ".join(err.split())
+    assert "resources.ray_address: the sweep's points name different Ray clusters" in " ".join(err.split())
     assert not (tmp_path / "pu").exists()
