@@ -51,7 +51,7 @@ def test_missing_dataset_names_where_it_looked(tmp_path, run_cli):
     empty.mkdir()
     code, _, err = run_cli("validate", str(write(tmp_path, {"dataset": {"name": "mnist", "root": str(empty)}})))
     assert code == 2
-    assert f"MNIST not found under '{empty}'" in " ".join(err.split())
+    assert f"MNIST not found or unreadable under '{empty}'" in " ".join(err.split())
 
 
 def test_missing_file_and_bad_override(tmp_path, run_cli):
