@@ -1,4 +1,4 @@
-"""Reading dataset files, and one line (exit code 2, nothing written) for damaged ones."""
+"""Reading dataset files, and one line (exit code 2, nothing written) for damaged ones and impossible partitions."""
 
 import gzip
 from pathlib import Path
@@ -111,3 +111,44 @@ def test_damaged_torchvision_copy_is_one_line_naming_the_root(tmp_path, run_cli,
     assert f"dataset.root: MNIST not found or unreadable under '{root}'" in err
     assert expected in err
     assert "delete a damaged copy to download it again" in err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected", "fix"),
+    [
+        # digits: 1,347 training images over 5 experiences of 264-272; each is partitioned on its own
+        (
+            ["partition.num_clients=5000"],
+            "5000 clients, but experience 3 has only 264 training samples",
+            "(use at most 264 clients, or fewer experiences (stream.n_experiences)",
+        ),
+        (
+            ["partition.num_clients=265", "partition.kind=iid"],  # flwr-datasets: an IndexError
+            "265 clients, but experience 3 has only 264",
+            "(use at most 264 clients,",
+        ),
+        (
+            ["partition.num_clients=133", "partition.kind=shard"],  # flwr-datasets: a ZeroDivisionError
+            "133 clients x 2 shards each, but experience 3 has only 264",
+            "(use at most 132 clients,",
+        ),
+        (
+            ["partition.num_clients=5000", "stream.n_experiences=1"],
+            "5000 clients, but experience 0 has only 1347 training samples",
+            "(use at most 1347 clients)",  # one experience: fewer is no way out
+        ),
+    ],
+)
+def test_more_clients_than_an_experience_has_samples(tmp_path, run_cli, overrides, expected, fix):
+    """flwr-datasets would say only "number of partitions ... smaller than the number of samples" (or crash)."""
+    err = run_refused(run_cli, tmp_path, "scenarios/quickstart.yaml", *overrides)
+    assert f"partition.num_clients: {expected}" in err
+    assert fix in err
+
+
+def test_as_many_clients_as_the_smallest_experience_has_samples_is_fine(run_cli):
+    code, out, err = run_cli(
+        "validate", "scenarios/quickstart.yaml", "--set", "partition.num_clients=264", "--set", "partition.kind=iid"
+    )
+    assert code == 0, err
+    assert "264 clients" in " ".join(out.split())
