@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,6 +31,36 @@ def small_scenario(**sections):
     }
     raw.update(sections)
     return parse_scenario(raw)
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Write `array` as a uint8 idx file (the MNIST family's format), gzipped when `path` ends in .gz."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(size.to_bytes(4, "big") for size in array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+    return path
+
+
+def write_fashion_mnist(folder: Path, suffix: str = ".gz", train_per_class: int = 100) -> Path:
+    """A small but valid Fashion-MNIST in `folder`: the four idx files, 28x28 images, labels 0-9.
+
+    100 training images per class are enough for the shipped fmnist scenarios' partitioning
+    (10 Dirichlet clients over 5 experiences) and DP calibration, so those scenarios validate
+    on a machine without the Debian package.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, per_class in (("train", train_per_class), ("t10k", 20)):
+        labels = rng.permutation(np.repeat(np.arange(10), per_class))
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (len(labels), 28, 28)))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_root(tmp_path_factory) -> Path:
+    """A folder to give as `dataset.root` to Fashion-MNIST scenarios (see `write_fashion_mnist`)."""
+    return write_fashion_mnist(tmp_path_factory.mktemp("fashion-mnist"))
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ the loaded tensors are cached; they are read-only and never part of client state
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +19,9 @@ import torch
 from fedtide.errors import ScenarioError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IDX_UBYTE = 0x08  # the idx type code of unsigned bytes, the only one the MNIST family uses
+# How to replace a damaged Fashion-MNIST idx file (the only idx files fedtide reads itself).
+IDX_FIX = "replace it with an intact copy of Fashion-MNIST's idx files (the Debian package dataset-fashion-mnist)"
 
 
 @dataclass(frozen=True)
@@ -74,12 +79,7 @@ def _fashion_mnist(root: str | None) -> tuple[torch.Tensor, ...]:
     for folder in candidates:
         for sub in (folder, folder / "FashionMNIST" / "raw"):
             if (sub / "train-images-idx3-ubyte.gz").is_file() or (sub / "train-images-idx3-ubyte").is_file():
-                return _tensors(
-                    _read_idx(sub, "train-images-idx3-ubyte")[:, None] / 255.0,
-                    _read_idx(sub, "train-labels-idx1-ubyte"),
-                    _read_idx(sub, "t10k-images-idx3-ubyte")[:, None] / 255.0,
-                    _read_idx(sub, "t10k-labels-idx1-ubyte"),
-                )
+                return _tensors(*_idx_split(sub, "train"), *_idx_split(sub, "t10k"))
     try:
         return _torchvision("FashionMNIST")(root)
     except ScenarioError:
@@ -91,13 +91,62 @@ def _fashion_mnist(root: str | None) -> tuple[torch.Tensor, ...]:
         ) from None
 
 
-def _read_idx(folder: Path, stem: str) -> np.ndarray:
-    """Read an idx file (the MNIST family's format), gzipped or not."""
+def _idx_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split's images (N, 1, H, W) in [0, 1] and labels, which must pair up one to one."""
+    images = _read_idx(folder, f"{prefix}-images-idx3-ubyte", ndim=3)
+    labels = _read_idx(folder, f"{prefix}-labels-idx1-ubyte", ndim=1)
+    if len(images) != len(labels):
+        raise ScenarioError(
+            "dataset.root",
+            f"'{folder}' holds {len(images)} {prefix} images but {len(labels)} {prefix} labels",
+            IDX_FIX,
+        )
+    return images[:, None].astype(np.float32) / 255.0, labels
+
+
+def _read_idx(folder: Path, stem: str, ndim: int) -> np.ndarray:
+    """Read an `ndim`-dimensional uint8 idx file (the MNIST family's format), gzipped or not.
+
+    A truncated download or a foreign file would otherwise fail deep in numpy, or reshape
+    into garbage: any damage is a `ScenarioError` naming the file.
+    """
     path = folder / f"{stem}.gz"
-    raw = gzip.decompress(path.read_bytes()) if path.is_file() else (folder / stem).read_bytes()
-    ndim = raw[3]
+    if not path.is_file():
+        path = folder / stem
+    try:
+        raw = path.read_bytes()
+        raw = gzip.decompress(raw) if path.suffix == ".gz" else raw
+    except FileNotFoundError:
+        raise ScenarioError("dataset.root", f"'{path}(.gz)' is missing", IDX_FIX) from None
+    except (OSError, EOFError, zlib.error) as error:  # not gzip, truncated gzip, bad deflate data or CRC
+        raise ScenarioError("dataset.root", f"'{path}' cannot be read: {error}", IDX_FIX) from None
+    try:
+        return _idx_array(raw, ndim)
+    except ValueError as error:
+        raise ScenarioError("dataset.root", f"'{path}' is not a valid idx file: {error}", IDX_FIX) from None
+
+
+def _idx_array(raw: bytes, ndim: int) -> np.ndarray:
+    """The array in an idx file's bytes; a `ValueError` saying how they differ from the format."""
+    magic = bytes([0, 0, IDX_UBYTE, ndim])
+    header = 4 + 4 * ndim
+    if raw[:4] != magic:
+        raise ValueError(f"magic number 0x{raw[:4].hex()}, expected 0x{magic.hex()} (uint8, {ndim} dimensions)")
+    if len(raw) < header:
+        raise ValueError(f"{len(raw)} bytes, shorter than its {header}-byte header")
     shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).astype(np.float32)
+    if len(raw) - header != math.prod(shape):
+        raise ValueError(
+            f"its header declares shape {shape} ({math.prod(shape)} bytes) but it holds {len(raw) - header} "
+            "(truncated or damaged)"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+# What torchvision raises for a copy it cannot use: RuntimeError for one it finds missing (or,
+# for CIFAR, failing its checksum) or cannot reshape, OSError for a failed download, and
+# AssertionError, ValueError, TypeError or KeyError from its idx reader for a damaged header.
+_TORCHVISION_ERRORS = (RuntimeError, OSError, AssertionError, ValueError, TypeError, KeyError)
 
 
 def _torchvision(class_name: str):
@@ -109,11 +158,12 @@ def _torchvision(class_name: str):
         try:
             train = _open_torchvision(dataset_class, folder, train=True)
             test = _open_torchvision(dataset_class, folder, train=False)
-        except (RuntimeError, OSError):
+        except _TORCHVISION_ERRORS as error:
             raise ScenarioError(
                 "dataset.root",
-                f"{class_name} not found under '{folder}' and could not be downloaded",
-                "set dataset.root to a folder holding torchvision's copy of it",
+                f"{class_name} not found or unreadable under '{folder}', and no intact copy could be downloaded "
+                f"(torchvision: {str(error).strip() or type(error).__name__})",
+                "set dataset.root to a folder holding torchvision's copy; delete a damaged copy to download it again",
             ) from None
         return _tensors(*_as_arrays(train), *_as_arrays(test))
 
@@ -121,9 +171,10 @@ def _torchvision(class_name: str):
 
 
 def _open_torchvision(dataset_class, root: str, train: bool):
+    """The copy under `root`; failing that, let torchvision download what is missing or fails its checks."""
     try:
         return dataset_class(root, train=train, download=False)
-    except RuntimeError:
+    except _TORCHVISION_ERRORS:
         return dataset_class(root, train=train, download=True)
 
 

@@ -27,6 +27,26 @@ PARTITIONERS = {
 }
 
 
+def check_num_clients(experience_sizes: list[int], config: PartitionConfig) -> None:
+    """Refuse more clients (or, for `shard`, client shards) than an experience has training samples.
+
+    Each experience's training data is partitioned on its own, so the smallest one bounds
+    the federation; flwr-datasets would fail later naming no field (or, for IID and
+    shards, with an IndexError or a ZeroDivisionError).
+    """
+    smallest = min(experience_sizes)
+    shards = config.shards_per_client if config.kind == "shard" else 1
+    if config.num_clients * shards > smallest:
+        each = f" x {shards} shards each" if shards > 1 else ""
+        fewer = ", or fewer experiences (stream.n_experiences) so each holds more" if len(experience_sizes) > 1 else ""
+        raise ScenarioError(
+            "partition.num_clients",
+            f"{config.num_clients} clients{each}, but experience {experience_sizes.index(smallest)} has only "
+            f"{smallest} training samples to partition among them (each experience is partitioned on its own)",
+            f"use at most {smallest // shards} clients{fewer}",
+        )
+
+
 def partition_labels(labels: np.ndarray, config: PartitionConfig, seed: int) -> list[np.ndarray]:
     """Positions into `labels` held by each client, in client order."""
     table = Dataset.from_dict({"label": labels.tolist(), "position": list(range(len(labels)))})

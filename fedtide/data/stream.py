@@ -20,7 +20,7 @@ from avalanche.benchmarks.utils.classification_dataset import (
 )
 
 from fedtide.data.datasets import ImageData, load_dataset
-from fedtide.data.partition import partition_labels
+from fedtide.data.partition import check_num_clients, partition_labels
 from fedtide.data.schema import PartitionConfig, Scenario
 
 Dataset = TaskAwareSupervisedClassificationDataset
@@ -101,6 +101,7 @@ def _partitions(stream_key: tuple, partition_json: str) -> list[list[np.ndarray]
     stream = _build_stream(*stream_key)
     config = PartitionConfig.model_validate_json(partition_json)
     seed = stream_key[-1]
+    check_num_clients([len(exp) for exp in stream.train], config)
     return [
         partition_labels(np.asarray(exp.targets), config, seed=seed * 1000 + e) for e, exp in enumerate(stream.train)
     ]
