@@ -7,7 +7,8 @@ from flwr.serverapp.strategy import FedProx
 
 from fedtide.aggregation import build_strategy
 from fedtide.client.schedule import train_schedule
-from fedtide.data.stream import build_stream, experience_partitions
+from fedtide.data.split import experience_partitions
+from fedtide.data.stream import build_stream
 from fedtide.models import build_model
 from fedtide.protocol import client_round
 from tests.conftest import small_scenario, stored_method_state

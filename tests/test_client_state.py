@@ -17,9 +17,10 @@ from fedtide.client.schedule import train_schedule
 from fedtide.client.state import ClientState, Progress
 from fedtide.client.training import RoundTask, run_training_round
 from fedtide.continual.builtin import EWC
-from fedtide.continual.methods import METHODS
+from fedtide.continual.methods import all_methods
 from fedtide.continual.state_codec import UnstorableState, decode, encode
-from fedtide.data.stream import build_stream, experience_partitions
+from fedtide.data.split import experience_partitions
+from fedtide.data.stream import build_stream
 from fedtide.models import build_scenario_model
 from fedtide.protocol import client_round
 from tests.conftest import small_scenario
@@ -75,7 +76,7 @@ def test_codec_names_the_entry_it_cannot_store():
         encode({"loader": (i for i in range(3))})
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if n not in ("gem",)] + ["gem"])
+@pytest.mark.parametrize("name", [n for n in all_methods() if n not in ("gem",)] + ["gem"])
 def test_every_method_runs_a_client_with_no_data_in_the_first_experience(name):
     """The crash of the issue: EWC listed an empty anchor for experience 0 and failed to load it."""
     if name == "gem":
@@ -86,7 +87,7 @@ def test_every_method_runs_a_client_with_no_data_in_the_first_experience(name):
     report = client_round(replies[-1])
     assert report.consolidation_counts == [0, 1, 0]  # experience 0 held nothing; 1 consolidated once
     assert report.num_examples == 2 and np.isfinite(report.train_loss)
-    method = METHODS[name]()
+    method = all_methods()[name]()
     method.bind(model_of(scenario), build_stream(scenario).full_train)
     ClientState(state, 3).restore_method(method, model_of(scenario))  # the stored state loads back
 

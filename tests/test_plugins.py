@@ -28,7 +28,8 @@ from fedtide.continual.methods import build_method, method_class
 from fedtide.continual.plugin_adapter import PluginMethod
 from fedtide.continual.state_codec import encode
 from fedtide.data.loading import parse_scenario
-from fedtide.data.stream import build_stream, experience_partitions
+from fedtide.data.split import experience_partitions
+from fedtide.data.stream import build_stream
 from fedtide.errors import ScenarioError
 from fedtide.plugin_check import check_plugin
 from fedtide.server.federation import train_config

@@ -9,7 +9,7 @@ from opacus.accountants import RDPAccountant
 
 from fedtide.client.schedule import train_schedule
 from fedtide.continual.methods import build_method
-from fedtide.data.stream import experience_partitions
+from fedtide.data.split import experience_partitions
 from fedtide.models import build_model
 from fedtide.privacy.accounting import client_delta, noise_multiplier
 from fedtide.privacy.dp_sgd import opacus_ready

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from fedtide.data.stream import build_stream, classes_per_experience, client_experiences, experience_partitions
+from fedtide.data.split import classes_per_experience, experience_partitions, experience_samples, split_key
+from fedtide.data.stream import build_stream, client_experiences
 from tests.conftest import small_scenario
 
 
@@ -21,6 +22,23 @@ def test_stream_classes_are_disjoint_and_complete():
     for classes, train, test in zip(stream.classes, stream.train, stream.test):
         assert set(train.targets) == set(classes) == set(test.targets)
     assert sum(len(t) for t in stream.train) == len(stream.full_train)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_index_split_is_the_avalanche_stream_sample_for_sample(seed):
+    """Validation, evaluation and accounting read `split`; clients train on Avalanche's stream."""
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+
+    scenario = small_scenario(seed=seed)
+    stream = build_stream(scenario)
+    key = split_key(scenario)
+    for split, experiences in (("train", stream.train), ("test", stream.test)):
+        assert [list(exp.sample_id) for exp in experiences] == [s.tolist() for s in experience_samples(key, split)]
+    # the class order is the one Avalanche draws itself from the seed
+    seeded = class_incremental_benchmark(
+        {"train": stream.full_train}, num_classes_per_exp=[4, 3, 3], seed=seed
+    ).train_stream
+    assert [sorted(exp.classes_in_this_experience) for exp in seeded] == stream.classes
 
 
 def test_given_class_order_is_followed():

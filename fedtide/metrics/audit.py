@@ -17,8 +17,9 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch.nn.functional import cross_entropy
 
+from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
-from fedtide.data.stream import build_stream, client_experiences
+from fedtide.data.split import experience_partitions, experience_samples, split_key
 from fedtide.run_files import LOW_FPR, ClientAudit
 
 
@@ -72,15 +73,15 @@ def audit_clients(scenario: Scenario, model: torch.nn.Module) -> dict:
     Clients with no training data are left out. The draw of non-members is seeded by
     the scenario seed and the client, so an audit is reproducible.
     """
-    data = build_stream(scenario).data
+    data = load_dataset(scenario.dataset.name, scenario.dataset.root)
+    experiences = experience_samples(split_key(scenario), "train")
+    shares = experience_partitions(scenario)
     model = model.cpu()
     test_losses = sample_losses(model, data.test_x, data.test_y)
     test_labels = data.test_y.numpy()
     per_client: dict[str, dict] = {}
     for client in range(scenario.partition.num_clients):
-        ids = np.asarray(
-            [i for experience in client_experiences(scenario, client) for i in experience.sample_id], dtype=np.int64
-        )
+        ids = np.concatenate([samples[share[client]] for samples, share in zip(experiences, shares)])
         if len(ids) == 0:
             continue
         rng = np.random.default_rng([scenario.seed, client])

@@ -5,20 +5,22 @@ from __future__ import annotations
 import torch
 from avalanche.evaluation.metrics import Accuracy
 from flwr.app import ArrayRecord
-from torch.utils.data import DataLoader
 
-from fedtide.data.stream import Dataset
+# Samples per forward pass: evaluation needs no gradients, so memory allows large batches.
+BATCH = 512
 
 
 @torch.no_grad()
-def experience_accuracies(model: torch.nn.Module, arrays: ArrayRecord, test_sets: list[Dataset]) -> list[float]:
-    """Accuracy of `model` loaded with `arrays` on each test set, in order."""
+def experience_accuracies(
+    model: torch.nn.Module, arrays: ArrayRecord, test_sets: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[float]:
+    """Accuracy of `model` loaded with `arrays` on each (images, labels) test set, in order."""
     model.load_state_dict(arrays.to_torch_state_dict())
     model.eval()
     accuracies = []
-    for dataset in test_sets:
+    for x, y in test_sets:
         accuracy = Accuracy()
-        for x, y, *_ in DataLoader(dataset, batch_size=512):
-            accuracy.update(model(x), y)
+        for start in range(0, len(y), BATCH):
+            accuracy.update(model(x[start : start + BATCH]), y[start : start + BATCH])
         accuracies.append(float(accuracy.result()))
     return accuracies

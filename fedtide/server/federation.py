@@ -21,8 +21,9 @@ from flwr.serverapp import Grid
 
 from fedtide.aggregation import build_strategy
 from fedtide.continual.methods import build_method
+from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
-from fedtide.data.stream import build_stream
+from fedtide.data.split import experience_classes, experience_samples, split_key
 from fedtide.metrics.audit import audit_clients
 from fedtide.metrics.evaluation import experience_accuracies
 from fedtide.metrics.forgetting import average_accuracy, average_forgetting, backward_transfer
@@ -49,8 +50,11 @@ class _RunRecorder:
     """Evaluates the global model after each round and writes the run's metrics as they come."""
 
     def __init__(self, scenario: Scenario, run_dir: Path, observer: RoundObserver | None) -> None:
-        self.stream = build_stream(scenario)
-        self.model = build_scenario_model(scenario, self.stream.data.input_shape, scenario.seed)
+        data = load_dataset(scenario.dataset.name, scenario.dataset.root)
+        key = split_key(scenario)
+        self.classes = [sorted(group) for group in experience_classes(key)]
+        self.test_sets = [(data.test_x[ids], data.test_y[ids]) for ids in experience_samples(key, "test")]
+        self.model = build_scenario_model(scenario, data.input_shape, scenario.seed)
         self.run_dir = run_dir
         self.rounds = scenario.federation.rounds_per_experience
         self.observer = observer
@@ -87,7 +91,7 @@ class _RunRecorder:
         if server_round == 0:  # start() also evaluates the initial weights; the previous round did
             return None
         outcome = federation.last_round
-        accuracies = experience_accuracies(self.model, arrays, self.stream.test[: experience + 1])
+        accuracies = experience_accuracies(self.model, arrays, self.test_sets[: experience + 1])
         privacy = self._privacy_record(outcome) if self.private else None
         record = _round_record(experience, server_round, accuracies, outcome, self.elapsed(), privacy)
         self.failures += record.clients["failed"]
@@ -147,7 +151,7 @@ def run_federation(
         num_clients=num_clients,
         n_experiences=scenario.stream.n_experiences,
         rounds=scenario.total_rounds,
-        classes_per_experience=recorder.stream.classes,
+        classes_per_experience=recorder.classes,
         accuracy_matrix=matrix,
         final_average_accuracy=average_accuracy(matrix),
         average_forgetting=average_forgetting(matrix),
