@@ -9,6 +9,10 @@ each round. Each variant runs as its own process and is timed whole, start to ex
 - fedtide run: `fedtide run` on Ray (audit, run files and report included);
 - fedtide in-process: `fedtide run --set resources.backend=in_process` (no Ray).
 
+Then the lean commands against `import torch` (`fedtide validate` on the quickstart,
+`fedtide report` on the run above), and a 4-point sweep of the quickstart (2 methods x
+2 seeds) against the same four points run one by one with `fedtide run`, both on Ray.
+
     python benchmarks/experiment_cost.py
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,10 +73,21 @@ def timed(command: list[str]) -> float:
     return time.perf_counter() - start
 
 
+# The sweep of issue 11: the quickstart, 2 methods x 2 seeds.
+SWEEP_GRID = {"continual.method": ["naive", "replay"], "seeds": [0, 1]}
+QUICKSTART = Path(__file__).parents[1] / "scenarios" / "quickstart.yaml"
+
+
 def main() -> None:
     python, here = sys.executable, Path(__file__).parent
     fedtide = str(Path(python).with_name("fedtide"))
     print(f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}")
+    one_experiment(python, here, fedtide)
+    lean_commands(python, fedtide)
+    sweep_against_runs(fedtide)
+
+
+def one_experiment(python: str, here: Path, fedtide: str) -> None:
     with tempfile.TemporaryDirectory() as folder:
         scenario = Path(folder) / "cost.yaml"
         scenario.write_text(yaml.safe_dump(SCENARIO))
@@ -87,6 +103,41 @@ def main() -> None:
     for name, wall in walls.items():
         print(f"{name:20s} {wall:6.1f} s   {wall / walls['plain Flower']:5.2f}x plain Flower   "
               f"{wall / walls['bare loop']:5.1f}x bare loop")  # fmt: skip
+
+
+def lean_commands(python: str, fedtide: str) -> None:
+    """Median of three each, interleaved so that a busy moment hits them alike."""
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run([fedtide, "run", str(QUICKSTART), "--set", "resources.backend=in_process",
+                        "--output", folder], check=True, capture_output=True)  # fmt: skip
+        commands = {
+            "import torch": [python, "-c", "import torch"],
+            "fedtide validate": [fedtide, "validate", str(QUICKSTART)],
+            "fedtide report": [fedtide, "report", f"{folder}/quickstart"],
+        }
+        walls: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(3):
+            for name, command in commands.items():
+                walls[name].append(timed(command))
+    torch_wall = statistics.median(walls["import torch"])
+    for name, times in walls.items():
+        wall = statistics.median(times)
+        print(f"{name:20s} {wall:6.2f} s   {wall / torch_wall:5.2f}x import torch")
+
+
+def sweep_against_runs(fedtide: str) -> None:
+    raw = yaml.safe_load(QUICKSTART.read_text())
+    with tempfile.TemporaryDirectory() as folder:
+        sweep_file = Path(folder) / "sweep.yaml"
+        sweep_file.write_text(yaml.safe_dump({**raw, "name": "sweep4", "sweep": SWEEP_GRID}))
+        separate = sum(
+            timed([fedtide, "run", str(QUICKSTART), "--set", f"continual.method={method}", "--set", f"seed={seed}",
+                   "--output", f"{folder}/separate"])
+            for method in SWEEP_GRID["continual.method"] for seed in SWEEP_GRID["seeds"]
+        )  # fmt: skip
+        swept = timed([fedtide, "sweep", str(sweep_file), "--output", f"{folder}/sweep"])
+    print(f"4 separate runs      {separate:6.1f} s")
+    print(f"one 4-point sweep    {swept:6.1f} s   {swept / separate:5.2f}x the separate runs")
 
 
 if __name__ == "__main__":

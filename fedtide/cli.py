@@ -156,7 +156,7 @@ def validate(scenario_file: ScenarioArg, set_: SetOption = None) -> None:
 def list_components() -> None:
     """Show the built-in strategies, continual methods, datasets, models and partitioners."""
     from fedtide.aggregation import STRATEGIES
-    from fedtide.continual.methods import METHODS
+    from fedtide.continual.methods import all_methods
     from fedtide.data.partition import PARTITIONERS
     from fedtide.data.schema import NUM_CLASSES
     from fedtide.models import MODELS
@@ -164,8 +164,9 @@ def list_components() -> None:
 
     strategies = {n: f"flwr.serverapp.strategy.{c.__name__}" for n, c in STRATEGIES.items()}
     # continual methods get a third column: whether they may run under DP-SGD
-    methods = {n: (m.description, "yes" if m.dp_compatible else "no") for n, m in METHODS.items()}
-    methods |= {n: (what, "see check-plugin") for n, what in installed_plugins("continual", METHODS).items()}
+    known = all_methods()
+    methods = {n: (m.description, "yes" if m.dp_compatible else "no") for n, m in known.items()}
+    methods |= {n: (what, "see check-plugin") for n, what in installed_plugins("continual", known).items()}
     sections = {
         "federation.strategy.name": strategies | installed_plugins("strategies", STRATEGIES),
         "continual.method": methods,

@@ -86,7 +86,7 @@ def plugin_kind(name: str) -> str:
 
     from fedtide.aggregation import STRATEGIES
     from fedtide.continual.base import ContinualMethod
-    from fedtide.continual.methods import METHODS
+    from fedtide.continual.methods import all_methods
     from fedtide.registry import (
         CONTINUAL_GROUP,
         STRATEGY_GROUP,
@@ -101,7 +101,7 @@ def plugin_kind(name: str) -> str:
     lower = name.lower()
     if lower in STRATEGIES or lower in plugin_entry_points(STRATEGY_GROUP):
         return STRATEGY
-    if lower in METHODS or lower in plugin_entry_points(CONTINUAL_GROUP):
+    if lower in all_methods() or lower in plugin_entry_points(CONTINUAL_GROUP):
         return METHOD
     raise ScenarioError("plugin", f"'{name}' is neither a strategy nor a continual method fedtide knows")
 

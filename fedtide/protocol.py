@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedtide.privacy.accounting import history_from_record, history_record
+from fedtide.privacy.history import history_from_record, history_record
 from fedtide.run_files import ClientRoundRecord
 
 EXPERIENCE_END_PREFIX = "experience-end."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.simulation import run_simulation
@@ -13,8 +14,10 @@ from fedtide.client.app import app as client_app
 from fedtide.data.schema import Scenario
 from fedtide.run_files import RunSummary
 from fedtide.server.app import make_server_app
-from fedtide.server.federation import RoundObserver, run_federation
 from fedtide.server.local_grid import InProcessGrid
+
+if TYPE_CHECKING:
+    from fedtide.server.federation import RoundObserver
 
 
 def backend_config(scenario: Scenario) -> dict:
@@ -72,6 +75,8 @@ def simulate_in_process(scenario: Scenario, run_dir: Path, observer: RoundObserv
     worker's CPUs): the weights do not depend on it, but the reported train losses
     differ in their eighth digit with another thread count.
     """
+    from fedtide.server.federation import run_federation
+
     grid = InProcessGrid(scenario.partition.num_clients)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(scenario.resources.num_cpus_per_client)))

@@ -13,11 +13,11 @@ import torch
 
 from fedtide.aggregation import build_strategy
 from fedtide.continual.methods import build_method, require_dp_compatible
+from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
-from fedtide.data.stream import build_stream, experience_partitions
+from fedtide.data.split import experience_partitions
 from fedtide.errors import ScenarioError
 from fedtide.models import build_scenario_model
-from fedtide.privacy.accounting import check_privacy
 
 
 def check_runnable(scenario: Scenario) -> None:
@@ -26,11 +26,13 @@ def check_runnable(scenario: Scenario) -> None:
     method = build_method(scenario.continual)
     if scenario.privacy.private:
         require_dp_compatible(method, scenario.continual.method)
-    stream = build_stream(scenario)
+    data = load_dataset(scenario.dataset.name, scenario.dataset.root)
     experience_partitions(scenario)
     if scenario.privacy.private:
+        from fedtide.privacy.accounting import check_privacy  # Opacus, only for a private run
+
         check_privacy(scenario, method.private_footprint())
-    build_scenario_model(scenario, stream.data.input_shape)
+    build_scenario_model(scenario, data.input_shape)
     check_resources(scenario)
 
 

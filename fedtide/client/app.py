@@ -1,4 +1,9 @@
-"""fedtide's Flower ClientApp: answers the server's partition query and its train messages."""
+"""fedtide's Flower ClientApp: answers the server's partition query and its train messages.
+
+The training stack (Avalanche, Opacus) is imported by the first train message, not with
+this module: the driver holds the ClientApp only to hand it to Flower's simulation, and
+a Ray run starts sooner when the driver does not load what only clients use.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import ray
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtide.client.training import RoundTask, run_training_round
 from fedtide.data.loading import parse_scenario
 from fedtide.protocol import experience_ends
 
@@ -26,6 +30,8 @@ def describe(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local continual learning on the experience the server names."""
+    from fedtide.client.training import RoundTask, run_training_round
+
     config = msg.content["config"]
     task = RoundTask(
         scenario=parse_scenario(json.loads(config["scenario"])),

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedtide.continual.base import ContinualMethod
 from fedtide.continual.state_codec import decode, encode
-from fedtide.privacy.accounting import History, history_from_record, history_record
+from fedtide.privacy.history import History, history_from_record, history_record
 
 PROGRESS_KEY = "fedtide.progress"
 METHOD_ARRAYS_KEY = "fedtide.method.arrays"

@@ -27,9 +27,10 @@ from fedtide.continual.state_codec import UnstorableState
 from fedtide.data.schema import Scenario
 from fedtide.data.stream import build_stream, client_experiences
 from fedtide.models import build_scenario_model
-from fedtide.privacy.accounting import PrivateFootprint, client_delta, epsilon_spent, noise_multiplier
+from fedtide.privacy.accounting import client_delta, epsilon_spent, noise_multiplier
 from fedtide.privacy.budget import BudgetGuard
 from fedtide.privacy.dp_sgd import ClientPrivacy
+from fedtide.privacy.footprint import PrivateFootprint
 from fedtide.protocol import reply_content
 from fedtide.run_files import ClientRoundRecord
 

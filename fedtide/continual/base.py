@@ -16,15 +16,17 @@ and Opacus's accountants' — into Flower's `Context.state` (`fedtide.client.sta
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from avalanche.training.plugins import SupervisedPlugin
-from avalanche.training.templates import SupervisedTemplate
+from fedtide.privacy.footprint import PrivateFootprint
 
-from fedtide.data.stream import Dataset
-from fedtide.privacy.accounting import PrivateFootprint
-from fedtide.privacy.dp_sgd import ClientPrivacy
+if TYPE_CHECKING:  # a method's types; naming a method (validation) loads none of Avalanche, torch or Opacus
+    import torch
+    from avalanche.training.plugins import SupervisedPlugin
+    from avalanche.training.templates import SupervisedTemplate
+
+    from fedtide.data.stream import Dataset
+    from fedtide.privacy.dp_sgd import ClientPrivacy
 
 StateDict = dict[str, Any]
 

@@ -2,17 +2,15 @@
 
 Names resolve in that order, so a plugin can never shadow a built-in. A path or an
 entry point may name a `ContinualMethod` or an Avalanche `SupervisedPlugin`; the
-latter is adapted by `plugin_method` (consolidated once per experience).
+latter is adapted by `plugin_method` (consolidated once per experience). Only a
+built-in is resolved without importing Avalanche (which `fedtide validate` and the
+server then never load for one).
 """
 
 from __future__ import annotations
 
-from avalanche.training.plugins import SupervisedPlugin
-
 from fedtide.continual.base import ContinualMethod
 from fedtide.continual.builtin import BUILT_INS
-from fedtide.continual.plugin_adapter import plugin_method
-from fedtide.continual.stock_plugins import STOCK_PLUGINS
 from fedtide.data.schema import ContinualConfig
 from fedtide.errors import ScenarioError
 from fedtide.registry import (
@@ -24,8 +22,14 @@ from fedtide.registry import (
     plugin_entry_points,
 )
 
-METHODS: dict[str, type[ContinualMethod]] = BUILT_INS | STOCK_PLUGINS
 FIELD = "continual.method"
+
+
+def all_methods() -> dict[str, type[ContinualMethod]]:
+    """Built-ins and the stock Avalanche plugins adapted to rounds, by name."""
+    from fedtide.continual.stock_plugins import STOCK_PLUGINS
+
+    return BUILT_INS | STOCK_PLUGINS
 
 
 def method_class(name: str) -> type[ContinualMethod]:
@@ -34,15 +38,22 @@ def method_class(name: str) -> type[ContinualMethod]:
     A path or entry point may name a `ContinualMethod` or an Avalanche `SupervisedPlugin`
     subclass; the latter is wrapped by `plugin_method` (consolidated once per experience).
     """
+    if name.lower() in BUILT_INS:
+        return BUILT_INS[name.lower()]
+    from avalanche.training.plugins import SupervisedPlugin
+
+    from fedtide.continual.plugin_adapter import plugin_method
+
     bases = (ContinualMethod, SupervisedPlugin)
+    methods = all_methods()
     if is_plugin_path(name):
         found = load_plugin(name, FIELD, bases)
-    elif name.lower() in METHODS:
-        return METHODS[name.lower()]
+    elif name.lower() in methods:
+        return methods[name.lower()]
     elif name.lower() in (installed := plugin_entry_points(CONTINUAL_GROUP)):
         found = load_entry_point(installed[name.lower()], FIELD, bases)
     else:
-        known = ", ".join([*METHODS, *installed])
+        known = ", ".join([*methods, *installed])
         raise ScenarioError(FIELD, f"unknown method '{name}'", f"one of {known}, or a 'pkg.module:Name'")
     if issubclass(found, ContinualMethod):
         return found
@@ -63,7 +74,7 @@ def build_method(config: ContinualConfig) -> ContinualMethod:
 def require_dp_compatible(method: ContinualMethod, method_name: str) -> None:
     """Refuse, before anything trains, a method that would use private data outside DP-SGD's account."""
     if not method.dp_compatible:
-        safe = ", ".join(n for n, m in METHODS.items() if m.dp_compatible)
+        safe = ", ".join(n for n, m in all_methods().items() if m.dp_compatible)
         raise ScenarioError(
             FIELD,
             f"'{method_name}' is not DP-compatible (it uses private data outside the DP-SGD step, unaccounted)",

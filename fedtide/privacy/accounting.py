@@ -11,19 +11,17 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from flwr.app import ConfigRecord
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from fedtide.data.schema import PrivacyConfig, Scenario
-from fedtide.data.stream import experience_partitions
+from fedtide.data.split import experience_partitions
 from fedtide.errors import ScenarioError
-
-History = list[tuple[float, float, int]]  # Opacus accountant rows: (noise multiplier, sample rate, steps)
+from fedtide.privacy.footprint import PrivateFootprint
+from fedtide.privacy.history import History
 
 DEFAULT_NOISE_MULTIPLIER = 1.0
 MAX_NOISE_MULTIPLIER = 100.0
@@ -106,22 +104,6 @@ def _calibrated(scenario_json: str, partition_id: int, footprint: PrivateFootpri
     return calibrate_noise(scenario.privacy, client_delta(scenario), plan)
 
 
-@dataclass(frozen=True)
-class PrivateFootprint:
-    """What a continual method adds to a client's DP passes beyond its own experience's data.
-
-    Privacy is the lower layer: it never builds a method, it is told this much
-    (as Opacus's accountants are told steps and rates, never handed the engine).
-    """
-
-    replay_capacity: int = 0  # at most this many past samples join the sampled training set (replay)
-    passes_per_consolidation: int = 0  # DP passes over a past experience's data when it is consolidated (EWC)
-
-    def extra_samples(self, past_sizes: list[int]) -> int:
-        """Past samples inside the training set, given the past experiences' sizes."""
-        return min(self.replay_capacity, sum(past_sizes))
-
-
 def planned_steps(scenario: Scenario, partition_id: int, footprint: PrivateFootprint) -> list[tuple[float, int]]:
     """(sample rate, steps) of every DP pass the client will make if sampled in every round.
 
@@ -170,15 +152,3 @@ def calibrate_noise(privacy: PrivacyConfig, delta: float, plan: list[tuple[float
         middle = (low + high) / 2
         low, high = (low, middle) if middle > 0 and spent(middle) <= target else (middle, high)
     return high
-
-
-def history_record(history: History) -> ConfigRecord:
-    """An accountant's history as a record (one list per column): kept in the client's state and
-    sent with every DP reply, so anyone can recompute the client's ε with Opacus."""
-    return ConfigRecord(
-        {"sigmas": [h[0] for h in history], "rates": [h[1] for h in history], "steps": [h[2] for h in history]}
-    )
-
-
-def history_from_record(record: ConfigRecord) -> History:
-    return list(zip(map(float, record["sigmas"]), map(float, record["rates"]), map(int, record["steps"])))

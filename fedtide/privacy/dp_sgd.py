@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from fedtide.data.schema import PrivacyConfig
 from fedtide.data.stream import Dataset
 from fedtide.errors import ScenarioError
-from fedtide.privacy.accounting import History
+from fedtide.privacy.history import History
 
 log = logging.getLogger(__name__)
 

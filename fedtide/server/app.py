@@ -7,11 +7,15 @@ looked up in the app that `flwr run` shipped, so `scenarios/quickstart.yaml` run
 any SuperLink. The
 `fedtide run` CLI instead builds a ServerApp around a scenario it has already
 validated, with a progress observer.
+
+The experience loop and its metrics (Avalanche's) are imported when the ServerApp
+starts: under `run_simulation` that happens while Flower starts Ray and the clients.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -19,7 +23,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedtide.data.loading import load_scenario
 from fedtide.data.schema import Scenario
 from fedtide.run_files import create_run_folder
-from fedtide.server.federation import RoundObserver, run_federation
+
+if TYPE_CHECKING:
+    from fedtide.server.federation import RoundObserver
 
 APP_ROOT = Path(__file__).resolve().parents[2]  # the project folder that `flwr run .` packaged
 
@@ -32,6 +38,9 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        # imported here, in the ServerApp's thread, while Flower's simulation starts Ray
+        from fedtide.server.federation import run_federation
+
         if scenario is None:
             config = context.run_config
             overrides = str(config.get("set", "")).split()
