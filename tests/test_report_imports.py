@@ -161,3 +161,19 @@ def test_the_report_and_help_load_no_training_stack(tmp_path, args):
         report = (tmp_path / "run" / "report.md").read_text()
         assert "fedavg + naive, 2 clients, 2 experiences" in report and "ε per client over rounds" in report
         assert (tmp_path / "run" / "figures" / "run-epsilon.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("method", ["replay", "ewc"])
+def test_validate_loads_no_avalanche_ray_or_opacus(method):
+    """Checking a scenario with a built-in method reads data and builds the model, nothing more."""
+    code = (
+        "import sys\n"
+        "from fedtide.cli import main\n"
+        f"sys.argv = ['fedtide', 'validate', 'scenarios/quickstart.yaml', '--set', 'continual.method={method}']\n"
+        "try:\n    main()\nexcept SystemExit as done:\n    assert not done.code, done.code\n"
+        "print(sorted(m for m in ('avalanche', 'ray', 'opacus') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "ok: 'quickstart'" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
