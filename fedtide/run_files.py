@@ -193,6 +193,11 @@ class FaultSummary(_Record):
     clients_dropped: int  # summed over rounds: a client dropped in 3 rounds counts 3
     dropped_per_client: dict[str, int]  # every client, 0 included
 
+    def describe(self) -> str:
+        """`10 (per client 0..3: 0, 5, 0, 5)`, as the console and the report print it."""
+        counts = list(self.dropped_per_client.values())
+        return f"{self.clients_dropped} (per client 0..{len(counts) - 1}: {', '.join(map(str, counts))})"
+
 
 @dataclass(frozen=True, kw_only=True)
 class ClientAudit(_Record):

@@ -17,6 +17,7 @@ from fedtide.client.app import describe
 from fedtide.client.app import train as fedtide_train
 from fedtide.data.loading import parse_scenario
 from fedtide.errors import FederationError
+from fedtide.report.runs import find_runs
 from fedtide.run_files import create_run_folder, read_metrics, read_summary
 from fedtide.server.faults import DROPOUT, UNAVAILABLE, FaultPlan
 from fedtide.server.federation import run_federation
@@ -275,6 +276,20 @@ def test_the_plan_reads_no_shared_random_state_and_nests_across_dropout_rates():
     assert low < high
     assert abs(len(low) / 1000 - 0.2) < 0.04 and abs(len(high) / 1000 - 0.5) < 0.05
     assert other_seed != low
+
+
+def test_the_report_shows_the_drops(faulty, tmp_path):
+    from fedtide.report.document import write_report
+
+    folder, _ = faulty
+    runs, _ = find_runs([folder])
+    write_report(runs, tmp_path / "report")
+    summary = read_summary(folder)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    per_client = ", ".join(str(summary.faults.dropped_per_client[str(c)]) for c in range(4))
+    assert f"dropped by simulated faults: {summary.faults.clients_dropped} (per client 0..3: {per_client})." in markdown
+    header, row = (tmp_path / "report" / "report.csv").read_text().splitlines()[:2]
+    assert row.split(",")[header.split(",").index("clients dropped")] == str(summary.faults.clients_dropped)
 
 
 @pytest.mark.parametrize(
