@@ -114,6 +114,18 @@ class ClientFailure(_Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClientDrop(_Record):
+    """A sampled client that a simulated fault kept out of a round: it was sent nothing and trained nothing.
+
+    `fault` is "dropout" (the scenario's per-round dropout probability) or "unavailable"
+    (a stretch of rounds in `faults.unavailable`). Real failures are `ClientFailure`s.
+    """
+
+    partition_id: int
+    fault: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class RoundPrivacy(_Record):
     """The clients' cumulative ε after a round: a client not sampled keeps its last value."""
 
@@ -128,7 +140,7 @@ class RoundRecord(_Record):
     """One line of metrics.jsonl per global round: the global model's accuracy and the clients' round."""
 
     _TYPE = "round"
-    _OPTIONAL = ("failures", "privacy")
+    _OPTIONAL = ("failures", "dropped", "privacy")
 
     round: int
     experience: int
@@ -136,15 +148,17 @@ class RoundRecord(_Record):
     accuracy: list[float]  # on each experience seen so far
     mean_accuracy: float
     train_loss: float | None  # None when no client trained
-    clients: dict[str, int]  # sampled, replied, failed, empty
+    clients: dict[str, int]  # sampled, dropped, replied, failed, empty (dropped: absent before faults existed)
     per_client: list[ClientRoundRecord]
     failures: list[ClientFailure] | None = None  # only when a client failed
+    dropped: list[ClientDrop] | None = None  # only when a simulated fault dropped a client
     wall_time_s: float
     privacy: RoundPrivacy | None = None  # only under DP
 
     def __post_init__(self) -> None:
         _set(self, "per_client", _typed_list(self.per_client, ClientRoundRecord))
         _set(self, "failures", _typed_list(self.failures, ClientFailure))
+        _set(self, "dropped", _typed_list(self.dropped, ClientDrop))
         _set(self, "privacy", _typed(self.privacy, RoundPrivacy))
 
 
@@ -170,6 +184,19 @@ class PrivacySummary(_Record):
     epsilon_max: float
     epsilon_per_client: dict[str, float]
     budget_exhausted_clients: list[int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultSummary(_Record):
+    """The simulated faults' toll on a run: how many (client, round) trainings they cancelled, and whose."""
+
+    clients_dropped: int  # summed over rounds: a client dropped in 3 rounds counts 3
+    dropped_per_client: dict[str, int]  # every client, 0 included
+
+    def describe(self) -> str:
+        """`10 (per client 0..3: 0, 5, 0, 5)`, as the console and the report print it."""
+        counts = list(self.dropped_per_client.values())
+        return f"{self.clients_dropped} (per client 0..{len(counts) - 1}: {', '.join(map(str, counts))})"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,7 +231,7 @@ class AuditSummary(_Record):
 class RunSummary(_Record):
     """summary.json: what a finished run measured."""
 
-    _OPTIONAL = ("privacy", "audit")
+    _OPTIONAL = ("privacy", "audit", "faults")
 
     name: str
     seed: int
@@ -223,10 +250,12 @@ class RunSummary(_Record):
     ray_nodes: list[str]
     privacy: PrivacySummary | None = None  # only under DP
     audit: AuditSummary | None = None  # absent from runs written before the audit existed
+    faults: FaultSummary | None = None  # only when the scenario simulates faults
 
     def __post_init__(self) -> None:
         _set(self, "privacy", _typed(self.privacy, PrivacySummary))
         _set(self, "audit", _typed(self.audit, AuditSummary))
+        _set(self, "faults", _typed(self.faults, FaultSummary))
 
     @property
     def private(self) -> bool:

@@ -4,8 +4,11 @@ That fedtide's federations give the same numbers on it as on Flower's Ray
 simulation is tests/test_simulation.py's worker-layout test.
 """
 
+import random
+
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
@@ -48,6 +51,31 @@ def test_flowers_fedavg_runs_on_it_unchanged():
     assert np.allclose(result.arrays.to_numpy_ndarrays()[0], 2 * 8 / 6)
     assert sorted(grid.contexts[n].node_config["partition-id"] for n in grid.get_node_ids()) == [0, 1, 2]
     assert all(calls(grid, n) == 2 for n in grid.get_node_ids())
+
+
+seeds_everything = ClientApp()
+
+
+@seeds_everything.train()
+def train_seeded(msg: Message, context) -> Message:
+    """What fedtide's client does each round: seed the process-wide RNGs, and draw from them."""
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    random.random(), np.random.rand(), torch.rand(1)
+    return train(msg, context)
+
+
+def test_a_clients_seeding_does_not_reach_the_servers_rngs():
+    """As from a Ray worker's own process: the server's `random` samples nodes, whatever the clients seeded."""
+    grid = InProcessGrid(2, client_app=seeds_everything)
+
+    def draws_after_seed_1(between=lambda: None) -> tuple[float, float, float]:
+        random.seed(1), np.random.seed(1), torch.manual_seed(1)
+        between()
+        return random.random(), float(np.random.rand()), torch.rand(1).item()
+
+    clients_ran = draws_after_seed_1(lambda: grid.send_and_receive([train_message(n) for n in grid.get_node_ids()]))
+    assert all(calls(grid, n) == 1 for n in grid.get_node_ids())
+    assert clients_ran == draws_after_seed_1()
 
 
 def test_replies_carry_the_metadata_of_flowers_superlink():

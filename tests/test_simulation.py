@@ -43,7 +43,7 @@ def test_run_folder_holds_resolved_scenario_metrics_and_summary(federated_run):
     assert [len(r["accuracy"]) for r in rounds] == [1, 1, 2, 2, 3, 3]
     assert [r.round for r in observed] == list(range(1, 7))
     for record in rounds:
-        assert record["clients"] == {"sampled": 4, "replied": 4, "failed": 0, "empty": 0}
+        assert record["clients"] == {"sampled": 4, "dropped": 0, "replied": 4, "failed": 0, "empty": 0}
         assert [c["partition_id"] for c in record["per_client"]] == [0, 1, 2, 3]
         assert record["train_loss"] > 0
     assert summary["rounds"] == 6 and summary["num_clients"] == 4

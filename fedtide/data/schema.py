@@ -147,6 +147,44 @@ class ResourcesConfig(Section):
         return address
 
 
+class Unavailability(Section):
+    """Clients that fail every round from `rounds[0]` to `rounds[1]`, global rounds counted from 1, inclusive."""
+
+    clients: list[int] = Field(min_length=1)
+    rounds: tuple[int, int]
+
+    @field_validator("clients")
+    @classmethod
+    def _clients_are_ids(cls, clients: list[int]) -> list[int]:
+        if any(c < 0 for c in clients):
+            raise ValueError(f"client ids are partition ids 0, 1, ...; got {clients}")
+        return clients
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds_in_order(cls, rounds: tuple[int, int]) -> tuple[int, int]:
+        first, last = rounds
+        if not 1 <= first <= last:
+            raise ValueError(f"[{first}, {last}] is not [first, last] global rounds with 1 <= first <= last")
+        return rounds
+
+
+class FaultsConfig(Section):
+    """Simulated client faults: which sampled clients fail a training round (`fedtide.server.faults`).
+
+    `dropout`: the probability that a sampled client fails a round, drawn per (seed,
+    client, global round) so the same clients drop whatever else is sampled and whatever
+    the backend. `unavailable`: stretches of global rounds in which listed clients always fail.
+    """
+
+    dropout: float = Field(0.0, ge=0, lt=1)
+    unavailable: list[Unavailability] = []
+
+    @property
+    def active(self) -> bool:
+        return self.dropout > 0 or bool(self.unavailable)
+
+
 class Scenario(Section):
     name: str = Field("scenario", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -159,6 +197,7 @@ class Scenario(Section):
     continual: ContinualConfig = ContinualConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    faults: FaultsConfig = FaultsConfig()
     output: Path = Path("runs")
 
     @property
@@ -188,4 +227,21 @@ class Scenario(Section):
         order = self.stream.class_order
         if order is not None and sorted(order) != list(range(classes)):
             raise ValueError(f"stream.class_order must list each of the {classes} classes 0..{classes - 1} once")
+        return self
+
+    @model_validator(mode="after")
+    def _faults_fit_run(self) -> Scenario:
+        clients, rounds = self.partition.num_clients, self.total_rounds
+        for i, stretch in enumerate(self.faults.unavailable):
+            strangers = [c for c in stretch.clients if c >= clients]
+            if strangers:
+                raise ValueError(
+                    f"faults.unavailable.{i}.clients: no client {strangers[0]} "
+                    f"(partition.num_clients={clients}: ids 0..{clients - 1})"
+                )
+            if stretch.rounds[1] > rounds:
+                raise ValueError(
+                    f"faults.unavailable.{i}.rounds: {list(stretch.rounds)} ends after the run's last global round "
+                    f"{rounds} (stream.n_experiences × federation.rounds_per_experience)"
+                )
         return self

@@ -25,6 +25,8 @@ def summary_view(summary: RunSummary) -> Group:
     headline.add_row("average forgetting", f"{100 * summary.average_forgetting:.2f}%")
     headline.add_row("BWT", f"{100 * summary.bwt:.2f}%")
     headline.add_row("clients failed", str(summary.clients_failed))
+    if summary.faults:
+        headline.add_row("clients dropped (simulated faults)", summary.faults.describe())
     if summary.privacy:
         privacy = summary.privacy
         headline.add_row("ε (max over clients)", f"{privacy.epsilon_max:.3f}")

@@ -27,7 +27,7 @@ from fedtide.report.runs import RunResult, SeedGroup, seed_groups
 HTML_FILE, MARKDOWN_FILE, CSV_FILE, FIGURES_DIR = "report.html", "report.md", "report.csv", "figures"
 RUN_COLUMNS = [
     "run", "method", "strategy", "noise σ", "ε", "δ", "final accuracy %", "forgetting %", "BWT %",
-    "attack AUC", "TPR@1%FPR %", "wall time s",
+    "attack AUC", "TPR@1%FPR %", "clients dropped", "wall time s",
 ]  # fmt: skip
 
 
@@ -101,6 +101,7 @@ def run_row(run: RunResult) -> list[str]:
         _pct(summary.bwt),
         _number(audit.auc_max if audit else None),
         _pct(audit.tpr_at_1pct_fpr_max if audit else None),
+        str(summary.faults.clients_dropped) if summary.faults else "–",
         f"{summary.wall_time_s:.1f}",
     ]
 
@@ -188,7 +189,8 @@ def _run_details(run: RunResult) -> list[Block]:
         Text(
             f"{summary.strategy} + {summary.method}, {summary.num_clients} clients, "
             f"{summary.n_experiences} experiences (classes {summary.classes_per_experience}), "
-            f"{summary.rounds} rounds, seed {summary.seed}; clients failed: {summary.clients_failed}."
+            f"{summary.rounds} rounds, seed {summary.seed}; clients failed: {summary.clients_failed}"
+            + (f"; dropped by simulated faults: {summary.faults.describe()}." if summary.faults else ".")
         ),
         TableBlock(
             ["after", *(f"exp {j}" for j in range(len(matrix)))],

@@ -7,10 +7,17 @@ so the user's strategy sees plain Flower calls and nothing else has to know abou
 - `configure_train` adds the experience's config to the strategy's messages, and the
   global weights that ended past experiences to clients that still have to
   consolidate them (a client first sampled late consolidates at the right weights);
+  under simulated faults it withholds the messages of the sampled clients that fail
+  this round (`FaultPlan`), as if they had gone offline: they train nothing, their
+  state and privacy budget stay as they were, and the strategy aggregates the other
+  replies exactly as it does when a real client does not answer (Flower's FedAvg
+  averages whatever replies it gets, fewer than `min_train_nodes` included, and keeps
+  the current weights when there are none);
 - `aggregate_train` records every client's reply, drops the replies of clients that
   trained on nothing or failed (a failure is counted and its reason kept; a round
-  in which every sampled client failed stops the run), checks the clients' and the
-  strategy's arrays against the model, and names the strategy when it raises.
+  in which every client that was sent a message failed stops the run), checks the
+  clients' and the strategy's arrays against the model, and names the strategy when
+  it raises.
 
 Round numbers in every message are global (experience × rounds + round).
 """
@@ -29,8 +36,9 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtide.errors import FederationError
 from fedtide.protocol import client_round, experience_end_key
-from fedtide.run_files import ClientFailure, ClientRoundRecord
+from fedtide.run_files import ClientDrop, ClientFailure, ClientRoundRecord
 from fedtide.server.array_check import array_problem
+from fedtide.server.faults import FaultPlan
 
 Result = TypeVar("Result")
 
@@ -40,18 +48,31 @@ class RoundOutcome:
     """What happened in one training round, as the recorder writes it."""
 
     global_round: int
-    sent: int = 0
+    sampled: int = 0
+    dropped: list[ClientDrop] = field(default_factory=list)  # sampled, but kept out by a simulated fault
     reports: list[ClientRoundRecord] = field(default_factory=list)
     failures: list[ClientFailure] = field(default_factory=list)
+
+    @property
+    def sent(self) -> int:
+        """The clients that were sent a train message: the sampled ones that did not drop."""
+        return self.sampled - len(self.dropped)
 
 
 class ContinualStrategy(Strategy):
     """Delegates aggregation to `strategy`; adds the experience loop's messages and checks."""
 
-    def __init__(self, strategy: Strategy, reference: ArrayRecord, partition_of: dict[int, int]) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        reference: ArrayRecord,
+        partition_of: dict[int, int],
+        faults: FaultPlan | None = None,
+    ) -> None:
         self.strategy = strategy
         self.reference = reference  # arrays whose keys, shapes and dtypes every model must have
         self.partition_of = partition_of  # node id -> partition id
+        self.faults = faults  # None: no simulated faults
         self.experience = 0
         self.round_offset = 0
         self.experience_config = ConfigRecord()
@@ -80,10 +101,22 @@ class ContinualStrategy(Strategy):
     ) -> Iterable[Message]:
         config = ConfigRecord({**dict(config), **dict(self.experience_config)})
         messages = list(self._call(self.strategy.configure_train, server_round, arrays, config, grid))
+        outcome = RoundOutcome(self.global_round(server_round), sampled=len(messages))
+        delivered = []
         for message in messages:
+            partition = self._partition(message.metadata.dst_node_id)
+            fault = self.faults.fault(partition, outcome.global_round) if self.faults else None
+            if fault:
+                outcome.dropped.append(ClientDrop(partition_id=partition, fault=fault))
+                continue
             self._add_experience_ends(message, server_round)
-        self.last_round = RoundOutcome(self.global_round(server_round), sent=len(messages))
-        return messages
+            delivered.append(message)
+        outcome.dropped.sort(key=lambda drop: drop.partition_id)
+        self.last_round = outcome
+        return delivered
+
+    def _partition(self, node_id: int) -> int:
+        return self.partition_of.get(node_id, node_id)
 
     def _add_experience_ends(self, message: Message, server_round: int) -> None:
         """Give the node the weights that ended each past experience it has not been seen to settle.
@@ -105,7 +138,7 @@ class ContinualStrategy(Strategy):
         outcome = self.last_round
         trained: list[Message] = []
         for reply in replies:
-            partition = self.partition_of.get(reply.metadata.src_node_id, reply.metadata.src_node_id)
+            partition = self._partition(reply.metadata.src_node_id)
             if reply.has_error():
                 outcome.failures.append(ClientFailure(partition_id=partition, reason=reply.error.reason))
                 continue
@@ -121,7 +154,8 @@ class ContinualStrategy(Strategy):
                 trained.append(reply)
         if outcome.sent and not outcome.reports:
             raise FederationError(
-                f"every sampled client failed in round {outcome.global_round}; "
+                f"every sampled client{' that did not drop' if outcome.dropped else ''} failed in round "
+                f"{outcome.global_round}; "
                 f"client {outcome.failures[0].partition_id} said: {outcome.failures[0].reason}"
             )
         result = self._call(self.strategy.aggregate_train, server_round, trained)

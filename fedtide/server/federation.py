@@ -33,6 +33,7 @@ from fedtide.run_files import (
     MODEL_FILE,
     AuditSummary,
     ExperienceRecord,
+    FaultSummary,
     PrivacySummary,
     RoundPrivacy,
     RoundRecord,
@@ -41,6 +42,7 @@ from fedtide.run_files import (
     write_summary,
 )
 from fedtide.server.continual_strategy import ContinualStrategy, RoundOutcome
+from fedtide.server.faults import FaultPlan
 from fedtide.server.grid import PartitionOrderedGrid
 
 RoundObserver = Callable[[RoundRecord], None]
@@ -61,6 +63,7 @@ class _RunRecorder:
         self.started = time.monotonic()
         self.matrix: list[list[float]] = []
         self.failures = 0
+        self.dropped = dict.fromkeys(range(scenario.partition.num_clients), 0)  # per client, over rounds
         self.private = scenario.privacy.private
         self.epsilon: dict[int, float] = {}  # latest cumulative ε per client
         self.stopped: set[int] = set()  # clients that hit their privacy budget
@@ -87,6 +90,12 @@ class _RunRecorder:
             budget_exhausted_clients=sorted(self.stopped),
         )
 
+    def fault_summary(self) -> FaultSummary:
+        return FaultSummary(
+            clients_dropped=sum(self.dropped.values()),
+            dropped_per_client={str(k): v for k, v in self.dropped.items()},
+        )
+
     def _after_round(self, experience: int, federation: ContinualStrategy, server_round: int, arrays: ArrayRecord):
         if server_round == 0:  # start() also evaluates the initial weights; the previous round did
             return None
@@ -95,6 +104,8 @@ class _RunRecorder:
         privacy = self._privacy_record(outcome) if self.private else None
         record = _round_record(experience, server_round, accuracies, outcome, self.elapsed(), privacy)
         self.failures += record.clients["failed"]
+        for drop in outcome.dropped:
+            self.dropped[drop.partition_id] += 1
         self.ray_nodes.update(r.ray_node_id for r in outcome.reports if r.ray_node_id)
         append_metrics(self.run_dir, record)
         if server_round == self.rounds:
@@ -116,7 +127,8 @@ def run_federation(
     arrays = ArrayRecord(recorder.model.state_dict())
     ordered.discover(num_clients)
     strategy = build_strategy(scenario.federation, num_clients)
-    federation = ContinualStrategy(strategy, reference=arrays, partition_of=ordered.partition_of)
+    faults = FaultPlan(scenario.faults, scenario.seed) if scenario.faults.active else None
+    federation = ContinualStrategy(strategy, reference=arrays, partition_of=ordered.partition_of, faults=faults)
 
     for experience in range(scenario.stream.n_experiences):
         random.seed(scenario.seed * 1000 + experience)  # Flower samples nodes with `random`
@@ -161,6 +173,7 @@ def run_federation(
         ray_nodes=sorted(recorder.ray_nodes),
         privacy=privacy,
         audit=AuditSummary.from_dict(audit_clients(scenario, recorder.model)),
+        faults=recorder.fault_summary() if faults else None,
     )
     write_summary(run_dir, summary)
     return summary
@@ -199,13 +212,15 @@ def _round_record(
         mean_accuracy=sum(accuracies) / len(accuracies),
         train_loss=sum(r.train_loss * r.num_examples for r in trained) / examples if examples else None,
         clients={
-            "sampled": outcome.sent,
+            "sampled": outcome.sampled,
+            "dropped": len(outcome.dropped),
             "replied": len(reports),
             "failed": outcome.sent - len(reports),
             "empty": sum(r.empty for r in reports),
         },
         per_client=reports,
         failures=outcome.failures or None,
+        dropped=outcome.dropped or None,
         wall_time_s=wall_time_s,
         privacy=privacy,
     )

@@ -9,8 +9,10 @@ It does what Flower's SuperLink and simulation runtime do wherever a strategy or
 ClientApp could tell: messages pass the SuperLink's checks and get its metadata
 (message ids, replies addressed back to the SuperLink node); the ClientApp gets a
 copy of the message and of the node's `Context` (Ray serialises both), and the copy
-of the Context is stored back only when the ClientApp returned; an exception in the
-ClientApp becomes an error reply with the code and reason Flower's simulation gives
+of the Context is stored back only when the ClientApp returned; the ClientApp's use of
+the process-wide RNGs (`random`, numpy's, torch's) does not reach the server, whose
+`random` samples the nodes, as it cannot from a Ray worker's own process; an exception
+in the ClientApp becomes an error reply with the code and reason Flower's simulation gives
 (`ClientAppException` wrapped as in `server.superlink.fleet.vce.vce_api.worker`),
 never an exception in the server. Clients run one after another, when pushed.
 """
@@ -19,10 +21,13 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from logging import ERROR
 from uuid import uuid4
 
+import numpy as np
+import torch
 from flwr.app import Context, Error, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.clientapp.client_app import ClientAppException
@@ -121,7 +126,8 @@ class InProcessGrid(Grid):
         node_id = message.metadata.dst_node_id
         context = copy.deepcopy(self.contexts[node_id])
         try:
-            reply = self.client_app(copy.deepcopy(message), context)
+            with _rngs_of_own_process():
+                reply = self.client_app(copy.deepcopy(message), context)
         except Exception as error:  # what ClientAppActor.run and the simulation's worker make of it
             wrapped = ClientAppException(str(error))
             reason = str(type(wrapped)) + ":<'" + str(wrapped) + "'>"
@@ -141,3 +147,19 @@ class InProcessGrid(Grid):
             log(ERROR, "node %s: reply dropped, as the SuperLink would: %s", node_id, "; ".join(problems))
             return None
         return reply
+
+
+@contextmanager
+def _rngs_of_own_process() -> Iterator[None]:
+    """Put the process-wide RNGs back as they were: clients seed them each round, the server samples with `random`.
+
+    Without it, which clients a round samples would depend on which client trained last
+    in this process, unlike on Ray, and a client that drops would change later samples.
+    """
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
