@@ -30,7 +30,17 @@ cli = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-ScenarioArg = Annotated[Path, typer.Argument(help="Scenario YAML file.")]
+
+
+def _importable_folder(scenario_file: Path) -> Path:
+    """Plugins named "module:Class" are found next to the scenario file (and in the current folder)."""
+    from fedtide.registry import make_importable
+
+    make_importable(Path.cwd(), scenario_file.parent)
+    return scenario_file
+
+
+ScenarioArg = Annotated[Path, typer.Argument(help="Scenario YAML file.", callback=_importable_folder)]
 OutputOption = Annotated[Path | None, typer.Option(help="Folder for runs (default: the scenario's output, runs/).")]
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="Override a field: --set federation.strategy.name=fedprox")
@@ -189,6 +199,21 @@ def list_components() -> None:
     )
 
 
+@cli.command()
+def new(
+    kind: Annotated[str, typer.Argument(help="strategy or method")],
+    name: Annotated[str, typer.Argument(help="A lower-case module name, e.g. trimmed_mean")],
+    folder: Annotated[Path, typer.Option("--dir", help="Where to write NAME.py and NAME.yaml.")] = Path("."),
+) -> None:
+    """Write a minimal, runnable, commented plugin (NAME.py) and a scenario using it (NAME.yaml)."""
+    from fedtide.scaffold import write_plugin
+
+    module, scenario = write_plugin(kind, name, folder)
+    console.print(
+        f"wrote [bold]{module}[/bold] and [bold]{scenario}[/bold]; run it with: fedtide run {scenario}", soft_wrap=True
+    )
+
+
 @cli.command("check-plugin")
 def check_plugin(
     name: Annotated[str, typer.Argument(help='A strategy or continual method: short name or "pkg.module:Name".')],
@@ -197,7 +222,9 @@ def check_plugin(
     """Run the plugin contract checks on 2 digits clients x 2 experiences; exit 1 naming a failed check."""
     from fedtide.plugin_check import check_plugin as run_checks
     from fedtide.plugin_check import parse_params
+    from fedtide.registry import make_importable
 
+    make_importable(Path.cwd())
     with warnings.catch_warnings():  # Avalanche's and Opacus's notices about their own APIs
         warnings.simplefilter("ignore")
         report = run_checks(name, parse_params(set_ or []))

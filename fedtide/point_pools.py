@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -57,7 +59,14 @@ def ray_tasks(address: str | None) -> Iterator[Submit]:
     """
     import ray
 
-    ray.init(address=address or "local", logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}}  # plugins beside the scenario
+    ray.init(
+        address=address or "local",
+        runtime_env=runtime_env,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+        include_dashboard=False,
+    )
     try:
         remote = ray.remote(_run_point_task)
 

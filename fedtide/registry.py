@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any
 
 from fedtide.errors import ScenarioError
@@ -21,6 +23,18 @@ CONTINUAL_GROUP = "fedtide.continual"
 
 def is_plugin_path(name: str) -> bool:
     return ":" in name
+
+
+def make_importable(*folders: Path) -> None:
+    """Let "module:Class" paths resolve in these folders (the current one, a scenario's own).
+
+    A plugin written beside its scenario then needs no install and no PYTHONPATH. Ray
+    workers inherit the driver's `sys.path` (Flower's Ray backend, and fedtide's sweep
+    tasks, pass it as their PYTHONPATH), as do spawned sweep workers.
+    """
+    for folder in folders:
+        if str(folder.resolve()) not in sys.path:
+            sys.path.append(str(folder.resolve()))
 
 
 def _describe(base: type | tuple[type, ...]) -> str:

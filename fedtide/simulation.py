@@ -82,7 +82,7 @@ def simulate_in_process(scenario: Scenario, run_dir: Path, observer: RoundObserv
     torch.set_num_threads(max(1, int(scenario.resources.num_cpus_per_client)))
     try:
         with warnings.catch_warnings():  # what Ray's workers keep from the console (log_to_driver off)
-            warnings.filterwarnings("ignore", module=r"(avalanche|opacus)\.")
+            warnings.filterwarnings("ignore", module=r"(avalanche|opacus|jaxopt)(\.|$)")  # jaxopt: via Avalanche
             return run_federation(grid, scenario, run_dir, observer)
     finally:
         torch.set_num_threads(threads)

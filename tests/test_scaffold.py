@@ -1,0 +1,60 @@
+"""`fedtide new`: the written plugin runs at once from its scenario, found beside it without PYTHONPATH."""
+
+import json
+import sys
+
+import pytest
+
+
+@pytest.fixture
+def elsewhere(tmp_path, monkeypatch):
+    """Run from a folder that is neither the plugin's nor the project's; restore sys.path after."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return tmp_path
+
+
+def summary(folder):
+    return json.loads((folder / "summary.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "plain"),
+    [
+        ("strategy", "trimmed_mean", "federation.strategy={name: fedavg}"),
+        ("method", "pull_back", "continual={method: naive}"),
+    ],
+)
+def test_a_new_plugin_runs_from_its_scenario_and_changes_the_numbers(elsewhere, run_cli, kind, name, plain):
+    plugins, runs = elsewhere / "plugins", elsewhere / "runs"
+    code, out, err = run_cli("new", kind, name, "--dir", str(plugins))
+    assert code == 0, err
+    assert (plugins / f"{name}.py").is_file() and f"fedtide run {plugins / name}.yaml" in " ".join(out.split())
+
+    code, _, err = run_cli("run", str(plugins / f"{name}.yaml"), "--output", str(runs))
+    assert code == 0, err
+    written = summary(runs / name)
+    plugin = f"{name}:{name.title().replace('_', '')}"
+    assert (written["strategy"] if kind == "strategy" else written["method"]) == plugin
+    assert written["rounds"] == 6 and written["clients_failed"] == 0
+
+    # the same scenario with the plain component: the plugin did change the training
+    scenario = str(plugins / f"{name}.yaml")
+    code, _, err = run_cli("run", scenario, "--set", plain, "--set", "name=plain", "--output", str(runs))
+    assert code == 0, err
+    assert summary(runs / "plain")["accuracy_matrix"] != written["accuracy_matrix"]
+
+
+def test_new_refuses_a_bad_name_and_never_overwrites(elsewhere, run_cli):
+    plugins = elsewhere / "plugins"
+    assert run_cli("new", "method", "mine", "--dir", str(plugins))[0] == 0
+    (plugins / "mine.py").write_text("# edited by hand\n")
+    code, _, err = run_cli("new", "strategy", "mine", "--dir", str(plugins))
+    assert code == 2 and "mine.py exists already" in " ".join(err.split())
+    assert (plugins / "mine.py").read_text() == "# edited by hand\n"
+    code, _, err = run_cli("new", "method", "Not-A-Module", "--dir", str(plugins))
+    assert code == 2 and "NAME: 'Not-A-Module' is not a lower-case Python module name" in " ".join(err.split())
+    code, _, err = run_cli("new", "aggregator", "x", "--dir", str(plugins))
+    assert code == 2 and "KIND: unknown kind 'aggregator'" in " ".join(err.split())
