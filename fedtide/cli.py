@@ -93,7 +93,11 @@ def run(
         def on_round(record: RoundRecord) -> None:
             progress.update(task, completed=record.round, status=round_status(record))
 
-        run_scenario(scenario, run_dir, observer=on_round)
+        try:
+            run_scenario(scenario, run_dir, observer=on_round)
+        except FederationError:
+            progress.update(task, status="[red]failed[/red] (below)")
+            raise
     console.print(summary_view(read_summary(run_dir)))
     console.print(f"report: [bold]{_write_report([run_dir], run_dir)}[/bold]")
 

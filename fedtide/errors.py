@@ -4,6 +4,13 @@ The CLI turns it into a one-line message and exit code 2; everything else is a b
 and keeps its traceback.
 """
 
+import sysconfig
+import traceback
+from pathlib import Path
+
+_STDLIB = sysconfig.get_paths()["stdlib"]
+_FEDTIDE = str(Path(__file__).parent)
+
 
 class ScenarioError(Exception):
     """A scenario value that cannot be run, with the field it concerns and the fix."""
@@ -20,3 +27,34 @@ class ScenarioError(Exception):
 
 class FederationError(Exception):
     """The federation cannot go on (every sampled client failed a round); carries a client's reason."""
+
+
+class RoundFailed(RuntimeError):
+    """A client's round failed, and the message already says who, in which phase and why."""
+
+
+def raised_at(error: BaseException) -> str:
+    """Where user code raised: "file.py:12, in func", its deepest frame outside installed libraries.
+
+    The frame a user can act on is theirs, not Flower's or Avalanche's (site-packages)
+    nor the interpreter's own modules; fedtide's frames count only when nothing else does.
+    """
+    frames = traceback.extract_tb(error.__traceback__)
+    outside = [f for f in frames if "site-packages" not in f.filename and not f.filename.startswith(_STDLIB)]
+    theirs = [f for f in outside if not f.filename.startswith(_FEDTIDE)]
+    frame = (theirs or outside or frames)[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno}, in {frame.name}"
+
+
+def failure_report(error: BaseException) -> str:
+    """A failure as one line naming the exception and where it was raised, then its full traceback."""
+    explained = isinstance(error, FederationError | ScenarioError | RoundFailed)
+    head = str(error) if explained else f"{type(error).__name__}: {error}"
+    first = " ".join(head.split())  # one line, whatever the exception's message holds
+    return f"{first} ({raised_at(_root_cause(error))})\n" + "".join(traceback.format_exception(error))
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error

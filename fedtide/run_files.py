@@ -29,6 +29,7 @@ SCENARIO_FILE = "scenario.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"  # the final global weights (a torch state_dict), written by the server
+LOG_FILE = "errors.log"  # every failure in full (tracebacks), where the console and metrics have one line
 # The false-positive rate at which a summary's audit reports the attack's true-positive rate.
 LOW_FPR = 0.01
 
@@ -286,6 +287,14 @@ def prepare_run_folder(folder: Path, scenario: Scenario) -> Path:
 def append_metrics(folder: Path, record: RoundRecord | ExperienceRecord) -> None:
     with (folder / METRICS_FILE).open("a") as stream:
         stream.write(json.dumps(record.to_dict()) + "\n")
+
+
+def append_log(folder: Path, text: str) -> Path:
+    """Add a failure, in full, to the run's log; the path is what one-line messages point to."""
+    path = folder / LOG_FILE
+    with path.open("a") as stream:
+        stream.write(text.rstrip("\n") + "\n\n")
+    return path
 
 
 def write_summary(folder: Path, summary: RunSummary) -> None:

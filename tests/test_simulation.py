@@ -120,6 +120,35 @@ def test_a_strategy_that_raises_stops_the_run_with_one_line_naming_it(tmp_path, 
     assert not (folder / "summary.json").exists()
 
 
+def test_a_client_error_on_ray_is_one_line_naming_the_users_line_and_the_log(tmp_path, run_cli):
+    """A user's plugin raising in every Ray worker: one line, no Ray or Flower traceback, the full one logged."""
+    scenario = tmp_path / "broken.yaml"
+    scenario.write_text(
+        yaml.safe_dump(
+            {
+                "name": "broken",
+                "partition": {"kind": "iid", "num_clients": 2},
+                "stream": {"n_experiences": 2},
+                "continual": {"method": "tests.broken_method:BrokenMethod"},
+                "resources": {"num_cpus_per_client": 2},
+            }
+        )
+    )
+    code, out, err = run_cli("run", str(scenario), "--output", str(tmp_path / "runs"))
+    log = tmp_path / "runs" / "broken" / "errors.log"
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err + out and "\x1b[" not in err
+    assert " ".join(err.split()) == (
+        "run failed: every sampled client failed in round 1; client 0 said: continual method "
+        "'tests.broken_method:BrokenMethod' failed in training: RuntimeError: broken_method exploded on purpose "
+        f"(broken_method.py:10, in before_training_exp); full log: {log}"
+    )
+    assert "failed (below)" in out
+    logged = log.read_text()
+    assert logged.startswith("client 0, round 1: continual method") and "client 1, round 1:" in logged
+    assert 'broken_method.py", line 10, in before_training_exp' in logged
+
+
 def test_the_in_process_backend_runs_the_cli_without_ray_and_gives_the_same_numbers(federated_run, tmp_path, run_cli):
     scenario, _, summary, _ = federated_run
     path = tmp_path / "local.yaml"

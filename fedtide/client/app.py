@@ -11,10 +11,12 @@ import json
 import socket
 
 import ray
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedtide.data.loading import parse_scenario
+from fedtide.errors import failure_report
 from fedtide.protocol import experience_ends
 
 app = ClientApp()
@@ -29,7 +31,20 @@ def describe(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local continual learning on the experience the server names."""
+    """One round of local continual learning on the experience the server names.
+
+    A failure is replied, not raised: one line naming the method, the phase, the
+    exception and the user's file:line, then the traceback, which the server keeps in
+    the run's log. Raised, it would reach the server wrapped in Flower's and Ray's
+    tracebacks, with the useful sentence at the end of fifty lines.
+    """
+    try:
+        return _train(msg, context)
+    except Exception as error:  # any failure of this round, the user's or not: the server decides
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, failure_report(error)), reply_to=msg)
+
+
+def _train(msg: Message, context: Context) -> Message:
     from fedtide.client.training import RoundTask, run_training_round
 
     config = msg.content["config"]

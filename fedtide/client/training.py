@@ -26,6 +26,7 @@ from fedtide.continual.methods import build_method, require_dp_compatible
 from fedtide.continual.state_codec import UnstorableState
 from fedtide.data.schema import Scenario
 from fedtide.data.stream import build_stream, client_experiences
+from fedtide.errors import RoundFailed
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta, epsilon_spent, noise_multiplier
 from fedtide.privacy.budget import BudgetGuard
@@ -166,7 +167,7 @@ def refuse_lost_state(method: ContinualMethod, before: dict[str, str]) -> None:
         )
 
 
-class ClientDiverged(RuntimeError):
+class ClientDiverged(RoundFailed):
     """Local training blew up (non-finite loss or weights); the message says what to lower."""
 
 
@@ -181,7 +182,7 @@ def check_finite(task: RoundTask, model: torch.nn.Module, loss: float) -> None:
     )
 
 
-class MethodFailed(RuntimeError):
+class MethodFailed(RoundFailed):
     """A continual method (or one of its plugins) raised; the message names it and the phase."""
 
 

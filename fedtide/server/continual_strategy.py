@@ -24,23 +24,23 @@ Round numbers in every message are global (experience × rounds + round).
 
 from __future__ import annotations
 
-import traceback
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedtide.errors import FederationError
+from fedtide.errors import FederationError, raised_at
 from fedtide.protocol import client_round, experience_end_key
 from fedtide.run_files import ClientDrop, ClientFailure, ClientRoundRecord
 from fedtide.server.array_check import array_problem
 from fedtide.server.faults import FaultPlan
 
 Result = TypeVar("Result")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -51,7 +51,8 @@ class RoundOutcome:
     sampled: int = 0
     dropped: list[ClientDrop] = field(default_factory=list)  # sampled, but kept out by a simulated fault
     reports: list[ClientRoundRecord] = field(default_factory=list)
-    failures: list[ClientFailure] = field(default_factory=list)
+    failures: list[ClientFailure] = field(default_factory=list)  # one line each
+    failure_logs: list[str] = field(default_factory=list)  # each failure in full, for the run's log
 
     @property
     def sent(self) -> int:
@@ -140,7 +141,9 @@ class ContinualStrategy(Strategy):
         for reply in replies:
             partition = self._partition(reply.metadata.src_node_id)
             if reply.has_error():
-                outcome.failures.append(ClientFailure(partition_id=partition, reason=reply.error.reason))
+                reason = _ANSI.sub("", reply.error.reason)  # Ray colours its tracebacks
+                outcome.failures.append(ClientFailure(partition_id=partition, reason=reason.strip().split("\n")[0]))
+                outcome.failure_logs.append(f"client {partition}, round {outcome.global_round}: {reason}")
                 continue
             problem = array_problem(reply.content["arrays"], self.reference)
             if problem:
@@ -190,16 +193,10 @@ class ContinualStrategy(Strategy):
         except FederationError:
             raise
         except Exception as error:
-            where = _user_frame(error)
             server_round = self.global_round(args[0]) if args else self.round_offset
             raise FederationError(
                 f"strategy {self.name} raised in round {server_round}: {type(error).__name__}: {error} "
-                f"({Path(where.filename).name}:{where.lineno}, in {where.name})"
+                f"({raised_at(error)})"
             ) from error
 
 
-def _user_frame(error: BaseException) -> traceback.FrameSummary:
-    """Where the strategy raised: its deepest frame outside installed libraries (Flower, numpy...)."""
-    frames = traceback.extract_tb(error.__traceback__)[1:]  # [0] is `_call` itself
-    own = [frame for frame in frames if "site-packages" not in frame.filename]
-    return (own or frames)[-1]

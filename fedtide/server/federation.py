@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+import traceback
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,7 @@ from fedtide.continual.methods import build_method
 from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
 from fedtide.data.split import experience_classes, experience_samples, split_key
+from fedtide.errors import FederationError
 from fedtide.metrics.audit import audit_clients
 from fedtide.metrics.evaluation import experience_accuracies
 from fedtide.metrics.forgetting import average_accuracy, average_forgetting, backward_transfer
@@ -38,6 +40,7 @@ from fedtide.run_files import (
     RoundPrivacy,
     RoundRecord,
     RunSummary,
+    append_log,
     append_metrics,
     write_summary,
 )
@@ -104,6 +107,9 @@ class _RunRecorder:
         privacy = self._privacy_record(outcome) if self.private else None
         record = _round_record(experience, server_round, accuracies, outcome, self.elapsed(), privacy)
         self.failures += record.clients["failed"]
+        for failure in outcome.failure_logs:
+            append_log(self.run_dir, failure)
+        outcome.failure_logs.clear()  # logged; a later fatal error logs only its own round
         for drop in outcome.dropped:
             self.dropped[drop.partition_id] += 1
         self.ray_nodes.update(r.ray_node_id for r in outcome.reports if r.ray_node_id)
@@ -130,14 +136,20 @@ def run_federation(
     faults = FaultPlan(scenario.faults, scenario.seed) if scenario.faults.active else None
     federation = ContinualStrategy(strategy, reference=arrays, partition_of=ordered.partition_of, faults=faults)
 
-    for experience in range(scenario.stream.n_experiences):
-        random.seed(scenario.seed * 1000 + experience)  # Flower samples nodes with `random`
-        federation.begin_experience(experience, arrays, train_config(scenario, experience), rounds)
-        result = federation.start(
-            ordered, arrays, num_rounds=rounds, evaluate_fn=recorder.evaluate_fn(experience, federation)
-        )
-        if len(result.arrays) > 0:
-            arrays = result.arrays
+    try:
+        for experience in range(scenario.stream.n_experiences):
+            random.seed(scenario.seed * 1000 + experience)  # Flower samples nodes with `random`
+            federation.begin_experience(experience, arrays, train_config(scenario, experience), rounds)
+            result = federation.start(
+                ordered, arrays, num_rounds=rounds, evaluate_fn=recorder.evaluate_fn(experience, federation)
+            )
+            if len(result.arrays) > 0:
+                arrays = result.arrays
+    except FederationError as error:  # one line for the console; the tracebacks go to the run's log
+        for failure in federation.last_round.failure_logs:
+            append_log(run_dir, failure)
+        log = append_log(run_dir, "".join(traceback.format_exception(error)))
+        raise FederationError(f"{error}; full log: {log}") from error
 
     recorder.model.load_state_dict(arrays.to_torch_state_dict())
     torch.save(recorder.model.state_dict(), run_dir / MODEL_FILE)  # to evaluate or audit the run again later
