@@ -24,6 +24,7 @@ from fedtide.privacy.history import history_from_record, history_record
 from fedtide.run_files import ClientRoundRecord
 
 EXPERIENCE_END_PREFIX = "experience-end."
+METHOD_METRIC_PREFIX = "method."  # a continual method's metric `loss` is `method.loss` in the reply
 
 
 def experience_end_key(experience: int) -> str:
@@ -41,12 +42,13 @@ def experience_ends(content: RecordDict) -> dict[int, ArrayRecord]:
 
 def reply_content(report: ClientRoundRecord, arrays: ArrayRecord) -> RecordDict:
     """A client's reply to a train message: its model and its round (see the module docstring)."""
+    metrics = {"num-examples": report.num_examples, "train_loss": report.train_loss, "epsilon": report.epsilon}
+    # a method's own metrics ride in the MetricRecord, so Flower's strategies aggregate them too
+    metrics |= {METHOD_METRIC_PREFIX + k: v for k, v in (report.method_metrics or {}).items()}
     content = RecordDict(
         {
             "arrays": arrays,
-            "metrics": MetricRecord(
-                {"num-examples": report.num_examples, "train_loss": report.train_loss, "epsilon": report.epsilon}
-            ),
+            "metrics": MetricRecord(metrics),
             "client": ConfigRecord(
                 {
                     "partition_id": report.partition_id,
@@ -82,4 +84,10 @@ def client_round(content: RecordDict) -> ClientRoundRecord:
         ray_node_id=str(host["ray_node_id"]) if "ray_node_id" in host else None,
         hostname=str(host["hostname"]) if "hostname" in host else None,
         dp_history=[list(row) for row in history] if history is not None else None,
+        method_metrics={
+            key.removeprefix(METHOD_METRIC_PREFIX): float(value)
+            for key, value in metrics.items()
+            if key.startswith(METHOD_METRIC_PREFIX)
+        }
+        or None,
     )

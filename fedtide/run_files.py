@@ -90,7 +90,7 @@ def _set(record: _Record, name: str, value: Any) -> None:
 class ClientRoundRecord(_Record):
     """One replying client's round: built by the client, read from its reply (`fedtide.protocol`), written per round."""
 
-    _OPTIONAL = ("ray_node_id", "hostname", "dp_history")
+    _OPTIONAL = ("ray_node_id", "hostname", "dp_history", "method_metrics")
 
     partition_id: int
     num_examples: int
@@ -104,6 +104,7 @@ class ClientRoundRecord(_Record):
     ray_node_id: str | None = None  # absent when the client ran outside Ray
     hostname: str | None = None
     dp_history: list[list[float]] | None = None  # under DP: (noise multiplier, sample rate, steps) rows
+    method_metrics: dict[str, float] | None = None  # what the continual method reported (`metrics()`)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,7 +142,7 @@ class RoundRecord(_Record):
     """One line of metrics.jsonl per global round: the global model's accuracy and the clients' round."""
 
     _TYPE = "round"
-    _OPTIONAL = ("failures", "dropped", "privacy")
+    _OPTIONAL = ("failures", "dropped", "privacy", "strategy_metrics")
 
     round: int
     experience: int
@@ -155,6 +156,7 @@ class RoundRecord(_Record):
     dropped: list[ClientDrop] | None = None  # only when a simulated fault dropped a client
     wall_time_s: float
     privacy: RoundPrivacy | None = None  # only under DP
+    strategy_metrics: dict[str, float | list[float]] | None = None  # what aggregate_train returned, if any
 
     def __post_init__(self) -> None:
         _set(self, "per_client", _typed_list(self.per_client, ClientRoundRecord))
@@ -232,7 +234,7 @@ class AuditSummary(_Record):
 class RunSummary(_Record):
     """summary.json: what a finished run measured."""
 
-    _OPTIONAL = ("privacy", "audit", "faults")
+    _OPTIONAL = ("privacy", "audit", "faults", "strategy_metrics")
 
     name: str
     seed: int
@@ -252,6 +254,7 @@ class RunSummary(_Record):
     privacy: PrivacySummary | None = None  # only under DP
     audit: AuditSummary | None = None  # absent from runs written before the audit existed
     faults: FaultSummary | None = None  # only when the scenario simulates faults
+    strategy_metrics: dict[str, float | list[float]] | None = None  # the last round's, if the strategy had any
 
     def __post_init__(self) -> None:
         _set(self, "privacy", _typed(self.privacy, PrivacySummary))

@@ -104,3 +104,30 @@ def test_a_round_where_every_client_fails_names_the_round_and_a_client(tmp_path)
     message = str(raised.value)
     assert message.startswith("every sampled client failed in round 1; client 0 said:")
     assert "continual method 'tests.broken_method:BrokenMethod' failed in training" in message
+
+
+def test_a_strategys_and_a_methods_own_metrics_reach_the_run_files_and_the_report(tmp_path):
+    from fedtide.report.document import write_report
+    from fedtide.report.runs import find_runs
+
+    scenario = small_scenario(
+        stream={"n_experiences": 2},
+        federation={"strategy": {"name": "tests.metric_plugins:ReportsReplies"}},
+        continual={"method": "tests.metric_plugins:ReportsSquaredNorm"},
+    )
+    summary, _ = run(scenario, tmp_path)
+    folder = tmp_path / "small"
+    rounds = [r for r in read_metrics(folder) if r["type"] == "round"]
+    for record in rounds:
+        trained = [c for c in record["per_client"] if c["num_examples"] > 0]
+        assert all(c["method_metrics"]["squared_norm"] > 0 for c in trained)
+        assert all("method_metrics" not in c for c in record["per_client"] if c["num_examples"] == 0)
+        # Flower's FedAvg averages the method's metric like the train loss, weighted by examples
+        examples = sum(c["num_examples"] for c in trained)
+        weighted = sum(c["method_metrics"]["squared_norm"] * c["num_examples"] for c in trained) / examples
+        assert record["strategy_metrics"]["method.squared_norm"] == pytest.approx(weighted)
+        assert record["strategy_metrics"]["replies"] == len(trained)
+    assert summary.strategy_metrics == rounds[-1]["strategy_metrics"]
+    runs, _ = find_runs([folder])
+    write_report(runs, folder)
+    assert f"replies {len(rounds[-1]['per_client'])}" in (folder / "report.md").read_text()

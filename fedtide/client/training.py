@@ -137,7 +137,11 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
         state.store_method(method)
     if privacy:
         state.privacy_history = privacy.history
-    report = _report(task, progress, privacy, guard, sizes[task.experience] == 0, examples, loss, len(plan.pending))
+    with method_phase(name, "metrics"):
+        reported = {key: float(value) for key, value in method.metrics().items()} if examples else None
+    report = _report(
+        task, progress, privacy, guard, sizes[task.experience] == 0, examples, loss, len(plan.pending), reported
+    )
     return reply_content(report, ArrayRecord(model.cpu().state_dict()))
 
 
@@ -237,6 +241,7 @@ def _report(
     examples: int = 0,
     loss: float = 0.0,
     consolidated: int = 0,
+    method_metrics: dict[str, float] | None = None,
 ) -> ClientRoundRecord:
     epsilon = 0.0
     if privacy:
@@ -251,5 +256,6 @@ def _report(
         epsilon=epsilon,
         noise_multiplier=privacy.noise_multiplier if privacy else 0.0,
         budget_exhausted=int(guard.exhausted) if guard else 0,
+        method_metrics=method_metrics or None,
         dp_history=[list(row) for row in privacy.history] if privacy else None,
     )

@@ -89,6 +89,11 @@ class ContinualMethod(ABC):
         """Extra samples to put inside the Poisson-sampled training set under DP (replay's buffer)."""
         return None
 
+    def metrics(self) -> dict[str, float]:
+        """Numbers of the round just trained (e.g. a distillation loss): they go to metrics.jsonl
+        per client, and Flower's strategies aggregate them like the train loss (`method.NAME`)."""
+        return {}
+
     def private_footprint(self) -> PrivateFootprint:
         """The DP passes this method adds beyond training, for noise calibration and the budget."""
         return PrivateFootprint()

@@ -65,6 +65,11 @@ class PluginMethod(ContinualMethod):
         for attr, value in state.items():
             setattr(self.plugin, attr, value)
 
+    def metrics(self) -> dict[str, float]:
+        """The plugin's own `metrics()`, if it defines one (Avalanche plugins have no such hook)."""
+        report = getattr(self.plugin, "metrics", None)
+        return dict(report()) if callable(report) else {}
+
     def unsaved_attributes(self) -> dict[str, str]:
         """The plugin's attributes that cannot go to `Context.state` (when its attributes are the state)."""
         if _has_own_state(self.plugin) or type(self).state_dict is not PluginMethod.state_dict:

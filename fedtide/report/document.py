@@ -191,6 +191,8 @@ def _run_details(run: RunResult) -> list[Block]:
             f"{summary.n_experiences} experiences (classes {summary.classes_per_experience}), "
             f"{summary.rounds} rounds, seed {summary.seed}; clients failed: {summary.clients_failed}"
             + (f"; dropped by simulated faults: {summary.faults.describe()}." if summary.faults else ".")
+            + (f" The strategy's metrics, last round: {_metrics(summary.strategy_metrics)}."
+               if summary.strategy_metrics else "")
         ),
         TableBlock(
             ["after", *(f"exp {j}" for j in range(len(matrix)))],
@@ -270,6 +272,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)
     os.replace(partial, path)
+
+
+def _metrics(values: dict[str, float | list[float]]) -> str:
+    return ", ".join(f"{key} {_number(value) if isinstance(value, float) else value}" for key, value in values.items())
 
 
 def _pct(value: float | None) -> str:

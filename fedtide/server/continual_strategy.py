@@ -53,6 +53,7 @@ class RoundOutcome:
     reports: list[ClientRoundRecord] = field(default_factory=list)
     failures: list[ClientFailure] = field(default_factory=list)  # one line each
     failure_logs: list[str] = field(default_factory=list)  # each failure in full, for the run's log
+    strategy_metrics: dict[str, float | list[float]] | None = None  # the MetricRecord aggregate_train returned
 
     @property
     def sent(self) -> int:
@@ -168,6 +169,8 @@ class ContinualStrategy(Strategy):
                 f"{outcome.global_round}; it must return (ArrayRecord | None, MetricRecord | None)"
             )
         arrays, metrics = result
+        if metrics:
+            outcome.strategy_metrics = {key: _number(value) for key, value in metrics.items()}
         problem = None if arrays is None else array_problem(arrays, self.reference)
         if problem:
             raise FederationError(
@@ -200,3 +203,6 @@ class ContinualStrategy(Strategy):
             ) from error
 
 
+def _number(value: Any) -> float | list[float]:
+    """A MetricRecord value (a number or a list of them) as JSON writes it."""
+    return [float(v) for v in value] if isinstance(value, list) else float(value)

@@ -66,6 +66,7 @@ class _RunRecorder:
         self.started = time.monotonic()
         self.matrix: list[list[float]] = []
         self.failures = 0
+        self.strategy_metrics: dict[str, float | list[float]] | None = None  # the last round's
         self.dropped = dict.fromkeys(range(scenario.partition.num_clients), 0)  # per client, over rounds
         self.private = scenario.privacy.private
         self.epsilon: dict[int, float] = {}  # latest cumulative ε per client
@@ -107,6 +108,7 @@ class _RunRecorder:
         privacy = self._privacy_record(outcome) if self.private else None
         record = _round_record(experience, server_round, accuracies, outcome, self.elapsed(), privacy)
         self.failures += record.clients["failed"]
+        self.strategy_metrics = outcome.strategy_metrics or self.strategy_metrics
         for failure in outcome.failure_logs:
             append_log(self.run_dir, failure)
         outcome.failure_logs.clear()  # logged; a later fatal error logs only its own round
@@ -186,6 +188,7 @@ def run_federation(
         privacy=privacy,
         audit=AuditSummary.from_dict(audit_clients(scenario, recorder.model)),
         faults=recorder.fault_summary() if faults else None,
+        strategy_metrics=recorder.strategy_metrics,
     )
     write_summary(run_dir, summary)
     return summary
@@ -235,4 +238,5 @@ def _round_record(
         dropped=outcome.dropped or None,
         wall_time_s=wall_time_s,
         privacy=privacy,
+        strategy_metrics=outcome.strategy_metrics,
     )
