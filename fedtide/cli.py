@@ -222,8 +222,12 @@ def new(
 def check_plugin(
     name: Annotated[str, typer.Argument(help='A strategy or continual method: short name or "pkg.module:Name".')],
     set_: Annotated[list[str] | None, typer.Option("--set", help="A constructor parameter: --set key=value")] = None,
+    clients: Annotated[int, typer.Option(help="Clients in the check's federation (trimming needs > 2).", min=1)] = 2,
+    override: Annotated[
+        list[str] | None, typer.Option(help="A field of the check's scenario: --override federation.fraction_train=0.5")
+    ] = None,
 ) -> None:
-    """Run the plugin contract checks on 2 digits clients x 2 experiences; exit 1 naming a failed check."""
+    """Run the plugin contract checks on digits clients x 2 experiences; exit 1 naming a failed check."""
     from fedtide.plugin_check import check_plugin as run_checks
     from fedtide.plugin_check import parse_params
     from fedtide.registry import make_importable
@@ -231,7 +235,7 @@ def check_plugin(
     make_importable(Path.cwd())
     with warnings.catch_warnings():  # Avalanche's and Opacus's notices about their own APIs
         warnings.simplefilter("ignore")
-        report = run_checks(name, parse_params(set_ or []))
+        report = run_checks(name, parse_params(set_ or []), clients, override or [])
     table = Table(title=f"{report.kind or 'plugin'} {name}", title_justify="left")
     for column in ("check", "result", "detail"):
         table.add_column(column)

@@ -6,11 +6,12 @@ The same checks are a function for a user's own tests:
     report = check_plugin("my_pkg.mod:MyMethod", {"strength": 0.5})
     assert report.ok, report.message
 
-Both kinds run on a tiny digits scenario: 2 IID clients, 2 class-incremental
-experiences, so a method consolidates once. A continual method's two clients are
+Both kinds run on a tiny digits scenario: 2 IID clients (`clients`; a robust
+aggregator such as a trimmed mean or Krum needs more), 2 class-incremental experiences,
+so a method consolidates once; `overrides` (`field.path=value`) change the rest. A continual method's two clients are
 driven in-process by `fedtide.client.schedule` (the ClientApp's own training call on a
 copy of the client state, as Ray makes), with FedAvg between them. A strategy runs a
-real 2-round Flower federation over the in-process grid (no Ray start-up).
+real Flower federation (2 rounds) over the in-process grid (no Ray start-up).
 """
 
 from __future__ import annotations
@@ -106,15 +107,17 @@ def plugin_kind(name: str) -> str:
     raise ScenarioError("plugin", f"'{name}' is neither a strategy nor a continual method fedtide knows")
 
 
-def check_scenario(name: str, kind: str, params: dict[str, Any]) -> Scenario:
-    """The tiny scenario the checks run: 2 experiences x 1 round, 2 IID digits clients."""
-    from fedtide.data.loading import parse_scenario
+def check_scenario(
+    name: str, kind: str, params: dict[str, Any], clients: int = 2, overrides: list[str] | tuple[str, ...] = ()
+) -> Scenario:
+    """The tiny scenario the checks run: 2 experiences x 1 round, `clients` IID digits clients."""
+    from fedtide.data.loading import apply_overrides, parse_scenario
 
     raw: dict[str, Any] = {
         "name": "check-plugin",
         "seed": 0,
         "stream": {"n_experiences": 2},
-        "partition": {"kind": "iid", "num_clients": 2},
+        "partition": {"kind": "iid", "num_clients": clients},
         "federation": {"rounds_per_experience": 1},
         "continual": {"method": "naive"},
         "resources": {"device": "cpu"},
@@ -123,16 +126,19 @@ def check_scenario(name: str, kind: str, params: dict[str, Any]) -> Scenario:
         raw["federation"]["strategy"] = {"name": name, **params}
     else:
         raw["continual"] = {"method": name, **params}
+    apply_overrides(raw, overrides)
     return parse_scenario(raw)
 
 
-def check_plugin(name: str, params: dict[str, Any] | None = None) -> PluginReport:
+def check_plugin(
+    name: str, params: dict[str, Any] | None = None, clients: int = 2, overrides: list[str] | tuple[str, ...] = ()
+) -> PluginReport:
     """Run every contract check on the strategy or continual method `name` with `params`."""
     params = params or {}
     report = PluginReport(name, None)
     try:
         report.kind = plugin_kind(name)
-        scenario = check_scenario(name, report.kind, params)
+        scenario = check_scenario(name, report.kind, params, clients, overrides)
         from fedtide.validation import check_runnable
 
         check_runnable(scenario)
@@ -165,7 +171,7 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
 
     model = build_scenario_model(scenario, build_stream(scenario).data.input_shape, scenario.seed)
     global_arrays = ArrayRecord(model.state_dict())
-    clients = [ScheduledClient(scenario, partition) for partition in range(2)]
+    clients = [ScheduledClient(scenario, partition) for partition in range(scenario.partition.num_clients)]
     after_consolidation: list[RecordDict] = []
     for experience, global_round in SCHEDULE:
         label = f"round {global_round} (experience {experience})"
@@ -185,7 +191,7 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
         counts = [list(r["client"]["consolidation_counts"]) for r in replies]
         if not report.add(
             f"{label} consolidation counts",
-            all(c == [1 if global_round > 1 else 0, 0] for c in counts),
+            all(c == [1 if global_round > 1 else 0] + [0] * (scenario.stream.n_experiences - 1) for c in counts),
             f"per client {counts}, expected experience 0 consolidated once from round 2 on",
             f"per client {counts}",
         ):
@@ -300,27 +306,32 @@ def _check_strategy(scenario: Scenario, report: PluginReport) -> None:
         try:
             simulate_in_process(scenario, run_dir)
         except FederationError as error:
-            report.add("2-round federation completes", False, " ".join(str(error).split()))
+            report.add("federation completes", False, " ".join(str(error).split()))
             return
         except Exception as error:  # the strategy's own exception, raised in the ServerApp
-            report.add("2-round federation completes", False, f"{type(error).__name__}: {error}")
+            report.add("federation completes", False, f"{type(error).__name__}: {error}")
             return
         if not (run_dir / "summary.json").exists():
-            report.add("2-round federation completes", False, "the run ended without a summary (see the log)")
+            report.add("federation completes", False, "the run ended without a summary (see the log)")
             return
         summary = json.loads((run_dir / "summary.json").read_text())
         rounds = [r for r in read_metrics(run_dir) if r["type"] == "round"]
-    report.add("2-round federation completes", True, passed=f"{len(rounds)} rounds, one start() per experience")
+    replying = max(r["clients"]["replied"] for r in rounds)
+    report.add(
+        "federation completes",
+        True,
+        passed=f"{len(rounds)} rounds, {replying} clients replying, one start() per experience",
+    )
     report.add(
         "aggregated arrays fit the model every round",
-        len(rounds) == 2,
-        f"{len(rounds)} rounds recorded, expected 2",
+        len(rounds) == scenario.total_rounds,
+        f"{len(rounds)} rounds recorded, expected {scenario.total_rounds}",
         "keys, shapes and finiteness checked after each round",
     )
     matrix = summary["accuracy_matrix"]
     report.add(
         "global model evaluates",
-        len(matrix) == 2 and all(0.0 <= a <= 1.0 for row in matrix for a in row),
+        len(matrix) == scenario.stream.n_experiences and all(0.0 <= a <= 1.0 for row in matrix for a in row),
         f"accuracy matrix {matrix}",
         f"accuracy matrix {[[round(a, 3) for a in row] for row in matrix]}",
     )

@@ -13,7 +13,7 @@ def test_check_plugin_passes_on_the_example_strategy():
     assert report.kind == "strategy"
     assert [c.name for c in report.checks] == [
         "loads",
-        "2-round federation completes",
+        "federation completes",
         "aggregated arrays fit the model every round",
         "global model evaluates",
     ]
@@ -28,3 +28,15 @@ def test_check_plugin_stops_a_strategy_returning_nan_arrays_naming_it(run_cli):
     assert message.startswith("check failed: strategy 'tests.broken_strategy:NaNStrategy' failed check")
     assert "strategy tests.broken_strategy.NaNStrategy returned malformed arrays in round 1" in message
     assert "'1.weight' holds non-finite values (NaN or inf)" in message
+
+
+def test_check_plugin_takes_more_clients_and_scenario_overrides(run_cli):
+    """A robust aggregator is checked with enough clients to trim: --clients, and --override for the rest."""
+    code, out, err = run_cli(
+        "check-plugin", "fedtrimmedavg", "--set", "beta=0.25", "--clients", "4",
+        "--override", "stream.n_experiences=3",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "3 rounds, 4 clients replying" in " ".join(out.split())
+    code, _, err = run_cli("check-plugin", "fedavg", "--override", "stream.n_experiences=0")
+    assert code == 1 and "failed check 'loads'" in " ".join(err.split())
