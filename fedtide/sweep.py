@@ -111,7 +111,8 @@ def _slug(value: Any) -> str:
         value = value.get("method", value.get("name", "-".join(f"{k}{v}" for k, v in value.items())))
     elif isinstance(value, list):
         value = "-".join(map(str, value))
-    return re.sub(r"[^A-Za-z0-9._]+", "", str(value)) or "none"
+    # a plugin path stays readable: "my_pkg.distill:Logit" -> "my_pkg.distill.Logit"
+    return re.sub(r"[^A-Za-z0-9._]+", "", str(value).replace(":", ".")) or "none"
 
 
 Runner = Callable[[Scenario, Path], None]

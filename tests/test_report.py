@@ -248,3 +248,9 @@ def test_a_sweep_joins_one_ray_cluster(tmp_path, run_cli):
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "resources.ray_address: the sweep's points name different Ray clusters" in " ".join(err.split())
     assert not (tmp_path / "pu").exists()
+
+
+def test_a_plugin_path_keeps_its_dots_in_the_point_name(tmp_path):
+    grid = {"continual.method": ["tests.metric_plugins:ReportsSquaredNorm", "naive"]}
+    plan = load_sweep(write(tmp_path, dict(SWEEP, privacy={"enabled": False}, sweep=grid)), output=tmp_path)
+    assert [p.name for p in plan.points] == ["method-tests.metric_plugins.ReportsSquaredNorm", "method-naive"]

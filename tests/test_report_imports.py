@@ -177,3 +177,40 @@ def test_validate_loads_no_avalanche_ray_or_opacus(method):
     assert done.returncode == 0, done.stderr
     assert "ok: 'quickstart'" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def write_plain_run(folder, continual: dict, seed: int, accuracy: float) -> None:
+    """A finished non-private one-experience run of `continual` (a method and its parameters)."""
+    prepare_run_folder(folder, parse_scenario({"name": folder.name, "seed": seed, "continual": continual,
+                                               "stream": {"n_experiences": 1}}))  # fmt: skip
+    append_metrics(folder, RoundRecord(
+        round=1, experience=0, round_in_experience=1, accuracy=[accuracy], mean_accuracy=accuracy, train_loss=0.3,
+        clients={"sampled": 1, "replied": 1, "failed": 0, "empty": 0}, per_client=[client(0, 0.0)], wall_time_s=1.0,
+    ))  # fmt: skip
+    append_metrics(folder, ExperienceRecord(0, [accuracy]))
+    write_summary(folder, RunSummary(
+        name=folder.name, seed=seed, strategy="fedavg", method=continual["method"], num_clients=1, n_experiences=1,
+        rounds=1, classes_per_experience=[list(range(10))], accuracy_matrix=[[accuracy]],
+        final_average_accuracy=accuracy, average_forgetting=0.0, bwt=0.0, clients_failed=0, wall_time_s=1.0,
+        ray_nodes=[], audit=AuditSummary(
+            attack="loss threshold", auc_mean=0.5, auc_max=0.5, tpr_at_1pct_fpr_mean=0.01, tpr_at_1pct_fpr_max=0.01,
+            per_client={"0": ClientAudit(auc=0.5, tpr_at_1pct_fpr=0.01, members=10, nonmembers=10)},
+        ),
+    ))  # fmt: skip
+
+
+def test_a_report_without_privacy_shows_no_privacy_and_compares_the_methods(tmp_path, run_cli):
+    for seed, (naive, replay) in enumerate([(0.30, 0.60), (0.34, 0.70)]):
+        write_plain_run(tmp_path / "sweep" / f"naive-{seed}", {"method": "naive"}, seed, naive)
+        write_plain_run(tmp_path / "sweep" / f"replay-{seed}", {"method": "replay", "mem_size": 50}, seed, replay)
+    code, _, err = run_cli("report", str(tmp_path / "sweep"))
+    assert code == 0, err
+    report = (tmp_path / "sweep" / "report.md").read_text()
+    for privacy_only in ("noise σ", "δ", "Privacy-utility", "clients dropped", "| client |"):
+        assert privacy_only not in report
+    assert (tmp_path / "sweep" / "report.csv").read_text().splitlines()[0].split(",")[:4] == [
+        "run", "method", "strategy", "final accuracy %",
+    ]
+    assert "## Comparison" in report and (tmp_path / "sweep" / "figures" / "comparison.png").stat().st_size > 5000
+    assert "| naive | none | 32.00 ± 2.00 |" in report and "| replay | none | 65.00 ± 5.00 |" in report
+    assert "method parameters: mem_size=50." in report

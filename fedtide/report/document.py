@@ -29,6 +29,8 @@ RUN_COLUMNS = [
     "run", "method", "strategy", "noise σ", "ε", "δ", "final accuracy %", "forgetting %", "BWT %",
     "attack AUC", "TPR@1%FPR %", "clients dropped", "wall time s",
 ]  # fmt: skip
+PRIVACY_COLUMNS = ("noise σ", "ε", "δ")  # shown only when some run is private
+FAULT_COLUMNS = ("clients dropped",)  # shown only when some run simulated faults
 
 
 @dataclass(frozen=True)
@@ -73,17 +75,31 @@ def write_report(runs: list[RunResult], output: Path, unfinished: list[Path] = (
 
 
 def build_blocks(runs: list[RunResult], unfinished: list[Path] = ()) -> list[Block]:
-    """The report's content, in reading order."""
+    """The report's content, in reading order: privacy sections only when some run is private."""
     blocks: list[Block] = [Heading(_title(runs), 1), Text(_preamble(runs, unfinished))]
-    blocks += [Heading("Runs"), TableBlock(RUN_COLUMNS, [run_row(run) for run in runs])]
+    blocks += [Heading("Runs"), _runs_table(runs)]
     points = seed_groups(runs)
     if len(points) > 1:
+        blocks += _comparison(points)
+    if len(points) > 1 and any(run.private for run in runs):
         blocks += _privacy_utility(points)
     blocks += _audit(runs, points)
     blocks += [Heading("Each run")]
     for run in runs:
         blocks += _run_details(run)
     return blocks
+
+
+def _runs_table(runs: list[RunResult]) -> TableBlock:
+    columns, rows = _shown_columns(runs), [run_row(run) for run in runs]
+    keep = [i for i, column in enumerate(RUN_COLUMNS) if column in columns]
+    return TableBlock(columns, [[row[i] for i in keep] for row in rows])
+
+
+def _shown_columns(runs: list[RunResult]) -> list[str]:
+    hidden = set() if any(run.private for run in runs) else set(PRIVACY_COLUMNS)
+    hidden |= set() if any(run.summary.faults for run in runs) else set(FAULT_COLUMNS)
+    return [column for column in RUN_COLUMNS if column not in hidden]
 
 
 def run_row(run: RunResult) -> list[str]:
@@ -116,12 +132,36 @@ def _title(runs: list[RunResult]) -> str:
 def _preamble(runs: list[RunResult], unfinished: list[Path]) -> str:
     text = (
         f"Generated {date.today().isoformat()} from {len(runs)} finished run(s). Accuracy is the global model's "
-        "test accuracy; forgetting and BWT follow Avalanche's definitions over the accuracy matrix; ε is the "
-        "largest cumulative ε over clients (sample-level DP-SGD, each client's own accountant)."
+        "test accuracy; forgetting and BWT follow Avalanche's definitions over the accuracy matrix."
     )
+    if any(run.private for run in runs):
+        text += " ε is the largest cumulative ε over clients (sample-level DP-SGD, each client's own accountant)."
     if unfinished:
         text += f" Left out, unfinished (no summary.json): {', '.join(p.name for p in unfinished)}."
     return text
+
+
+def _comparison(points: list[SeedGroup]) -> list[Block]:
+    """Every series and setting side by side, private or not: what a method sweep is for."""
+    columns = ["series", "privacy", "final accuracy %", "forgetting %", "BWT %", "seeds"]
+    rows = [
+        [
+            point.series,
+            f"ε {_mean_std(point, 'epsilon', 1, '{:.2f}')}" if point.private else "none",
+            _mean_std(point, "final_average_accuracy", 100, "{:.2f}"),
+            _mean_std(point, "average_forgetting", 100, "{:.2f}"),
+            _mean_std(point, "bwt", 100, "{:.2f}"),
+            str(len(point.runs)),
+        ]
+        for point in points
+    ]
+    return [
+        Heading("Comparison"),
+        Text("Each row pools the runs that differ only in their seed: mean ± standard deviation."),
+        Image("comparison.png", "Final average accuracy and forgetting per series, mean ± std over seeds", _png(
+            figures.comparison_figure(points))),
+        TableBlock(columns, rows),
+    ]  # fmt: skip
 
 
 def _privacy_utility(points: list[SeedGroup]) -> list[Block]:
@@ -150,21 +190,25 @@ def _privacy_utility(points: list[SeedGroup]) -> list[Block]:
 
 
 def _audit(runs: list[RunResult], points: list[SeedGroup]) -> list[Block]:
-    blocks: list[Block] = [
-        Heading("Empirical privacy audit"),
-        Text(
-            "A loss-threshold membership-inference attack on the final global model: for each client, its "
-            "training samples (members) against held-out test samples of the same classes in the same numbers "
-            "(non-members). AUC 0.5 means the attacker learns nothing; (ε, δ)-DP caps the true-positive rate at "
-            "1% false positives at e^ε·1% + δ. The bound holds for every attack; the measured values show what "
-            "this attack gets."
-        ),
-    ]
     private = [run for run in runs if run.private]
+    text = (
+        "A loss-threshold membership-inference attack on the final global model: for each client, its "
+        "training samples (members) against held-out test samples of the same classes in the same numbers "
+        "(non-members). AUC 0.5 means the attacker learns nothing."
+    )
+    if private:
+        text += (
+            " (ε, δ)-DP caps the true-positive rate at 1% false positives at e^ε·1% + δ. The bound holds for "
+            "every attack; the measured values show what this attack gets."
+        )
+    blocks: list[Block] = [Heading("Empirical privacy audit"), Text(text)]
     if len(points) > 1 and private:
         delta = max(run.summary.privacy.delta for run in private)
         blocks.append(Image("audit_vs_epsilon.png", "Attack success against ε", _png(
             figures.audit_figure(points, delta))))
+    if not private:  # without DP there is no bound to hold the attack against: the runs table has it
+        blocks.append(Text("Each run's attack AUC and TPR (worst client) are in the runs table above."))
+        return blocks
     columns = ["run", "client", "members", "non-members", "AUC", "TPR@1%FPR %", "ε"]
     rows = []
     for run in runs:
@@ -193,6 +237,7 @@ def _run_details(run: RunResult) -> list[Block]:
             + (f"; dropped by simulated faults: {summary.faults.describe()}." if summary.faults else ".")
             + (f" The strategy's metrics, last round: {_metrics(summary.strategy_metrics)}."
                if summary.strategy_metrics else "")
+            + _parameters(run)
         ),
         TableBlock(
             ["after", *(f"exp {j}" for j in range(len(matrix)))],
@@ -255,8 +300,9 @@ def render_markdown(blocks: list[Block]) -> str:
 def _csv(runs: list[RunResult]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(RUN_COLUMNS)
-    writer.writerows(run_row(run) for run in runs)
+    table = _runs_table(runs)
+    writer.writerow(table.columns)
+    writer.writerows(table.rows)
     return buffer.getvalue()
 
 
@@ -272,6 +318,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)
     os.replace(partial, path)
+
+
+def _parameters(run: RunResult) -> str:
+    """The components' parameters as the run was given them (the scenario's own values)."""
+    continual = {k: v for k, v in run.scenario.get("continual", {}).items() if k != "method"}
+    strategy = {k: v for k, v in run.scenario.get("federation", {}).get("strategy", {}).items() if k != "name"}
+    parts = [
+        f"{label} parameters: {', '.join(f'{k}={v}' for k, v in params.items())}"
+        for label, params in (("method", continual), ("strategy", strategy))
+        if params
+    ]
+    return f" {'; '.join(parts)}." if parts else ""
 
 
 def _metrics(values: dict[str, float | list[float]]) -> str:

@@ -123,6 +123,22 @@ def utility_figure(points: list[SeedGroup]) -> Figure:
     return figure
 
 
+def comparison_figure(points: list[SeedGroup]) -> Figure:
+    """Final average accuracy and forgetting per point (series, and ε where private), mean ± std over seeds."""
+    labels = [p.series + (f"\nε {p.mean_std('epsilon')[0]:.2g}" if p.private else "") for p in points]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 0.9 + 0.45 * len(points)), sharey=True)
+    for ax, (value, title) in zip(axes, (("final_average_accuracy", "final average accuracy (%)"),
+                                         ("average_forgetting", "average forgetting (%)"))):  # fmt: skip
+        stats = [p.mean_std(value) for p in points]
+        ax.barh(range(len(points)), [100 * m for m, _ in stats], xerr=[100 * s for _, s in stats], capsize=3)
+        ax.set_xlabel(title)
+    axes[0].set_yticks(range(len(points)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    figure.suptitle("Series compared: mean ± std over seeds", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
 def audit_figure(points: list[SeedGroup], delta: float) -> Figure:
     """Measured membership leakage against ε, with what (ε, δ)-DP allows at 1% FPR."""
     figure, (auc, tpr) = plt.subplots(1, 2, figsize=(11, 4))
