@@ -26,9 +26,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedtide.run_files import create_run_folder, read_metrics
 from fedtide.simulation import backend_config, simulate
+from fedtide.sweep import load_sweep, run_sweep
 from tests.conftest import small_scenario
 
 RAY = Path(sys.executable).parent / "ray"
@@ -183,6 +185,15 @@ def test_scenario_runs_on_both_nodes_of_an_existing_cluster(tmp_path):
         rounds = [r for r in read_metrics(folder) if r["type"] == "round"]
         # the driver disconnected at the end of the run (Flower calls ray.shutdown()); the cluster stays
         assert cluster.node_ids(timeout=5) == expected_nodes
+
+        # a sweep of two seeds on the same cluster: one Ray task per point, one CPU each
+        raw = scenario.model_dump(mode="json") | {"sweep": {"seeds": [0, 1]}}
+        (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
+        outcome = run_sweep(load_sweep(tmp_path / "sweep.yaml", output=tmp_path / "swept"))
+        assert sorted(outcome.ran) == ["seed-0", "seed-1"] and not outcome.failed
+        point = json.loads((tmp_path / "swept" / "small" / "seed-0" / "summary.json").read_text())
+        assert point["accuracy_matrix"] == summary["accuracy_matrix"]  # a Ray task's point = the actors' run
+        assert cluster.node_ids(timeout=5) == expected_nodes  # the sweep left the cluster, did not stop it
     assert cluster.processes() == []
 
     assert summary["rounds"] == 4 and summary["clients_failed"] == 0
