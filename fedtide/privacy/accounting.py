@@ -22,6 +22,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from fedtide.data.schema import PrivacyConfig, Scenario
 from fedtide.data.stream import experience_partitions
 from fedtide.errors import ScenarioError
+from fedtide.privacy.dp_sgd import check_grad_sample_mode
 
 History = list[tuple[float, float, int]]  # Opacus accountant rows: (noise multiplier, sample rate, steps)
 
@@ -64,9 +65,11 @@ def steps_and_rate(num_samples: int, batch_size: int) -> tuple[int, float]:
 
 
 def check_privacy(scenario: Scenario, footprint: PrivateFootprint) -> None:
-    """Refuse DP settings that cannot hold before any training: δ too large, target out of reach."""
+    """Refuse DP settings that cannot hold before any training: δ too large, target out of reach,
+    a grad sample mode that cannot clip what the method adds to the loss."""
     if not scenario.privacy.private:
         return
+    check_grad_sample_mode(scenario)
     largest = largest_client_dataset(scenario)
     delta = client_delta(scenario)
     if delta >= 1.0 / largest:
