@@ -1,22 +1,28 @@
 """DP-SGD on clients: cumulative ε that Opacus's accountant reproduces, budgets, penalties kept."""
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
+from torch.utils.data import TensorDataset
 
 from fedtide.client.schedule import train_schedule
+from fedtide.client.training import MethodFailed
 from fedtide.continual.methods import build_method
+from fedtide.data.schema import PrivacyConfig
 from fedtide.data.split import experience_partitions
+from fedtide.errors import ScenarioError
 from fedtide.models import build_model
-from fedtide.privacy.accounting import client_delta, noise_multiplier
-from fedtide.privacy.dp_sgd import opacus_ready
+from fedtide.privacy.accounting import PrivateFootprint, check_privacy, client_delta, noise_multiplier
+from fedtide.privacy.dp_sgd import ClientPrivacy, opacus_ready
 from tests.conftest import small_scenario, stored_method_state
 from tests.test_client import flat, initial_arrays
 
 SCHEDULE = [(0, 1), (0, 2), (1, 3), (1, 4), (2, 5)]
+MODES = ["hooks", "functorch", "ghost"]
 
 
 def private_scenario(method="naive", method_params=None, **privacy):
@@ -133,3 +139,74 @@ def test_opacus_validator_fixes_batchnorm_and_keeps_builtin_models():
     fixed = opacus_ready(with_batchnorm)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fixed.modules())
     assert any(isinstance(m, torch.nn.GroupNorm) for m in fixed.modules())
+
+
+def clipped_mean_by_hand(model, x, y, max_grad_norm: float) -> tuple[list[torch.Tensor], list[float]]:
+    """DP-SGD's gradient without noise, one sample at a time: each sample's gradient scaled to
+    norm <= max_grad_norm as Opacus scales it, summed, over the batch size; and the scale factors."""
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    factors = []
+    for sample, label in zip(x, y):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(sample[None]), label[None]).backward()
+        norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
+        factors.append(min(1.0, max_grad_norm / (float(norm) + 1e-6)))
+        for summed, p in zip(total, model.parameters()):
+            summed += factors[-1] * p.grad
+    return [summed / len(x) for summed in total], factors
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_grad_sample_mode_clips_every_sample_and_is_accounted_alike(mode):
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    model = build_model("mlp", (1, 8, 8), 10, seed=0)
+    expected, factors = clipped_mean_by_hand(copy.deepcopy(model), x[:16], y[:16], max_grad_norm=3.0)
+    assert min(factors) < 1.0 == max(factors)  # some samples clipped, some not
+    privacy = ClientPrivacy(PrivacyConfig(enabled=True, max_grad_norm=3.0, grad_sample_mode=mode), 0.0, [])
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    dp_optimizer, _, dp_criterion = privacy.make_private(model, optimizer, TensorDataset(x, y), 16, criterion)
+    dp_optimizer.zero_grad()
+    (dp_criterion or criterion)(model(x[:16]), y[:16]).backward()
+    dp_optimizer.pre_step()  # noise 0: p.grad is the clipped mean over the expected batch of 16
+    for param, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(param.grad, want, rtol=1e-4, atol=1e-6)
+    assert privacy.history == [(0.0, 16 / 64, 1)]
+    # the mode was used: ghost forms no per-sample gradient, functorch forms them through torch.func
+    assert all((p.grad_sample is None) == (mode == "ghost") for p in model.parameters())
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(hasattr(layer, "ft_compute_sample_grad") == (mode == "functorch") for layer in linear)
+
+
+def test_grad_sample_modes_spend_the_same_epsilon_and_train_alike():
+    start = initial_arrays(private_scenario())
+    runs = {}
+    for mode in MODES:
+        rounds = train_schedule(private_scenario(noise_multiplier=1.0, grad_sample_mode=mode), 0, SCHEDULE[:3], start)
+        runs[mode] = (flat(rounds[-1].reply["arrays"]), [r.reply for r in rounds])
+    hooks_weights, hooks_replies = runs["hooks"]
+    for weights, replies in runs.values():
+        assert [history(r) for r in replies] == [history(r) for r in hooks_replies]
+        assert [r["metrics"]["epsilon"] for r in replies] == [r["metrics"]["epsilon"] for r in hooks_replies]
+        np.testing.assert_allclose(weights, hooks_weights, rtol=0, atol=1e-6)  # float rounding only
+
+
+def test_ghost_clipping_is_refused_where_a_term_joins_the_loss():
+    footprint = PrivateFootprint()
+    check_privacy(private_scenario("replay", noise_multiplier=1.0, grad_sample_mode="ghost"), footprint)
+    for method in ("ewc", "lwf", "si"):
+        with pytest.raises(ScenarioError, match=f"grad_sample_mode: .*method '{method}'"):
+            check_privacy(private_scenario(method, noise_multiplier=1.0, grad_sample_mode="ghost"), footprint)
+    fedprox = small_scenario(
+        federation={"strategy": {"name": "fedprox", "proximal_mu": 0.1}},
+        continual={"method": "naive"},
+        privacy={"enabled": True, "noise_multiplier": 1.0, "grad_sample_mode": "ghost"},
+    )
+    with pytest.raises(ScenarioError, match="FedProx adds its proximal term"):
+        check_privacy(fedprox, footprint)
+    # a term the scenario does not show (here a proximal mu a strategy sends) stops the round
+    with pytest.raises(MethodFailed, match="a plugin added a term to the loss"):
+        run_private(private_scenario(noise_multiplier=1.0, grad_sample_mode="ghost"), schedule=[(0, 1)], mu=5.0)
+    with pytest.raises(ScenarioError, match="expanded weights"):
+        private_scenario(grad_sample_mode="ew")

@@ -95,6 +95,14 @@ class PrivacyConfig(Section):
     `target_epsilon` alone calibrates the noise so each client's planned run spends at
     most that; with `noise_multiplier` too, the noise is fixed and the target is only a
     budget at which clients stop training.
+
+    `grad_sample_mode` is how Opacus clips each sample's gradient; it changes speed, never
+    ε (the same steps and sample rates are accounted). "hooks" (default) materialises every
+    per-sample gradient and works with every model and method. "functorch" computes the
+    same gradients with torch.func (slower on fedtide's models). "ghost" (ghost clipping)
+    computes per-sample gradient norms without the gradients and backpropagates the clipped
+    loss a second time: faster on the MLP, slower on the CNN, and only for methods that add
+    nothing to the loss (naive, replay) without FedProx. docs/benchmarks.md has the timings.
     """
 
     enabled: bool = False
@@ -103,6 +111,18 @@ class PrivacyConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 * largest client dataset)")
     accountant: Literal["rdp", "prv"] = "rdp"
+    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
+
+    @field_validator("grad_sample_mode", mode="before")
+    @classmethod
+    def _mode_fedtide_can_use(cls, mode: Any) -> Any:
+        if mode == "ew":
+            raise ValueError(
+                "'ew' (expanded weights) computes per-sample gradients only when Opacus's wrapper is "
+                "the model, which renames every parameter that clients' state and EWC look up by name, "
+                "and it fails on the empty batches Poisson sampling can draw; use hooks, functorch or ghost"
+            )
+        return mode
 
     @property
     def private(self) -> bool:

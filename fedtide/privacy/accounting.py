@@ -23,6 +23,29 @@ from fedtide.errors import ScenarioError
 from fedtide.privacy.footprint import PrivateFootprint
 from fedtide.privacy.history import History
 
+GHOST_METHODS = ("naive", "replay")  # the built-in methods that add nothing to the training loss
+MODE_FIELD = "privacy.grad_sample_mode"
+
+
+def check_grad_sample_mode(scenario: Scenario) -> None:
+    """Refuse ghost clipping where a term joins the loss: it would be scaled per sample as if it were data."""
+    if scenario.privacy.grad_sample_mode != "ghost":
+        return
+    method = scenario.continual.method
+    if method.lower() not in GHOST_METHODS:
+        raise ScenarioError(
+            MODE_FIELD,
+            f"ghost clipping clips the data loss alone, and method '{method}' may add its own term to it",
+            f"use grad_sample_mode: hooks, or method {' or '.join(GHOST_METHODS)}",
+        )
+    if scenario.federation.strategy.name.lower() == "fedprox":
+        raise ScenarioError(
+            MODE_FIELD,
+            "ghost clipping clips the data loss alone, and FedProx adds its proximal term to it",
+            "use grad_sample_mode: hooks",
+        )
+
+
 DEFAULT_NOISE_MULTIPLIER = 1.0
 MAX_NOISE_MULTIPLIER = 100.0
 
@@ -62,9 +85,11 @@ def steps_and_rate(num_samples: int, batch_size: int) -> tuple[int, float]:
 
 
 def check_privacy(scenario: Scenario, footprint: PrivateFootprint) -> None:
-    """Refuse DP settings that cannot hold before any training: δ too large, target out of reach."""
+    """Refuse DP settings that cannot hold before any training: δ too large, target out of reach,
+    a grad sample mode that cannot clip what the method adds to the loss."""
     if not scenario.privacy.private:
         return
+    check_grad_sample_mode(scenario)
     largest = largest_client_dataset(scenario)
     delta = client_delta(scenario)
     if delta >= 1.0 / largest:

@@ -1,6 +1,6 @@
 """DP-SGD for one client's round with Opacus, fitted into Avalanche's training loop.
 
-Three things here are easy to get wrong, and are the reason this module exists:
+Four things here are easy to get wrong, and are the reason this module exists:
 
 - The accountant is resumed from the client's history, so ε accumulates over the run.
 - Parameter-only penalties (FedProx's proximal term, EWC's penalty) have no per-sample
@@ -12,6 +12,12 @@ Three things here are easy to get wrong, and are the reason this module exists:
 - Every other pass over private data is DP too: replay samples sit inside the
   Poisson-sampled dataset, and EWC's Fisher is estimated from clipped, noised
   gradients whose steps are charged to the same accountant.
+- Opacus's ghost clipping (`privacy.grad_sample_mode: ghost`) forms no per-sample
+  gradients, so there is no remainder to recover: it clips the whole loss per sample,
+  and a term added to the loss would be scaled by the samples' clipping factors, not
+  added. Only the data loss may reach it: methods and strategies that add terms are
+  refused before training (`check_grad_sample_mode`), and a plugin that adds one anyway
+  stops the round at its first backward pass.
 """
 
 from __future__ import annotations
@@ -19,21 +25,24 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 from avalanche.training.utils import ParamData
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
 from fedtide.data.schema import PrivacyConfig
 from fedtide.data.stream import Dataset
 from fedtide.errors import ScenarioError
+from fedtide.privacy.accounting import MODE_FIELD
 from fedtide.privacy.history import History
 
 log = logging.getLogger(__name__)
-
 
 def opacus_ready(model: torch.nn.Module) -> torch.nn.Module:
     """The model itself if Opacus supports it, else Opacus's fixed copy (said in the log)."""
@@ -45,6 +54,15 @@ def opacus_ready(model: torch.nn.Module) -> torch.nn.Module:
         raise ScenarioError("model.name", f"not supported by Opacus: {remaining[0]}", "choose another model")
     log.warning("model adapted for Opacus by ModuleValidator.fix (e.g. BatchNorm -> GroupNorm)")
     return fixed
+
+
+class PrivateTraining(NamedTuple):
+    """What Opacus's make_private hands a client: the DP optimizer, the Poisson loader and,
+    for ghost clipping, the loss whose backward clips (None in the per-sample modes)."""
+
+    optimizer: DPOptimizer
+    loader: DataLoader
+    criterion: DPLossFastGradientClipping | None
 
 
 class ClientPrivacy:
@@ -68,29 +86,42 @@ class ClientPrivacy:
         """
         return _DPSGDPlugin(self, extra_samples)
 
-    def make_private(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset, batch_size: int):
-        """Opacus's make_private with Poisson sampling over `dataset`; the model keeps its own names."""
-        loader = DataLoader(dataset, batch_size=batch_size)
-        _, dp_optimizer, dp_loader = self.engine.make_private(
+    def make_private(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset, batch_size: int, criterion
+    ) -> PrivateTraining:
+        """Opacus's make_private with Poisson sampling over `dataset`, in the scenario's grad sample mode.
+
+        The hooks go on `model` itself (`wrap_model=False`), so it keeps its own parameter
+        names, which the client's state and EWC look parameters up by.
+        """
+        made = self.engine.make_private(
             module=model,
             optimizer=optimizer,
-            data_loader=loader,
+            criterion=criterion,
+            data_loader=DataLoader(dataset, batch_size=batch_size),
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.config.max_grad_norm,
             poisson_sampling=True,
+            grad_sample_mode=self.config.grad_sample_mode,
+            wrap_model=False,
         )
-        return dp_optimizer, dp_loader
+        if self.config.grad_sample_mode == "ghost":
+            _, dp_optimizer, dp_criterion, loader = made
+            return PrivateTraining(dp_optimizer, loader, dp_criterion)
+        _, dp_optimizer, loader = made
+        return PrivateTraining(dp_optimizer, loader, None)
 
     def fisher_importances(self, model, criterion, dataset, batch_size: int, device) -> dict[str, ParamData]:
         """EWC importances from one DP pass: the mean squared privatised batch gradient.
 
         It mirrors Avalanche's `EWCPlugin.compute_importances` (squared minibatch
         gradients, averaged over batches) with each gradient clipped and noised; the
-        pass's steps are charged to this client's accountant.
+        pass's steps are charged to this client's accountant. Only EWC makes this pass, and
+        it never runs with ghost clipping (`check_grad_sample_mode`).
         """
         probe = copy.deepcopy(model).to(device).train()  # Opacus requires training mode; no dropout here
         optimizer = torch.optim.SGD(probe.parameters(), lr=0.0)
-        dp_optimizer, loader = self.make_private(probe, optimizer, dataset, batch_size)
+        dp_optimizer, loader, _ = self.make_private(probe, optimizer, dataset, batch_size, criterion)
         names = [name for name, _ in model.named_parameters()]
         totals = [torch.zeros_like(p) for p in probe.parameters()]
         batches = 0
@@ -116,15 +147,18 @@ class _DPSGDPlugin(SupervisedPlugin):
         self.privacy = privacy
         self.extra_samples = extra_samples
         self.parameter_only: list[torch.Tensor] = []
+        self.ghost_loss: DPLossFastGradientClipping | None = None
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         dataset = strategy.adapted_dataset
         extra = self.extra_samples()
         if extra is not None:
             dataset = dataset.concat(extra)
-        optimizer, loader = self.privacy.make_private(
-            strategy.model, strategy.optimizer, dataset, strategy.train_mb_size
+        optimizer, loader, self.ghost_loss = self.privacy.make_private(
+            strategy.model, strategy.optimizer, dataset, strategy.train_mb_size, strategy._criterion
         )
+        if self.ghost_loss is not None:
+            strategy._criterion = self.ghost_loss
         accountant_hook = optimizer.step_hook
 
         def after_noise(dp_optimizer) -> None:
@@ -136,10 +170,48 @@ class _DPSGDPlugin(SupervisedPlugin):
         strategy.optimizer = optimizer
         strategy.dataloader = loader
 
+    def before_backward(self, strategy, **kwargs) -> None:
+        """Ghost clipping: refuse a loss that is more than the data loss, then let Avalanche run its passes."""
+        if self.ghost_loss is None:
+            return
+        loss = strategy.loss
+        with torch.no_grad():
+            data_loss = self.ghost_loss(strategy.mb_output, strategy.mb_y).loss_per_sample
+        if not (
+            isinstance(loss, DPTensorFastGradientClipping) and torch.equal(loss.loss_per_sample.detach(), data_loss)
+        ):
+            raise ScenarioError(
+                MODE_FIELD,
+                "ghost clipping clips the data loss alone, and a plugin added a term to the loss",
+                "use grad_sample_mode: hooks",
+            )
+        strategy.loss = _TwoPassBackward(loss)
+
+    def after_backward(self, strategy, **kwargs) -> None:
+        """Ghost clipping: the minibatch's mean loss again, for Avalanche's loss metric."""
+        if self.ghost_loss is not None:
+            strategy.loss = strategy.loss.loss.detach()
+
     def before_update(self, strategy, **kwargs) -> None:
-        """Keep the gradient that autograd put in p.grad beyond the per-sample gradients."""
+        """Keep the gradient that autograd put in p.grad beyond the per-sample gradients.
+
+        Ghost clipping has none: its p.grad is the clipped sum alone (`before_backward`).
+        """
         self.parameter_only = []
+        if self.ghost_loss is not None:
+            return
         for param in strategy.optimizer.params:
             per_sample = param.grad_sample
             mean = per_sample.mean(dim=0) if per_sample.shape[0] else torch.zeros_like(param)
             self.parameter_only.append((param.grad - mean).detach())
+
+
+class _TwoPassBackward:
+    """Avalanche calls `loss.backward(retain_graph=...)`; Opacus's ghost-clipping loss takes no
+    argument and runs its own two passes (per-sample norms, then the clipped loss)."""
+
+    def __init__(self, loss: DPTensorFastGradientClipping) -> None:
+        self.loss = loss
+
+    def backward(self, retain_graph: bool = False) -> None:
+        self.loss.backward()
