@@ -143,7 +143,7 @@ class ContinualStrategy(Strategy):
             partition = self._partition(reply.metadata.src_node_id)
             if reply.has_error():
                 reason = _ANSI.sub("", reply.error.reason)  # Ray colours its tracebacks
-                outcome.failures.append(ClientFailure(partition_id=partition, reason=reason.strip().split("\n")[0]))
+                outcome.failures.append(ClientFailure(partition_id=partition, reason=_one_line(reason)))
                 outcome.failure_logs.append(f"client {partition}, round {outcome.global_round}: {reason}")
                 continue
             problem = array_problem(reply.content["arrays"], self.reference)
@@ -206,3 +206,16 @@ class ContinualStrategy(Strategy):
 def _number(value: Any) -> float | list[float]:
     """A MetricRecord value (a number or a list of them) as JSON writes it."""
     return [float(v) for v in value] if isinstance(value, list) else float(value)
+
+
+def _one_line(reason: str) -> str:
+    """The sentence of a client's error that says what happened.
+
+    fedtide's ClientApp puts it first, its traceback after (`fedtide.errors.failure_report`);
+    an error raised through Flower (a ClientApp that is not fedtide's, a worker that died)
+    ends with it, after Flower's and Ray's wrapping.
+    """
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].startswith("Traceback"):
+        return lines[0]
+    return lines[-1].removesuffix("'>") if lines else ""
