@@ -27,7 +27,7 @@ def build_scenario_model(scenario: Scenario, input_shape: tuple[int, int, int], 
     """The scenario's model, as server and clients must both build it (Opacus-fixed under DP)."""
     model = build_model(scenario.model.name, input_shape, scenario.num_classes, seed)
     if scenario.privacy.private:
-        from fedtide.privacy.dp_sgd import opacus_ready
+        from fedtide.privacy.opacus_model import opacus_ready
 
         model = opacus_ready(model)
     return model

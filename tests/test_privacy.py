@@ -17,7 +17,8 @@ from fedtide.data.split import experience_partitions
 from fedtide.errors import ScenarioError
 from fedtide.models import build_model
 from fedtide.privacy.accounting import PrivateFootprint, check_privacy, client_delta, noise_multiplier
-from fedtide.privacy.dp_sgd import ClientPrivacy, opacus_ready
+from fedtide.privacy.dp_sgd import ClientPrivacy
+from fedtide.privacy.opacus_model import opacus_ready
 from tests.conftest import small_scenario, stored_method_state
 from tests.test_client import flat, initial_arrays
 

@@ -23,7 +23,6 @@ Four things here are easy to get wrong, and are the reason this module exists:
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -33,7 +32,6 @@ from avalanche.training.utils import ParamData
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
-from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
 from fedtide.data.schema import PrivacyConfig
@@ -41,19 +39,6 @@ from fedtide.data.stream import Dataset
 from fedtide.errors import ScenarioError
 from fedtide.privacy.accounting import MODE_FIELD
 from fedtide.privacy.history import History
-
-log = logging.getLogger(__name__)
-
-def opacus_ready(model: torch.nn.Module) -> torch.nn.Module:
-    """The model itself if Opacus supports it, else Opacus's fixed copy (said in the log)."""
-    if not ModuleValidator.validate(model, strict=False):
-        return model
-    fixed = ModuleValidator.fix(model)
-    remaining = ModuleValidator.validate(fixed, strict=False)
-    if remaining:
-        raise ScenarioError("model.name", f"not supported by Opacus: {remaining[0]}", "choose another model")
-    log.warning("model adapted for Opacus by ModuleValidator.fix (e.g. BatchNorm -> GroupNorm)")
-    return fixed
 
 
 class PrivateTraining(NamedTuple):
