@@ -9,9 +9,10 @@ import ray
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtide.client.state import replace_state
 from fedtide.client.training import RoundTask, run_training_round
 from fedtide.data.loading import parse_scenario
-from fedtide.protocol import experience_ends
+from fedtide.protocol import RESTORE_STATE, attach_client_state, experience_ends
 
 app = ClientApp()
 
@@ -37,7 +38,16 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = run_training_round(task, msg.content["arrays"], context.state)
     content["host"] = host_record()
+    if config.get("checkpoint", False):
+        attach_client_state(content, context.state)
     return Message(content, reply_to=msg)
+
+
+@app.query(RESTORE_STATE)
+def restore_state(msg: Message, context: Context) -> Message:
+    """Take back the state this node had at a checkpoint (sent by a resumed run before its first round)."""
+    replace_state(context.state, msg.content)
+    return Message(RecordDict(), reply_to=msg)
 
 
 def host_record() -> ConfigRecord:

@@ -147,6 +147,17 @@ class ResourcesConfig(Section):
         return address
 
 
+class CheckpointConfig(Section):
+    """How often a run saves what it needs to continue after an interruption (`fedtide resume`).
+
+    `every: k` writes `checkpoint/round-NNNN.pkl` in the run folder after every k-th
+    global round and after the last one, replacing the previous checkpoint; 0 turns
+    checkpoints off (clients then stop sending their state with their replies).
+    """
+
+    every: int = Field(1, ge=0)
+
+
 class Scenario(Section):
     name: str = Field("scenario", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -159,6 +170,7 @@ class Scenario(Section):
     continual: ContinualConfig = ContinualConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     output: Path = Path("runs")
 
     @property
