@@ -12,8 +12,9 @@ Each point of the cartesian product is a run folder `OUTPUT/<name>/<point>/` who
 name says the point (`noise_multiplier-0.5_method-replay_seed-0`). Every point is
 validated before the first run starts. A finished point (its summary.json exists)
 is skipped when the sweep runs again, so an interrupted sweep resumes where it
-stopped; an unfinished one is started afresh. A folder that holds a *different*
-scenario under a point's name is never touched: the sweep refuses to start.
+stopped; an unfinished one resumes from its last checkpoint (as `fedtide resume`
+does), or is started afresh if it stopped before its first. A folder that holds a
+*different* scenario under a point's name is never touched: the sweep refuses to start.
 
 Points whose clients run in-process (`resources.backend: in_process`) may run side by
 side, each in a process of its own (`workers`); every point's numbers are those it gives
@@ -40,7 +41,7 @@ import yaml
 from fedtide.data.loading import apply_overrides, parse_scenario, read_yaml, set_field
 from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
-from fedtide.run_files import SCENARIO_FILE, SUMMARY_FILE, prepare_run_folder
+from fedtide.run_files import SCENARIO_FILE, SUMMARY_FILE, checkpoint_round, prepare_run_folder
 from fedtide.validation import check_runnable
 
 SWEEP_KEY = "sweep"
@@ -144,12 +145,12 @@ def run_sweep(
             outcome.skipped.append(point.name)
             notify(point, "skipped")
             continue
-        if folder.exists():
-            shutil.rmtree(folder)  # an interrupted run of this very scenario (checked above)
+        if folder.exists() and checkpoint_round(folder) is None:
+            shutil.rmtree(folder)  # an interrupted run of this very scenario (checked above) with nothing to resume
         pending.append((point, folder))
     if workers <= 1 or len(pending) <= 1:
         for point, folder in pending:
-            prepare_run_folder(folder, point.scenario)
+            _fresh_or_resumed(folder, point.scenario)
             notify(point, "started")
             _record(outcome, notify, point, _attempt(partial(runner, point.scenario, folder)))
         return outcome
@@ -157,12 +158,18 @@ def run_sweep(
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         running: dict[Future, SweepPoint] = {}
         for point, folder in pending:
-            prepare_run_folder(folder, point.scenario)
+            _fresh_or_resumed(folder, point.scenario)
             running[pool.submit(runner, point.scenario, folder)] = point
             notify(point, "started")
         for future in as_completed(running):
             _record(outcome, notify, running[future], _attempt(future.result))
     return outcome
+
+
+def _fresh_or_resumed(folder: Path, scenario: Scenario) -> None:
+    """A new run folder for the point, unless it holds the point's interrupted run: the run resumes from it."""
+    if not folder.exists():
+        prepare_run_folder(folder, scenario)
 
 
 def _attempt(run: Callable[[], Any]) -> str | None:

@@ -18,9 +18,10 @@ import pytest
 from flwr.serverapp.strategy import FedAvg
 
 from fedtide.errors import FederationError, ScenarioError
-from fedtide.run_files import CHECKPOINT_DIR, checkpoint_round, create_run_folder, read_metrics
+from fedtide.run_files import CHECKPOINT_DIR, checkpoint_round, create_run_folder, prepare_run_folder, read_metrics
 from fedtide.server.checkpoint import read_checkpoint, strategy_state, write_checkpoint
 from fedtide.simulation import simulate_in_process
+from fedtide.sweep import load_sweep, run_sweep
 from tests.conftest import small_scenario
 
 SUMMARY_NUMBERS = (
@@ -163,3 +164,23 @@ def test_checkpoint_every_0_writes_none_and_clients_send_no_state(tmp_path):
     with pytest.raises(Crash):
         simulate_in_process(scenario, folder, observer=crash_after(3))
     assert checkpoint_round(folder) is None and not (folder / CHECKPOINT_DIR).exists()
+
+
+def test_a_sweep_resumes_its_interrupted_point_from_the_checkpoint(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    raw = small_scenario().model_dump(mode="json") | {"resources": {"backend": "in_process"}, "sweep": {"seeds": [0]}}
+    path.write_text(json.dumps(raw))  # JSON is YAML
+    plan = load_sweep(path, output=tmp_path / "runs")
+    point = plan.points[0]
+    alone = run_to_end(point.scenario, create_run_folder(point.scenario, tmp_path / "alone"))
+
+    folder = prepare_run_folder(plan.folder / point.name, point.scenario)
+    with pytest.raises(Crash):
+        simulate_in_process(point.scenario, folder, observer=crash_after(4))
+
+    rounds_seen = []
+    outcome = run_sweep(plan, lambda scenario, where: run_to_end(scenario, where, rounds_seen))
+    assert outcome.ran == [point.name] and not outcome.failed
+    assert [r.round for r in rounds_seen] == [5, 6]
+    resumed = json.loads((folder / "summary.json").read_text())
+    assert {k: resumed.get(k) for k in SUMMARY_NUMBERS} == {k: alone.get(k) for k in SUMMARY_NUMBERS}
