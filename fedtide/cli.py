@@ -1,4 +1,4 @@
-"""The `fedtide` command: run, sweep, report, validate, list and check-plugin.
+"""The `fedtide` command: run, resume, sweep, report, validate, list and check-plugin.
 
 User errors (`ScenarioError`) print one line and exit with code 2; nothing is
 written for a scenario that fails validation.
@@ -68,17 +68,58 @@ def run(
     set_: SetOption = None,
     output: OutputOption = None,
 ) -> None:
-    """Run a scenario; writes runs/<name>/ (scenario.yaml, metrics.jsonl, model.pt, summary.json, report.html)."""
-    scenario = _load_checked(scenario_file, set_)
-    from fedtide.report.console import summary_view
-    from fedtide.run_files import create_run_folder, read_summary
-    from fedtide.simulation import run_scenario
+    """Run a scenario; writes runs/<name>/ (scenario.yaml, metrics.jsonl, model.pt, summary.json, report.html).
 
+    Refuses (exit 2) when the folder holds an unfinished run of the same scenario: resume it instead.
+    """
+    scenario = _load_checked(scenario_file, set_)
+    from fedtide.run_files import create_run_folder, unfinished_run
+
+    if found := unfinished_run(scenario, output):
+        folder, done = found
+        raise ScenarioError(
+            "",
+            f"{folder} holds an unfinished run of this scenario (round {done}/{scenario.total_rounds}): "
+            f"fedtide resume {folder}",
+            "to start afresh instead, give another --output or move that folder",
+        )
     run_dir = create_run_folder(scenario, output)
     console.print(f"run folder: [bold]{run_dir}[/bold]")
+    _run_to_the_end(scenario, run_dir, done=0)
+
+
+@cli.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="The folder of an unfinished run, e.g. runs/quickstart.")],
+) -> None:
+    """Continue a stopped or killed run from its last checkpoint; the rounds it holds are not run again."""
+    from fedtide.run_files import SUMMARY_FILE, checkpoint_round, read_run_scenario
+    from fedtide.validation import check_runnable
+
+    scenario = read_run_scenario(run_dir)
+    if (run_dir / SUMMARY_FILE).exists():
+        raise ScenarioError(str(run_dir), "holds a finished run (it has summary.json)", "nothing to resume")
+    done = checkpoint_round(run_dir)
+    if done is None:
+        raise ScenarioError(
+            str(run_dir),
+            "has no checkpoint to resume from (it stopped before its first one, or checkpoint.every is 0)",
+            "run its scenario again with fedtide run",
+        )
+    check_runnable(scenario)
+    console.print(f"resuming [bold]{run_dir}[/bold] after round {done}/{scenario.total_rounds}")
+    _run_to_the_end(scenario, run_dir, done)
+
+
+def _run_to_the_end(scenario, run_dir: Path, done: int) -> None:
+    """Run (or go on running) `scenario` in `run_dir` under a progress bar, then show its summary and report."""
+    from fedtide.report.console import summary_view
+    from fedtide.run_files import read_summary
+    from fedtide.simulation import run_scenario
+
     with _progress() as progress:
         starting = "starting Ray..." if scenario.resources.backend == "ray" else "starting..."
-        task = progress.add_task("rounds", total=scenario.total_rounds, status=starting)
+        task = progress.add_task("rounds", total=scenario.total_rounds, completed=done, status=starting)
 
         def on_round(record: RoundRecord) -> None:
             progress.update(task, completed=record.round, status=_round_status(record))

@@ -24,7 +24,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from fedtide.data.loading import scenario_to_yaml
+import yaml
+
+from fedtide.data.loading import parse_scenario, scenario_to_yaml
 from fedtide.data.schema import Scenario
 from fedtide.errors import ScenarioError
 
@@ -259,6 +261,14 @@ def prepare_run_folder(folder: Path, scenario: Scenario) -> Path:
     return folder
 
 
+def read_run_scenario(folder: Path) -> Scenario:
+    """The scenario a run folder was made for (its scenario.yaml)."""
+    path = folder / SCENARIO_FILE
+    if not path.is_file():
+        raise ScenarioError(str(folder), "is not a run folder (no scenario.yaml in it)", "give a folder under runs/")
+    return parse_scenario(yaml.safe_load(path.read_text()))
+
+
 def checkpoint_file(folder: Path, global_round: int) -> Path:
     """Where the checkpoint taken after `global_round` lives (the name alone tells the round)."""
     return folder / CHECKPOINT_DIR / f"round-{global_round:04d}.pkl"
@@ -272,6 +282,31 @@ def checkpoint_round(folder: Path) -> int | None:
         if (match := _CHECKPOINT_NAME.fullmatch(path.name))
     ]
     return max(rounds, default=None)
+
+
+def unfinished_run(scenario: Scenario, output: Path | None = None) -> tuple[Path, int] | None:
+    """A folder that a run of `scenario` would take or has taken, holding an unfinished run of it to resume.
+
+    Looks where `create_run_folder` would (`name`, `name-2`, ...) for a folder with this
+    very scenario, no summary.json and a checkpoint; returns it with its checkpoint's round.
+    """
+    parent = Path(output if output is not None else scenario.output)
+    taken = re.compile(re.escape(scenario.name) + r"(?:-(\d+))?")
+    numbered = {}
+    for path in parent.glob(f"{scenario.name}*"):
+        if match := taken.fullmatch(path.name):
+            numbered[int(match.group(1) or 1)] = path
+    for _, folder in sorted(numbered.items()):
+        done = checkpoint_round(folder)
+        if done is None or (folder / SUMMARY_FILE).exists() or not (folder / SCENARIO_FILE).is_file():
+            continue
+        try:
+            same = read_run_scenario(folder) == scenario
+        except ScenarioError:  # a scenario.yaml this version cannot read is not this scenario
+            same = False
+        if same:
+            return folder, done
+    return None
 
 
 def append_metrics(folder: Path, record: RoundRecord | ExperienceRecord) -> None:

@@ -15,6 +15,7 @@ import pickle
 import threading
 
 import pytest
+import yaml
 from flwr.serverapp.strategy import FedAvg
 
 from fedtide.errors import FederationError, ScenarioError
@@ -184,3 +185,36 @@ def test_a_sweep_resumes_its_interrupted_point_from_the_checkpoint(tmp_path):
     assert [r.round for r in rounds_seen] == [5, 6]
     resumed = json.loads((folder / "summary.json").read_text())
     assert {k: resumed.get(k) for k in SUMMARY_NUMBERS} == {k: alone.get(k) for k in SUMMARY_NUMBERS}
+
+
+def test_the_cli_refuses_to_run_over_an_unfinished_run_and_resumes_it(tmp_path, run_cli):
+    scenario = small_scenario(resources={"backend": "in_process"})
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(scenario.model_dump(mode="json")))
+    expected = run_to_end(scenario, create_run_folder(scenario, tmp_path / "straight"))
+    folder = create_run_folder(scenario, tmp_path / "runs")
+    with pytest.raises(Crash):
+        simulate_in_process(scenario, folder, observer=crash_after(3))
+
+    code, _, err = run_cli("run", str(path), "--output", str(tmp_path / "runs"))
+    assert code == 2
+    assert " ".join(err.split()) == (
+        f"error: {folder} holds an unfinished run of this scenario (round 3/6): fedtide resume {folder} "
+        "(to start afresh instead, give another --output or move that folder)"
+    )
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["small"]  # no new run folder
+    code, out, err = run_cli("resume", str(folder))
+    assert code == 0, err
+    assert f"resuming {folder} after round 3/6" in " ".join(out.split())
+    resumed = json.loads((folder / "summary.json").read_text())
+    assert {k: resumed.get(k) for k in SUMMARY_NUMBERS} == {k: expected.get(k) for k in SUMMARY_NUMBERS}
+    code, _, err = run_cli("resume", str(folder))
+    assert code == 2 and "holds a finished run" in err
+
+
+def test_resume_refuses_a_folder_without_checkpoint(tmp_path, run_cli):
+    folder = create_run_folder(small_scenario(), tmp_path)
+    code, _, err = run_cli("resume", str(folder))
+    assert code == 2 and "has no checkpoint to resume from" in err
+    code, _, err = run_cli("resume", str(tmp_path / "nothing"))
+    assert code == 2 and "is not a run folder" in err

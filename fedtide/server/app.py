@@ -1,7 +1,8 @@
 """fedtide's Flower ServerApp.
 
 Under `flwr run .` the scenario comes from the run config (`scenario` = a YAML path,
-`output` = the runs folder, `set` = space-separated field=value overrides). Paths are
+`output` = the runs folder, `set` = space-separated field=value overrides), or
+`resume` = an unfinished run's folder continues that run from its checkpoint. Paths are
 relative to the SuperLink's working directory; a scenario path not found there is
 looked up in the app that `flwr run` shipped, so `scenarios/quickstart.yaml` runs on
 any SuperLink. The
@@ -18,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtide.data.loading import load_scenario
 from fedtide.data.schema import Scenario
-from fedtide.run_files import create_run_folder
+from fedtide.run_files import create_run_folder, read_run_scenario
 from fedtide.server.federation import RoundObserver, run_federation
 
 APP_ROOT = Path(__file__).resolve().parents[2]  # the project folder that `flwr run .` packaged
@@ -32,14 +33,16 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        if scenario is None:
+        if scenario is not None:
+            run_federation(grid, scenario, run_dir or create_run_folder(scenario), observer)
+        elif resume := str(context.run_config.get("resume", "")):
+            run_federation(grid, read_run_scenario(Path(resume)), Path(resume))
+        else:
             config = context.run_config
             overrides = str(config.get("set", "")).split()
             loaded = load_scenario(scenario_path(str(config["scenario"])), overrides)
             folder = create_run_folder(loaded, Path(str(config["output"])) if "output" in config else None)
             run_federation(grid, loaded, folder)
-        else:
-            run_federation(grid, scenario, run_dir or create_run_folder(scenario), observer)
 
     return server_app
 
