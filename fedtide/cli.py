@@ -1,7 +1,8 @@
 """The `fedtide` command: run, resume, sweep, report, validate, list and check-plugin.
 
 User errors (`ScenarioError`) print one line and exit with code 2; nothing is
-written for a scenario that fails validation.
+written for a scenario that fails validation. Ctrl-C (SIGINT) or SIGTERM stops a
+run, resume or sweep cleanly with one line and exit code 130 or 143.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -116,8 +119,9 @@ def _run_to_the_end(scenario, run_dir: Path, done: int) -> None:
     from fedtide.report.console import summary_view
     from fedtide.run_files import read_summary
     from fedtide.simulation import run_scenario
+    from fedtide.stopping import stopped_message
 
-    with _progress() as progress:
+    with _stops_with(lambda: stopped_message(run_dir, scenario.total_rounds)), _progress() as progress:
         starting = "starting Ray..." if scenario.resources.backend == "ray" else "starting..."
         task = progress.add_task("rounds", total=scenario.total_rounds, completed=done, status=starting)
 
@@ -127,6 +131,25 @@ def _run_to_the_end(scenario, run_dir: Path, done: int) -> None:
         run_scenario(scenario, run_dir, observer=on_round)
     console.print(summary_view(read_summary(run_dir)))
     console.print(f"report: [bold]{_write_report([run_dir], run_dir)}[/bold]")
+
+
+@contextmanager
+def _stops_with(message: Callable[[], str]) -> Iterator[None]:
+    """SIGINT or SIGTERM within: stop cleanly, print `message()` (one line) and exit 130 or 143."""
+    from fedtide.stopping import RunStopped, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            yield
+    except RunStopped as stop:
+        err_console.print(message(), highlight=False, soft_wrap=True)
+        raise typer.Exit(stop.exit_code) from None
+
+
+_SWEEP_STOPPED = (
+    "stopped; run the same fedtide sweep again to go on: finished runs are kept, "
+    "the unfinished one resumes from its last checkpoint"
+)
 
 
 @cli.command()
@@ -148,7 +171,7 @@ def sweep(
     check_workers(plan, workers)
     side_by_side = f", {workers} at a time" if workers > 1 else ""
     console.print(f"sweep folder: [bold]{plan.folder}[/bold] ({len(plan.points)} runs{side_by_side})")
-    with _progress() as progress:
+    with _stops_with(lambda: _SWEEP_STOPPED), _progress() as progress:
         task = progress.add_task("runs", total=len(plan.points), status="starting...")
 
         def runner(scenario, folder: Path) -> None:
@@ -292,12 +315,19 @@ def _load_checked(scenario_file: Path, overrides: list[str] | None):
     return scenario
 
 
+def _flower_record_shown(record: logging.LogRecord) -> bool:
+    from fedtide.stopping import stop_requested
+
+    return record.levelno >= logging.ERROR and not stop_requested()
+
+
 def _quiet_libraries() -> None:
     """Flower logs every round at INFO and warns about client-side evaluation being off.
 
-    The progress bar and the run files say all of that, so only Flower's errors show.
+    The progress bar and the run files say all of that, so only Flower's errors show, and
+    none once a run is being stopped (its engine then reports the client calls cut short).
     """
-    logging.getLogger("flwr").addFilter(lambda record: record.levelno >= logging.ERROR)
+    logging.getLogger("flwr").addFilter(_flower_record_shown)
     # Ray's notice about a future change to GPU visibility; fedtide relies on today's behaviour
     # (clients with num_gpus_per_client: 0 do not see the GPU).
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)

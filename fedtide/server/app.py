@@ -21,6 +21,7 @@ from fedtide.data.loading import load_scenario
 from fedtide.data.schema import Scenario
 from fedtide.run_files import create_run_folder, read_run_scenario
 from fedtide.server.federation import RoundObserver, run_federation
+from fedtide.stopping import RunStopped
 
 APP_ROOT = Path(__file__).resolve().parents[2]  # the project folder that `flwr run .` packaged
 
@@ -33,16 +34,19 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        if scenario is not None:
-            run_federation(grid, scenario, run_dir or create_run_folder(scenario), observer)
-        elif resume := str(context.run_config.get("resume", "")):
-            run_federation(grid, read_run_scenario(Path(resume)), Path(resume))
-        else:
-            config = context.run_config
-            overrides = str(config.get("set", "")).split()
-            loaded = load_scenario(scenario_path(str(config["scenario"])), overrides)
-            folder = create_run_folder(loaded, Path(str(config["output"])) if "output" in config else None)
-            run_federation(grid, loaded, folder)
+        try:
+            if scenario is not None:
+                run_federation(grid, scenario, run_dir or create_run_folder(scenario), observer)
+            elif resume := str(context.run_config.get("resume", "")):
+                run_federation(grid, read_run_scenario(Path(resume)), Path(resume))
+            else:
+                config = context.run_config
+                overrides = str(config.get("set", "")).split()
+                loaded = load_scenario(scenario_path(str(config["scenario"])), overrides)
+                folder = create_run_folder(loaded, Path(str(config["output"])) if "output" in config else None)
+                run_federation(grid, loaded, folder)
+        except RunStopped:  # on Ray this thread only stops waiting; the main thread reports the stop
+            return
 
     return server_app
 

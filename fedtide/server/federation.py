@@ -59,6 +59,7 @@ from fedtide.server.checkpoint import (
 )
 from fedtide.server.continual_strategy import ContinualStrategy, RoundOutcome
 from fedtide.server.grid import PartitionOrderedGrid
+from fedtide.stopping import reclaim_signals
 
 RoundObserver = Callable[[RoundRecord], None]
 
@@ -164,6 +165,7 @@ def run_federation(
     recorder = _RunRecorder(scenario, run_dir, observer)
     arrays = ArrayRecord(recorder.model.state_dict())
     ordered.discover(num_clients)
+    reclaim_signals()  # the nodes answered, so a Ray backend is up, and ray.init took SIGTERM
     strategy = build_strategy(scenario.federation, num_clients)
     federation = ContinualStrategy(strategy, reference=arrays, partition_of=ordered.partition_of)
     done = 0
