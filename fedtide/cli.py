@@ -1,7 +1,8 @@
-"""The `fedtide` command: run, sweep, report, validate, list and check-plugin.
+"""The `fedtide` command: run, resume, sweep, report, validate, list and check-plugin.
 
 User errors (`ScenarioError`) print one line and exit with code 2; nothing is
-written for a scenario that fails validation.
+written for a scenario that fails validation. Ctrl-C (SIGINT) or SIGTERM stops a
+run, resume or sweep cleanly with one line and exit code 130 or 143.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -77,18 +80,60 @@ def run(
     set_: SetOption = None,
     output: OutputOption = None,
 ) -> None:
-    """Run a scenario; writes runs/<name>/ (scenario.yaml, metrics.jsonl, model.pt, summary.json, report.html)."""
-    scenario = _load_checked(scenario_file, set_)
-    from fedtide.progress import round_status, run_progress
-    from fedtide.report.console import summary_view
-    from fedtide.run_files import create_run_folder, read_summary
-    from fedtide.simulation import run_scenario
+    """Run a scenario; writes runs/<name>/ (scenario.yaml, metrics.jsonl, model.pt, summary.json, report.html).
 
+    Refuses (exit 2) when the folder holds an unfinished run of the same scenario: resume it instead.
+    """
+    scenario = _load_checked(scenario_file, set_)
+    from fedtide.run_files import create_run_folder, unfinished_run
+
+    if found := unfinished_run(scenario, output):
+        folder, done = found
+        raise ScenarioError(
+            "",
+            f"{folder} holds an unfinished run of this scenario (round {done}/{scenario.total_rounds}): "
+            f"fedtide resume {folder}",
+            "to start afresh instead, give another --output or move that folder",
+        )
     run_dir = create_run_folder(scenario, output)
     console.print(f"run folder: [bold]{run_dir}[/bold]")
-    with run_progress(console) as progress:
+    _run_to_the_end(scenario, run_dir, done=0)
+
+
+@cli.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="The folder of an unfinished run, e.g. runs/quickstart.")],
+) -> None:
+    """Continue a stopped or killed run from its last checkpoint; the rounds it holds are not run again."""
+    from fedtide.run_files import SUMMARY_FILE, checkpoint_round, read_run_scenario
+    from fedtide.validation import check_runnable
+
+    scenario = read_run_scenario(run_dir)
+    if (run_dir / SUMMARY_FILE).exists():
+        raise ScenarioError(str(run_dir), "holds a finished run (it has summary.json)", "nothing to resume")
+    done = checkpoint_round(run_dir)
+    if done is None:
+        raise ScenarioError(
+            str(run_dir),
+            "has no checkpoint to resume from (it stopped before its first one, or checkpoint.every is 0)",
+            "run its scenario again with fedtide run",
+        )
+    check_runnable(scenario)
+    console.print(f"resuming [bold]{run_dir}[/bold] after round {done}/{scenario.total_rounds}")
+    _run_to_the_end(scenario, run_dir, done)
+
+
+def _run_to_the_end(scenario, run_dir: Path, done: int) -> None:
+    """Run (or go on running) `scenario` in `run_dir` under a progress bar, then show its summary and report."""
+    from fedtide.progress import round_status, run_progress
+    from fedtide.report.console import summary_view
+    from fedtide.run_files import read_summary
+    from fedtide.simulation import run_scenario
+    from fedtide.stopping import stopped_message
+
+    with _stops_with(lambda: stopped_message(run_dir, scenario.total_rounds)), run_progress(console) as progress:
         starting = "starting Ray..." if scenario.resources.backend == "ray" else "starting..."
-        task = progress.add_task("rounds", total=scenario.total_rounds, status=starting)
+        task = progress.add_task("rounds", total=scenario.total_rounds, completed=done, status=starting)
 
         def on_round(record: RoundRecord) -> None:
             progress.update(task, completed=record.round, status=round_status(record))
@@ -100,6 +145,25 @@ def run(
             raise
     console.print(summary_view(read_summary(run_dir)))
     console.print(f"report: [bold]{_write_report([run_dir], run_dir)}[/bold]")
+
+
+@contextmanager
+def _stops_with(message: Callable[[], str]) -> Iterator[None]:
+    """SIGINT or SIGTERM within: stop cleanly, print `message()` (one line) and exit 130 or 143."""
+    from fedtide.stopping import RunStopped, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            yield
+    except RunStopped as stop:
+        err_console.print(message(), highlight=False, soft_wrap=True)
+        raise typer.Exit(stop.exit_code) from None
+
+
+_SWEEP_STOPPED = (
+    "stopped; run the same fedtide sweep again to go on: finished runs are kept, "
+    "the unfinished one resumes from its last checkpoint"
+)
 
 
 @cli.command()
@@ -118,7 +182,7 @@ def sweep(
 
     plan = load_sweep(scenario_file, set_ or [], output)
     console.print(f"sweep folder: [bold]{plan.folder}[/bold] ({len(plan.points)} runs)")
-    with SweepProgress(plan, console) as view:
+    with _stops_with(lambda: _SWEEP_STOPPED), SweepProgress(plan, console) as view:
         outcome = run_sweep(plan, view.on_point, workers, refresh=view.refresh)
     console.print(
         f"{len(outcome.ran)} ran, {len(outcome.skipped)} skipped (finished before), {len(outcome.failed)} failed"
@@ -256,12 +320,19 @@ def _load_checked(scenario_file: Path, overrides: list[str] | None):
     return scenario
 
 
+def _flower_record_shown(record: logging.LogRecord) -> bool:
+    from fedtide.stopping import stop_requested
+
+    return record.levelno >= logging.ERROR and not stop_requested()
+
+
 def _quiet_libraries() -> None:
     """Flower logs every round at INFO and warns about client-side evaluation being off.
 
-    The progress bar and the run files say all of that, so only Flower's errors show.
+    The progress bar and the run files say all of that, so only Flower's errors show, and
+    none once a run is being stopped (its engine then reports the client calls cut short).
     """
-    logging.getLogger("flwr").addFilter(lambda record: record.levelno >= logging.ERROR)
+    logging.getLogger("flwr").addFilter(_flower_record_shown)
     # Ray's notice about a future change to GPU visibility; fedtide relies on today's behaviour
     # (clients with num_gpus_per_client: 0 do not see the GPU).
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)

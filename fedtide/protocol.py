@@ -10,10 +10,17 @@ at the end of, the global weights that ended each of them. The reply carries:
 - `client` (ConfigRecord): bookkeeping, never averaged — partition id, consolidations,
   whether it trained, its noise multiplier and budget state;
 - `privacy` (ConfigRecord, under DP): the client's whole accountant history;
-- `host` (ConfigRecord): the Ray node and machine that computed it.
+- `host` (ConfigRecord): the Ray node and machine that computed it;
+- `client-state.<key>`, when the run takes checkpoints (`checkpoint` in the train
+  config): every record of the client's `Context.state` after the round, so the server
+  can checkpoint what clients keep wherever they run (a Ray worker, a SuperNode).
 
 Flower's strategies validate only the replies' ArrayRecord and MetricRecord, so the
-config records pass through them untouched.
+config records pass through them untouched; `ContinualStrategy` takes the client-state
+records out (they hold ArrayRecords) before the strategy sees a reply.
+
+A resumed run gives each client back its checkpointed state with a `query.restore_state`
+message whose content is that state.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from fedtide.run_files import ClientRoundRecord
 
 EXPERIENCE_END_PREFIX = "experience-end."
 METHOD_METRIC_PREFIX = "method."  # a continual method's metric `loss` is `method.loss` in the reply
+CLIENT_STATE_PREFIX = "client-state."
+RESTORE_STATE = "restore_state"  # the ClientApp's query action that replaces its Context.state
 
 
 def experience_end_key(experience: int) -> str:
@@ -91,3 +100,17 @@ def client_round(content: RecordDict) -> ClientRoundRecord:
         }
         or None,
     )
+
+
+def attach_client_state(content: RecordDict, state: RecordDict) -> None:
+    """Add every record of the client's `Context.state` to its reply."""
+    for key, record in state.items():
+        content[CLIENT_STATE_PREFIX + key] = record
+
+
+def take_client_state(content: RecordDict) -> RecordDict | None:
+    """Remove the client-state records from a reply and return them as the client's state (None if it sent none)."""
+    keys = [key for key in content if key.startswith(CLIENT_STATE_PREFIX)]
+    if not keys:
+        return None
+    return RecordDict({key.removeprefix(CLIENT_STATE_PREFIX): content.pop(key) for key in keys})

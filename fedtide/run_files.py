@@ -2,9 +2,11 @@
 
 scenario.yaml (the resolved scenario), metrics.jsonl (a `RoundRecord` per round and an
 `ExperienceRecord` per experience, written as the run goes), model.pt, summary.json (a
-`RunSummary`). A run never writes into an existing folder: a second run of the same
-name gets a numbered sibling. summary.json appears only, and whole, when the run has
-finished. Readers (the report) use the records, never torch: this module imports none.
+`RunSummary`), and while the run is unfinished checkpoint/round-NNNN.pkl (its latest
+checkpoint, `fedtide.server.checkpoint`). A run never writes into an existing folder: a
+second run of the same name gets a numbered sibling; only `fedtide resume` continues
+one. summary.json appears only, and whole, when the run has finished. Readers (the
+report, the CLI) use the records, never torch: this module imports none.
 
 A record's `to_dict()` is exactly the JSON the file holds (same keys, same order, an
 optional section left out when absent), so run folders written before the records
@@ -15,13 +17,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from fedtide.data.loading import scenario_to_yaml
+import yaml
+
+from fedtide.data.loading import parse_scenario, scenario_to_yaml
 from fedtide.data.schema import Scenario
 from fedtide.errors import ScenarioError
 
@@ -30,6 +35,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"  # the final global weights (a torch state_dict), written by the server
 LOG_FILE = "errors.log"  # every failure in full (tracebacks), where the console and metrics have one line
+CHECKPOINT_DIR = "checkpoint"  # the latest checkpoint of an unfinished run, deleted when it finishes
+_CHECKPOINT_NAME = re.compile(r"round-(\d+)\.pkl")
 # The false-positive rate at which a summary's audit reports the attack's true-positive rate.
 LOW_FPR = 0.01
 
@@ -287,6 +294,54 @@ def prepare_run_folder(folder: Path, scenario: Scenario) -> Path:
     return folder
 
 
+def read_run_scenario(folder: Path) -> Scenario:
+    """The scenario a run folder was made for (its scenario.yaml)."""
+    path = folder / SCENARIO_FILE
+    if not path.is_file():
+        raise ScenarioError(str(folder), "is not a run folder (no scenario.yaml in it)", "give a folder under runs/")
+    return parse_scenario(yaml.safe_load(path.read_text()))
+
+
+def checkpoint_file(folder: Path, global_round: int) -> Path:
+    """Where the checkpoint taken after `global_round` lives (the name alone tells the round)."""
+    return folder / CHECKPOINT_DIR / f"round-{global_round:04d}.pkl"
+
+
+def checkpoint_round(folder: Path) -> int | None:
+    """The global round of the folder's latest checkpoint, None without one; read from the file names only."""
+    rounds = [
+        int(match.group(1))
+        for path in (folder / CHECKPOINT_DIR).glob("round-*.pkl")
+        if (match := _CHECKPOINT_NAME.fullmatch(path.name))
+    ]
+    return max(rounds, default=None)
+
+
+def unfinished_run(scenario: Scenario, output: Path | None = None) -> tuple[Path, int] | None:
+    """A folder that a run of `scenario` would take or has taken, holding an unfinished run of it to resume.
+
+    Looks where `create_run_folder` would (`name`, `name-2`, ...) for a folder with this
+    very scenario, no summary.json and a checkpoint; returns it with its checkpoint's round.
+    """
+    parent = Path(output if output is not None else scenario.output)
+    taken = re.compile(re.escape(scenario.name) + r"(?:-(\d+))?")
+    numbered = {}
+    for path in parent.glob(f"{scenario.name}*"):
+        if match := taken.fullmatch(path.name):
+            numbered[int(match.group(1) or 1)] = path
+    for _, folder in sorted(numbered.items()):
+        done = checkpoint_round(folder)
+        if done is None or (folder / SUMMARY_FILE).exists() or not (folder / SCENARIO_FILE).is_file():
+            continue
+        try:
+            same = read_run_scenario(folder) == scenario
+        except ScenarioError:  # a scenario.yaml this version cannot read is not this scenario
+            same = False
+        if same:
+            return folder, done
+    return None
+
+
 def append_metrics(folder: Path, record: RoundRecord | ExperienceRecord) -> None:
     with (folder / METRICS_FILE).open("a") as stream:
         stream.write(json.dumps(record.to_dict()) + "\n")
@@ -298,6 +353,24 @@ def append_log(folder: Path, text: str) -> Path:
     with path.open("a") as stream:
         stream.write(text.rstrip("\n") + "\n\n")
     return path
+
+
+def metrics_length(folder: Path) -> int:
+    """How many bytes of metrics.jsonl are on disk, made durable first (a checkpoint records it)."""
+    path = folder / METRICS_FILE
+    with path.open("rb") as stream:
+        os.fsync(stream.fileno())
+    return path.stat().st_size
+
+
+def truncate_metrics(folder: Path, length: int) -> None:
+    """Cut metrics.jsonl back to its first `length` bytes: the rounds a checkpoint holds, not those run after it."""
+    path = folder / METRICS_FILE
+    if path.stat().st_size < length:
+        raise ScenarioError(
+            str(path), f"is shorter than its checkpoint records ({length} bytes)", "start the run afresh"
+        )
+    os.truncate(path, length)
 
 
 def write_summary(folder: Path, summary: RunSummary) -> None:

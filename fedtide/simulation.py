@@ -12,6 +12,7 @@ from flwr.simulation import run_simulation
 
 from fedtide.client.app import app as client_app
 from fedtide.data.schema import Scenario
+from fedtide.ray_orphans import end_orphaned_ray_processes
 from fedtide.run_files import RunSummary
 from fedtide.server.app import make_server_app
 from fedtide.server.local_grid import InProcessGrid
@@ -57,13 +58,21 @@ def run_scenario(scenario: Scenario, run_dir: Path, observer: RoundObserver | No
 
 
 def simulate(scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> None:
-    """Run the scenario on Flower's Ray simulation; metrics and summary land in `run_dir`."""
-    run_simulation(
-        server_app=make_server_app(scenario, run_dir, observer),
-        client_app=client_app,
-        num_supernodes=scenario.partition.num_clients,
-        backend_config=backend_config(scenario),
-    )
+    """Run the scenario on Flower's Ray simulation; metrics and summary land in `run_dir`.
+
+    Ray processes left without their raylet are ended before (a killed run's) and after
+    (workers still busy when Ray shut down outlive it by seconds): `fedtide.ray_orphans`.
+    """
+    end_orphaned_ray_processes()
+    try:
+        run_simulation(
+            server_app=make_server_app(scenario, run_dir, observer),
+            client_app=client_app,
+            num_supernodes=scenario.partition.num_clients,
+            backend_config=backend_config(scenario),
+        )
+    finally:
+        end_orphaned_ray_processes()
 
 
 def simulate_in_process(scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> RunSummary:

@@ -12,8 +12,9 @@ Each point of the cartesian product is a run folder `OUTPUT/<name>/<point>/` who
 name says the point (`noise_multiplier-0.5_method-replay_seed-0`). Every point is
 validated before the first run starts. A finished point (its summary.json exists)
 is skipped when the sweep runs again, so an interrupted sweep resumes where it
-stopped; an unfinished one is started afresh. A folder that holds a *different*
-scenario under a point's name is never touched: the sweep refuses to start.
+stopped; an unfinished one resumes from its last checkpoint (as `fedtide resume`
+does), or is started afresh if it stopped before its first. A folder that holds a
+*different* scenario under a point's name is never touched: the sweep refuses to start.
 
 Points run side by side where the machine or the cluster allows (`fedtide.point_pools`):
 in worker processes when their clients run in-process (`resources.backend: in_process`),
@@ -42,7 +43,7 @@ from fedtide.data.loading import apply_overrides, parse_scenario, read_yaml, set
 from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
 from fedtide.point_pools import Submit, local_processes, ray_tasks
-from fedtide.run_files import SCENARIO_FILE, SUMMARY_FILE, prepare_run_folder
+from fedtide.run_files import SCENARIO_FILE, SUMMARY_FILE, checkpoint_round, prepare_run_folder
 from fedtide.validation import check_runnable
 
 SWEEP_KEY = "sweep"
@@ -158,8 +159,8 @@ def run_sweep(
             outcome.skipped.append(point.name)
             notify(point, "skipped")
             continue
-        if folder.exists():
-            shutil.rmtree(folder)  # an interrupted run of this very scenario (checked above)
+        if folder.exists() and checkpoint_round(folder) is None:
+            shutil.rmtree(folder)  # an interrupted run of this very scenario (checked above) with nothing to resume
         pending.append((point, folder))
     on_ray = any(point.scenario.resources.backend == "ray" for point, _ in pending)
     side_by_side = min(workers or _cores(), len(pending))
@@ -172,7 +173,7 @@ def run_sweep(
     else:
         run = runner or partial(_run_here, refresh=tick)
         for point, folder in pending:
-            prepare_run_folder(folder, point.scenario)
+            _fresh_or_resumed(folder, point.scenario)
             notify(point, "started")
             _record(outcome, notify, point, _attempt(partial(run, point.scenario, folder)))
     return outcome
@@ -198,7 +199,7 @@ def _run_pooled(
     while queue or running:
         while queue and len(running) < window:
             point, folder = queue.pop(0)
-            prepare_run_folder(folder, point.scenario)
+            _fresh_or_resumed(folder, point.scenario)
             running[submit(point.scenario, folder)] = (point, folder)
             notify(point, "started")
         done, _ = wait(running, timeout=REFRESH_S, return_when=FIRST_COMPLETED)
@@ -223,6 +224,12 @@ def _ray_address(sweep: Sweep) -> str | None:
             "resources.ray_address", "the sweep's points name different Ray clusters", "sweep one cluster at a time"
         )
     return addresses.pop()
+
+
+def _fresh_or_resumed(folder: Path, scenario: Scenario) -> None:
+    """A new run folder for the point, unless it holds the point's interrupted run: the run resumes from it."""
+    if not folder.exists():
+        prepare_run_folder(folder, scenario)
 
 
 def _attempt(run: Callable[[], Any]) -> str | None:

@@ -1,8 +1,9 @@
 """The same ServerApp and ClientApp run as a Flower App under `flwr run .`.
 
-The test starts its own SuperLink with the simulation runtime on free loopback ports
+Each test starts its own SuperLink with the simulation runtime on free loopback ports
 (and stops it), then submits the app with `flwr run`; the scenario and the output
-folder come from the run config, exactly as a user would pass them.
+folder, or the run folder to resume, come from the run config, exactly as a user would
+pass them.
 """
 
 import json
@@ -15,6 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+
+from fedtide.run_files import create_run_folder, read_metrics
+from fedtide.simulation import simulate_in_process
+from tests.conftest import small_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -65,15 +70,20 @@ def superlink(tmp_path):
     process.wait(timeout=30)
 
 
-def test_flwr_run_executes_a_scenario_from_the_run_config(tmp_path, superlink):
+def flwr_env(tmp_path: Path, superlink: str) -> dict[str, str]:
+    """An environment whose Flower configuration sends `flwr run` to this SuperLink."""
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "fedtide-test"\n\n'
         f'[superlink.fedtide-test]\naddress = "{superlink}"\ninsecure = true\n'
     )
+    return os.environ | {"FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_flwr_run_executes_a_scenario_from_the_run_config(tmp_path, superlink):
     bin_dir = BIN
-    env = os.environ | {"FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = flwr_env(tmp_path, superlink)
     overrides = "partition.num_clients=2 stream.n_experiences=2 federation.rounds_per_experience=1 name=viaflwr"
     # a relative path the SuperLink's folder lacks: found in the app that `flwr run .` ships
     run_config = f'scenario="scenarios/quickstart.yaml" output="{tmp_path / "runs"}" set="{overrides}"'
@@ -93,3 +103,39 @@ def test_flwr_run_executes_a_scenario_from_the_run_config(tmp_path, superlink):
     assert summary["num_clients"] == 2 and summary["rounds"] == 2
     assert len(summary["accuracy_matrix"]) == 2
     assert 0.0 <= summary["final_average_accuracy"] <= 1.0
+
+
+def test_flwr_run_resumes_a_stopped_run_from_its_checkpoint(tmp_path, superlink):
+    """`resume` in the run config continues a run folder: clients get their state back through Flower's runtime."""
+    scenario = small_scenario(partition={"kind": "iid", "num_clients": 2}, stream={"n_experiences": 2})
+    straight = create_run_folder(scenario, tmp_path / "straight")
+    simulate_in_process(scenario, straight)
+    stopped = create_run_folder(scenario, tmp_path / "stopped")
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_round_3(record):
+        if record.round == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        simulate_in_process(scenario, stopped, observer=crash_after_round_3)
+
+    env = flwr_env(tmp_path, superlink)
+    done = subprocess.run(
+        [
+            *[str(BIN / "flwr"), "run", str(REPO), "fedtide-test", "--stream"],
+            *["--federation-config", "num-supernodes=2", "--run-config", f'resume="{stopped}"'],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (stopped / "summary.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+    resumed, expected = (json.loads((f / "summary.json").read_text()) for f in (stopped, straight))
+    for key in ("accuracy_matrix", "average_forgetting", "bwt", "audit"):
+        assert resumed[key] == expected[key]
+    rounds = [r["per_client"] for r in read_metrics(stopped) if r["type"] == "round"]
+    assert [c["consolidation_counts"] for c in rounds[-1]] == [[1, 0], [1, 0]]  # consolidated once, before the stop

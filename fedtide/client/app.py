@@ -17,7 +17,7 @@ from flwr.common.constant import ErrorCode
 
 from fedtide.data.loading import parse_scenario
 from fedtide.errors import failure_report
-from fedtide.protocol import experience_ends
+from fedtide.protocol import RESTORE_STATE, attach_client_state, experience_ends
 
 app = ClientApp()
 
@@ -58,7 +58,18 @@ def _train(msg: Message, context: Context) -> Message:
     )
     content = run_training_round(task, msg.content["arrays"], context.state)
     content["host"] = host_record()
+    if config.get("checkpoint", False):
+        attach_client_state(content, context.state)
     return Message(content, reply_to=msg)
+
+
+@app.query(RESTORE_STATE)
+def restore_state(msg: Message, context: Context) -> Message:
+    """Take back the state this node had at a checkpoint (sent by a resumed run before its first round)."""
+    from fedtide.client.state import replace_state
+
+    replace_state(context.state, msg.content)
+    return Message(RecordDict(), reply_to=msg)
 
 
 def host_record() -> ConfigRecord:

@@ -3,7 +3,9 @@
 Clients are rebuilt on every call (Ray hands each call a copy of the Context), so what
 outlives a round — consolidation progress, the continual method's state, the DP
 accountant's history — is read from and written to `Context.state` here and nowhere
-else. Checkpoints, resume and simulated faults have this one place to work on.
+else. Checkpoints, resume and simulated faults have this one place to work on: a run
+that takes checkpoints has each client send its whole `Context.state` with its reply
+(`fedtide.protocol`), and a resumed run puts it back with `replace_state`.
 """
 
 from __future__ import annotations
@@ -74,3 +76,9 @@ class ClientState:
     @privacy_history.setter
     def privacy_history(self, history: History) -> None:
         self.records[PRIVACY_KEY] = history_record(history)
+
+
+def replace_state(records: RecordDict, saved: RecordDict) -> None:
+    """Make `records` (a node's `Context.state`) hold exactly `saved`, a state checkpointed from a reply."""
+    records.clear()
+    records.update(saved)

@@ -205,6 +205,17 @@ class FaultsConfig(Section):
         return self.dropout > 0 or bool(self.unavailable)
 
 
+class CheckpointConfig(Section):
+    """How often a run saves what it needs to continue after an interruption (`fedtide resume`).
+
+    `every: k` writes `checkpoint/round-NNNN.pkl` in the run folder after every k-th
+    global round and after the last one, replacing the previous checkpoint; 0 turns
+    checkpoints off (clients then stop sending their state with their replies).
+    """
+
+    every: int = Field(1, ge=0)
+
+
 class Scenario(Section):
     name: str = Field("scenario", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -218,6 +229,7 @@ class Scenario(Section):
     privacy: PrivacyConfig = PrivacyConfig()
     resources: ResourcesConfig = ResourcesConfig()
     faults: FaultsConfig = FaultsConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     output: Path = Path("runs")
 
     @property

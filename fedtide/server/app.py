@@ -1,7 +1,8 @@
 """fedtide's Flower ServerApp.
 
 Under `flwr run .` the scenario comes from the run config (`scenario` = a YAML path,
-`output` = the runs folder, `set` = space-separated field=value overrides). Paths are
+`output` = the runs folder, `set` = space-separated field=value overrides), or
+`resume` = an unfinished run's folder continues that run from its checkpoint. Paths are
 relative to the SuperLink's working directory; a scenario path not found there is
 looked up in the app that `flwr run` shipped, so `scenarios/quickstart.yaml` runs on
 any SuperLink. The
@@ -22,7 +23,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtide.data.loading import load_scenario
 from fedtide.data.schema import Scenario
-from fedtide.run_files import create_run_folder
+from fedtide.run_files import create_run_folder, read_run_scenario
+from fedtide.stopping import RunStopped
 
 if TYPE_CHECKING:
     from fedtide.server.federation import RoundObserver
@@ -41,14 +43,19 @@ def make_server_app(
         # imported here, in the ServerApp's thread, while Flower's simulation starts Ray
         from fedtide.server.federation import run_federation
 
-        if scenario is None:
-            config = context.run_config
-            overrides = str(config.get("set", "")).split()
-            loaded = load_scenario(scenario_path(str(config["scenario"])), overrides)
-            folder = create_run_folder(loaded, Path(str(config["output"])) if "output" in config else None)
-            run_federation(grid, loaded, folder)
-        else:
-            run_federation(grid, scenario, run_dir or create_run_folder(scenario), observer)
+        try:
+            if scenario is not None:
+                run_federation(grid, scenario, run_dir or create_run_folder(scenario), observer)
+            elif resume := str(context.run_config.get("resume", "")):
+                run_federation(grid, read_run_scenario(Path(resume)), Path(resume))
+            else:
+                config = context.run_config
+                overrides = str(config.get("set", "")).split()
+                loaded = load_scenario(scenario_path(str(config["scenario"])), overrides)
+                folder = create_run_folder(loaded, Path(str(config["output"])) if "output" in config else None)
+                run_federation(grid, loaded, folder)
+        except RunStopped:  # on Ray this thread only stops waiting; the main thread reports the stop
+            return
 
     return server_app
 

@@ -17,9 +17,13 @@ so the user's strategy sees plain Flower calls and nothing else has to know abou
   trained on nothing or failed (a failure is counted and its reason kept; a round
   in which every client that was sent a message failed stops the run), checks the
   clients' and the strategy's arrays against the model, and names the strategy when
-  it raises.
+  it raises; under checkpoints it takes each client's `Context.state` out of its reply
+  and keeps it.
 
-Round numbers in every message are global (experience × rounds + round).
+Round numbers in every message are global (experience × rounds + round). A run resumed
+inside an experience calls `start()` for its remaining rounds only; the wrapper maps
+`start()`'s rounds back to the experience's, so the strategy and the clients see the
+round numbers of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtide.errors import FederationError, raised_at
-from fedtide.protocol import client_round, experience_end_key
+from fedtide.protocol import client_round, experience_end_key, take_client_state
 from fedtide.run_files import ClientDrop, ClientFailure, ClientRoundRecord
 from fedtide.server.array_check import array_problem
+from fedtide.server.checkpoint import restore_strategy, strategy_state
 from fedtide.server.faults import FaultPlan
 
 Result = TypeVar("Result")
@@ -77,9 +82,11 @@ class ContinualStrategy(Strategy):
         self.faults = faults  # None: no simulated faults
         self.experience = 0
         self.round_offset = 0
+        self.first_round = 1  # the experience's round that start()'s round 1 is (later when resumed inside it)
         self.experience_config = ConfigRecord()
         self.experience_ends: dict[int, ArrayRecord] = {}
         self.settled_through: dict[int, int] = {}  # node id -> experience of its last successful reply
+        self.client_states: dict[int, RecordDict] = {}  # partition id -> Context.state its last reply carried
         self.last_round = RoundOutcome(0)
 
     @property
@@ -87,20 +94,52 @@ class ContinualStrategy(Strategy):
         """The wrapped strategy's class as a user finds it in their code: `my_pkg.agg.TrimmedMomentum`."""
         return f"{type(self.strategy).__module__}.{type(self.strategy).__qualname__}"
 
-    def begin_experience(self, experience: int, arrays: ArrayRecord, config: ConfigRecord, rounds: int) -> None:
-        """Enter `experience`, whose first round starts from `arrays` (the weights that ended the last one)."""
-        if experience > 0:
+    def begin_experience(
+        self, experience: int, arrays: ArrayRecord, config: ConfigRecord, rounds: int, done: int = 0
+    ) -> None:
+        """Enter `experience` with `done` of its rounds already run (a resumed run), starting from `arrays`.
+
+        With none done, `arrays` are the weights that ended the previous experience.
+        """
+        if experience > 0 and done == 0:
             self.experience_ends[experience - 1] = arrays
         self.experience = experience
         self.round_offset = experience * rounds
+        self.first_round = done + 1
         self.experience_config = config
 
+    def round_in_experience(self, server_round: int) -> int:
+        """The experience's round that `start()` calls `server_round` (the same, unless resumed inside it)."""
+        return server_round + self.first_round - 1
+
     def global_round(self, server_round: int) -> int:
+        """The global round of the experience's round `server_round`."""
         return self.round_offset + server_round
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What the rounds to come depend on: the strategy's attributes and the experience loop's bookkeeping.
+
+        Node ids are the simulation's (random per run), so who settled what is kept by partition.
+        """
+        return {
+            "strategy": strategy_state(self.strategy),
+            "experience_ends": dict(self.experience_ends),
+            "settled_through": {self.partition_of[node]: e for node, e in self.settled_through.items()},
+            "client_states": dict(self.client_states),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back a `checkpoint_state()`, with `partition_of` already learned from this run's nodes."""
+        restore_strategy(self.strategy, state["strategy"])
+        self.experience_ends = dict(state["experience_ends"])
+        node_of = {partition: node for node, partition in self.partition_of.items()}
+        self.settled_through = {node_of[p]: e for p, e in state["settled_through"].items()}
+        self.client_states = dict(state["client_states"])
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round = self.round_in_experience(server_round)
         config = ConfigRecord({**dict(config), **dict(self.experience_config)})
         messages = list(self._call(self.strategy.configure_train, server_round, arrays, config, grid))
         outcome = RoundOutcome(self.global_round(server_round), sampled=len(messages))
@@ -137,6 +176,7 @@ class ContinualStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round = self.round_in_experience(server_round)
         outcome = self.last_round
         trained: list[Message] = []
         for reply in replies:
@@ -146,6 +186,9 @@ class ContinualStrategy(Strategy):
                 outcome.failures.append(ClientFailure(partition_id=partition, reason=_one_line(reason)))
                 outcome.failure_logs.append(f"client {partition}, round {outcome.global_round}: {reason}")
                 continue
+            state = take_client_state(reply.content)  # the client kept it even if its arrays are unusable
+            if state is not None:
+                self.client_states[partition] = state
             problem = array_problem(reply.content["arrays"], self.reference)
             if problem:
                 reason = f"client {partition} returned unusable weights in round {outcome.global_round}: {problem}"
@@ -181,10 +224,12 @@ class ContinualStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self._call(self.strategy.configure_evaluate, server_round, arrays, config, grid)
+        return self._call(
+            self.strategy.configure_evaluate, self.round_in_experience(server_round), arrays, config, grid
+        )
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self._call(self.strategy.aggregate_evaluate, server_round, replies)
+        return self._call(self.strategy.aggregate_evaluate, self.round_in_experience(server_round), replies)
 
     def summary(self) -> None:
         self._call(self.strategy.summary)

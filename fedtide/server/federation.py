@@ -5,6 +5,12 @@ rounds, on the scenario's strategy wrapped in `ContinualStrategy` (which tells
 clients the experience and checks what comes back). After every round the global
 model is evaluated on the test data of every experience seen so far; the last round
 of an experience gives one row of the accuracy matrix.
+
+After every `checkpoint.every`-th round (and the last) the run is checkpointed
+(`fedtide.server.checkpoint`). A run folder that holds a checkpoint is continued from
+it: the server takes back the global model, the strategy, its totals and RNG states,
+gives every client back its `Context.state`, cuts metrics.jsonl back to the checkpoint,
+and runs the remaining rounds only; the result is the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedtide.aggregation import build_strategy
@@ -31,6 +37,7 @@ from fedtide.metrics.evaluation import experience_accuracies
 from fedtide.metrics.forgetting import average_accuracy, average_forgetting, backward_transfer
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta, noise_multiplier
+from fedtide.protocol import RESTORE_STATE
 from fedtide.run_files import (
     MODEL_FILE,
     AuditSummary,
@@ -42,17 +49,31 @@ from fedtide.run_files import (
     RunSummary,
     append_log,
     append_metrics,
+    metrics_length,
+    truncate_metrics,
     write_summary,
+)
+from fedtide.server.checkpoint import (
+    Checkpoint,
+    read_checkpoint,
+    remove_checkpoints,
+    restore_rng,
+    rng_state,
+    write_checkpoint,
 )
 from fedtide.server.continual_strategy import ContinualStrategy, RoundOutcome
 from fedtide.server.faults import FaultPlan
 from fedtide.server.grid import PartitionOrderedGrid
+from fedtide.stopping import reclaim_signals
 
 RoundObserver = Callable[[RoundRecord], None]
 
 
 class _RunRecorder:
-    """Evaluates the global model after each round and writes the run's metrics as they come."""
+    """Evaluates the global model after each round, writes the run's metrics as they come, and checkpoints."""
+
+    # The running totals the summary is made of: checkpointed, and taken back by a resumed run.
+    TOTALS = ("matrix", "failures", "epsilon", "stopped", "ray_nodes")
 
     def __init__(self, scenario: Scenario, run_dir: Path, observer: RoundObserver | None) -> None:
         data = load_dataset(scenario.dataset.name, scenario.dataset.root)
@@ -62,6 +83,9 @@ class _RunRecorder:
         self.model = build_scenario_model(scenario, data.input_shape, scenario.seed)
         self.run_dir = run_dir
         self.rounds = scenario.federation.rounds_per_experience
+        self.total_rounds = scenario.total_rounds
+        self.checkpoint_every = scenario.checkpoint.every
+        self.scenario_json = scenario.model_dump_json()
         self.observer = observer
         self.started = time.monotonic()
         self.matrix: list[list[float]] = []
@@ -79,6 +103,30 @@ class _RunRecorder:
 
     def elapsed(self) -> float:
         return round(time.monotonic() - self.started, 3)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Go on from a checkpoint: its totals, its wall time, and metrics.jsonl as it was then."""
+        for name in self.TOTALS:
+            setattr(self, name, checkpoint.totals[name])
+        self.started = time.monotonic() - checkpoint.wall_time_s
+        truncate_metrics(self.run_dir, checkpoint.metrics_length)
+
+    def _checkpoint(self, global_round: int, arrays: ArrayRecord, federation: ContinualStrategy) -> None:
+        """Checkpoint after `global_round` if one is due: every `checkpoint.every` rounds, and after the last."""
+        every = self.checkpoint_every
+        if not every or (global_round % every and global_round != self.total_rounds):
+            return
+        checkpoint = Checkpoint(
+            round=global_round,
+            arrays=arrays,
+            federation=federation.checkpoint_state(),
+            totals={name: getattr(self, name) for name in self.TOTALS},
+            wall_time_s=self.elapsed(),
+            rng=rng_state(),
+            metrics_length=metrics_length(self.run_dir),
+            scenario=self.scenario_json,
+        )
+        write_checkpoint(self.run_dir, checkpoint)
 
     def _privacy_record(self, outcome: RoundOutcome) -> RoundPrivacy:
         """Cumulative ε per client (carried over for clients not sampled this round)."""
@@ -103,6 +151,7 @@ class _RunRecorder:
     def _after_round(self, experience: int, federation: ContinualStrategy, server_round: int, arrays: ArrayRecord):
         if server_round == 0:  # start() also evaluates the initial weights; the previous round did
             return None
+        server_round = federation.round_in_experience(server_round)
         outcome = federation.last_round
         accuracies = experience_accuracies(self.model, arrays, self.test_sets[: experience + 1])
         privacy = self._privacy_record(outcome) if self.private else None
@@ -119,6 +168,7 @@ class _RunRecorder:
         if server_round == self.rounds:
             self.matrix.append(accuracies)
             append_metrics(self.run_dir, ExperienceRecord(experience, accuracies))
+        self._checkpoint(record.round, arrays, federation)
         if self.observer:
             self.observer(record)
         return None
@@ -127,23 +177,37 @@ class _RunRecorder:
 def run_federation(
     grid: Grid, scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None
 ) -> RunSummary:
-    """Run every experience and round of `scenario`, writing metrics and the summary to `run_dir`."""
+    """Run every experience and round of `scenario`, writing metrics, checkpoints and the summary to `run_dir`.
+
+    When `run_dir` holds a checkpoint (an interrupted run: `fedtide resume`), go on from it.
+    """
     num_clients = scenario.partition.num_clients
     rounds = scenario.federation.rounds_per_experience
     ordered = PartitionOrderedGrid(grid)
     recorder = _RunRecorder(scenario, run_dir, observer)
     arrays = ArrayRecord(recorder.model.state_dict())
     ordered.discover(num_clients)
+    reclaim_signals()  # the nodes answered, so a Ray backend is up, and ray.init took SIGTERM
     strategy = build_strategy(scenario.federation, num_clients)
     faults = FaultPlan(scenario.faults, scenario.seed) if scenario.faults.active else None
     federation = ContinualStrategy(strategy, reference=arrays, partition_of=ordered.partition_of, faults=faults)
+    done = 0
+    if checkpoint := read_checkpoint(run_dir, scenario):
+        arrays, done = checkpoint.arrays, checkpoint.round
+        federation.restore(checkpoint.federation)
+        recorder.restore(checkpoint)
+        _give_back_client_states(ordered, federation.client_states)
+        restore_rng(checkpoint.rng)  # last: building the model and the data above draws from them
 
+    first, ran = divmod(done, rounds)
     try:
-        for experience in range(scenario.stream.n_experiences):
-            random.seed(scenario.seed * 1000 + experience)  # Flower samples nodes with `random`
-            federation.begin_experience(experience, arrays, train_config(scenario, experience), rounds)
+        for experience in range(first, scenario.stream.n_experiences):
+            done_here = ran if experience == first else 0
+            if not done_here:
+                random.seed(scenario.seed * 1000 + experience)  # Flower samples nodes with `random`
+            federation.begin_experience(experience, arrays, train_config(scenario, experience), rounds, done_here)
             result = federation.start(
-                ordered, arrays, num_rounds=rounds, evaluate_fn=recorder.evaluate_fn(experience, federation)
+                ordered, arrays, num_rounds=rounds - done_here, evaluate_fn=recorder.evaluate_fn(experience, federation)
             )
             if len(result.arrays) > 0:
                 arrays = result.arrays
@@ -191,7 +255,22 @@ def run_federation(
         strategy_metrics=recorder.strategy_metrics,
     )
     write_summary(run_dir, summary)
+    remove_checkpoints(run_dir)
     return summary
+
+
+def _give_back_client_states(grid: PartitionOrderedGrid, states: dict[int, RecordDict]) -> None:
+    """Send every checkpointed client its `Context.state` before the first resumed round."""
+    node_of = {partition: node for node, partition in grid.partition_of.items()}
+    messages = [
+        Message(state, dst_node_id=node_of[partition], message_type=f"query.{RESTORE_STATE}")
+        for partition, state in states.items()
+    ]
+    for reply in grid.send_and_receive(messages):
+        if reply.has_error():
+            partition = grid.partition_of[reply.metadata.src_node_id]
+            reason = reply.error.reason
+            raise FederationError(f"client {partition} could not take back its checkpointed state: {reason}")
 
 
 def train_config(scenario: Scenario, experience: int) -> ConfigRecord:
@@ -204,6 +283,7 @@ def train_config(scenario: Scenario, experience: int) -> ConfigRecord:
             "rounds-per-experience": rounds,
             "round-offset": experience * rounds,
             "scenario": scenario.model_dump_json(),
+            "checkpoint": scenario.checkpoint.every > 0,  # clients then send their Context.state with replies
         }
     )
 

@@ -5,7 +5,8 @@ both sampling (`random.sample` over node ids) and aggregation (a floating-point
 sum over replies) would depend on the run and on Ray's scheduling. This wrapper
 asks every node for its data partition once, then lists nodes and replies in
 partition order; it does nothing else (what a round's replies mean is
-`ContinualStrategy`'s business).
+`ContinualStrategy`'s business), except give up waiting for replies when the run is
+asked to stop (`fedtide.stopping`): Flower's own wait would go on until its timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedtide.errors import ScenarioError
+from fedtide.stopping import raise_if_stopped
+
+# Seconds between looks for replies: those of Flower's in-memory grid, the simulation's (under `flwr run`
+# Flower's own grid looks every 3 s; a quicker look costs the SuperLink one more small request).
+PULL_INTERVAL = 0.1
 
 
 class PartitionOrderedGrid(Grid):
@@ -30,6 +36,7 @@ class PartitionOrderedGrid(Grid):
         """Wait for `num_clients` nodes and learn which partition each one holds."""
         deadline = time.monotonic() + timeout
         while len(node_ids := list(self._grid.get_node_ids())) < num_clients:
+            raise_if_stopped()
             if time.monotonic() > deadline:
                 raise ScenarioError(
                     "partition.num_clients",
@@ -38,7 +45,7 @@ class PartitionOrderedGrid(Grid):
                 )
             time.sleep(1)
         queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-        for reply in self._grid.send_and_receive(queries, timeout=timeout):
+        for reply in self.send_and_receive(queries, timeout=timeout):
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}")
             self.partition_of[reply.metadata.src_node_id] = int(reply.content["node"]["partition_id"])
@@ -54,10 +61,19 @@ class PartitionOrderedGrid(Grid):
         return sorted(self._grid.get_node_ids(), key=lambda n: self.partition_of.get(n, n))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return sorted(
-            self._grid.send_and_receive(messages, timeout=timeout),
-            key=lambda m: self.partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id),
-        )
+        """Flower's push-then-pull loop (`InMemoryGrid.send_and_receive`), stopping when the run is stopped."""
+        waiting = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while True:
+            raise_if_stopped()
+            pulled = list(self._grid.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(PULL_INTERVAL)
+        return sorted(replies, key=lambda m: self.partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id))
 
     # Plain delegation of the rest of Grid's interface.
     def set_run(self, run) -> None:

@@ -1,0 +1,163 @@
+"""A run's checkpoint: everything its remaining rounds depend on, in one file written atomically.
+
+After a global round the server holds all of it: the global model, the wrapped
+strategy's own attributes (FedAdam's moments, FedAvgM's momentum, a user strategy's
+fields), `ContinualStrategy`'s bookkeeping (the weights that ended each experience,
+who has settled them), every client's `Context.state` as its last reply carried it
+(replay buffer ids, EWC anchors and importances, LwF teacher, DP accountant history,
+consolidation counts: everything in `ClientState`), the recorder's running totals,
+the server process's RNG states (Flower samples nodes with Python's `random`), and how
+long metrics.jsonl was. Clients seed themselves from (seed, client, round), so nothing
+of theirs beyond `Context.state` is needed.
+
+Clients' state comes with their replies rather than from files they write: it then
+reaches the server wherever clients run (Ray workers, another machine, `flwr run`
+SuperNodes), a client that failed a round keeps the state it had (as Flower keeps its
+Context), and one file taken at a round boundary holds a consistent whole.
+
+The file is a pickle (the Flower records and numpy arrays as they are): a checkpoint is
+read back by the same fedtide that wrote it, from the user's own run folder. It is
+written to a temporary file in the same folder, fsynced and renamed over, so a reader
+(or a run killed mid-write) finds the previous checkpoint or the new one, never half of
+one; the previous one is deleted only once the new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import tempfile
+import types
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
+
+from fedtide.data.loading import parse_scenario
+from fedtide.data.schema import Scenario
+from fedtide.errors import FederationError, ScenarioError
+from fedtide.run_files import CHECKPOINT_DIR, checkpoint_file, checkpoint_round
+
+# Attributes of these kinds are a strategy's configuration (an aggregation function, a
+# lambda), rebuilt by constructing the strategy again; an unpicklable one is left out.
+_CONFIGURATION = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, partial)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A run after `round` global rounds, as `run_federation` needs it to go on."""
+
+    round: int
+    arrays: ArrayRecord  # the global model after `round`
+    federation: dict[str, Any]  # ContinualStrategy.checkpoint_state(): strategy, experience ends, clients' states
+    totals: dict[str, Any]  # the recorder's running totals (accuracy matrix rows, ε per client, failures...)
+    wall_time_s: float  # the run's wall time up to here; a resumed run goes on counting from it
+    rng: dict[str, Any]  # the server process's RNG states (`rng_state`)
+    metrics_length: int  # bytes of metrics.jsonl that hold rounds 1..round
+    scenario: str  # the scenario as JSON: a checkpoint is only ever resumed with its own
+
+
+def write_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
+    """Atomically write `checkpoint` as the run's latest, then delete the ones before it."""
+    folder = run_dir / CHECKPOINT_DIR
+    folder.mkdir(exist_ok=True)
+    target = checkpoint_file(run_dir, checkpoint.round)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            pickle.dump(checkpoint, stream, protocol=pickle.HIGHEST_PROTOCOL)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+    except BaseException:  # a pickling error or a stop signal: no partial file is left behind
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_folder(folder)
+    for older in folder.iterdir():
+        if older != target:
+            older.unlink()
+    return target
+
+
+def read_checkpoint(run_dir: Path, scenario: Scenario) -> Checkpoint | None:
+    """The run's latest checkpoint, None when it has none; refuses one taken for another scenario."""
+    done = checkpoint_round(run_dir)
+    if done is None:
+        return None
+    path = checkpoint_file(run_dir, done)
+    try:
+        with path.open("rb") as stream:
+            checkpoint = pickle.load(stream)
+    except Exception as error:
+        raise ScenarioError(str(path), f"is not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, Checkpoint) or checkpoint.round != done:
+        raise ScenarioError(str(path), "is not a fedtide checkpoint of this round")
+    if parse_scenario(json.loads(checkpoint.scenario)) != scenario:
+        raise ScenarioError(
+            str(path), "was taken for another scenario than the folder's scenario.yaml", "start the run afresh"
+        )
+    return checkpoint
+
+
+def remove_checkpoints(run_dir: Path) -> None:
+    """Delete a finished run's checkpoint: its files hold all it measured, and clients' states can be large."""
+    folder = run_dir / CHECKPOINT_DIR
+    if folder.is_dir():
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable too (POSIX: the directory entry lives in the folder)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def strategy_state(strategy: Strategy) -> dict[str, bytes]:
+    """The strategy object's attributes, each pickled: its state, whatever the class calls it.
+
+    Flower's Message-API strategies keep their state as plain attributes (FedAdam's
+    `m_t`/`v_t`, FedAvgM's `momentum_vector`, `current_arrays`); so do user strategies
+    (docs/extending.md). Unpicklable functions are configuration and are left out; any
+    other attribute that cannot be pickled would be lost on resume, so it is an error.
+    """
+    state = {}
+    for name, value in vars(strategy).items():
+        try:
+            state[name] = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as error:
+            if isinstance(value, _CONFIGURATION):
+                continue
+            raise FederationError(
+                f"strategy {type(strategy).__qualname__}'s attribute {name!r} cannot be checkpointed "
+                f"({type(error).__name__}: {error}); make it picklable, or set checkpoint.every: 0"
+            ) from error
+    return state
+
+
+def restore_strategy(strategy: Strategy, state: dict[str, bytes]) -> None:
+    """Put checkpointed attributes back on a strategy freshly built from the same scenario."""
+    for name, pickled in state.items():
+        setattr(strategy, name, pickle.loads(pickled))
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's global RNGs: Flower's node sampling (`random`), and numpy's and torch's for user code."""
+    return {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])

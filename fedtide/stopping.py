@@ -1,0 +1,132 @@
+"""Stopping a run cleanly on Ctrl-C (SIGINT) or SIGTERM.
+
+Inside `stop_on_signals()`, the first SIGINT or SIGTERM raises `RunStopped` in the main
+thread, wherever it is: in the federation itself when clients run in-process, or in
+Flower's simulation engine on Ray, whose own cleanup then kills the client actors and
+shuts Ray down. It also marks the run as stopping, so the server's waits
+(`PartitionOrderedGrid`), which run in a thread of their own on Ray, give up within a
+tenth of a second instead of waiting for replies that will never come. Signals after
+the first are ignored while that cleanup runs.
+
+Ray's `ray.init` (which Flower calls in the main thread, inside `run_simulation`)
+puts its own handlers on SIGTERM: one that exits with code 1 and, below Python, one
+that logs a stack trace and aborts. So once Ray is up, `reclaim_signals()` puts ours
+back; only the main thread may, and it is then waiting inside Flower's engine, so it is
+asked to with SIGINT, which Ray leaves alone.
+
+Nothing is lost that a resume needs: checkpoints are written whole or not at all, and
+the rounds run after the last one are run again by `fedtide resume`.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fedtide.run_files import checkpoint_round
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class RunStopped(BaseException):
+    """The run was asked to stop by a signal.
+
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` on its way
+    (a client's failure becoming an error reply, Flower's engine) mistakes it for a
+    failed round and goes on.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process ended by it: 130 (SIGINT), 143 (SIGTERM)."""
+        return 128 + self.signum
+
+
+class _StopRequest:
+    """The process-wide request to stop (signals are process-wide too): set once, by the first signal."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum = signal.SIGINT
+        self.active = False  # within stop_on_signals()
+        self.reclaim = threading.Event()  # set while the main thread is asked to reinstall the handlers
+        self.reclaimed = threading.Event()
+
+    def install(self) -> None:
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.reclaim.is_set() and signum == signal.SIGINT:
+            self.install()
+            self.reclaim.clear()
+            self.reclaimed.set()
+            return
+        if self.event.is_set():
+            return  # already stopping: let the cleanup finish
+        self.signum = signum
+        self.event.set()
+        raise RunStopped(signum)
+
+
+_request = _StopRequest()
+
+
+def stop_requested() -> bool:
+    return _request.event.is_set()
+
+
+def raise_if_stopped() -> None:
+    """Raise `RunStopped` if a signal asked the run to stop (for code not in the main thread)."""
+    if _request.event.is_set():
+        raise RunStopped(_request.signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM stop the run with `RunStopped` (must be entered in the main thread).
+
+    A stop request outlives the block, so the run's other threads (the ServerApp's, on
+    Ray) see it however late they look; the next block starts without one.
+    """
+    _request.event.clear()
+    previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+    _request.install()
+    _request.active = True
+    try:
+        yield
+    finally:
+        _request.active = False
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def reclaim_signals(timeout: float = 5.0) -> None:
+    """Put the stop handlers back on SIGINT and SIGTERM after Ray took SIGTERM; from any thread, once Ray is up.
+
+    Does nothing outside `stop_on_signals()` (a run that a library or `flwr run` drives).
+    """
+    if not _request.active:
+        return
+    if threading.current_thread() is threading.main_thread():
+        _request.install()
+        return
+    _request.reclaimed.clear()
+    _request.reclaim.set()
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    _request.reclaimed.wait(timeout)
+
+
+def stopped_message(run_dir: Path, total_rounds: int) -> str:
+    """The one line a stopped run ends with: where it can be resumed from, or that it cannot."""
+    done = checkpoint_round(run_dir)
+    if done is None:
+        return f"stopped before the first checkpoint of {run_dir}; nothing to resume (start the run again)"
+    return f"stopped after round {done}/{total_rounds}; resume with: fedtide resume {run_dir}"

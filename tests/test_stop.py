@@ -1,0 +1,149 @@
+"""Stopping runs: SIGINT and SIGTERM end a run cleanly, a killed one resumes, and no Ray process is left.
+
+Signals are process-wide, so each run here is a `fedtide` subprocess on the small digits
+scenario (3 experiences x 2 rounds, 4 clients). A stopped run must exit 130 (SIGINT) or
+143 (SIGTERM) within seconds, print exactly one line naming its last checkpoint, keep
+that checkpoint, and leave no process of its Ray session; a resumed run must end with
+the numbers of the same run done in one go.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedtide.ray_orphans import ray_temp_dir
+from fedtide.run_files import checkpoint_round, create_run_folder, read_metrics
+from fedtide.simulation import simulate_in_process
+from tests.conftest import small_scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+FEDTIDE = [sys.executable, "-c", "from fedtide.cli import main; main()"]
+NUMBERS = ("accuracy_matrix", "final_average_accuracy", "average_forgetting", "bwt", "clients_failed", "audit")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The numbers of the scenario run in one go (in-process: the same numbers as on Ray)."""
+    scenario = small_scenario()
+    folder = create_run_folder(scenario, tmp_path_factory.mktemp("straight"))
+    simulate_in_process(scenario, folder)
+    return json.loads((folder / "summary.json").read_text())
+
+
+class Fedtide:
+    """A `fedtide` command running in a subprocess, its output in files."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        name = f"{args[0]}-{time.monotonic_ns()}"
+        self.out, self.err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        with self.out.open("w") as out, self.err.open("w") as err:
+            env = os.environ | {"PYTHONPATH": str(ROOT)}
+            self.process = subprocess.Popen([*FEDTIDE, *args], stdout=out, stderr=err, env=env, cwd=tmp_path)
+
+    def wait_for_round(self, folder: Path, global_round: int, timeout: float = 300) -> None:
+        """Until metrics.jsonl has `global_round` rounds (the run must still be going)."""
+        deadline = time.monotonic() + timeout
+        while rounds_written(folder) < global_round:
+            assert self.process.poll() is None, f"fedtide ended early: {self.err.read_text()}"
+            assert time.monotonic() < deadline, f"no round {global_round} after {timeout} s"
+            time.sleep(0.1)
+
+    def stop(self, signum: int, timeout: float = 60) -> tuple[int, float]:
+        """Send `signum`; the exit code and how long the process took to end."""
+        sent = time.monotonic()
+        self.process.send_signal(signum)
+        code = self.process.wait(timeout)
+        return code, time.monotonic() - sent
+
+
+def rounds_written(folder: Path) -> int:
+    if not (folder / "metrics.jsonl").is_file():
+        return 0
+    return sum(1 for r in read_metrics(folder) if r["type"] == "round")
+
+
+def write_scenario(tmp_path: Path, **sections) -> Path:
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(small_scenario(**sections).model_dump(mode="json")))
+    return path
+
+
+def ray_session_processes(driver_pid: int) -> list[str]:
+    """Running processes of the Ray sessions that process `driver_pid` started (holding their files)."""
+    sessions = [str(s) for s in ray_temp_dir().glob(f"session_*_{driver_pid}")]
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # exited; only its parent's reaping is left
+            command = entry.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode()
+            files = [os.readlink(fd) for fd in entry.joinpath("fd").iterdir()]
+        except OSError:
+            continue
+        if any(path.startswith(session) for session in sessions for path in [command, *files]):
+            found.append(f"{entry.name} {command[:60]}")
+    return found
+
+
+def assert_stopped_with_one_line(stderr: str, folder: Path, done: int) -> None:
+    """The run's last words: one line naming the checkpoint and how to resume (no traceback, no Ray noise).
+
+    Lines before it may be warnings the libraries print on their own (Avalanche's deprecation notices).
+    """
+    assert stderr.strip().splitlines()[-1] == f"stopped after round {done}/6; resume with: fedtide resume {folder}"
+    assert stderr.count("stopped") == 1
+    assert "Traceback" not in stderr and "ERROR" not in stderr and "SIGTERM received" not in stderr
+
+
+def test_sigint_stops_an_in_process_run_which_then_resumes_to_the_same_numbers(tmp_path, straight, run_cli):
+    path = write_scenario(tmp_path, resources={"backend": "in_process"})
+    folder = tmp_path / "runs" / "small"
+    run = Fedtide(tmp_path, "run", str(path), "--output", "runs")
+    run.wait_for_round(folder, 2)
+    code, took = run.stop(signal.SIGINT)
+
+    done = checkpoint_round(folder)
+    assert code == 130 and took < 30
+    assert done >= 2 and rounds_written(folder) in (done, done + 1)  # a round may end between line and checkpoint
+    assert_stopped_with_one_line(run.err.read_text(), Path("runs/small"), done)
+    assert not (folder / "summary.json").exists()
+
+    code, out, err = run_cli("resume", str(folder))
+    assert code == 0, err
+    resumed = json.loads((folder / "summary.json").read_text())
+    assert {k: resumed[k] for k in NUMBERS} == {k: straight[k] for k in NUMBERS}
+
+
+def test_on_ray_sigterm_stops_cleanly_and_a_sigkilled_run_resumes_leaving_no_ray_process(tmp_path, straight):
+    path = write_scenario(tmp_path)
+    folder = tmp_path / "runs" / "small"
+    run = Fedtide(tmp_path, "run", str(path), "--output", "runs")
+    run.wait_for_round(folder, 2)
+    code, took = run.stop(signal.SIGTERM)
+    first = checkpoint_round(folder)
+    assert code == 143 and took < 60
+    assert_stopped_with_one_line(run.err.read_text(), Path("runs/small"), first)
+    assert ray_session_processes(run.process.pid) == []
+
+    killed = Fedtide(tmp_path, "resume", "runs/small")
+    killed.wait_for_round(folder, first + 2)
+    killed.process.kill()  # SIGKILL: no cleanup at all; Ray's agents outlive their raylet
+    killed.process.wait(30)
+    second = checkpoint_round(folder)
+    assert second > first
+
+    last = Fedtide(tmp_path, "resume", "runs/small")
+    last.wait_for_round(folder, second + 1)  # it started Ray: what the killed run's Ray left was ended first
+    assert ray_session_processes(killed.process.pid) == []
+    assert last.process.wait(300) == 0, last.err.read_text()
+    resumed = json.loads((folder / "summary.json").read_text())
+    assert {k: resumed[k] for k in NUMBERS} == {k: straight[k] for k in NUMBERS}
+    assert resumed["ray_nodes"]  # the clients did run on Ray
+    assert ray_session_processes(last.process.pid) == []
