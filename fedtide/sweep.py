@@ -29,8 +29,9 @@ import multiprocessing
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -42,6 +43,7 @@ from fedtide.data.loading import apply_overrides, parse_scenario, read_yaml, set
 from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
 from fedtide.run_files import SCENARIO_FILE, SUMMARY_FILE, checkpoint_round, prepare_run_folder
+from fedtide.stopping import RunStopped
 from fedtide.validation import check_runnable
 
 SWEEP_KEY = "sweep"
@@ -155,7 +157,7 @@ def run_sweep(
             _record(outcome, notify, point, _attempt(partial(runner, point.scenario, folder)))
         return outcome
     context = multiprocessing.get_context("spawn")  # never fork a process holding torch's threads
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context) as pool, _stop_points_with_the_sweep(pool):
         running: dict[Future, SweepPoint] = {}
         for point, folder in pending:
             _fresh_or_resumed(folder, point.scenario)
@@ -164,6 +166,21 @@ def run_sweep(
         for future in as_completed(running):
             _record(outcome, notify, running[future], _attempt(future.result))
     return outcome
+
+
+@contextmanager
+def _stop_points_with_the_sweep(pool: ProcessPoolExecutor) -> Iterator[None]:
+    """A stopped sweep (Ctrl-C, SIGTERM) starts no more points and passes the signal on to those running.
+
+    Each then stops as a run does; their checkpoints stay, so running the sweep again resumes them.
+    """
+    try:
+        yield
+    except RunStopped as stop:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in multiprocessing.active_children():
+            os.kill(worker.pid, stop.signum)
+        raise
 
 
 def _fresh_or_resumed(folder: Path, scenario: Scenario) -> None:
