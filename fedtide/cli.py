@@ -162,7 +162,7 @@ def _stops_with(message: Callable[[], str]) -> Iterator[None]:
 
 _SWEEP_STOPPED = (
     "stopped; run the same fedtide sweep again to go on: finished runs are kept, "
-    "the unfinished one resumes from its last checkpoint"
+    "unfinished ones resume from their last checkpoints"
 )
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
+from fedtide.stopping import RunStopped
 
 Submit = Callable[[Scenario, Path], "Future[str | None]"]
 
@@ -45,9 +46,20 @@ def run_point(scenario: Scenario, folder: Path) -> str | None:
 
 @contextmanager
 def local_processes(workers: int) -> Iterator[Submit]:
-    """`workers` spawned processes (never forked: the parent may hold torch's threads)."""
+    """`workers` spawned processes (never forked: the parent may hold torch's threads).
+
+    A stopped sweep (Ctrl-C, SIGTERM) starts no more points and passes the signal on to
+    the running ones, which stop as a run does and keep their checkpoints: running the
+    sweep again resumes them.
+    """
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield lambda scenario, folder: pool.submit(run_point, scenario, folder)
+        try:
+            yield lambda scenario, folder: pool.submit(run_point, scenario, folder)
+        except RunStopped as stop:
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in multiprocessing.active_children():
+                os.kill(worker.pid, stop.signum)
+            raise
 
 
 @contextmanager

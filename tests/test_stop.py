@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from fedtide.ray_orphans import ray_temp_dir
-from fedtide.run_files import checkpoint_round, create_run_folder, read_metrics
+from fedtide.run_files import checkpoint_round, create_run_folder, read_metrics, read_run_scenario
+from fedtide.server.checkpoint import read_checkpoint
 from fedtide.simulation import simulate_in_process
 from tests.conftest import small_scenario
 
@@ -147,3 +148,31 @@ def test_on_ray_sigterm_stops_cleanly_and_a_sigkilled_run_resumes_leaving_no_ray
     assert {k: resumed[k] for k in NUMBERS} == {k: straight[k] for k in NUMBERS}
     assert resumed["ray_nodes"]  # the clients did run on Ray
     assert ray_session_processes(last.process.pid) == []
+
+
+def test_sigterm_stops_a_sweep_of_in_process_points_side_by_side_and_the_next_sweep_goes_on(tmp_path, run_cli):
+    raw = small_scenario(resources={"backend": "in_process"}, federation={"rounds_per_experience": 4})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw.model_dump(mode="json") | {"name": "sw", "sweep": {"seeds": [0, 1, 2]}}))
+    folder = tmp_path / "runs" / "sw"
+    sweep = Fedtide(tmp_path, "sweep", str(path), "--output", "runs", "--workers", "2")
+    sweep.wait_for_round(folder / "seed-0", 2)
+    code, took = sweep.stop(signal.SIGTERM)  # to the sweep's process only: it passes the signal on to its points
+    assert code == 143 and took < 30
+    last_line = sweep.err.read_text().strip().splitlines()[-1]
+    assert last_line.startswith("stopped; run the same fedtide sweep again to go on")
+    points = sorted(p for p in folder.iterdir() if p.name.startswith("seed-"))
+    kept = {p.name: checkpoint_round(p) for p in points if not (p / "summary.json").exists()}
+    assert "seed-0" in kept and kept["seed-0"] >= 2  # stopped mid-run, its checkpoint kept
+    assert rounds_written(folder / "seed-2") == 0  # the point waiting for a worker was not started after the stop
+    before = {}  # the metrics lines each checkpoint holds
+    for name, done in kept.items():
+        if done:
+            checkpoint = read_checkpoint(folder / name, read_run_scenario(folder / name))
+            before[name] = (folder / name / "metrics.jsonl").read_bytes()[: checkpoint.metrics_length]
+
+    code, out, err = run_cli("sweep", str(path), "--output", str(tmp_path / "runs"), "--workers", "2")
+    assert code == 0, err
+    assert all((p / "summary.json").is_file() for p in points)
+    for name, metrics in before.items():  # the rounds a checkpoint held were not run again
+        assert (folder / name / "metrics.jsonl").read_bytes().startswith(metrics)
