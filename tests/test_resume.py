@@ -33,11 +33,14 @@ SUMMARY_NUMBERS = (
     "clients_failed",
     "privacy",
     "audit",
+    "faults",
+    "strategy_metrics",
 )
 
 CASES = {
     # name: (scenario sections, stop after this global round, expected checkpoint round)
     "naive": ({"continual": {"method": "naive"}}, 3, 3),
+    "naive-with-dropout": ({"continual": {"method": "naive"}, "faults": {"dropout": 0.3}}, 5, 5),
     "replay-at-experience-end": ({}, 4, 4),
     "ewc-half-sampled-every-2": (
         {

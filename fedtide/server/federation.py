@@ -73,7 +73,7 @@ class _RunRecorder:
     """Evaluates the global model after each round, writes the run's metrics as they come, and checkpoints."""
 
     # The running totals the summary is made of: checkpointed, and taken back by a resumed run.
-    TOTALS = ("matrix", "failures", "epsilon", "stopped", "ray_nodes")
+    TOTALS = ("matrix", "failures", "epsilon", "stopped", "ray_nodes", "dropped", "strategy_metrics")
 
     def __init__(self, scenario: Scenario, run_dir: Path, observer: RoundObserver | None) -> None:
         data = load_dataset(scenario.dataset.name, scenario.dataset.root)
