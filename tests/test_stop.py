@@ -112,7 +112,8 @@ def test_sigint_stops_an_in_process_run_which_then_resumes_to_the_same_numbers(t
 
     done = checkpoint_round(folder)
     assert code == 130 and took < 30
-    assert done >= 2 and rounds_written(folder) in (done, done + 1)  # a round may end between line and checkpoint
+    # round 2's line was written, so round 1's checkpoint was; round 2's may not be yet
+    assert done >= 1 and rounds_written(folder) in (done, done + 1)
     assert_stopped_with_one_line(run.err.read_text(), Path("runs/small"), done)
     assert not (folder / "summary.json").exists()
 
