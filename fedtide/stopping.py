@@ -20,7 +20,9 @@ the rounds run after the last one are run again by `fedtide resume`.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +31,10 @@ from pathlib import Path
 from fedtide.run_files import checkpoint_round
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# How long a stop may take to clean up before the process ends without it. Seen: Ray's
+# shutdown hanging in the main thread on a machine loaded with two test suites; the next
+# run or resume ends what Ray leaves behind (`fedtide.ray_orphans`).
+STOP_GRACE_S = 60.0
 
 
 class RunStopped(BaseException):
@@ -58,6 +64,7 @@ class _StopRequest:
         self.active = False  # within stop_on_signals()
         self.reclaim = threading.Event()  # set while the main thread is asked to reinstall the handlers
         self.reclaimed = threading.Event()
+        self.deadline: threading.Timer | None = None  # ends the process if the cleanup hangs
 
     def install(self) -> None:
         for signum in _STOP_SIGNALS:
@@ -73,6 +80,9 @@ class _StopRequest:
             return  # already stopping: let the cleanup finish
         self.signum = signum
         self.event.set()
+        self.deadline = threading.Timer(STOP_GRACE_S, _end_now, args=(signum,))
+        self.deadline.daemon = True
+        self.deadline.start()
         raise RunStopped(signum)
 
 
@@ -104,8 +114,18 @@ def stop_on_signals() -> Iterator[None]:
         yield
     finally:
         _request.active = False
+        if _request.deadline is not None:  # the cleanup is over: nothing to force
+            _request.deadline.cancel()
+            _request.deadline = None
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _end_now(signum: int) -> None:
+    """The stop's cleanup hung: end the process as the signal would have, saying so in one line."""
+    sys.stderr.write(f"stopped; cleaning up took over {STOP_GRACE_S:g} s, so the process ends without it\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def reclaim_signals(timeout: float = 5.0) -> None:

@@ -177,3 +177,24 @@ def test_sigterm_stops_a_sweep_of_in_process_points_side_by_side_and_the_next_sw
     assert all((p / "summary.json").is_file() for p in points)
     for name, metrics in before.items():  # the rounds a checkpoint held were not run again
         assert (folder / name / "metrics.jsonl").read_bytes().startswith(metrics)
+
+
+def test_a_stop_whose_cleanup_hangs_still_ends_the_process():
+    """The backstop: past the grace period the process ends with the signal's code and one line."""
+    script = (
+        "import os, signal, threading\n"
+        "from fedtide import stopping\n"
+        "stopping.STOP_GRACE_S = 1.0\n"
+        "with stopping.stop_on_signals():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        threading.Event().wait(5)\n"
+        "    except stopping.RunStopped:\n"
+        "        threading.Event().wait(60)  # a cleanup that never ends\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 143 and time.monotonic() - started < 20
+    assert done.stderr.strip().splitlines()[-1] == (
+        "stopped; cleaning up took over 1 s, so the process ends without it"
+    )
