@@ -158,6 +158,7 @@ def test_sigterm_stops_a_sweep_of_in_process_points_side_by_side_and_the_next_sw
     folder = tmp_path / "runs" / "sw"
     sweep = Fedtide(tmp_path, "sweep", str(path), "--output", "runs", "--workers", "2")
     sweep.wait_for_round(folder / "seed-0", 2)
+    waiting = not (folder / "seed-2").exists()  # both workers busy: seed-2 waits for one (unless seed-1 ended)
     code, took = sweep.stop(signal.SIGTERM)  # to the sweep's process only: it passes the signal on to its points
     assert code == 143 and took < 30
     last_line = sweep.err.read_text().strip().splitlines()[-1]
@@ -165,7 +166,8 @@ def test_sigterm_stops_a_sweep_of_in_process_points_side_by_side_and_the_next_sw
     points = sorted(p for p in folder.iterdir() if p.name.startswith("seed-"))
     kept = {p.name: checkpoint_round(p) for p in points if not (p / "summary.json").exists()}
     assert "seed-0" in kept and kept["seed-0"] >= 2  # stopped mid-run, its checkpoint kept
-    assert rounds_written(folder / "seed-2") == 0  # the point waiting for a worker was not started after the stop
+    if waiting:  # the point waiting for a worker was not started after the stop
+        assert rounds_written(folder / "seed-2") == 0
     before = {}  # the metrics lines each checkpoint holds
     for name, done in kept.items():
         if done:
