@@ -67,11 +67,13 @@ def strategy_class(name: str) -> type[Strategy]:
     raise ScenarioError(f"{FIELD}.name", f"unknown strategy '{name}'", f"one of {known}, or a 'pkg.module:Name'")
 
 
-def build_strategy(federation: FederationConfig, num_clients: int) -> Strategy:
+def build_strategy(federation: FederationConfig, num_clients: int, weighted_by: str | None = None) -> Strategy:
     """Instantiate the scenario's strategy with its parameters and fedtide's sampling settings.
 
     Sampling fields (fraction_train, ...) are passed only to strategies whose
-    constructor takes them; the scenario's own strategy parameters win.
+    constructor takes them; the scenario's own strategy parameters win. `weighted_by`
+    names the reply metric that weights clients in the aggregate (client-level DP gives
+    every client the same), for strategies that take Flower's `weighted_by_key`.
     """
     cls = strategy_class(federation.strategy.name)
     params = federation.strategy.params
@@ -83,6 +85,8 @@ def build_strategy(federation: FederationConfig, num_clients: int) -> Strategy:
         "min_evaluate_nodes": 0 if federation.fraction_evaluate == 0 else 1,
         "min_available_nodes": num_clients,
     }
+    if weighted_by:
+        sampling["weighted_by_key"] = weighted_by
     accepted, _ = constructor_parameters(cls)
     kwargs = {k: v for k, v in sampling.items() if k in accepted} | params
     try:

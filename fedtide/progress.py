@@ -40,6 +40,8 @@ def round_status(record: RoundRecord) -> str:
     )
     if record.privacy:
         status += f" | ε max {record.privacy.epsilon_max:.2f}"
+    if record.client_level:
+        status += f" | client-level ε {record.client_level.epsilon:.2f}"
     return status
 
 

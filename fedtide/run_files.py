@@ -145,11 +145,19 @@ class RoundPrivacy(_Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class RoundClientLevel(_Record):
+    """Client-level DP after a round: ε of the noisy aggregates so far, and the clipping norm used."""
+
+    epsilon: float
+    clipping_norm: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class RoundRecord(_Record):
     """One line of metrics.jsonl per global round: the global model's accuracy and the clients' round."""
 
     _TYPE = "round"
-    _OPTIONAL = ("failures", "dropped", "privacy", "strategy_metrics")
+    _OPTIONAL = ("failures", "dropped", "privacy", "client_level", "strategy_metrics")
 
     round: int
     experience: int
@@ -162,7 +170,8 @@ class RoundRecord(_Record):
     failures: list[ClientFailure] | None = None  # only when a client failed
     dropped: list[ClientDrop] | None = None  # only when a simulated fault dropped a client
     wall_time_s: float
-    privacy: RoundPrivacy | None = None  # only under DP
+    privacy: RoundPrivacy | None = None  # only under sample-level DP
+    client_level: RoundClientLevel | None = None  # only under client-level DP
     strategy_metrics: dict[str, float | list[float]] | None = None  # what aggregate_train returned, if any
 
     def __post_init__(self) -> None:
@@ -170,6 +179,7 @@ class RoundRecord(_Record):
         _set(self, "failures", _typed_list(self.failures, ClientFailure))
         _set(self, "dropped", _typed_list(self.dropped, ClientDrop))
         _set(self, "privacy", _typed(self.privacy, RoundPrivacy))
+        _set(self, "client_level", _typed(self.client_level, RoundClientLevel))
 
 
 @dataclass(frozen=True)
@@ -194,6 +204,28 @@ class PrivacySummary(_Record):
     epsilon_max: float
     epsilon_per_client: dict[str, float]
     budget_exhausted_clients: list[int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientLevelSummary(_Record):
+    """Client-level DP of a run: what its ε is recomputed from (σ, q, rounds, δ, accountant), and ε.
+
+    `clipping_norm` is the norm of the last round (adaptive clipping moves it from
+    `initial_clipping_norm`).
+    """
+
+    noise_multiplier: float
+    sample_rate: float  # q = clients sampled per round / clients
+    sampled_per_round: int
+    rounds: int  # noisy aggregates released
+    delta: float
+    accountant: str
+    clipping: str  # fixed | adaptive
+    clip_on: str  # server | client
+    initial_clipping_norm: float
+    clipping_norm: float
+    target_epsilon: float | None
+    epsilon: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,7 +273,7 @@ class AuditSummary(_Record):
 class RunSummary(_Record):
     """summary.json: what a finished run measured."""
 
-    _OPTIONAL = ("privacy", "audit", "faults", "strategy_metrics")
+    _OPTIONAL = ("privacy", "client_level", "audit", "faults", "strategy_metrics")
 
     name: str
     seed: int
@@ -258,20 +290,41 @@ class RunSummary(_Record):
     clients_failed: int
     wall_time_s: float
     ray_nodes: list[str]
-    privacy: PrivacySummary | None = None  # only under DP
+    privacy: PrivacySummary | None = None  # only under sample-level DP
+    client_level: ClientLevelSummary | None = None  # only under client-level DP
     audit: AuditSummary | None = None  # absent from runs written before the audit existed
     faults: FaultSummary | None = None  # only when the scenario simulates faults
     strategy_metrics: dict[str, float | list[float]] | None = None  # the last round's, if the strategy had any
 
     def __post_init__(self) -> None:
         _set(self, "privacy", _typed(self.privacy, PrivacySummary))
+        _set(self, "client_level", _typed(self.client_level, ClientLevelSummary))
         _set(self, "audit", _typed(self.audit, AuditSummary))
         _set(self, "faults", _typed(self.faults, FaultSummary))
 
     @property
     def private(self) -> bool:
-        """A run is private exactly when its summary has a privacy section (noise 0 writes none)."""
-        return self.privacy is not None
+        """A run is private when it has sample-level DP (noise 0 writes none) or client-level DP."""
+        return self.privacy is not None or self.client_level is not None
+
+    @property
+    def privacy_level(self) -> str | None:
+        """sample, client or both; None for a non-private run."""
+        if self.privacy and self.client_level:
+            return "both"
+        if self.privacy:
+            return "sample"
+        return "client" if self.client_level else None
+
+    @property
+    def epsilon(self) -> float | None:
+        """The run's ε as a privacy-utility plot places it: sample-level ε (the largest client's), else
+        client-level ε; under both levels, the smaller, since each alone bounds what one sample leaks."""
+        values = [
+            *([self.privacy.epsilon_max] if self.privacy else []),
+            *([self.client_level.epsilon] if self.client_level else []),
+        ]
+        return min(values) if values else None
 
 
 def create_run_folder(scenario: Scenario, output: Path | None = None) -> Path:

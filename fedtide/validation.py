@@ -32,6 +32,10 @@ def check_runnable(scenario: Scenario) -> None:
         from fedtide.privacy.accounting import check_privacy  # Opacus, only for a private run
 
         check_privacy(scenario, method.private_footprint())
+    if scenario.privacy.client_private:
+        from fedtide.privacy.client_level import check_client_level  # Opacus's accountant
+
+        check_client_level(scenario)
     build_scenario_model(scenario, data.input_shape)
     check_resources(scenario)
 

@@ -205,7 +205,7 @@ def test_report_of_one_run_and_of_several_folders(sweep_dir, run_cli):
     code, out, err = run_cli("report", str(folder / NAMES[2]))
     assert code == 0, err
     single = (folder / NAMES[2] / "report.md").read_text()
-    assert "ε per client over rounds" in single and "Privacy-utility" not in single
+    assert "ε over rounds" in single and "Privacy-utility" not in single
     code, _, err = run_cli("report", str(folder / NAMES[0]), str(folder / NAMES[3]), "--output", str(base / "two"))
     assert code == 0, err
     assert len(list(csv.DictReader((base / "two" / "report.csv").open()))) == 2

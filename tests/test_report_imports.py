@@ -159,7 +159,7 @@ def test_the_report_and_help_load_no_training_stack(tmp_path, args):
     assert done.stdout.strip().splitlines()[-1] == "[]"
     if args[0] == "report":
         report = (tmp_path / "run" / "report.md").read_text()
-        assert "fedavg + naive, 2 clients, 2 experiences" in report and "ε per client over rounds" in report
+        assert "fedavg + naive, 2 clients, 2 experiences" in report and "ε over rounds" in report
         assert (tmp_path / "run" / "figures" / "run-epsilon.png").stat().st_size > 5000
 
 

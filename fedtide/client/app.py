@@ -57,6 +57,10 @@ def _train(msg: Message, context: Context) -> Message:
         experience_ends=experience_ends(msg.content),
     )
     content = run_training_round(task, msg.content["arrays"], context.state)
+    if task.scenario.privacy.client_private:
+        from fedtide.privacy.client_level import prepare_reply
+
+        prepare_reply(task.scenario, config, msg.content["arrays"], content)
     content["host"] = host_record()
     if config.get("checkpoint", False):
         attach_client_state(content, context.state)

@@ -89,8 +89,51 @@ class ContinualConfig(NamedWithParams):
     method: str = "naive"
 
 
+PrivacyLevel = Literal["sample", "client", "both"]
+
+
+class ClientLevelConfig(Section):
+    """Client-level DP (DP-FedAvg, McMahan et al. 2018) through Flower's DP strategy wrappers.
+
+    Each sampled client's update (its weights minus the round's global weights) is clipped
+    to `clipping_norm` in L2 norm, on the server (`clip_on: server`) or by the client
+    before it replies (`clip_on: client`), and Gaussian noise of standard deviation
+    σ·C/m is added to the average of the m sampled clients' updates. `clipping: adaptive`
+    adapts C each round towards the `target_clipped_quantile` of the update norms
+    (Andrew et al. 2021), `clipping_norm` being its start. The noise multiplier σ is
+    `noise_multiplier`, or calibrated so that the whole run (every round of every
+    experience) spends at most `target_epsilon`; ε is accounted over the rounds at the
+    client sampling rate m/N with Opacus's accountant (`privacy.accountant`). δ defaults
+    to 1 / (10 · number of clients), the rule sample-level DP uses per client dataset.
+    """
+
+    noise_multiplier: float | None = Field(None, gt=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 * partition.num_clients)")
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    clip_on: Literal["server", "client"] = "server"
+    clipping_norm: float = Field(1.0, gt=0, description="fixed: the norm; adaptive: the initial norm")
+    target_clipped_quantile: float = Field(0.5, ge=0, le=1, description="adaptive only")
+    clip_norm_lr: float = Field(0.2, gt=0, description="adaptive only")
+    clipped_count_stddev: float | None = Field(None, gt=0, description="adaptive only; Flower's default: m / 20")
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> ClientLevelConfig:
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ValueError(
+                "give noise_multiplier or target_epsilon, not both (the target calibrates the noise)"
+            )
+        return self
+
+
 class PrivacyConfig(Section):
-    """Client-side DP-SGD. `noise_multiplier: 0` (or `enabled: false`) is the non-private point.
+    """Differential privacy: sample-level DP-SGD on clients, client-level DP-FedAvg on the server, or both.
+
+    `level: sample` (the default) is Opacus DP-SGD on every client, configured by the
+    fields below; `level: client` is client-level DP configured by `client_level`;
+    `level: both` runs both, and the run reports both ε's. `enabled: false` turns off both.
+
+    Sample-level: `noise_multiplier: 0` is the non-private point.
 
     `target_epsilon` alone calibrates the noise so each client's planned run spends at
     most that; with `noise_multiplier` too, the noise is fixed and the target is only a
@@ -112,6 +155,8 @@ class PrivacyConfig(Section):
     delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 * largest client dataset)")
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
+    level: PrivacyLevel = "sample"
+    client_level: ClientLevelConfig = ClientLevelConfig()
 
     @field_validator("grad_sample_mode", mode="before")
     @classmethod
@@ -126,8 +171,13 @@ class PrivacyConfig(Section):
 
     @property
     def private(self) -> bool:
-        """Whether clients train with DP-SGD at all (noise 0 means plain training)."""
-        return self.enabled and self.noise_multiplier != 0
+        """Whether clients train with (sample-level) DP-SGD at all (noise 0 means plain training)."""
+        return self.enabled and self.level != "client" and self.noise_multiplier != 0
+
+    @property
+    def client_private(self) -> bool:
+        """Whether the server aggregates with client-level DP."""
+        return self.enabled and self.level != "sample"
 
 
 class ResourcesConfig(Section):

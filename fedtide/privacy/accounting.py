@@ -17,7 +17,7 @@ import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-from fedtide.data.schema import PrivacyConfig, Scenario
+from fedtide.data.schema import Scenario
 from fedtide.data.split import experience_partitions
 from fedtide.errors import ScenarioError
 from fedtide.privacy.footprint import PrivateFootprint
@@ -57,6 +57,8 @@ def epsilon_spent(history: History, delta: float, accountant: str) -> float:
     their steps, so they are merged first. For RDP, whose per-step divergence is
     additive, each mechanism's per-step RDP curve is computed once per process: it is
     the slow part (fractional orders), and every round of a client repeats the same ones.
+    At very large noise both of Opacus's conversions can return a slightly negative ε
+    (RDP's by its log((α-1)/α) term, PRV's by its discretisation): it is reported as 0.
     """
     if not history:
         return 0.0
@@ -66,10 +68,10 @@ def epsilon_spent(history: History, delta: float, accountant: str) -> float:
     if accountant == "rdp":
         rdp = sum(steps * _rdp_per_step(sigma, rate) for (sigma, rate), steps in merged.items())
         epsilon, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-        return float(epsilon)
+        return max(0.0, float(epsilon))
     account = create_accountant(mechanism=accountant)
     account.history = [(sigma, rate, steps) for (sigma, rate), steps in merged.items()]
-    return float(account.get_epsilon(delta=delta))
+    return max(0.0, float(account.get_epsilon(delta=delta)))
 
 
 @lru_cache(maxsize=4096)
@@ -126,7 +128,8 @@ def noise_multiplier(scenario: Scenario, partition_id: int, footprint: PrivateFo
 def _calibrated(scenario_json: str, partition_id: int, footprint: PrivateFootprint) -> float:
     scenario = Scenario.model_validate_json(scenario_json)
     plan = planned_steps(scenario, partition_id, footprint)
-    return calibrate_noise(scenario.privacy, client_delta(scenario), plan)
+    privacy = scenario.privacy
+    return calibrate_noise(privacy.target_epsilon, privacy.accountant, client_delta(scenario), plan)
 
 
 def planned_steps(scenario: Scenario, partition_id: int, footprint: PrivateFootprint) -> list[tuple[float, int]]:
@@ -155,20 +158,25 @@ def planned_steps(scenario: Scenario, partition_id: int, footprint: PrivateFootp
     return plan
 
 
-def calibrate_noise(privacy: PrivacyConfig, delta: float, plan: list[tuple[float, int]]) -> float:
-    """The smallest σ (to 1%) whose total ε over `plan` stays within the target, by bisection."""
-    target = privacy.target_epsilon
+def calibrate_noise(
+    target: float,
+    accountant: str,
+    delta: float,
+    plan: list[tuple[float, int]],
+    field: str = "privacy.target_epsilon",
+) -> float:
+    """The smallest σ (to 1%) whose total ε over `plan` ((sample rate, steps) pairs) stays within `target`."""
 
     def spent(sigma: float) -> float:
         with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" at extreme trial sigmas
             warnings.simplefilter("ignore", UserWarning)
-            return epsilon_spent([(sigma, rate, steps) for rate, steps in plan], delta, privacy.accountant)
+            return epsilon_spent([(sigma, rate, steps) for rate, steps in plan], delta, accountant)
 
     if not plan:
         return DEFAULT_NOISE_MULTIPLIER
     if spent(MAX_NOISE_MULTIPLIER) > target:
         raise ScenarioError(
-            "privacy.target_epsilon",
+            field,
             f"{target} cannot be reached even with noise_multiplier={MAX_NOISE_MULTIPLIER}",
             "raise target_epsilon, or train fewer rounds/epochs or with larger batches",
         )

@@ -33,5 +33,10 @@ def summary_view(summary: RunSummary) -> Group:
         headline.add_row("δ", f"{privacy.delta:.2e}")
         if privacy.budget_exhausted_clients:
             headline.add_row("clients out of budget", ", ".join(map(str, privacy.budget_exhausted_clients)))
+    if summary.client_level:
+        level = summary.client_level
+        headline.add_row("client-level ε", f"{level.epsilon:.3f}")
+        headline.add_row("client-level δ", f"{level.delta:.2e}")
+        headline.add_row("client-level σ, sample rate q", f"{level.noise_multiplier:.3g}, {level.sample_rate:g}")
     headline.add_row("wall time", f"{summary.wall_time_s:.1f} s")
     return Group(grid, headline)

@@ -26,10 +26,10 @@ from fedtide.report.runs import RunResult, SeedGroup, seed_groups
 
 HTML_FILE, MARKDOWN_FILE, CSV_FILE, FIGURES_DIR = "report.html", "report.md", "report.csv", "figures"
 RUN_COLUMNS = [
-    "run", "method", "strategy", "noise σ", "ε", "δ", "final accuracy %", "forgetting %", "BWT %",
+    "run", "method", "strategy", "DP level", "noise σ", "ε", "δ", "final accuracy %", "forgetting %", "BWT %",
     "attack AUC", "TPR@1%FPR %", "clients dropped", "wall time s",
 ]  # fmt: skip
-PRIVACY_COLUMNS = ("noise σ", "ε", "δ")  # shown only when some run is private
+PRIVACY_COLUMNS = ("DP level", "noise σ", "ε", "δ")  # shown only when some run is private
 FAULT_COLUMNS = ("clients dropped",)  # shown only when some run simulated faults
 
 
@@ -109,9 +109,10 @@ def run_row(run: RunResult) -> list[str]:
         run.run_id,
         summary.method,
         summary.strategy,
+        summary.privacy_level or "–",
         f"{run.noise:.3g}",
         _epsilon(run.epsilon),
-        f"{summary.privacy.delta:.1e}" if summary.privacy else "–",
+        f"{run.delta:.1e}" if run.delta else "–",
         _pct(summary.final_average_accuracy),
         _pct(summary.average_forgetting),
         _pct(summary.bwt),
@@ -136,6 +137,11 @@ def _preamble(runs: list[RunResult], unfinished: list[Path]) -> str:
     )
     if any(run.private for run in runs):
         text += " ε is the largest cumulative ε over clients (sample-level DP-SGD, each client's own accountant)."
+    if any(run.summary.client_level for run in runs):
+        text += (
+            " Client-level ε is the server's over its noisy aggregates (DP-FedAvg, clients sampled at rate q);"
+            " a run with both levels is placed at the smaller ε, since either bounds what one sample leaks."
+        )
     if unfinished:
         text += f" Left out, unfinished (no summary.json): {', '.join(p.name for p in unfinished)}."
     return text
@@ -203,7 +209,7 @@ def _audit(runs: list[RunResult], points: list[SeedGroup]) -> list[Block]:
         )
     blocks: list[Block] = [Heading("Empirical privacy audit"), Text(text)]
     if len(points) > 1 and private:
-        delta = max(run.summary.privacy.delta for run in private)
+        delta = max(run.delta for run in private)
         blocks.append(Image("audit_vs_epsilon.png", "Attack success against ε", _png(
             figures.audit_figure(points, delta))))
     if not private:  # without DP there is no bound to hold the attack against: the runs table has it
@@ -249,7 +255,7 @@ def _run_details(run: RunResult) -> list[Block]:
             figures.accuracy_over_rounds_figure(run))),
     ]  # fmt: skip
     if run.private:
-        blocks.append(Image(f"{stem}-epsilon.png", "ε per client over rounds", _png(figures.epsilon_figure(run))))
+        blocks.append(Image(f"{stem}-epsilon.png", "ε over rounds", _png(figures.epsilon_figure(run))))
     return blocks
 
 

@@ -64,7 +64,7 @@ def accuracy_over_rounds_figure(run: RunResult) -> Figure:
 
 
 def epsilon_figure(run: RunResult) -> Figure:
-    """Cumulative ε of each client after every round (a client not sampled keeps its value)."""
+    """Cumulative ε of each client after every round (a client not sampled keeps its value), and client-level ε."""
     spent = [(r.round, r.privacy.epsilon_per_client) for r in run.rounds if r.privacy]
     clients = sorted({c for _, per_client in spent for c in per_client}, key=int)
     figure, axes = plt.subplots(figsize=(6.4, 3.2))
@@ -72,12 +72,16 @@ def epsilon_figure(run: RunResult) -> Figure:
         # a client enters the record when first sampled (fraction_train < 1 leaves some out at first)
         points = [(round_, per_client[client]) for round_, per_client in spent if client in per_client]
         axes.plot(*zip(*points), marker=".", lw=1, label=f"client {client}")
-    target = run.summary.privacy.target_epsilon
-    if target:
+    client_level = [(r.round, r.client_level.epsilon) for r in run.rounds if r.client_level]
+    if client_level:
+        axes.plot(*zip(*client_level), color="black", marker="s", lw=2, label="client-level (server)")
+    privacy, level = run.summary.privacy, run.summary.client_level
+    for target in {privacy.target_epsilon if privacy else None, level.target_epsilon if level else None} - {None}:
         axes.axhline(target, color="red", ls="--", lw=1, label="target ε")
     axes.set_xlabel("global round")
     axes.set_ylabel("ε spent")
-    axes.set_title(f"{run.run_id}: ε per client (δ={run.summary.privacy.delta:.1e})", fontsize=9)
+    deltas = [f"{name} δ={d.delta:.1e}" for name, d in (("sample", privacy), ("client", level)) if d]
+    axes.set_title(f"{run.run_id}: ε per client ({', '.join(deltas)})", fontsize=9)
     if len(clients) <= 12:
         axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()
@@ -107,7 +111,7 @@ def _curves(axes, points: list[SeedGroup], value: str, scale: float) -> None:
     ticks = [t for t in _ROUND_TICKS if finite and min(finite) / 1.5 <= t <= max(finite) * 1.5]
     axes.set_xticks([*ticks, no_dp_x], [*(f"{t:g}" for t in ticks), "no DP"])
     axes.minorticks_off()
-    axes.set_xlabel("ε spent (max over clients)")
+    axes.set_xlabel("ε spent (sample-level: max over clients)")
 
 
 def utility_figure(points: list[SeedGroup]) -> Figure:

@@ -45,16 +45,25 @@ class RunResult:
 
     @property
     def epsilon(self) -> float | None:
-        """ε spent (the largest over clients), or None for a non-private run (ε = ∞)."""
-        return self.summary.privacy.epsilon_max if self.summary.privacy else None
+        """ε spent (`RunSummary.epsilon`: sample-level, the largest over clients, or client-level),
+        or None for a non-private run (ε = ∞)."""
+        return self.summary.epsilon
+
+    @property
+    def delta(self) -> float | None:
+        """δ of the ε the report shows."""
+        summary = self.summary
+        if summary.privacy and (not summary.client_level or summary.privacy.epsilon_max <= summary.epsilon):
+            return summary.privacy.delta
+        return summary.client_level.delta if summary.client_level else None
 
     @property
     def noise(self) -> float:
-        """The noise multiplier (mean over clients: with a target ε each client has its own)."""
-        if not self.summary.privacy:
-            return 0.0
-        sigmas = list(self.summary.privacy.noise_multiplier.values())
-        return sum(sigmas) / len(sigmas)
+        """The noise multiplier: sample-level (mean over clients, each may have its own), else client-level."""
+        if self.summary.privacy:
+            sigmas = list(self.summary.privacy.noise_multiplier.values())
+            return sum(sigmas) / len(sigmas)
+        return self.summary.client_level.noise_multiplier if self.summary.client_level else 0.0
 
     @property
     def audit(self) -> AuditSummary | None:
@@ -105,7 +114,8 @@ def _settings(run: RunResult) -> dict[str, Any]:
 def series_labels(runs: list[RunResult]) -> dict[str, str]:
     """A label per run naming what sets its series apart: the non-privacy settings that vary.
 
-    In a sweep over noise x method x seed this is the method. A component's parameter
+    In a sweep over noise x method x seed this is the method; in one over privacy levels
+    too, the method and the level ("replay client-level DP"). A component's parameter
     (Replay's mem_size) counts only if it varies between runs of that same component.
     """
     settings = [_settings(run) for run in runs]
@@ -121,9 +131,12 @@ def series_labels(runs: list[RunResult]) -> dict[str, str]:
 
     keys = sorted({k for s in settings for k in s if not k.startswith("privacy.")})
     varying = [k for k in keys if k != "continual.method" and varies(k)]
+    levels = {run.summary.privacy_level for run in runs if run.private}
     labels = {}
     for run, setting in zip(runs, settings):
         parts = [f"{k.rsplit('.', 1)[-1]}={setting[k]}" for k in varying if k in setting]
+        if len(levels) > 1 and run.private:  # sample- and client-level DP are different curves
+            parts.append(f"{run.summary.privacy_level}-level DP")
         labels[run.run_id] = " ".join([run.summary.method, *parts])
     return labels
 

@@ -13,12 +13,14 @@ so the user's strategy sees plain Flower calls and nothing else has to know abou
   replies exactly as it does when a real client does not answer (Flower's FedAvg
   averages whatever replies it gets, fewer than `min_train_nodes` included, and keeps
   the current weights when there are none);
-- `aggregate_train` records every client's reply, drops the replies of clients that
-  trained on nothing or failed (a failure is counted and its reason kept; a round
-  in which every client that was sent a message failed stops the run), checks the
-  clients' and the strategy's arrays against the model, and names the strategy when
-  it raises; under checkpoints it takes each client's `Context.state` out of its reply
-  and keeps it.
+- `aggregate_train` seeds numpy's global RNG from (seed, round) first, so a strategy
+  that draws from it (Flower's client-level DP wrappers draw their noise there) draws
+  the same numbers wherever and in whatever order the clients ran; it records every
+  client's reply, drops the replies of clients that trained on nothing or failed (a
+  failure is counted and its reason kept; a round in which every client that was sent
+  a message failed stops the run), checks the clients' and the strategy's arrays
+  against the model, and names the strategy when it raises; under checkpoints it
+  takes each client's `Context.state` out of its reply and keeps it.
 
 Round numbers in every message are global (experience × rounds + round). A run resumed
 inside an experience calls `start()` for its remaining rounds only; the wrapper maps
@@ -29,15 +31,18 @@ round numbers of an uninterrupted run.
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtide.errors import FederationError, raised_at
+from fedtide.privacy.client_level import current_clipping_norm, unwrapped
 from fedtide.protocol import client_round, experience_end_key, take_client_state
 from fedtide.run_files import ClientDrop, ClientFailure, ClientRoundRecord
 from fedtide.server.array_check import array_problem
@@ -59,6 +64,7 @@ class RoundOutcome:
     failures: list[ClientFailure] = field(default_factory=list)  # one line each
     failure_logs: list[str] = field(default_factory=list)  # each failure in full, for the run's log
     strategy_metrics: dict[str, float | list[float]] | None = None  # the MetricRecord aggregate_train returned
+    clipping_norm: float | None = None  # client-level DP: the norm the round's updates were clipped to
 
     @property
     def sent(self) -> int:
@@ -75,8 +81,10 @@ class ContinualStrategy(Strategy):
         reference: ArrayRecord,
         partition_of: dict[int, int],
         faults: FaultPlan | None = None,
+        seed: int = 0,
     ) -> None:
         self.strategy = strategy
+        self.seed = seed
         self.reference = reference  # arrays whose keys, shapes and dtypes every model must have
         self.partition_of = partition_of  # node id -> partition id
         self.faults = faults  # None: no simulated faults
@@ -91,8 +99,11 @@ class ContinualStrategy(Strategy):
 
     @property
     def name(self) -> str:
-        """The wrapped strategy's class as a user finds it in their code: `my_pkg.agg.TrimmedMomentum`."""
-        return f"{type(self.strategy).__module__}.{type(self.strategy).__qualname__}"
+        """The wrapped strategy's class as a user finds it in their code: `my_pkg.agg.TrimmedMomentum`.
+
+        Under client-level DP that is the strategy inside Flower's DP wrapper."""
+        strategy = type(unwrapped(self.strategy))
+        return f"{strategy.__module__}.{strategy.__qualname__}"
 
     def begin_experience(
         self, experience: int, arrays: ArrayRecord, config: ConfigRecord, rounds: int, done: int = 0
@@ -142,7 +153,9 @@ class ContinualStrategy(Strategy):
         server_round = self.round_in_experience(server_round)
         config = ConfigRecord({**dict(config), **dict(self.experience_config)})
         messages = list(self._call(self.strategy.configure_train, server_round, arrays, config, grid))
-        outcome = RoundOutcome(self.global_round(server_round), sampled=len(messages))
+        outcome = RoundOutcome(
+            self.global_round(server_round), sampled=len(messages), clipping_norm=current_clipping_norm(self.strategy)
+        )
         delivered = []
         for message in messages:
             partition = self._partition(message.metadata.dst_node_id)
@@ -205,6 +218,7 @@ class ContinualStrategy(Strategy):
                 f"{outcome.global_round}; "
                 f"client {outcome.failures[0].partition_id} said: {outcome.failures[0].reason}"
             )
+        np.random.seed(zlib.crc32(f"{self.seed}/aggregate/{outcome.global_round}".encode()))
         result = self._call(self.strategy.aggregate_train, server_round, trained)
         if not (isinstance(result, tuple) and len(result) == 2):
             raise FederationError(

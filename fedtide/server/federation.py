@@ -37,13 +37,24 @@ from fedtide.metrics.evaluation import experience_accuracies
 from fedtide.metrics.forgetting import average_accuracy, average_forgetting, backward_transfer
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta, noise_multiplier
+from fedtide.privacy.client_level import (
+    CLIENT_WEIGHT_KEY,
+    client_level_delta,
+    client_level_epsilon,
+    client_noise_multiplier,
+    client_sample_rate,
+    sampled_per_round,
+    wrap_strategy,
+)
 from fedtide.protocol import RESTORE_STATE
 from fedtide.run_files import (
     MODEL_FILE,
     AuditSummary,
+    ClientLevelSummary,
     ExperienceRecord,
     FaultSummary,
     PrivacySummary,
+    RoundClientLevel,
     RoundPrivacy,
     RoundRecord,
     RunSummary,
@@ -92,7 +103,9 @@ class _RunRecorder:
         self.failures = 0
         self.strategy_metrics: dict[str, float | list[float]] | None = None  # the last round's
         self.dropped = dict.fromkeys(range(scenario.partition.num_clients), 0)  # per client, over rounds
+        self.scenario = scenario
         self.private = scenario.privacy.private
+        self.client_sigma = client_noise_multiplier(scenario) if scenario.privacy.client_private else None
         self.epsilon: dict[int, float] = {}  # latest cumulative ε per client
         self.stopped: set[int] = set()  # clients that hit their privacy budget
         self.ray_nodes: set[str] = set()  # Ray nodes that ran a client
@@ -155,7 +168,11 @@ class _RunRecorder:
         outcome = federation.last_round
         accuracies = experience_accuracies(self.model, arrays, self.test_sets[: experience + 1])
         privacy = self._privacy_record(outcome) if self.private else None
-        record = _round_record(experience, server_round, accuracies, outcome, self.elapsed(), privacy)
+        client_level = None
+        if self.client_sigma is not None:
+            epsilon = client_level_epsilon(self.scenario, self.client_sigma, outcome.global_round)
+            client_level = RoundClientLevel(epsilon=epsilon, clipping_norm=outcome.clipping_norm)
+        record = _round_record(experience, server_round, accuracies, outcome, self.elapsed(), privacy, client_level)
         self.failures += record.clients["failed"]
         self.strategy_metrics = outcome.strategy_metrics or self.strategy_metrics
         for failure in outcome.failure_logs:
@@ -188,9 +205,14 @@ def run_federation(
     arrays = ArrayRecord(recorder.model.state_dict())
     ordered.discover(num_clients)
     reclaim_signals()  # the nodes answered, so a Ray backend is up, and ray.init took SIGTERM
-    strategy = build_strategy(scenario.federation, num_clients)
+    client_private = scenario.privacy.client_private
+    strategy = build_strategy(scenario.federation, num_clients, CLIENT_WEIGHT_KEY if client_private else None)
+    if client_private:
+        strategy = wrap_strategy(strategy, scenario)
     faults = FaultPlan(scenario.faults, scenario.seed) if scenario.faults.active else None
-    federation = ContinualStrategy(strategy, reference=arrays, partition_of=ordered.partition_of, faults=faults)
+    federation = ContinualStrategy(
+        strategy, reference=arrays, partition_of=ordered.partition_of, faults=faults, seed=scenario.seed
+    )
     done = 0
     if checkpoint := read_checkpoint(run_dir, scenario):
         arrays, done = checkpoint.arrays, checkpoint.round
@@ -233,6 +255,7 @@ def run_federation(
             epsilon_per_client={str(k): v for k, v in sorted(recorder.epsilon.items())},
             budget_exhausted_clients=sorted(recorder.stopped),
         )
+    client_level = _client_level_summary(scenario, recorder, federation) if client_private else None
     summary = RunSummary(
         name=scenario.name,
         seed=scenario.seed,
@@ -250,6 +273,7 @@ def run_federation(
         wall_time_s=recorder.elapsed(),
         ray_nodes=sorted(recorder.ray_nodes),
         privacy=privacy,
+        client_level=client_level,
         audit=AuditSummary.from_dict(audit_clients(scenario, recorder.model)),
         faults=recorder.fault_summary() if faults else None,
         strategy_metrics=recorder.strategy_metrics,
@@ -257,6 +281,27 @@ def run_federation(
     write_summary(run_dir, summary)
     remove_checkpoints(run_dir)
     return summary
+
+
+def _client_level_summary(
+    scenario: Scenario, recorder: _RunRecorder, federation: ContinualStrategy
+) -> ClientLevelSummary:
+    config = scenario.privacy.client_level
+    rounds = scenario.total_rounds
+    return ClientLevelSummary(
+        noise_multiplier=recorder.client_sigma,
+        sample_rate=client_sample_rate(scenario),
+        sampled_per_round=sampled_per_round(scenario),
+        rounds=rounds,
+        delta=client_level_delta(scenario),
+        accountant=scenario.privacy.accountant,
+        clipping=config.clipping,
+        clip_on=config.clip_on,
+        initial_clipping_norm=config.clipping_norm,
+        clipping_norm=federation.last_round.clipping_norm,
+        target_epsilon=config.target_epsilon,
+        epsilon=client_level_epsilon(scenario, recorder.client_sigma, rounds),
+    )
 
 
 def _give_back_client_states(grid: PartitionOrderedGrid, states: dict[int, RecordDict]) -> None:
@@ -295,6 +340,7 @@ def _round_record(
     outcome: RoundOutcome,
     wall_time_s: float,
     privacy: RoundPrivacy | None,
+    client_level: RoundClientLevel | None = None,
 ) -> RoundRecord:
     reports = outcome.reports
     trained = [r for r in reports if r.num_examples > 0]
@@ -318,5 +364,6 @@ def _round_record(
         dropped=outcome.dropped or None,
         wall_time_s=wall_time_s,
         privacy=privacy,
+        client_level=client_level,
         strategy_metrics=outcome.strategy_metrics,
     )
