@@ -205,3 +205,27 @@ def test_noise_and_target_together_are_refused():
     with pytest.raises(ScenarioError, match="privacy.client_level: give noise_multiplier or target_epsilon, not both"):
         scenario_with({"noise_multiplier": 1.0, "target_epsilon": 3.0})
 
+
+
+def test_a_report_draws_sample_and_client_level_runs_as_separate_series(tmp_path):
+    from fedtide.report.document import TableBlock, build_blocks
+    from fedtide.report.runs import find_runs, seed_groups
+
+    base = {"stream": {"n_experiences": 1}, "federation": {"rounds_per_experience": 2}}
+    for name, privacy in (
+        ("none", {"enabled": False}),
+        ("sample", {"enabled": True, "level": "sample", "noise_multiplier": 1.0}),
+        ("client", {"enabled": True, "level": "client", "client_level": {"noise_multiplier": 1.0}}),
+    ):
+        scenario = small_scenario(name=name, privacy=privacy, continual={"method": "naive"}, **base)
+        run_federation(RecordingGrid(4), scenario, create_run_folder(scenario, tmp_path / "runs"))
+    runs, _ = find_runs([tmp_path / "runs"])
+    by_name = {run.run_id.split("/")[-1]: run for run in runs}
+    assert by_name["client"].epsilon == by_name["client"].summary.client_level.epsilon
+    assert by_name["client"].noise == 1.0 and by_name["client"].delta == 1 / (10 * CLIENTS)
+    assert by_name["none"].epsilon is None and by_name["none"].delta is None
+    series = {point.series for point in seed_groups(runs)}
+    assert series == {"naive", "naive sample-level DP", "naive client-level DP"}
+    table = next(b for b in build_blocks(runs) if isinstance(b, TableBlock))
+    level = table.columns.index("DP level")
+    assert sorted(row[level] for row in table.rows) == ["client", "sample", "–"]
