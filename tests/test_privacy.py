@@ -19,6 +19,8 @@ from fedtide.models import build_model
 from fedtide.privacy.accounting import PrivateFootprint, check_privacy, client_delta, noise_multiplier
 from fedtide.privacy.dp_sgd import ClientPrivacy
 from fedtide.privacy.opacus_model import opacus_ready
+from fedtide.run_files import create_run_folder, read_rounds
+from fedtide.simulation import simulate_in_process
 from tests.conftest import small_scenario, stored_method_state
 from tests.test_client import flat, initial_arrays
 
@@ -211,3 +213,23 @@ def test_ghost_clipping_is_refused_where_a_term_joins_the_loss():
         run_private(private_scenario(noise_multiplier=1.0, grad_sample_mode="ghost"), schedule=[(0, 1)], mu=5.0)
     with pytest.raises(ScenarioError, match="expanded weights"):
         private_scenario(grad_sample_mode="ew")
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_empty_poisson_batches_are_noise_only_steps_not_a_diverged_client(tmp_path, mode):
+    """An expected batch of 2 draws empty Poisson batches (about e^-2 of the steps): their mean
+    loss must not turn the round's loss into NaN and stop the client as diverged."""
+    scenario = small_scenario(
+        name=mode,
+        stream={"n_experiences": 1},
+        partition={"kind": "iid", "num_clients": 2},
+        federation={"rounds_per_experience": 1},
+        client={"batch_size": 2, "epochs": 1},
+        continual={"method": "naive"},
+        privacy={"enabled": True, "noise_multiplier": 1.0, "grad_sample_mode": mode},
+    )
+    folder = create_run_folder(scenario, tmp_path)
+    summary = simulate_in_process(scenario, folder)
+    assert summary.clients_failed == 0 and summary.privacy.epsilon_max > 0
+    (only_round,) = read_rounds(folder)
+    assert all(math.isfinite(client.train_loss) and client.num_examples > 0 for client in only_round.per_client)

@@ -18,6 +18,22 @@ from fedtide.data.schema import ClientConfig
 TRAIN_LOSS_KEY = "Loss_Epoch/train_phase/train_stream"
 
 
+class CrossEntropy(torch.nn.CrossEntropyLoss):
+    """Cross-entropy whose mean over an empty minibatch is 0, not NaN.
+
+    Opacus's Poisson sampling draws empty minibatches (often, when a client's expected
+    batch is a few samples); the step still counts and adds noise (ghost clipping's
+    loss is handled in `fedtide.privacy.dp_sgd`). Torch's mean over no
+    samples is NaN, which would make the round's mean loss NaN and the client look
+    diverged. An empty batch has no data gradient either way.
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.numel() == 0 and self.reduction == "mean":
+            return input.sum() * 0.0
+        return super().forward(input, target)
+
+
 class ProximalTerm(SupervisedPlugin):
     """FedProx's (mu/2)·||w - w_global||², added to each minibatch loss (Li et al. 2020, eq. 2).
 
@@ -50,7 +66,7 @@ class RoundLearner(SupervisedTemplate):
         super().__init__(
             model=model,
             optimizer=_optimizer(model, client),
-            criterion=torch.nn.CrossEntropyLoss(),
+            criterion=CrossEntropy(),
             train_mb_size=client.batch_size,
             train_epochs=client.epochs,
             eval_mb_size=256,

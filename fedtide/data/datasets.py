@@ -187,7 +187,7 @@ def _as_arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
 def _tensors(x_train, y_train, x_test, y_test) -> tuple[torch.Tensor, ...]:
     return (
         torch.as_tensor(np.ascontiguousarray(x_train), dtype=torch.float32),
-        torch.as_tensor(np.asarray(y_train), dtype=torch.long),
+        torch.from_numpy(np.array(y_train, dtype=np.int64)),  # a copy: idx labels are read-only buffers
         torch.as_tensor(np.ascontiguousarray(x_test), dtype=torch.float32),
-        torch.as_tensor(np.asarray(y_test), dtype=torch.long),
+        torch.from_numpy(np.array(y_test, dtype=np.int64)),
     )

@@ -173,9 +173,11 @@ class _DPSGDPlugin(SupervisedPlugin):
         strategy.loss = _TwoPassBackward(loss)
 
     def after_backward(self, strategy, **kwargs) -> None:
-        """Ghost clipping: the minibatch's mean loss again, for Avalanche's loss metric."""
+        """Ghost clipping: the minibatch's mean loss again, for Avalanche's loss metric (0 for an
+        empty Poisson batch, whose mean Opacus computes as NaN; see `CrossEntropy`)."""
         if self.ghost_loss is not None:
-            strategy.loss = strategy.loss.loss.detach()
+            loss = strategy.loss.loss
+            strategy.loss = loss.detach() if len(loss.loss_per_sample) else torch.zeros(())
 
     def before_update(self, strategy, **kwargs) -> None:
         """Keep the gradient that autograd put in p.grad beyond the per-sample gradients.
