@@ -216,6 +216,26 @@ class CheckpointConfig(Section):
     every: int = Field(1, ge=0)
 
 
+class AuditConfig(Section):
+    """The canary audit: an empirical lower bound on ε from this one run (Steinke, Nasr & Jagielski 2023).
+
+    `canaries: m` draws m held-out test images, gives each a wrong label from the classes
+    of an experience drawn for it, and a client drawn for it; a fair coin, seeded by the
+    scenario seed, decides for each whether it joins that client's training data of that
+    experience (as a real sample: trained on by every method, stored in replay buffers,
+    counted in the DP sample rate and the planned steps). After the run the final model
+    scores every canary, guesses "in" for the highest scores and "out" for the lowest, and
+    the number of right guesses gives the largest ε that the run's (ε, δ)-DP could not
+    produce at `confidence` (`fedtide.metrics.canary_audit`): `epsilon_lower` in summary.json,
+    beside the accountant's ε. Canary images leave the test data that accuracy is measured on
+    (every class keeps at least half of its test images). 0 (the default) turns the audit off
+    and leaves the run exactly as without it.
+    """
+
+    canaries: int = Field(0, ge=0, description="canaries drawn from the test data; 0 = no canary audit")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence of the lower bound on ε")
+
+
 class Scenario(Section):
     name: str = Field("scenario", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -230,6 +250,7 @@ class Scenario(Section):
     resources: ResourcesConfig = ResourcesConfig()
     faults: FaultsConfig = FaultsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    audit: AuditConfig = AuditConfig()
     output: Path = Path("runs")
 
     @property

@@ -30,7 +30,7 @@ from fedtide.aggregation import build_strategy
 from fedtide.continual.methods import build_method
 from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
-from fedtide.data.split import experience_classes, experience_samples, split_key
+from fedtide.data.split import evaluation_samples, experience_classes, split_key
 from fedtide.errors import FederationError
 from fedtide.metrics.audit import audit_clients
 from fedtide.metrics.evaluation import experience_accuracies
@@ -79,7 +79,7 @@ class _RunRecorder:
         data = load_dataset(scenario.dataset.name, scenario.dataset.root)
         key = split_key(scenario)
         self.classes = [sorted(group) for group in experience_classes(key)]
-        self.test_sets = [(data.test_x[ids], data.test_y[ids]) for ids in experience_samples(key, "test")]
+        self.test_sets = [(data.test_x[ids], data.test_y[ids]) for ids in evaluation_samples(scenario)]
         self.model = build_scenario_model(scenario, data.input_shape, scenario.seed)
         self.run_dir = run_dir
         self.rounds = scenario.federation.rounds_per_experience
