@@ -33,6 +33,7 @@ from fedtide.data.schema import Scenario
 from fedtide.data.split import evaluation_samples, experience_classes, split_key
 from fedtide.errors import FederationError
 from fedtide.metrics.audit import audit_clients
+from fedtide.metrics.canary_audit import audit_canaries
 from fedtide.metrics.evaluation import experience_accuracies
 from fedtide.metrics.forgetting import average_accuracy, average_forgetting, backward_transfer
 from fedtide.models import build_scenario_model
@@ -250,7 +251,9 @@ def run_federation(
         wall_time_s=recorder.elapsed(),
         ray_nodes=sorted(recorder.ray_nodes),
         privacy=privacy,
-        audit=AuditSummary.from_dict(audit_clients(scenario, recorder.model)),
+        audit=AuditSummary.from_dict(
+            {**audit_clients(scenario, recorder.model), "canaries": audit_canaries(scenario, recorder.model)}
+        ),
         faults=recorder.fault_summary() if faults else None,
         strategy_metrics=recorder.strategy_metrics,
     )
