@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from fedtide.data.datasets import load_dataset
 from fedtide.data.loading import parse_scenario
@@ -19,7 +20,8 @@ from fedtide.data.split import experience_canaries
 from fedtide.metrics.canary_audit import bound_from_scores, canary_scores
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta
-from fedtide.run_files import MODEL_FILE, create_run_folder
+from fedtide.report.console import summary_view
+from fedtide.run_files import MODEL_FILE, create_run_folder, read_summary
 from fedtide.simulation import simulate_in_process
 
 CANARIES = 200
@@ -87,3 +89,28 @@ def test_under_dp_the_lower_bound_never_beats_the_accountant(sweep):
     assert audit["epsilon_lower"] <= epsilon, audit
     # the same training without DP beats this ε by far: the test fails if canaries escaped DP-SGD
     assert plain["audit"]["canaries"]["epsilon_lower"] > epsilon + 0.3
+
+
+def test_the_report_and_the_console_put_the_bound_beside_the_accountant_s_epsilon(sweep, run_cli):
+    folder, runs = sweep
+    code, _, err = run_cli("report", str(folder))
+    assert code == 0, err
+    report = (folder / "report.md").read_text()
+    assert "| run | method | strategy | noise σ | ε | ε lower | δ |" in report
+    assert "### Canary audit: a lower bound on ε" in report
+    assert "![ε lower bound (canary audit) against the accountant's ε](figures/canary_epsilon.png)" in report
+    assert (folder / "figures" / "canary_epsilon.png").stat().st_size > 5000
+    for name, epsilon in (("plain", "∞"), ("dp", f"{runs['dp'][2]['privacy']['epsilon_max']:.2f}")):
+        audit = runs[name][2]["audit"]["canaries"]
+        row = (
+            f"| {folder.name}/{name} | {CANARIES} | {audit['included']} | {audit['guesses_in']}/{audit['guesses_out']} "
+            f"| {audit['correct']}/{audit['guesses']} | 95% | {audit['delta']:.1e} | {audit['epsilon_lower']:.2f} "
+            f"| {epsilon} |"
+        )
+        assert row in report
+        console = Console(record=True, width=200)
+        console.print(summary_view(read_summary(runs[name][1])))
+        assert (
+            f"ε lower bound (canary audit, 95%) │ {audit['epsilon_lower']:.3f} ({audit['correct']}/{audit['guesses']} "
+            f"guesses right, {CANARIES} canaries" in console.export_text()
+        )
