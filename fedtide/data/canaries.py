@@ -7,9 +7,9 @@ right only so often under (ε, δ)-DP (`fedtide.metrics.canary_audit`).
 
 A canary here is a TEST image (never anyone's training data) with a label that is not
 its class, so the model gives it that label only if it saw and memorised it. Each is
-drawn, from the scenario seed alone, an experience (its label is one of that
-experience's classes) and a client; its coin decides whether it joins that client's
-training data of that experience. This module only draws them (numpy, no data loading):
+drawn, from the scenario seed alone, an experience, an image of one of its classes, a
+label among its other classes, and a client; its coin decides whether it joins that
+client's training data of that experience. This module only draws them (numpy, no data loading):
 `fedtide.data.split` places the included ones in the partitions and `fedtide.data.stream`
 in the clients' datasets.
 """

@@ -219,17 +219,18 @@ class CheckpointConfig(Section):
 class AuditConfig(Section):
     """The canary audit: an empirical lower bound on ε from this one run (Steinke, Nasr & Jagielski 2023).
 
-    `canaries: m` draws m held-out test images, gives each a wrong label from the classes
-    of an experience drawn for it, and a client drawn for it; a fair coin, seeded by the
-    scenario seed, decides for each whether it joins that client's training data of that
-    experience (as a real sample: trained on by every method, stored in replay buffers,
-    counted in the DP sample rate and the planned steps). After the run the final model
-    scores every canary, guesses "in" for the highest scores and "out" for the lowest, and
-    the number of right guesses gives the largest ε that the run's (ε, δ)-DP could not
-    produce at `confidence` (`fedtide.metrics.canary_audit`): `epsilon_lower` in summary.json,
-    beside the accountant's ε. Canary images leave the test data that accuracy is measured on
-    (every class keeps at least half of its test images). 0 (the default) turns the audit off
-    and leaves the run exactly as without it.
+    `canaries: m` draws m held-out test images of an experience's classes, each labelled as
+    another class of that experience and given a client (`fedtide.data.canaries`); a fair
+    coin, seeded by the scenario seed, decides for each whether it joins that client's
+    training data of that experience, as a real sample: trained on by every method, stored
+    in replay buffers, counted in the DP sample rate, the planned steps and δ. After the run
+    the final model scores every canary, guesses "in" for the highest scores and "out" for
+    the lowest, and the right guesses give the largest ε whose (ε, δ)-DP the observation
+    rejects at `confidence` (`fedtide.metrics.canary_audit`): `epsilon_lower` in summary.json's
+    audit, beside the accountant's ε. Canary images leave the test data that accuracy and the
+    membership-inference audit use; every class keeps at least half of its test images, so m
+    is at most half the test set (222 on digits), an error naming this field beyond. 0 (the
+    default) turns the audit off and leaves every number of a run as without it.
     """
 
     canaries: int = Field(0, ge=0, description="canaries drawn from the test data; 0 = no canary audit")
