@@ -252,11 +252,36 @@ class ClientAudit(_Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class CanaryAudit(_Record):
+    """The canary audit (`fedtide.metrics.canary_audit`): ε_lower, and the guesses it rests on.
+
+    Of `canaries` canaries, `included` were trained on (coin flips); the auditor guessed on
+    `guesses` = `guesses_in` ("in") + `guesses_out` ("out") of them and was right `correct`
+    times. `plans` guess plans were tried, each at (1 − confidence) / plans; this is the best.
+    """
+
+    canaries: int
+    included: int
+    guesses: int
+    correct: int
+    guesses_in: int
+    guesses_out: int
+    plans: int
+    confidence: float
+    delta: float
+    epsilon_lower: float
+    score: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class AuditSummary(_Record):
     """The membership-inference attack on the final model: per client, with mean and worst case.
 
-    The aggregates are None when no client held training data to attack.
+    The aggregates are None when no client held training data to attack. `canaries` is the
+    canary audit's result, only when the scenario has canaries (`audit.canaries`).
     """
+
+    _OPTIONAL = ("canaries",)
 
     attack: str
     auc_mean: float | None
@@ -264,9 +289,11 @@ class AuditSummary(_Record):
     tpr_at_1pct_fpr_mean: float | None
     tpr_at_1pct_fpr_max: float | None
     per_client: dict[str, ClientAudit]
+    canaries: CanaryAudit | None = None
 
     def __post_init__(self) -> None:
         _set(self, "per_client", {k: _typed(v, ClientAudit) for k, v in self.per_client.items()})
+        _set(self, "canaries", _typed(self.canaries, CanaryAudit))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -206,7 +206,7 @@ def test_a_report_without_privacy_shows_no_privacy_and_compares_the_methods(tmp_
     code, _, err = run_cli("report", str(tmp_path / "sweep"))
     assert code == 0, err
     report = (tmp_path / "sweep" / "report.md").read_text()
-    for privacy_only in ("noise σ", "δ", "Privacy-utility", "clients dropped", "| client |"):
+    for privacy_only in ("noise σ", "δ", "Privacy-utility", "clients dropped", "| client |", "ε lower", "Canary"):
         assert privacy_only not in report
     assert (tmp_path / "sweep" / "report.csv").read_text().splitlines()[0].split(",")[:4] == [
         "run", "method", "strategy", "final accuracy %",

@@ -25,7 +25,7 @@ from fedtide.continual.base import ContinualMethod
 from fedtide.continual.methods import build_method, require_dp_compatible
 from fedtide.continual.state_codec import UnstorableState
 from fedtide.data.schema import Scenario
-from fedtide.data.stream import build_stream, client_experiences
+from fedtide.data.stream import build_stream, client_experiences, training_data
 from fedtide.errors import RoundFailed
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta, epsilon_spent, noise_multiplier
@@ -98,7 +98,7 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
     name = scenario.continual.method
     with method_phase(name, "construction"):
         method = build_method(scenario.continual)
-    method.bind(model, stream.full_train)
+    method.bind(model, training_data(scenario).pool)  # sample ids index it, canaries' too
     with method_phase(name, "load"):
         state.restore_method(method, model)
     privacy = _client_privacy(task, state, method)

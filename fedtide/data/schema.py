@@ -266,6 +266,27 @@ class CheckpointConfig(Section):
     every: int = Field(1, ge=0)
 
 
+class AuditConfig(Section):
+    """The canary audit: an empirical lower bound on ε from this one run (Steinke, Nasr & Jagielski 2023).
+
+    `canaries: m` draws m held-out test images of an experience's classes, each labelled as
+    another class of that experience and given a client (`fedtide.data.canaries`); a fair
+    coin, seeded by the scenario seed, decides for each whether it joins that client's
+    training data of that experience, as a real sample: trained on by every method, stored
+    in replay buffers, counted in the DP sample rate, the planned steps and δ. After the run
+    the final model scores every canary, guesses "in" for the highest scores and "out" for
+    the lowest, and the right guesses give the largest ε whose (ε, δ)-DP the observation
+    rejects at `confidence` (`fedtide.metrics.canary_audit`): `epsilon_lower` in summary.json's
+    audit, beside the accountant's ε. Canary images leave the test data that accuracy and the
+    membership-inference audit use; every class keeps at least half of its test images, so m
+    is at most half the test set (222 on digits), an error naming this field beyond. 0 (the
+    default) turns the audit off and leaves every number of a run as without it.
+    """
+
+    canaries: int = Field(0, ge=0, description="canaries drawn from the test data; 0 = no canary audit")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence of the lower bound on ε")
+
+
 class Scenario(Section):
     name: str = Field("scenario", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -280,6 +301,7 @@ class Scenario(Section):
     resources: ResourcesConfig = ResourcesConfig()
     faults: FaultsConfig = FaultsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    audit: AuditConfig = AuditConfig()
     output: Path = Path("runs")
 
     @property

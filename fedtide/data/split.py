@@ -6,6 +6,11 @@ would from a seed (`torch.randperm` after seeding), from a generator of its own,
 hands that order to Avalanche, so the stream it builds (`fedtide.data.stream`) and these
 indices agree sample for sample (tests/test_stream.py). Validation, the server's
 evaluation and the accountant's sampling rates use them without importing Avalanche.
+
+Under a canary audit (`audit.canaries`, `fedtide.data.canaries`) an experience's training
+data is its samples followed by the canaries whose coin put them in it; each canary's
+position there is in its client's share, after the client's regular positions, which
+stay exactly as without canaries. Canary images leave the test data accuracy is measured on.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from fedtide.data.canaries import Canaries, draw_canaries
 from fedtide.data.datasets import load_dataset
 from fedtide.data.partition import check_num_clients, partition_labels
 from fedtide.data.schema import PartitionConfig, Scenario
@@ -66,8 +72,65 @@ def experience_samples(key: SplitKey, split: str) -> list[np.ndarray]:
 
 
 def experience_partitions(scenario: Scenario) -> list[list[np.ndarray]]:
-    """For each experience, the positions in its training data held by each client."""
+    """For each experience, the positions in its training data held by each client, canaries included.
+
+    Everything that trains or accounts for a client's data reads these: its datasets
+    (`fedtide.data.stream.client_experiences`), its DP sample rates, planned steps and δ.
+    """
+    key, partition = split_key(scenario), scenario.partition.model_dump_json()
+    if not scenario.audit.canaries:
+        return _partitions(key, partition)
+    return _partitions_with_canaries(key, partition, scenario.audit.canaries)
+
+
+def regular_partitions(scenario: Scenario) -> list[list[np.ndarray]]:
+    """`experience_partitions` without the canaries: positions into `experience_samples(key, "train")`."""
     return _partitions(split_key(scenario), scenario.partition.model_dump_json())
+
+
+def experience_canaries(scenario: Scenario) -> Canaries | None:
+    """The scenario's audit canaries (None without a canary audit), drawn once per process."""
+    if not scenario.audit.canaries:
+        return None
+    return canaries_of(split_key(scenario), scenario.audit.canaries, scenario.partition.num_clients)
+
+
+def evaluation_samples(scenario: Scenario) -> list[np.ndarray]:
+    """Indices into the test data of each experience's samples that measure accuracy: all but canary images."""
+    samples = experience_samples(split_key(scenario), "test")
+    canaries = experience_canaries(scenario)
+    if canaries is None:
+        return samples
+    return [ids[~np.isin(ids, canaries.image)] for ids in samples]
+
+
+def held_out_test_samples(scenario: Scenario) -> np.ndarray:
+    """Indices of the test images that no client may have trained on: all but canary images."""
+    size = len(load_dataset(scenario.dataset.name, scenario.dataset.root).test_y)
+    canaries = experience_canaries(scenario)
+    everything = np.arange(size)
+    return everything if canaries is None else np.setdiff1d(everything, canaries.image)
+
+
+@lru_cache(maxsize=4)
+def canaries_of(key: SplitKey, count: int, num_clients: int) -> Canaries:
+    """`count` canaries for `num_clients` clients on the split `key` (`draw_canaries`)."""
+    test_labels = load_dataset(key[0], key[1]).test_y.numpy()
+    return draw_canaries(count, test_labels, experience_classes(key), num_clients, seed=key[-1])
+
+
+@lru_cache(maxsize=4)
+def _partitions_with_canaries(key: SplitKey, partition_json: str, count: int) -> list[list[np.ndarray]]:
+    shares = _partitions(key, partition_json)
+    canaries = canaries_of(key, count, len(shares[0]))
+    with_canaries = []
+    for e, (samples, clients) in enumerate(zip(experience_samples(key, "train"), shares)):
+        joining = canaries.joining(e)
+        positions = len(samples) + np.arange(len(joining), dtype=np.int64)
+        with_canaries.append(
+            [np.concatenate([share, positions[canaries.client[joining] == c]]) for c, share in enumerate(clients)]
+        )
+    return with_canaries
 
 
 @lru_cache(maxsize=4)

@@ -7,7 +7,9 @@ each client, members are its own training samples (every experience it held) and
 non-members are held-out test samples of the same classes, drawn per class in the
 same numbers, so the attack cannot win by telling classes apart. The ROC of the
 score -loss gives the AUC (0.5 = no leakage) and the true-positive rate at 1% false
-positives (what matters for confident attacks: Carlini et al. 2022).
+positives (what matters for confident attacks: Carlini et al. 2022). Under a canary audit
+the canaries are neither members nor non-members here (`fedtide.metrics.canary_audit`
+audits them).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch.nn.functional import cross_entropy
 
 from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
-from fedtide.data.split import experience_partitions, experience_samples, split_key
+from fedtide.data.split import experience_samples, held_out_test_samples, regular_partitions, split_key
 from fedtide.run_files import LOW_FPR, ClientAudit
 
 
@@ -75,10 +77,11 @@ def audit_clients(scenario: Scenario, model: torch.nn.Module) -> dict:
     """
     data = load_dataset(scenario.dataset.name, scenario.dataset.root)
     experiences = experience_samples(split_key(scenario), "train")
-    shares = experience_partitions(scenario)
+    shares = regular_partitions(scenario)
     model = model.cpu()
-    test_losses = sample_losses(model, data.test_x, data.test_y)
-    test_labels = data.test_y.numpy()
+    pool = held_out_test_samples(scenario)
+    test_losses = sample_losses(model, data.test_x, data.test_y)[pool]
+    test_labels = data.test_y.numpy()[pool]
     per_client: dict[str, dict] = {}
     for client in range(scenario.partition.num_clients):
         ids = np.concatenate([samples[share[client]] for samples, share in zip(experiences, shares)])

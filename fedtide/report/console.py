@@ -30,6 +30,14 @@ def summary_view(summary: RunSummary) -> Group:
     if summary.privacy:
         privacy = summary.privacy
         headline.add_row("ε (max over clients)", f"{privacy.epsilon_max:.3f}")
+    canaries = summary.audit.canaries if summary.audit else None
+    if canaries:
+        headline.add_row(
+            f"ε lower bound (canary audit, {canaries.confidence:.0%})",
+            f"{canaries.epsilon_lower:.3f} ({canaries.correct}/{canaries.guesses} guesses right, "
+            f"{canaries.canaries} canaries, δ {canaries.delta:.2e})",
+        )
+    if summary.privacy:
         headline.add_row("δ", f"{privacy.delta:.2e}")
         if privacy.budget_exhausted_clients:
             headline.add_row("clients out of budget", ", ".join(map(str, privacy.budget_exhausted_clients)))

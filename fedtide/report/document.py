@@ -22,15 +22,16 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from fedtide.report import figures
-from fedtide.report.runs import RunResult, SeedGroup, seed_groups
+from fedtide.report.runs import RunResult, SeedGroup, seed_groups, series_labels
 
 HTML_FILE, MARKDOWN_FILE, CSV_FILE, FIGURES_DIR = "report.html", "report.md", "report.csv", "figures"
 RUN_COLUMNS = [
-    "run", "method", "strategy", "DP level", "noise σ", "ε", "δ", "final accuracy %", "forgetting %", "BWT %",
-    "attack AUC", "TPR@1%FPR %", "clients dropped", "wall time s",
+    "run", "method", "strategy", "DP level", "noise σ", "ε", "ε lower", "δ", "final accuracy %", "forgetting %",
+    "BWT %", "attack AUC", "TPR@1%FPR %", "clients dropped", "wall time s",
 ]  # fmt: skip
 PRIVACY_COLUMNS = ("DP level", "noise σ", "ε", "δ")  # shown only when some run is private
 FAULT_COLUMNS = ("clients dropped",)  # shown only when some run simulated faults
+CANARY_COLUMNS = ("ε lower",)  # shown only when some run has a canary audit
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ def build_blocks(runs: list[RunResult], unfinished: list[Path] = ()) -> list[Blo
     if len(points) > 1 and any(run.private for run in runs):
         blocks += _privacy_utility(points)
     blocks += _audit(runs, points)
+    blocks += _canary_audit(runs)
     blocks += [Heading("Each run")]
     for run in runs:
         blocks += _run_details(run)
@@ -99,6 +101,7 @@ def _runs_table(runs: list[RunResult]) -> TableBlock:
 def _shown_columns(runs: list[RunResult]) -> list[str]:
     hidden = set() if any(run.private for run in runs) else set(PRIVACY_COLUMNS)
     hidden |= set() if any(run.summary.faults for run in runs) else set(FAULT_COLUMNS)
+    hidden |= set() if any(run.canary_audit for run in runs) else set(CANARY_COLUMNS)
     return [column for column in RUN_COLUMNS if column not in hidden]
 
 
@@ -112,6 +115,7 @@ def run_row(run: RunResult) -> list[str]:
         summary.privacy_level or "–",
         f"{run.noise:.3g}",
         _epsilon(run.epsilon),
+        _epsilon(run.canary_audit.epsilon_lower) if run.canary_audit else "–",
         f"{run.delta:.1e}" if run.delta else "–",
         _pct(summary.final_average_accuracy),
         _pct(summary.average_forgetting),
@@ -227,6 +231,39 @@ def _audit(runs: list[RunResult], points: list[SeedGroup]) -> list[Block]:
             ])  # fmt: skip
     if rows:
         blocks.append(TableBlock(columns, rows))
+    return blocks
+
+
+def _canary_audit(runs: list[RunResult]) -> list[Block]:
+    """Each run's lower bound on ε from its canaries beside its accountant's ε; a figure for several runs."""
+    audited = [run for run in runs if run.canary_audit]
+    if not audited:
+        return []
+    text = (
+        "Canaries (Steinke, Nasr & Jagielski 2023): held-out test images with a wrong label, each put into one "
+        "client's training data by a fair coin. The final model scores each canary (log-probability of its label "
+        "minus that of its image's class); the auditor guesses \"in\" for the highest scores and \"out\" for the "
+        "lowest, and its right guesses give the largest ε that (ε, δ)-DP could not have produced, at the stated "
+        "confidence (several guess plans fixed in advance share it: a union bound). ε lower is a lower bound, "
+        "ε the accountant's upper bound: ε lower above ε would mean the accountant is wrong. A non-private run "
+        "is audited at the δ a DP run of its scenario would use."
+    )
+    columns = ["run", "canaries", "in", "guesses in/out", "right", "confidence", "δ", "ε lower", "ε"]
+    rows = [
+        [
+            run.run_id, str(audit.canaries), str(audit.included), f"{audit.guesses_in}/{audit.guesses_out}",
+            f"{audit.correct}/{audit.guesses}", f"{audit.confidence:.0%}", f"{audit.delta:.1e}",
+            _epsilon(audit.epsilon_lower), _epsilon(run.epsilon),
+        ]  # fmt: skip
+        for run in audited
+        if (audit := run.canary_audit)
+    ]
+    blocks: list[Block] = [Heading("Canary audit: a lower bound on ε", 3), Text(text)]
+    if len(audited) > 1:
+        labels = series_labels(runs)
+        blocks.append(Image("canary_epsilon.png", "ε lower bound (canary audit) against the accountant's ε", _png(
+            figures.canary_figure(audited, labels))))  # fmt: skip
+    blocks.append(TableBlock(columns, rows))
     return blocks
 
 

@@ -161,3 +161,39 @@ def audit_figure(points: list[SeedGroup], delta: float) -> Figure:
     figure.suptitle("Empirical privacy audit: loss-threshold membership inference", fontsize=10)
     figure.tight_layout()
     return figure
+
+
+def canary_figure(runs: list[RunResult], series: dict[str, str]) -> Figure:
+    """Each run's ε lower bound (canary audit) against its accountant's ε, with the line ε_lower = ε.
+
+    A point above the line would mean the accountant is beaten. Non-private runs (ε = ∞)
+    stand at the right, under the tick "no DP"; `series` labels each run (by run id).
+    """
+    finite = [run.epsilon for run in runs if run.private]
+    lowers = [run.canary_audit.epsilon_lower for run in runs]
+    reach = max([*finite, *lowers, 1.0])
+    no_dp_x = 1.4 * reach if finite else 1.0
+    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    line_end = max(finite, default=reach)
+    axes.plot([0, line_end], [0, line_end], color="red", ls="--", lw=1, label="ε lower = ε (above: accountant beaten)")
+    for name in dict.fromkeys(series[run.run_id] for run in runs):
+        mine = [run for run in runs if series[run.run_id] == name]
+        xs = [run.epsilon if run.private else no_dp_x for run in mine]
+        axes.scatter(xs, [run.canary_audit.epsilon_lower for run in mine], label=name, zorder=3)
+    if finite:
+        ticks = [t for t in axes.get_xticks() if 0 <= t <= 1.1 * max(finite)]
+        axes.set_xticks([*ticks, no_dp_x], [*(f"{t:g}" for t in ticks), "no DP"])
+        axes.set_xlim(-0.05 * no_dp_x, 1.1 * no_dp_x)
+        axes.axvline((max(finite) + no_dp_x) / 2, color="grey", ls=":", lw=1)
+    else:
+        axes.set_xticks([no_dp_x], ["no DP"])
+    top = 1.1 * max([*lowers, *finite, 0.5])
+    axes.set_ylim(-0.03 * top, top)
+    axes.set_xlabel("ε spent (accountant, max over clients)")
+    axes.set_ylabel("ε lower bound (canary audit)")
+    confidences = sorted({run.canary_audit.confidence for run in runs})
+    at = f"{confidences[0]:.0%}" if len(confidences) == 1 else "each run's"
+    axes.set_title(f"Canary audit: lower bound on ε ({at} confidence) against the accountant's ε", fontsize=9)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    return figure

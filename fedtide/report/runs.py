@@ -19,6 +19,7 @@ from fedtide.run_files import (
     SCENARIO_FILE,
     SUMMARY_FILE,
     AuditSummary,
+    CanaryAudit,
     RoundRecord,
     RunSummary,
     read_rounds,
@@ -68,6 +69,11 @@ class RunResult:
     @property
     def audit(self) -> AuditSummary | None:
         return self.summary.audit
+
+    @property
+    def canary_audit(self) -> CanaryAudit | None:
+        """The canary audit's lower bound on ε and its guesses; None for a run without canaries."""
+        return self.summary.audit.canaries if self.summary.audit else None
 
 
 def find_runs(paths: list[Path]) -> tuple[list[RunResult], list[Path]]:

@@ -30,9 +30,10 @@ from fedtide.aggregation import build_strategy
 from fedtide.continual.methods import build_method
 from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
-from fedtide.data.split import experience_classes, experience_samples, split_key
+from fedtide.data.split import evaluation_samples, experience_classes, split_key
 from fedtide.errors import FederationError
 from fedtide.metrics.audit import audit_clients
+from fedtide.metrics.canary_audit import audit_canaries
 from fedtide.metrics.evaluation import experience_accuracies
 from fedtide.metrics.forgetting import average_accuracy, average_forgetting, backward_transfer
 from fedtide.models import build_scenario_model
@@ -90,7 +91,7 @@ class _RunRecorder:
         data = load_dataset(scenario.dataset.name, scenario.dataset.root)
         key = split_key(scenario)
         self.classes = [sorted(group) for group in experience_classes(key)]
-        self.test_sets = [(data.test_x[ids], data.test_y[ids]) for ids in experience_samples(key, "test")]
+        self.test_sets = [(data.test_x[ids], data.test_y[ids]) for ids in evaluation_samples(scenario)]
         self.model = build_scenario_model(scenario, data.input_shape, scenario.seed)
         self.run_dir = run_dir
         self.rounds = scenario.federation.rounds_per_experience
@@ -274,7 +275,9 @@ def run_federation(
         ray_nodes=sorted(recorder.ray_nodes),
         privacy=privacy,
         client_level=client_level,
-        audit=AuditSummary.from_dict(audit_clients(scenario, recorder.model)),
+        audit=AuditSummary.from_dict(
+            {**audit_clients(scenario, recorder.model), "canaries": audit_canaries(scenario, recorder.model)}
+        ),
         faults=recorder.fault_summary() if faults else None,
         strategy_metrics=recorder.strategy_metrics,
     )

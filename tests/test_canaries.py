@@ -1,0 +1,171 @@
+"""Audit canaries: seeded draws of mislabelled held-out images, and the included ones as real training samples."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedtide.data.canaries import canary_capacity, draw_canaries
+from fedtide.data.datasets import load_dataset
+from fedtide.data.split import (
+    evaluation_samples,
+    experience_canaries,
+    experience_classes,
+    experience_partitions,
+    experience_samples,
+    held_out_test_samples,
+    regular_partitions,
+    split_key,
+)
+from fedtide.data.stream import build_stream, client_experiences, training_data
+from fedtide.errors import ScenarioError
+from fedtide.metrics.audit import sample_losses
+from fedtide.models import build_scenario_model
+from fedtide.privacy.accounting import PrivateFootprint, largest_client_dataset, planned_steps
+from tests.conftest import small_scenario, stored_method_state
+from tests.test_client import run_rounds
+
+
+def audited(canaries=200, **sections):
+    return small_scenario(audit={"canaries": canaries}, **sections)
+
+
+def test_canaries_are_seeded_held_out_images_with_a_wrong_label_of_their_experience():
+    scenario = audited()
+    canaries = experience_canaries(scenario)
+    test_y = load_dataset("digits").test_y.numpy()
+    classes = experience_classes(split_key(scenario))
+    assert len(canaries) == 200 and len(set(canaries.image.tolist())) == 200
+    assert np.array_equal(canaries.true_class, test_y[canaries.image])
+    assert np.all(canaries.label != canaries.true_class)
+    for label, own, experience in zip(canaries.label, canaries.true_class, canaries.experience):
+        assert label in classes[experience] and own in classes[experience]  # 3-4 classes per experience
+    assert np.all(np.bincount(canaries.true_class, minlength=10) <= np.bincount(test_y) // 2)
+    assert 0.4 < canaries.included.mean() < 0.6
+    assert set(canaries.client.tolist()) == {0, 1, 2, 3} and set(canaries.experience.tolist()) == {0, 1, 2}
+
+    again = draw_canaries(200, test_y, classes, 4, seed=0)
+    other = draw_canaries(200, test_y, classes, 4, seed=1)
+    for field in ("image", "label", "experience", "client", "included"):
+        assert np.array_equal(getattr(again, field), getattr(canaries, field))
+        assert not np.array_equal(getattr(other, field), getattr(canaries, field))
+
+
+def test_one_class_experiences_take_images_of_other_classes():
+    test_y = load_dataset("digits").test_y.numpy()
+    classes = [[c] for c in range(10)]
+    canaries = draw_canaries(100, test_y, classes, 2, seed=0)
+    assert np.array_equal(canaries.label, canaries.experience)
+    assert np.all(canaries.true_class != canaries.label)
+
+
+def test_more_canaries_than_half_the_test_data_is_a_one_line_error(tmp_path, run_cli):
+    test_y = load_dataset("digits").test_y.numpy()
+    capacity = canary_capacity(test_y)
+    assert capacity == sum(n // 2 for n in np.bincount(test_y)) == 222  # 44-46 test images per digit class
+    with pytest.raises(ScenarioError, match=r"audit\.canaries: 223 canaries, .*\(use at most 222 canaries\)"):
+        experience_partitions(audited(223))
+    experience_partitions(audited(222))
+    (tmp_path / "s.yaml").write_text("name: s\naudit: {canaries: 500}\n")
+    code, _, err = run_cli("validate", str(tmp_path / "s.yaml"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "use at most 222 canaries" in err
+    for bad, message in (({"canaries": -1}, "audit.canaries"), ({"confidence": 1}, "audit.confidence")):
+        (tmp_path / "s.yaml").write_text(f"name: s\naudit: {bad}\n")
+        code, _, err = run_cli("validate", str(tmp_path / "s.yaml"))
+        assert code == 2 and message in err
+
+
+def test_included_canaries_join_exactly_their_client_s_data_of_their_experience():
+    scenario = audited()
+    canaries = experience_canaries(scenario)
+    data = load_dataset("digits")
+    first_id = len(data.train_y)
+    regular = experience_partitions(small_scenario())
+    assert [[s.tolist() for s in e] for e in regular_partitions(scenario)] == [[s.tolist() for s in e] for e in regular]
+    for e, shares in enumerate(experience_partitions(scenario)):
+        for client, share in enumerate(shares):
+            assert np.array_equal(share[: len(regular[e][client])], regular[e][client])  # the regular share, as is
+            mine = canaries.joining(e)[canaries.client[canaries.joining(e)] == client]
+            dataset = client_experiences(scenario, client)[e]
+            ids = np.asarray(list(dataset.sample_id))
+            assert len(dataset) == len(share) == len(regular[e][client]) + len(mine)
+            assert np.array_equal(ids[ids >= first_id] - first_id, mine)
+            assert np.all(canaries.included[mine]) and np.all(canaries.experience[mine] == e)
+            canary_rows = [dataset[i] for i in np.flatnonzero(ids >= first_id)]
+            assert [int(y) for _, y, _ in canary_rows] == canaries.label[mine].tolist()
+            for (x, _, _), j in zip(canary_rows, mine):
+                assert torch.equal(x, data.test_x[canaries.image[j]])
+    every_id = np.concatenate([list(d.sample_id) for c in range(4) for d in client_experiences(scenario, c)])
+    assert sorted(every_id[every_id >= first_id] - first_id) == np.flatnonzero(canaries.included).tolist()
+
+
+def test_canary_images_leave_the_test_data_that_measures_accuracy_and_the_attack_s_non_members():
+    scenario = audited()
+    canaries = experience_canaries(scenario)
+    plain = experience_samples(split_key(scenario), "test")
+    kept = evaluation_samples(scenario)
+    for full, evaluated in zip(plain, kept):
+        assert np.array_equal(evaluated, full[~np.isin(full, canaries.image)]) and len(evaluated) > len(full) / 2
+    held_out = held_out_test_samples(scenario)
+    assert len(held_out) == 450 - 200 and not np.isin(canaries.image, held_out).any()
+
+
+def test_without_canaries_every_split_is_the_one_before_the_audit_existed():
+    scenario = small_scenario()
+    assert experience_canaries(scenario) is None
+    assert experience_partitions(scenario) is regular_partitions(scenario)
+    assert evaluation_samples(scenario)[0].tolist() == experience_samples(split_key(scenario), "test")[0].tolist()
+    assert held_out_test_samples(scenario).tolist() == list(range(450))
+    stream = build_stream(scenario)
+    assert training_data(scenario).pool is stream.full_train and training_data(scenario).experiences is stream.train
+
+
+def test_included_canaries_are_counted_in_the_privacy_accounting():
+    scenario = audited(privacy={"enabled": True, "noise_multiplier": 1.0})
+    sizes = [len(d) for d in client_experiences(scenario, 1)]
+    regular = [len(e[1]) for e in regular_partitions(scenario)]
+    assert sizes != regular
+    batch = scenario.client.batch_size
+    assert planned_steps(scenario, 1, PrivateFootprint()) == [
+        (1 / math.ceil(n / batch), math.ceil(n / batch) * scenario.federation.rounds_per_experience) for n in sizes
+    ]
+    totals = [sum(len(d) for d in client_experiences(scenario, c)) for c in range(4)]
+    assert largest_client_dataset(scenario) == max(totals)
+    _, report, state = run_rounds(scenario, 1, [(0, 1)])
+    assert report.num_examples == sizes[0]
+    assert report.dp_history[-1][1] == pytest.approx(1 / math.ceil(sizes[0] / batch))  # the Poisson sample rate
+
+
+def test_a_replay_buffer_keeps_canaries_by_sample_id_and_gets_them_back():
+    scenario = audited(continual={"method": "replay", "mem_size": 1000})  # room for all of experience 0
+    canaries = experience_canaries(scenario)
+    client = int(canaries.client[canaries.joining(0)][0])
+    mine = canaries.joining(0)[canaries.client[canaries.joining(0)] == client]
+    _, _, state = run_rounds(scenario, client, [(0, 1), (1, 3)])
+    ids = np.asarray(stored_method_state(state, scenario)["groups"][0]["ids"])
+    first_id = len(load_dataset("digits").train_y)
+    assert sorted(ids[ids >= first_id] - first_id) == mine.tolist()
+    restored = training_data(scenario).pool.subset(ids.tolist())
+    pairs = [(int(y), i - first_id) for y, i in zip(restored.targets, ids) if i >= first_id]
+    assert [y for y, _ in pairs] == canaries.label[[j for _, j in pairs]].tolist()
+
+
+@pytest.mark.parametrize("method", [{"method": "naive"}, {"method": "replay", "mem_size": 100}, {"method": "ewc"},
+                                    {"method": "lwf"}])  # fmt: skip
+def test_every_method_trains_on_its_client_s_canaries(method):
+    """One client holding everything, trained hard on experience 1: its canaries there are learnt, the others not."""
+    scenario = audited(partition={"kind": "iid", "num_clients": 1}, continual=method, client={"epochs": 40, "lr": 0.1})
+    canaries = experience_canaries(scenario)
+    arrays, report, _ = run_rounds(scenario, 0, [(0, 1), (1, 2)])
+    assert report.num_examples == len(client_experiences(scenario, 0)[1])
+    model = build_scenario_model(scenario, (1, 8, 8))
+    model.load_state_dict(arrays.to_torch_state_dict())
+    images = load_dataset("digits").test_x[torch.from_numpy(canaries.image)]
+    scores = sample_losses(model, images, torch.from_numpy(canaries.true_class)) - sample_losses(
+        model, images, torch.from_numpy(canaries.label)
+    )  # log p(canary label) - log p(its image's class)
+    exp_1 = canaries.experience == 1
+    inside, outside = scores[exp_1 & canaries.included], scores[exp_1 & ~canaries.included]
+    assert np.mean(inside > np.median(outside)) > 0.8  # out canaries: the image's own class wins by ~4 nats
+    assert np.median(inside) > np.quantile(outside, 0.75)
