@@ -20,6 +20,7 @@ from fedtide.data.split import experience_canaries
 from fedtide.metrics.canary_audit import bound_from_scores, canary_scores
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta
+from fedtide.privacy.client_level import client_level_delta
 from fedtide.report.console import summary_view
 from fedtide.run_files import MODEL_FILE, create_run_folder, read_summary
 from fedtide.simulation import simulate_in_process
@@ -49,7 +50,11 @@ def sweep(tmp_path_factory):
     """The non-private run and its DP twin, side by side in one folder as a sweep's points are."""
     folder = tmp_path_factory.mktemp("sweep")
     runs = {}
-    for name, privacy in (("plain", {}), ("dp", {"enabled": True, "target_epsilon": 1.0})):
+    for name, privacy in (
+        ("plain", {}),
+        ("dp", {"enabled": True, "target_epsilon": 1.0}),
+        ("client-dp", {"enabled": True, "level": "client", "client_level": {"target_epsilon": 1.0}}),
+    ):
         scenario = audit_scenario(name=name, privacy=privacy)
         run_dir = create_run_folder(scenario, folder)
         simulate_in_process(scenario, run_dir)
@@ -91,12 +96,21 @@ def test_under_dp_the_lower_bound_never_beats_the_accountant(sweep):
     assert plain["audit"]["canaries"]["epsilon_lower"] > epsilon + 0.3
 
 
+def test_under_client_level_dp_the_canaries_are_audited_against_the_client_level_guarantee(sweep):
+    _, runs = sweep
+    scenario, _, summary = runs["client-dp"]
+    level, audit = summary["client_level"], summary["audit"]["canaries"]
+    assert "privacy" not in summary and 0.9 < level["epsilon"] <= 1.0
+    assert audit["delta"] == level["delta"] == client_level_delta(scenario)
+    assert audit["epsilon_lower"] <= level["epsilon"], audit
+
+
 def test_the_report_and_the_console_put_the_bound_beside_the_accountant_s_epsilon(sweep, run_cli):
     folder, runs = sweep
     code, _, err = run_cli("report", str(folder))
     assert code == 0, err
     report = (folder / "report.md").read_text()
-    assert "| run | method | strategy | noise σ | ε | ε lower | δ |" in report
+    assert "| run | method | strategy | DP level | noise σ | ε | ε lower | δ |" in report
     assert "### Canary audit: a lower bound on ε" in report
     assert "![ε lower bound (canary audit) against the accountant's ε](figures/canary_epsilon.png)" in report
     assert (folder / "figures" / "canary_epsilon.png").stat().st_size > 5000
