@@ -32,6 +32,7 @@ SUMMARY_NUMBERS = (
     "bwt",
     "clients_failed",
     "privacy",
+    "client_level",
     "audit",
     "faults",
     "strategy_metrics",
@@ -68,6 +69,18 @@ CASES = {
         {
             "continual": {"method": "ewc"},
             "privacy": {"enabled": True, "noise_multiplier": 1.0, "delta": 1.0e-4},
+        },
+        3,
+        3,
+    ),
+    "client-level-adaptive-clipping": (  # the clipping norm moves every round: the wrapper's state
+        {
+            "continual": {"method": "naive"},
+            "privacy": {
+                "enabled": True,
+                "level": "client",
+                "client_level": {"noise_multiplier": 0.5, "clipping": "adaptive", "clipped_count_stddev": 1.0},
+            },
         },
         3,
         3,
