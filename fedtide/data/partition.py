@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedtide.data.cache import cache_file, read_arrays, write_arrays
 from fedtide.data.schema import PartitionConfig
 from fedtide.errors import ScenarioError
 
@@ -76,6 +77,29 @@ def flwr_partitioners() -> types.ModuleType:
     import flwr_datasets.partitioner
 
     return flwr_datasets.partitioner
+
+
+def partition_experiences(
+    experience_labels: list[np.ndarray], config: PartitionConfig, seed: int
+) -> list[list[np.ndarray]]:
+    """Each experience's labels partitioned on their own (experience e seeded `seed * 1000 + e`).
+
+    The partitions are flwr-datasets' output for these labels, this partition section and
+    seed, so they are kept on disk under a name made of exactly those and the versions of
+    flwr-datasets and datasets (`fedtide.data.cache`): checking or running a scenario whose
+    partitions were made before imports neither. A partitioner's refusal is never kept.
+    """
+    names = [[f"e{e}c{c}" for c in range(config.num_clients)] for e in range(len(experience_labels))]
+    labels = [np.ascontiguousarray(each, dtype=np.int64).tobytes() for each in experience_labels]
+    path = cache_file("partitions", ("flwr-datasets", "datasets"), config.model_dump_json(), str(seed), *labels)
+    kept = read_arrays(path, [name for row in names for name in row]) if path else None
+    if kept is not None:
+        flat = iter(kept)
+        return [[next(flat) for _ in row] for row in names]
+    parts = [partition_labels(each, config, seed=seed * 1000 + e) for e, each in enumerate(experience_labels)]
+    if path:
+        write_arrays(path, {name: part for row, shares in zip(names, parts) for name, part in zip(row, shares)})
+    return parts
 
 
 def partition_labels(labels: np.ndarray, config: PartitionConfig, seed: int) -> list[np.ndarray]:
