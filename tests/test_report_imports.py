@@ -230,3 +230,20 @@ def test_a_report_without_privacy_shows_no_privacy_and_compares_the_methods(tmp_
     assert "## Comparison" in report and (tmp_path / "sweep" / "figures" / "comparison.png").stat().st_size > 5000
     assert "| naive | none | 32.00 ± 2.00 |" in report and "| replay | none | 65.00 ± 5.00 |" in report
     assert "method parameters: mem_size=50." in report
+
+
+def test_flwr_datasets_plotting_is_still_there_for_whoever_imports_it():
+    """Partitioning imports flwr-datasets without its `visualization`; importing that later gets the real one."""
+    code = (
+        "import sys\n"
+        "from fedtide.data.partition import flwr_partitioners\n"
+        "flwr_partitioners()\n"
+        "assert 'seaborn' not in sys.modules and 'flwr_datasets.visualization' not in sys.modules\n"
+        "from flwr_datasets import visualization\n"
+        "import flwr_datasets\n"
+        "assert flwr_datasets.visualization is visualization is sys.modules['flwr_datasets.visualization']\n"
+        "print(visualization.plot_label_distributions.__module__, 'seaborn' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["flwr_datasets.visualization.label_distribution", "True"]
