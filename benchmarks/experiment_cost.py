@@ -9,15 +9,18 @@ each round. Each variant runs as its own process and is timed whole, start to ex
 - fedtide run: `fedtide run` on Ray (audit, run files and report included);
 - fedtide in-process: `fedtide run --set resources.backend=in_process` (no Ray).
 
-Then the lean commands against `import torch` (`fedtide validate` on the quickstart,
-`fedtide report` on the run above), and a 4-point sweep of the quickstart (2 methods x
-2 seeds) against the same four points run one by one with `fedtide run`, both on Ray.
+Then the lean commands against `import torch` (`fedtide --help`; `fedtide validate` on
+the quickstart, first with an empty `fedtide.data.cache` folder each time, then with the
+digits split and partitions kept; `fedtide report` on a quickstart run), and a 4-point
+sweep of the quickstart (2 methods x 2 seeds) against the same four points run one by
+one with `fedtide run`, both on Ray.
 
-    python benchmarks/experiment_cost.py
+    python benchmarks/experiment_cost.py [--only experiment|lean|sweep]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -67,9 +70,9 @@ for _ in range({ROUNDS}):
 """
 
 
-def timed(command: list[str]) -> float:
+def timed(command: list[str], env: dict[str, str] | None = None) -> float:
     start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
+    subprocess.run(command, check=True, capture_output=True, env=env)
     return time.perf_counter() - start
 
 
@@ -79,12 +82,18 @@ QUICKSTART = Path(__file__).parents[1] / "scenarios" / "quickstart.yaml"
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=["experiment", "lean", "sweep"], help="run one part only")
+    only = parser.parse_args().only
     python, here = sys.executable, Path(__file__).parent
     fedtide = str(Path(python).with_name("fedtide"))
     print(f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}")
-    one_experiment(python, here, fedtide)
-    lean_commands(python, fedtide)
-    sweep_against_runs(fedtide)
+    if only in (None, "experiment"):
+        one_experiment(python, here, fedtide)
+    if only in (None, "lean"):
+        lean_commands(python, fedtide)
+    if only in (None, "sweep"):
+        sweep_against_runs(fedtide)
 
 
 def one_experiment(python: str, here: Path, fedtide: str) -> None:
@@ -105,24 +114,33 @@ def one_experiment(python: str, here: Path, fedtide: str) -> None:
               f"{wall / walls['bare loop']:5.1f}x bare loop")  # fmt: skip
 
 
-def lean_commands(python: str, fedtide: str) -> None:
-    """Median of three each, interleaved so that a busy moment hits them alike."""
+def lean_commands(python: str, fedtide: str, repeats: int = 5) -> None:
+    """Median of `repeats` each, interleaved so that a busy moment hits them alike.
+
+    Every command uses a cache folder of its own (`FEDTIDE_CACHE_DIR`): "nothing kept" an
+    empty one each time, the others the one the quickstart run below filled.
+    """
     with tempfile.TemporaryDirectory() as folder:
+        kept = {**os.environ, "FEDTIDE_CACHE_DIR": f"{folder}/cache"}
         subprocess.run([fedtide, "run", str(QUICKSTART), "--set", "resources.backend=in_process",
-                        "--output", folder], check=True, capture_output=True)  # fmt: skip
+                        "--output", folder], check=True, capture_output=True, env=kept)  # fmt: skip
         commands = {
             "import torch": [python, "-c", "import torch"],
+            "fedtide --help": [fedtide, "--help"],
+            "validate, nothing kept": [fedtide, "validate", str(QUICKSTART)],
             "fedtide validate": [fedtide, "validate", str(QUICKSTART)],
             "fedtide report": [fedtide, "report", f"{folder}/quickstart"],
         }
         walls: dict[str, list[float]] = {name: [] for name in commands}
-        for _ in range(3):
+        for repeat in range(repeats):
             for name, command in commands.items():
-                walls[name].append(timed(command))
+                empty = {**os.environ, "FEDTIDE_CACHE_DIR": f"{folder}/empty-{repeat}"}
+                walls[name].append(timed(command, empty if name.endswith("nothing kept") else kept))
     torch_wall = statistics.median(walls["import torch"])
     for name, times in walls.items():
         wall = statistics.median(times)
-        print(f"{name:20s} {wall:6.2f} s   {wall / torch_wall:5.2f}x import torch")
+        print(f"{name:24s} {wall:6.2f} s   {wall / torch_wall:5.2f}x import torch   "
+              f"(runs: {', '.join(f'{t:.2f}' for t in times)})")  # fmt: skip
 
 
 def sweep_against_runs(fedtide: str) -> None:

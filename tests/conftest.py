@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +56,18 @@ def write_fashion_mnist(folder: Path, suffix: str = ".gz", train_per_class: int 
         write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (len(labels), 28, 28)))
         write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fresh_cache(tmp_path_factory):
+    """The suite's own `fedtide.data.cache` folder, starting empty (subprocesses and Ray workers inherit it)."""
+    before = os.environ.get("FEDTIDE_CACHE_DIR")
+    os.environ["FEDTIDE_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedtide-cache"))
+    yield
+    if before is None:
+        del os.environ["FEDTIDE_CACHE_DIR"]
+    else:
+        os.environ["FEDTIDE_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

@@ -163,20 +163,36 @@ def test_the_report_and_help_load_no_training_stack(tmp_path, args):
         assert (tmp_path / "run" / "figures" / "run-epsilon.png").stat().st_size > 5000
 
 
+# What checking the quickstart needs from the data libraries the first time: the digits split
+# (scikit-learn, which brings scipy and pandas) and the partitions (datasets, flwr-datasets).
+# Once both are kept on disk (fedtide.data.cache), none of them; and never Avalanche, Ray,
+# Opacus, or flwr-datasets' plotting helpers (seaborn, matplotlib).
+FIRST_CHECK_ONLY = ("sklearn", "scipy", "pandas", "pyarrow", "datasets", "flwr_datasets")
+NEVER_IN_VALIDATE = ("avalanche", "ray", "opacus", "seaborn", "matplotlib", "flwr_datasets.visualization")
+
+
 @pytest.mark.parametrize("method", ["replay", "ewc"])
-def test_validate_loads_no_avalanche_ray_or_opacus(method):
-    """Checking a scenario with a built-in method reads data and builds the model, nothing more."""
+def test_validate_loads_no_avalanche_ray_or_opacus(method, tmp_path, monkeypatch):
+    """Checking a scenario with a built-in method reads data and builds the model, nothing more.
+
+    Checked again, with the digits split and the partitions kept on disk, it imports no data library.
+    """
+    monkeypatch.setenv("FEDTIDE_CACHE_DIR", str(tmp_path))
     code = (
-        "import sys\n"
+        "import json, sys\n"
         "from fedtide.cli import main\n"
         f"sys.argv = ['fedtide', 'validate', 'scenarios/quickstart.yaml', '--set', 'continual.method={method}']\n"
         "try:\n    main()\nexcept SystemExit as done:\n    assert not done.code, done.code\n"
-        "print(sorted(m for m in ('avalanche', 'ray', 'opacus') if m in sys.modules))"
+        f"print(json.dumps(sorted(m for m in {FIRST_CHECK_ONLY + NEVER_IN_VALIDATE!r} if m in sys.modules)))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "ok: 'quickstart'" in done.stdout
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    loaded = []
+    for _ in range(2):  # nothing kept, then the digits split and the partitions kept
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert "ok: 'quickstart'" in done.stdout
+        loaded.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert "sklearn" in loaded[0] and "flwr_datasets" in loaded[0]  # the split and partitions were made
+    assert not set(loaded[0]) & set(NEVER_IN_VALIDATE) and loaded[1] == []
 
 
 def write_plain_run(folder, continual: dict, seed: int, accuracy: float) -> None:
@@ -214,3 +230,20 @@ def test_a_report_without_privacy_shows_no_privacy_and_compares_the_methods(tmp_
     assert "## Comparison" in report and (tmp_path / "sweep" / "figures" / "comparison.png").stat().st_size > 5000
     assert "| naive | none | 32.00 ± 2.00 |" in report and "| replay | none | 65.00 ± 5.00 |" in report
     assert "method parameters: mem_size=50." in report
+
+
+def test_flwr_datasets_plotting_is_still_there_for_whoever_imports_it():
+    """Partitioning imports flwr-datasets without its `visualization`; importing that later gets the real one."""
+    code = (
+        "import sys\n"
+        "from fedtide.data.partition import flwr_partitioners\n"
+        "flwr_partitioners()\n"
+        "assert 'seaborn' not in sys.modules and 'flwr_datasets.visualization' not in sys.modules\n"
+        "from flwr_datasets import visualization\n"
+        "import flwr_datasets\n"
+        "assert flwr_datasets.visualization is visualization is sys.modules['flwr_datasets.visualization']\n"
+        "print(visualization.plot_label_distributions.__module__, 'seaborn' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["flwr_datasets.visualization.label_distribution", "True"]

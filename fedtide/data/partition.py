@@ -6,18 +6,19 @@ every client's share follows the same non-IID law in every experience.
 
 from __future__ import annotations
 
-import numpy as np
-from datasets import Dataset
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    PathologicalPartitioner,
-    ShardPartitioner,
-)
-from flwr_datasets.partitioner.partitioner import Partitioner
+import sys
+import threading
+import types
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from fedtide.data.cache import cache_file, read_arrays, write_arrays
 from fedtide.data.schema import PartitionConfig
 from fedtide.errors import ScenarioError
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 PARTITIONERS = {
     "iid": "IidPartitioner (uniform random split)",
@@ -47,8 +48,64 @@ def check_num_clients(experience_sizes: list[int], config: PartitionConfig) -> N
         )
 
 
+_FLWR_DATASETS_IMPORT = threading.Lock()
+
+
+def flwr_partitioners() -> types.ModuleType:
+    """`flwr_datasets.partitioner`, imported without the plotting helpers partitioning never uses.
+
+    `flwr_datasets/__init__.py` imports its `visualization` subpackage, and with it seaborn,
+    scipy.stats and matplotlib.pyplot: about 1.3 s, more than half an `import torch`, on
+    every `fedtide validate` and run. While the package is first imported, an empty module
+    stands in for that one subpackage; it is removed afterwards, so a later
+    `import flwr_datasets.visualization` (or `from flwr_datasets import visualization`)
+    imports the real one. Nothing of flwr-datasets itself is replaced.
+    """
+    with _FLWR_DATASETS_IMPORT:
+        if "flwr_datasets" not in sys.modules:
+            name = "flwr_datasets.visualization"
+            placeholder = types.ModuleType(name)
+            sys.modules[name] = placeholder
+            try:
+                import flwr_datasets  # noqa: F401
+            finally:
+                if sys.modules.get(name) is placeholder:
+                    del sys.modules[name]
+                package = sys.modules.get("flwr_datasets")
+                if getattr(package, "visualization", None) is placeholder:
+                    delattr(package, "visualization")
+    import flwr_datasets.partitioner
+
+    return flwr_datasets.partitioner
+
+
+def partition_experiences(
+    experience_labels: list[np.ndarray], config: PartitionConfig, seed: int
+) -> list[list[np.ndarray]]:
+    """Each experience's labels partitioned on their own (experience e seeded `seed * 1000 + e`).
+
+    The partitions are flwr-datasets' output for these labels, this partition section and
+    seed, so they are kept on disk under a name made of exactly those and the versions of
+    flwr-datasets and datasets (`fedtide.data.cache`): checking or running a scenario whose
+    partitions were made before imports neither. A partitioner's refusal is never kept.
+    """
+    names = [[f"e{e}c{c}" for c in range(config.num_clients)] for e in range(len(experience_labels))]
+    labels = [np.ascontiguousarray(each, dtype=np.int64).tobytes() for each in experience_labels]
+    path = cache_file("partitions", ("flwr-datasets", "datasets"), config.model_dump_json(), str(seed), *labels)
+    kept = read_arrays(path, [name for row in names for name in row]) if path else None
+    if kept is not None:
+        flat = iter(kept)
+        return [[next(flat) for _ in row] for row in names]
+    parts = [partition_labels(each, config, seed=seed * 1000 + e) for e, each in enumerate(experience_labels)]
+    if path:
+        write_arrays(path, {name: part for row, shares in zip(names, parts) for name, part in zip(row, shares)})
+    return parts
+
+
 def partition_labels(labels: np.ndarray, config: PartitionConfig, seed: int) -> list[np.ndarray]:
     """Positions into `labels` held by each client, in client order."""
+    from datasets import Dataset
+
     table = Dataset.from_dict({"label": labels.tolist(), "position": list(range(len(labels)))})
     if config.kind == "iid":
         table = table.shuffle(seed=seed)
@@ -65,10 +122,11 @@ def partition_labels(labels: np.ndarray, config: PartitionConfig, seed: int) -> 
 
 def _partitioner(config: PartitionConfig, seed: int, n_classes: int) -> Partitioner:
     n = config.num_clients
+    partitioners = flwr_partitioners()
     if config.kind == "iid":
-        return IidPartitioner(num_partitions=n)
+        return partitioners.IidPartitioner(num_partitions=n)
     if config.kind == "dirichlet":
-        return DirichletPartitioner(
+        return partitioners.DirichletPartitioner(
             num_partitions=n,
             partition_by="label",
             alpha=config.alpha,
@@ -83,13 +141,13 @@ def _partitioner(config: PartitionConfig, seed: int, n_classes: int) -> Partitio
                 f"{config.classes_per_client} exceeds the {n_classes} classes of an experience",
                 f"use at most {n_classes}",
             )
-        return PathologicalPartitioner(
+        return partitioners.PathologicalPartitioner(
             num_partitions=n,
             partition_by="label",
             num_classes_per_partition=config.classes_per_client,
             seed=seed,
         )
-    return ShardPartitioner(
+    return partitioners.ShardPartitioner(
         num_partitions=n,
         partition_by="label",
         num_shards_per_partition=config.shards_per_client,

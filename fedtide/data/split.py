@@ -22,7 +22,7 @@ import torch
 
 from fedtide.data.canaries import Canaries, draw_canaries
 from fedtide.data.datasets import load_dataset
-from fedtide.data.partition import check_num_clients, partition_labels
+from fedtide.data.partition import check_num_clients, partition_experiences
 from fedtide.data.schema import PartitionConfig, Scenario
 
 # What a split depends on: dataset name, root, experiences, class order given, seed.
@@ -139,5 +139,4 @@ def _partitions(key: SplitKey, partition_json: str) -> list[list[np.ndarray]]:
     experiences = experience_samples(key, "train")
     config = PartitionConfig.model_validate_json(partition_json)
     check_num_clients([len(samples) for samples in experiences], config)
-    seed = key[-1]
-    return [partition_labels(labels[samples], config, seed=seed * 1000 + e) for e, samples in enumerate(experiences)]
+    return partition_experiences([labels[samples] for samples in experiences], config, seed=key[-1])
