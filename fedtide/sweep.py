@@ -107,13 +107,25 @@ def _label(field: str) -> str:
 
 
 def _slug(value: Any) -> str:
-    """A value as it appears in a folder name: a section by its component's name."""
+    """A value as it appears in a folder name: a section by its component's name, else by its
+    settings (`{level: client, client_level: {target_epsilon: 8}}` -> `level-client.target_epsilon-8`)."""
     if isinstance(value, dict):
-        value = value.get("method", value.get("name", "-".join(f"{k}{v}" for k, v in value.items())))
+        if "method" in value or "name" in value:
+            value = value.get("method", value.get("name"))
+        else:
+            return ".".join(f"{_slug(k)}-{_slug(v)}" for k, v in _leaves(value).items()) or "none"
     elif isinstance(value, list):
         value = "-".join(map(str, value))
     # a plugin path stays readable: "my_pkg.distill:Logit" -> "my_pkg.distill.Logit"
     return re.sub(r"[^A-Za-z0-9._]+", "", str(value).replace(":", ".")) or "none"
+
+
+def _leaves(section: dict[str, Any]) -> dict[str, Any]:
+    """A nested section's settings by their own names: {"client_level": {"noise": 1}} -> {"noise": 1}."""
+    leaves: dict[str, Any] = {}
+    for key, value in section.items():
+        leaves |= _leaves(value) if isinstance(value, dict) else {key: value}
+    return leaves
 
 
 Runner = Callable[[Scenario, Path], None]

@@ -97,6 +97,14 @@ def test_a_sweep_expands_any_field_paths_and_whole_sections(tmp_path):
     # switching the method by path drops the base method's parameters
     switched = load_sweep(write(tmp_path, dict(SWEEP, sweep={"continual.method": ["lwf"]})), output=tmp_path)
     assert switched.points[0].scenario.continual.params == {}
+    # a section with no component name is named by its settings, nested ones by their own names
+    levels = [{"enabled": False}, {"enabled": True, "level": "client", "client_level": {"target_epsilon": 8}}]
+    by_level = load_sweep(write(tmp_path, dict(SWEEP, sweep={"privacy": levels})), output=tmp_path)
+    assert [p.name for p in by_level.points] == [
+        "privacy-enabled-False",
+        "privacy-enabled-True.level-client.target_epsilon-8",
+    ]
+    assert by_level.points[1].scenario.privacy.client_level.target_epsilon == 8
 
 
 def test_bad_sweeps_fail_before_anything_runs(tmp_path, run_cli):
