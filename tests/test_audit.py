@@ -31,6 +31,18 @@ def test_attack_scores_separated_and_identical_losses_at_the_extremes():
     assert (same.members, same.nonmembers) == (50, 50)
 
 
+def test_the_attacks_auc_is_sklearns_roc_auc_score_to_the_last_bit():
+    """It is the area under the attack's own ROC curve, not sklearn recomputing the curve: the same number."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for size in (3, 40, 500):
+        members, nonmembers = rng.exponential(0.5, size), rng.exponential(1.0, size).round(1)  # ties too
+        truth = np.concatenate([np.ones(size), np.zeros(size)])
+        expected = roc_auc_score(truth, -np.concatenate([members, nonmembers]))
+        assert loss_threshold_attack(members, nonmembers).auc == float(expected)
+
+
 def test_non_members_match_members_class_by_class():
     members = np.array([0, 0, 0, 1, 2, 2])
     pool = np.array([0, 1, 1, 1, 2, 2, 2, 2, 3])
