@@ -146,10 +146,12 @@ class RoundPrivacy(_Record):
 
 @dataclass(frozen=True, kw_only=True)
 class RoundClientLevel(_Record):
-    """Client-level DP after a round: ε of the noisy aggregates so far, and the clipping norm used."""
+    """Client-level DP after a round: ε of the noisy aggregates so far, the clipping norm used,
+    and the clipped updates the round averaged."""
 
     epsilon: float
     clipping_norm: float
+    aggregated: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,16 +210,20 @@ class PrivacySummary(_Record):
 
 @dataclass(frozen=True, kw_only=True)
 class ClientLevelSummary(_Record):
-    """Client-level DP of a run: what its ε is recomputed from (σ, q, rounds, δ, accountant), and ε.
+    """Client-level DP of a run: what its ε is recomputed from, and ε.
 
-    `clipping_norm` is the norm of the last round (adaptive clipping moves it from
-    `initial_clipping_norm`).
+    Recomputing: one subsampled Gaussian step at rate `sample_rate` per round, with noise
+    multiplier σ·a/m for a round that averaged a of the m = `sampled_per_round` updates
+    (`aggregated_per_round`; σ itself when all m came back), by Opacus's `accountant` at
+    `delta`. `clipping_norm` is the norm of the last round (adaptive clipping moves it
+    from `initial_clipping_norm`).
     """
 
     noise_multiplier: float
     sample_rate: float  # q = clients sampled per round / clients
     sampled_per_round: int
     rounds: int  # noisy aggregates released
+    aggregated_per_round: list[int]
     delta: float
     accountant: str
     clipping: str  # fixed | adaptive

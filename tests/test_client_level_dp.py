@@ -70,6 +70,7 @@ def test_epsilon_is_opacus_rdp_over_every_round_at_the_client_sampling_rate(tmp_
     level = summary.client_level
     assert summary.privacy is None and summary.privacy_level == "client"
     assert (level.noise_multiplier, level.sample_rate, level.sampled_per_round, level.rounds) == (1.5, 0.5, 2, 4)
+    assert level.aggregated_per_round == [2, 2, 2, 2]
     assert level.delta == client_level_delta(scenario) == 1 / (10 * CLIENTS)
     # recomputed from the summary alone, with Opacus's own accountant
     accountant = RDPAccountant()
@@ -80,7 +81,7 @@ def test_epsilon_is_opacus_rdp_over_every_round_at_the_client_sampling_rate(tmp_
     assert per_round[-1] == pytest.approx(level.epsilon, rel=1e-9)
     # sampling half the clients amplifies: every client in every round spends more at the same noise
     everyone = scenario_with({"noise_multiplier": 1.5})
-    assert client_level_epsilon(everyone, 1.5, 4) > level.epsilon
+    assert client_level_epsilon(everyone, 1.5, [4] * 4) > level.epsilon
 
 
 def test_target_epsilon_calibrates_the_noise_to_spend_at_most_the_target():
@@ -88,7 +89,7 @@ def test_target_epsilon_calibrates_the_noise_to_spend_at_most_the_target():
         scenario = scenario_with({"target_epsilon": 3.0})
         scenario.privacy.accountant = accountant
         sigma = client_noise_multiplier(scenario)
-        spent = client_level_epsilon(scenario, sigma, scenario.total_rounds)
+        spent = client_level_epsilon(scenario, sigma, [CLIENTS] * scenario.total_rounds)
         assert 2.7 < spent <= 3.0, accountant
         check = opacus_accountant()
         check.history = [(sigma, 1.0, scenario.total_rounds)]
@@ -229,3 +230,26 @@ def test_a_report_draws_sample_and_client_level_runs_as_separate_series(tmp_path
     table = next(b for b in build_blocks(runs) if isinstance(b, TableBlock))
     level = table.columns.index("DP level")
     assert sorted(row[level] for row in table.rows) == ["client", "sample", "–"]
+
+
+def test_a_round_that_averages_fewer_updates_than_it_sampled_is_accounted_at_its_smaller_noise(tmp_path):
+    """Dirichlet(0.05) over 5 experiences leaves a client without data in the first four: its reply
+    is not averaged, the mean has 3 terms while the noise was calibrated to 4 (sensitivity C/3)."""
+    scenario = scenario_with(
+        {"noise_multiplier": 2.0},
+        stream={"n_experiences": 5},
+        partition={"kind": "dirichlet", "alpha": 0.05, "num_clients": CLIENTS},
+        federation={"rounds_per_experience": 1},
+    )
+    summary, _ = run(scenario, tmp_path)
+    level = summary.client_level
+    rounds = read_rounds(tmp_path / "small")
+    trained = [sum(c.num_examples > 0 for c in r.per_client) for r in rounds]
+    assert level.aggregated_per_round == [r.client_level.aggregated for r in rounds] == trained
+    assert min(trained) < CLIENTS
+    accountant = RDPAccountant()  # recomputed from the summary alone, round by round
+    accountant.history = [
+        (level.noise_multiplier * a / level.sampled_per_round, level.sample_rate, 1) for a in level.aggregated_per_round
+    ]
+    assert level.epsilon == pytest.approx(accountant.get_epsilon(delta=level.delta), rel=1e-9)
+    assert level.epsilon > client_level_epsilon(scenario, 2.0, [CLIENTS] * len(rounds))  # more than planned

@@ -102,9 +102,11 @@ class ClientLevelConfig(Section):
     adapts C each round towards the `target_clipped_quantile` of the update norms
     (Andrew et al. 2021), `clipping_norm` being its start. The noise multiplier σ is
     `noise_multiplier`, or calibrated so that the whole run (every round of every
-    experience) spends at most `target_epsilon`; ε is accounted over the rounds at the
-    client sampling rate m/N with Opacus's accountant (`privacy.accountant`). δ defaults
-    to 1 / (10 · number of clients), the rule sample-level DP uses per client dataset.
+    experience) spends at most `target_epsilon` if every round averages all m sampled
+    updates; ε is accounted over the rounds at the client sampling rate m/N with Opacus's
+    accountant (`privacy.accountant`), a round that averages fewer (dropped clients,
+    clients without data) at its larger sensitivity. δ defaults to 1 / (10 · number of
+    clients), the rule sample-level DP uses per client dataset.
     """
 
     noise_multiplier: float | None = Field(None, gt=0)

@@ -13,8 +13,9 @@ things Flower leaves to the user:
   mechanism with noise σ at the client sampling rate q = m/N, by Opacus's accountant
   (amplification by sampling assumes Poisson sampling of clients; Flower samples m
   clients without replacement, the usual approximation of DP-FedAvg). With every
-  client sampled (q = 1) there is no amplification and the bound is exact. Anyone can
-  recompute it from summary.json: σ, q, rounds, δ;
+  client sampled (q = 1) there is no amplification and the bound is exact. A round that
+  averages fewer than m updates spends more (`client_level_epsilon`). Anyone can
+  recompute ε from summary.json: σ, q, m, the updates averaged each round, δ;
 - equal weights: the noise is calibrated to the sensitivity C/m of an unweighted mean of
   clipped updates, so clients send an equal weight (`CLIENT_WEIGHT_KEY`) and the
   strategy averages by it, not by example counts (which would let one client's update
@@ -84,16 +85,23 @@ def client_noise_multiplier(scenario: Scenario) -> float:
         return config.noise_multiplier
     if config.target_epsilon is None:
         return DEFAULT_NOISE_MULTIPLIER
-    plan = [(client_sample_rate(scenario), scenario.total_rounds)]
+    plan = [(client_sample_rate(scenario), scenario.total_rounds)]  # m updates every round
     return calibrate_noise(
         config.target_epsilon, scenario.privacy.accountant, client_level_delta(scenario), plan,
         f"{FIELD}.target_epsilon",
     )
 
 
-def client_level_epsilon(scenario: Scenario, sigma: float, rounds: int) -> float:
-    """ε after `rounds` noisy aggregates at noise `sigma`."""
-    history = [(sigma, client_sample_rate(scenario), rounds)] if rounds else []
+def client_level_epsilon(scenario: Scenario, sigma: float, aggregated: list[int]) -> float:
+    """ε after the noisy aggregates of rounds that averaged `aggregated[r]` clipped updates each.
+
+    The noise (σ·C/m) is calibrated to a mean of the m sampled updates. A round whose mean
+    has fewer terms m' (a sampled client dropped, failed, or had no data to train on: its
+    reply is left out of the aggregate) has sensitivity C/m', so it is accounted at the
+    effective noise multiplier σ·m'/m; a round with none releases nothing.
+    """
+    sampled, rate = sampled_per_round(scenario), client_sample_rate(scenario)
+    history = [(sigma * count / sampled, rate, 1) for count in aggregated if count > 0]
     return epsilon_spent(history, client_level_delta(scenario), scenario.privacy.accountant)
 
 

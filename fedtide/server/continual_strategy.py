@@ -65,6 +65,7 @@ class RoundOutcome:
     failure_logs: list[str] = field(default_factory=list)  # each failure in full, for the run's log
     strategy_metrics: dict[str, float | list[float]] | None = None  # the MetricRecord aggregate_train returned
     clipping_norm: float | None = None  # client-level DP: the norm the round's updates were clipped to
+    aggregated: int = 0  # the replies handed to the strategy's aggregate_train
 
     @property
     def sent(self) -> int:
@@ -218,6 +219,7 @@ class ContinualStrategy(Strategy):
                 f"{outcome.global_round}; "
                 f"client {outcome.failures[0].partition_id} said: {outcome.failures[0].reason}"
             )
+        outcome.aggregated = len(trained)
         np.random.seed(zlib.crc32(f"{self.seed}/aggregate/{outcome.global_round}".encode()))
         result = self._call(self.strategy.aggregate_train, server_round, trained)
         if not (isinstance(result, tuple) and len(result) == 2):

@@ -85,7 +85,9 @@ class _RunRecorder:
     """Evaluates the global model after each round, writes the run's metrics as they come, and checkpoints."""
 
     # The running totals the summary is made of: checkpointed, and taken back by a resumed run.
-    TOTALS = ("matrix", "failures", "epsilon", "stopped", "ray_nodes", "dropped", "strategy_metrics")
+    TOTALS = (
+        "matrix", "failures", "epsilon", "stopped", "ray_nodes", "dropped", "strategy_metrics", "aggregated"
+    )  # fmt: skip
 
     def __init__(self, scenario: Scenario, run_dir: Path, observer: RoundObserver | None) -> None:
         data = load_dataset(scenario.dataset.name, scenario.dataset.root)
@@ -107,6 +109,7 @@ class _RunRecorder:
         self.scenario = scenario
         self.private = scenario.privacy.private
         self.client_sigma = client_noise_multiplier(scenario) if scenario.privacy.client_private else None
+        self.aggregated: list[int] = []  # updates averaged in each round (client-level DP accounts them)
         self.epsilon: dict[int, float] = {}  # latest cumulative ε per client
         self.stopped: set[int] = set()  # clients that hit their privacy budget
         self.ray_nodes: set[str] = set()  # Ray nodes that ran a client
@@ -171,8 +174,11 @@ class _RunRecorder:
         privacy = self._privacy_record(outcome) if self.private else None
         client_level = None
         if self.client_sigma is not None:
-            epsilon = client_level_epsilon(self.scenario, self.client_sigma, outcome.global_round)
-            client_level = RoundClientLevel(epsilon=epsilon, clipping_norm=outcome.clipping_norm)
+            self.aggregated.append(outcome.aggregated)
+            epsilon = client_level_epsilon(self.scenario, self.client_sigma, self.aggregated)
+            client_level = RoundClientLevel(
+                epsilon=epsilon, clipping_norm=outcome.clipping_norm, aggregated=outcome.aggregated
+            )
         record = _round_record(experience, server_round, accuracies, outcome, self.elapsed(), privacy, client_level)
         self.failures += record.clients["failed"]
         self.strategy_metrics = outcome.strategy_metrics or self.strategy_metrics
@@ -290,12 +296,13 @@ def _client_level_summary(
     scenario: Scenario, recorder: _RunRecorder, federation: ContinualStrategy
 ) -> ClientLevelSummary:
     config = scenario.privacy.client_level
-    rounds = scenario.total_rounds
+    aggregated = recorder.aggregated
     return ClientLevelSummary(
         noise_multiplier=recorder.client_sigma,
         sample_rate=client_sample_rate(scenario),
         sampled_per_round=sampled_per_round(scenario),
-        rounds=rounds,
+        rounds=sum(count > 0 for count in aggregated),
+        aggregated_per_round=list(aggregated),
         delta=client_level_delta(scenario),
         accountant=scenario.privacy.accountant,
         clipping=config.clipping,
@@ -303,7 +310,7 @@ def _client_level_summary(
         initial_clipping_norm=config.clipping_norm,
         clipping_norm=federation.last_round.clipping_norm,
         target_epsilon=config.target_epsilon,
-        epsilon=client_level_epsilon(scenario, recorder.client_sigma, rounds),
+        epsilon=client_level_epsilon(scenario, recorder.client_sigma, aggregated),
     )
 
 
