@@ -22,6 +22,7 @@ from fedtide.ray_orphans import ray_temp_dir
 from fedtide.run_files import checkpoint_round, create_run_folder, read_metrics, read_run_scenario
 from fedtide.server.checkpoint import read_checkpoint
 from fedtide.simulation import simulate_in_process
+from fedtide.stopping import STOP_GRACE_S
 from tests.conftest import small_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,9 @@ def ray_session_processes(driver_pid: int) -> list[str]:
     return found
 
 
+HUNG_LINE = f"stopped; cleaning up took over {STOP_GRACE_S:g} s, so the process ends without it"
+
+
 def assert_stopped_with_one_line(stderr: str, folder: Path, done: int) -> None:
     """The run's last words: one line naming the checkpoint and how to resume (no traceback, no Ray noise).
 
@@ -128,14 +132,21 @@ def test_on_ray_sigterm_stops_cleanly_and_a_sigkilled_run_resumes_leaving_no_ray
     folder = tmp_path / "runs" / "small"
     run = Fedtide(tmp_path, "run", str(path), "--output", "runs")
     run.wait_for_round(folder, 2)
-    code, took = run.stop(signal.SIGTERM)
+    code, took = run.stop(signal.SIGTERM, timeout=STOP_GRACE_S + 30)
     first = checkpoint_round(folder)
-    assert code == 143 and took < 60
-    assert_stopped_with_one_line(run.err.read_text(), Path("runs/small"), first)
-    assert ray_session_processes(run.process.pid) == []
+    assert code == 143
+    # Ray's own shutdown now and then hangs (seen under load, and once in a whole-suite run);
+    # the run then ends at the grace period with its one line, and the next run ends what
+    # Ray left (checked below). Otherwise it stops cleanly, leaving no Ray process.
+    hung = run.err.read_text().strip().splitlines()[-1] == HUNG_LINE
+    if not hung:
+        assert took < STOP_GRACE_S
+        assert_stopped_with_one_line(run.err.read_text(), Path("runs/small"), first)
+        assert ray_session_processes(run.process.pid) == []
 
     killed = Fedtide(tmp_path, "resume", "runs/small")
     killed.wait_for_round(folder, first + 2)
+    assert ray_session_processes(run.process.pid) == []  # ended by now, whether the stop hung or not
     killed.process.kill()  # SIGKILL: no cleanup at all; Ray's agents outlive their raylet
     killed.process.wait(30)
     second = checkpoint_round(folder)
