@@ -35,6 +35,10 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # shutdown hanging in the main thread on a machine loaded with two test suites; the next
 # run or resume ends what Ray leaves behind (`fedtide.ray_orphans`).
 STOP_GRACE_S = 60.0
+# How long a stopped process may wait, its cleanup done and its line printed, for threads
+# that keep it from exiting. Seen: Flower's simulation threads blocked for good in `ray.get`
+# on the results of actors the stop killed, so the interpreter's exit waited on them forever.
+EXIT_GRACE_S = 10.0
 
 
 class RunStopped(BaseException):
@@ -65,6 +69,7 @@ class _StopRequest:
         self.reclaim = threading.Event()  # set while the main thread is asked to reinstall the handlers
         self.reclaimed = threading.Event()
         self.deadline: threading.Timer | None = None  # ends the process if the cleanup hangs
+        self.exit_bounded = False  # whether the interpreter's exit is bounded (`_bound_exit`)
 
     def install(self) -> None:
         for signum in _STOP_SIGNALS:
@@ -117,8 +122,32 @@ def stop_on_signals() -> Iterator[None]:
         if _request.deadline is not None:  # the cleanup is over: nothing to force
             _request.deadline.cancel()
             _request.deadline = None
+            _bound_exit(128 + _request.signum)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _bound_exit(code: int) -> None:
+    """Make the interpreter's exit, once it begins, end the process with `code` within EXIT_GRACE_S.
+
+    At exit the interpreter joins every non-daemon thread, concurrent.futures' workers first,
+    and a Flower simulation thread still blocked in `ray.get` is never joined. `threading`'s
+    exit hooks run before those joins (the last registered first; concurrent.futures
+    registers its own the same way), so the timer starts just before them; it is a daemon,
+    so a process that exits on its own never sees it fire. Registered at exit rather than
+    now, it cannot end a process that goes on after the stop (a test calling the CLI in-process).
+    """
+    if _request.exit_bounded:
+        return
+    _request.exit_bounded = True
+
+    def start_timer() -> None:
+        timer = threading.Timer(EXIT_GRACE_S, os._exit, args=(code,))
+        timer.daemon = True
+        timer.start()
+
+    threading._register_atexit(start_timer)
+
 
 
 def _end_now(signum: int) -> None:

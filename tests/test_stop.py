@@ -192,6 +192,28 @@ def test_sigterm_stops_a_sweep_of_in_process_points_side_by_side_and_the_next_sw
         assert (folder / name / "metrics.jsonl").read_bytes().startswith(metrics)
 
 
+def test_a_stopped_process_exits_though_a_thread_of_the_run_never_ends():
+    """Flower's simulation threads can stay blocked in `ray.get` after a stop; the interpreter would
+    wait for them forever at exit. The process ends with the signal's code and its one line."""
+    script = (
+        "import os, signal, sys, threading\n"
+        "from fedtide import stopping\n"
+        "stopping.EXIT_GRACE_S = 1.0\n"
+        "try:\n"
+        "    with stopping.stop_on_signals():\n"
+        "        threading.Thread(target=threading.Event().wait).start()  # never ends, not a daemon\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        threading.Event().wait(5)\n"
+        "except stopping.RunStopped as stop:\n"
+        "    print('stopped after round 1/6', file=sys.stderr, flush=True)\n"
+        "    sys.exit(stop.exit_code)\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 143 and time.monotonic() - started < 20
+    assert done.stderr.strip().splitlines() == ["stopped after round 1/6"]
+
+
 def test_a_stop_whose_cleanup_hangs_still_ends_the_process():
     """The backstop: past the grace period the process ends with the signal's code and one line."""
     script = (
