@@ -176,7 +176,9 @@ def test_sigterm_stops_a_sweep_of_in_process_points_side_by_side_and_the_next_sw
     assert last_line.startswith("stopped; run the same fedtide sweep again to go on")
     points = sorted(p for p in folder.iterdir() if p.name.startswith("seed-"))
     kept = {p.name: checkpoint_round(p) for p in points if not (p / "summary.json").exists()}
-    assert "seed-0" in kept and kept["seed-0"] >= 2  # stopped mid-run, its checkpoint kept
+    # stopped mid-run, its checkpoint kept: round 2 or, when the stop landed between round 2's metrics
+    # line and its checkpoint (seen in a whole-file run), round 1
+    assert "seed-0" in kept and kept["seed-0"] >= 1
     if waiting:  # the point waiting for a worker was not started after the stop
         assert rounds_written(folder / "seed-2") == 0
     before = {}  # the metrics lines each checkpoint holds
