@@ -13,15 +13,17 @@ from tests.conftest import small_scenario
 
 
 class RecordingGrid(InProcessGrid):
-    """The in-process grid, keeping every train message it delivered."""
+    """The in-process grid, keeping every train message it delivered and how many messages each push carried."""
 
     def __init__(self, num_nodes: int) -> None:
         super().__init__(num_nodes)
         self.delivered: list[Message] = []
+        self.pushes: list[int] = []
 
     def push_messages(self, messages):
         messages = list(messages)
         self.delivered += [m for m in messages if m.metadata.message_type == "train"]
+        self.pushes.append(len(messages))
         return super().push_messages(messages)
 
 

@@ -5,24 +5,11 @@ Flower's simulation scans every message it holds once per node on every pass
 """
 
 from fedtide.server.grid import DISCOVERY_BATCH, PartitionOrderedGrid
-from fedtide.server.local_grid import InProcessGrid
-
-
-class CountingGrid(InProcessGrid):
-    """Records how many messages each push carries."""
-
-    def __init__(self, num_nodes: int) -> None:
-        super().__init__(num_nodes)
-        self.pushes: list[int] = []
-
-    def push_messages(self, messages):
-        messages = list(messages)
-        self.pushes.append(len(messages))
-        return super().push_messages(messages)
+from tests.test_continual_strategy import RecordingGrid
 
 
 def test_discovery_asks_a_batch_at_a_time_and_learns_every_partition():
-    inner = CountingGrid(7)
+    inner = RecordingGrid(7)
     grid = PartitionOrderedGrid(inner)
     grid.discover(7, batch=3)
     assert inner.pushes == [3, 3, 1]
@@ -32,7 +19,7 @@ def test_discovery_asks_a_batch_at_a_time_and_learns_every_partition():
 
 
 def test_default_batch_keeps_a_large_federation_in_bounded_pushes():
-    inner = CountingGrid(2 * DISCOVERY_BATCH + 1)
+    inner = RecordingGrid(2 * DISCOVERY_BATCH + 1)
     grid = PartitionOrderedGrid(inner)
     grid.discover(2 * DISCOVERY_BATCH + 1)
     assert inner.pushes == [DISCOVERY_BATCH, DISCOVERY_BATCH, 1]
