@@ -143,7 +143,7 @@ def test_clients_are_averaged_with_equal_weights_under_client_level_dp():
     scenario = scenario_with({"noise_multiplier": 1.0})
     strategy = build_strategy(scenario.federation, CLIENTS, CLIENT_WEIGHT_KEY)
     assert strategy.weighted_by_key == CLIENT_WEIGHT_KEY
-    wrapped = wrap_strategy(strategy, scenario)
+    wrapped = wrap_strategy(strategy, scenario, 1.0)
     assert isinstance(wrapped, DifferentialPrivacyServerSideFixedClipping) and wrapped.strategy is strategy
     named = ContinualStrategy(wrapped, reference=ArrayRecord(), partition_of={})
     assert named.name == "flwr.serverapp.strategy.fedavg.FedAvg"  # errors name the user's strategy

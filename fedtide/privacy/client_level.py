@@ -131,11 +131,12 @@ def check_client_level(scenario: Scenario) -> None:
             ) from None
 
 
-def wrap_strategy(strategy: Strategy, scenario: Scenario) -> Strategy:
-    """The scenario's strategy inside the Flower DP wrapper its `client_level` names."""
+def wrap_strategy(strategy: Strategy, scenario: Scenario, sigma: float) -> Strategy:
+    """The scenario's strategy inside the Flower DP wrapper its `client_level` names, at noise `sigma`
+    (`client_noise_multiplier`)."""
     config = scenario.privacy.client_level
     wrapper = WRAPPERS[(config.clipping, config.clip_on)]
-    sigma, sampled = client_noise_multiplier(scenario), sampled_per_round(scenario)
+    sampled = sampled_per_round(scenario)
     if config.clipping == "fixed":
         return wrapper(strategy, sigma, config.clipping_norm, sampled)
     return wrapper(
@@ -167,12 +168,12 @@ def prepare_reply(scenario: Scenario, config: ConfigRecord, sent: ArrayRecord, c
     if KEY_CLIPPING_NORM not in config:
         return
     norm = float(config[KEY_CLIPPING_NORM])
-    reply = content["arrays"]
-    arrays = reply.to_numpy_ndarrays()
     if metrics["num-examples"] == 0:  # the global model back: a zero update, clipped or not
         if scenario.privacy.client_level.clipping == "adaptive":
             metrics[KEY_NORM_BIT] = 0
         return
+    reply = content["arrays"]
+    arrays = reply.to_numpy_ndarrays()
     if scenario.privacy.client_level.clipping == "adaptive":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a zero update divides by its zero norm

@@ -215,7 +215,7 @@ def run_federation(
     client_private = scenario.privacy.client_private
     strategy = build_strategy(scenario.federation, num_clients, CLIENT_WEIGHT_KEY if client_private else None)
     if client_private:
-        strategy = wrap_strategy(strategy, scenario)
+        strategy = wrap_strategy(strategy, scenario, recorder.client_sigma)
     faults = FaultPlan(scenario.faults, scenario.seed) if scenario.faults.active else None
     federation = ContinualStrategy(
         strategy, reference=arrays, partition_of=ordered.partition_of, faults=faults, seed=scenario.seed
