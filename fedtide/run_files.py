@@ -210,18 +210,29 @@ class PrivacySummary(_Record):
 
 @dataclass(frozen=True, kw_only=True)
 class ClientLevelSummary(_Record):
-    """Client-level DP of a run: what its ε is recomputed from, and ε.
+    """Client-level DP of a run: the mechanism as it ran, what its ε is recomputed from, and ε.
 
-    Recomputing: one subsampled Gaussian step at rate `sample_rate` per round, with noise
-    multiplier σ·a/m for a round that averaged a of the m = `sampled_per_round` updates
-    (`aggregated_per_round`; σ itself when all m came back), by Opacus's `accountant` at
-    `delta`. `clipping_norm` is the norm of the last round (adaptive clipping moves it
-    from `initial_clipping_norm`).
+    Each of the `rounds` rounds released the sum of the sampled clients' clipped updates
+    over the fixed denominator `expected_clients`, with Gaussian noise of σ·C over it
+    (σ = `noise_multiplier`, of both queries under adaptive clipping). Recomputing ε: the
+    subsampled Gaussian at rate `sample_rate` and multiplier `accounted_noise_multiplier`
+    (σ over the sensitivity the `sampling` and `adjacency` give, `fedtide.privacy.client_level`),
+    composed `rounds` times, by Opacus's `accountant` at `delta`; under replace-one, by
+    dp-accounting's RDP for sampling without replacement of `expected_clients` of `num_clients`.
+    `aggregated_per_round` (the updates each round summed) does not enter ε: the fixed
+    denominator makes one client's effect the same however many replied. `clipping_norm`
+    is the last round's (adaptive clipping moves it from `initial_clipping_norm`).
     """
 
+    _OPTIONAL = ("clipped_count_stddev", "update_noise_multiplier")
+
+    sampling: str = "fixed"  # poisson | fixed (runs from before the field: Flower's fixed-size sample)
+    adjacency: str = "zero_out"  # add_remove | replace_one | zero_out (before the field: what was accounted)
+    num_clients: int = 0
     noise_multiplier: float
-    sample_rate: float  # q = clients sampled per round / clients
-    sampled_per_round: int
+    accounted_noise_multiplier: float | None = None
+    sample_rate: float  # q
+    expected_clients: float | None = None  # the fixed denominator: qN, or m under fixed sampling
     rounds: int  # noisy aggregates released
     aggregated_per_round: list[int]
     delta: float
@@ -230,8 +241,11 @@ class ClientLevelSummary(_Record):
     clip_on: str  # server | client
     initial_clipping_norm: float
     clipping_norm: float
+    clipped_count_stddev: float | None = None  # adaptive: σ_b, the noise on the count of unclipped updates
+    update_noise_multiplier: float | None = None  # adaptive: z_Δ, the sum's share of σ
     target_epsilon: float | None
     epsilon: float
+    secure_rng: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

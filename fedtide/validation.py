@@ -34,10 +34,27 @@ def check_runnable(scenario: Scenario) -> None:
         check_privacy(scenario, method.private_footprint())
     if scenario.privacy.client_private:
         from fedtide.privacy.client_level import check_client_level  # Opacus's accountant
+        from fedtide.privacy.dp_fedavg import require_accountable
 
         check_client_level(scenario)
+        require_accountable(build_strategy(scenario.federation, scenario.partition.num_clients), scenario)
+    if scenario.privacy.secure_rng and scenario.privacy.private:
+        check_secure_mode()
     build_scenario_model(scenario, data.input_shape)
     check_resources(scenario)
+
+
+def check_secure_mode() -> None:
+    """Opacus's `secure_mode` draws DP-SGD's noise from torchcsprng; refuse the run before it starts without it."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchcsprng") is None:
+        raise ScenarioError(
+            "privacy.secure_rng",
+            "sample-level DP-SGD with secure_rng runs Opacus in secure_mode, which needs the torchcsprng "
+            "package, and it is not installed",
+            "install torchcsprng for your torch, or use secure_rng with level: client only",
+        )
 
 
 def check_resources(scenario: Scenario) -> None:

@@ -1,30 +1,30 @@
-"""Client-level DP: Flower's DP wrappers around the scenario's strategy, clipping that binds, and ε by Opacus."""
+"""Client-level DP runs: ε recomputed from summary.json alone for every sampling and adjacency, clipping
+that binds, equal weights, faults that do not move ε, seeded or OS randomness."""
 
+import importlib.util
+
+import dp_accounting
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedtide.aggregation import build_strategy
 from fedtide.errors import ScenarioError
-from fedtide.privacy.client_level import (
-    CLIENT_WEIGHT_KEY,
-    client_level_delta,
-    client_level_epsilon,
-    client_noise_multiplier,
-    prepare_reply,
-    wrap_strategy,
-)
+from fedtide.privacy.client_clipping import CLIENT_WEIGHT_KEY, prepare_reply
+from fedtide.privacy.client_level import client_level_delta, client_level_mechanism, client_noise_multiplier
+from fedtide.privacy.dp_fedavg import DPFedAvg
 from fedtide.run_files import RunSummary, create_run_folder, read_rounds
 from fedtide.server.continual_strategy import ContinualStrategy
-from fedtide.server.federation import run_federation
+from fedtide.server.federation import federation_strategy, run_federation
 from fedtide.validation import check_runnable
 from tests.conftest import small_scenario
 from tests.test_continual_strategy import RecordingGrid
 
 CLIENTS = 4
+MODES = [("poisson", "add_remove"), ("fixed", "add_remove"), ("fixed", "replace_one"), ("fixed", "zero_out")]
 
 
 def scenario_with(client_level: dict, level: str = "client", **sections):
@@ -61,39 +61,75 @@ def steps(weights: list[list[np.ndarray]]) -> list[float]:
     ]
 
 
-def test_epsilon_is_opacus_rdp_over_every_round_at_the_client_sampling_rate(tmp_path):
+def recomputed(level) -> float:
+    """ε from the summary's `client_level` alone, by an accountant called here (not fedtide's)."""
+    if level.adjacency == "replace_one":
+        accountant = dp_accounting.rdp.RdpAccountant(
+            neighboring_relation=dp_accounting.privacy_accountant.NeighboringRelation.REPLACE_ONE
+        )
+        event = dp_accounting.SampledWithoutReplacementDpEvent(
+            level.num_clients, int(level.expected_clients), dp_accounting.GaussianDpEvent(level.noise_multiplier / 2)
+        )
+        accountant.compose(event, level.rounds)
+        return accountant.get_epsilon(level.delta)
+    halved = level.sampling == "fixed" and level.adjacency == "add_remove"
+    accountant = {"rdp": RDPAccountant, "prv": PRVAccountant}[level.accountant]()
+    accountant.history = [(level.noise_multiplier / (2 if halved else 1), level.sample_rate, level.rounds)]
+    return accountant.get_epsilon(delta=level.delta)
+
+
+@pytest.mark.parametrize(("sampling", "adjacency"), MODES)
+def test_epsilon_is_recomputed_from_the_summary_alone_for_every_sampling_and_adjacency(tmp_path, sampling, adjacency):
     scenario = scenario_with(
-        {"noise_multiplier": 1.5},
-        federation={"rounds_per_experience": 2, "fraction_train": 0.5, "min_train_nodes": 1},
+        {"noise_multiplier": 1.5, "sampling": sampling, "adjacency": adjacency},
+        federation={"rounds_per_experience": 2, "fraction_train": 0.5},
     )
     summary, _ = run(scenario, tmp_path)
     level = summary.client_level
     assert summary.privacy is None and summary.privacy_level == "client"
-    assert (level.noise_multiplier, level.sample_rate, level.sampled_per_round, level.rounds) == (1.5, 0.5, 2, 4)
-    assert level.aggregated_per_round == [2, 2, 2, 2]
+    assert (level.sampling, level.adjacency, level.num_clients, level.rounds) == (sampling, adjacency, CLIENTS, 4)
+    assert (level.noise_multiplier, level.sample_rate, level.expected_clients) == (1.5, 0.5, 2)
     assert level.delta == client_level_delta(scenario) == 1 / (10 * CLIENTS)
-    # recomputed from the summary alone, with Opacus's own accountant
-    accountant = RDPAccountant()
-    accountant.history = [(level.noise_multiplier, level.sample_rate, level.rounds)]
-    assert level.epsilon == pytest.approx(accountant.get_epsilon(delta=level.delta), rel=1e-9)
+    assert level.epsilon == pytest.approx(recomputed(level), rel=1e-9)
     per_round = [r.client_level.epsilon for r in read_rounds(tmp_path / "small")]
     assert len(per_round) == 4 and per_round == sorted(per_round) and per_round[0] > 0
     assert per_round[-1] == pytest.approx(level.epsilon, rel=1e-9)
-    # sampling half the clients amplifies: every client in every round spends more at the same noise
-    everyone = scenario_with({"noise_multiplier": 1.5})
-    assert client_level_epsilon(everyone, 1.5, [4] * 4) > level.epsilon
+    if sampling == "poisson":  # the sample's size is the coins': the four rounds summed 2, 1, 3, ... updates
+        assert len(set(level.aggregated_per_round)) > 1
+    else:
+        assert level.aggregated_per_round == [2, 2, 2, 2]
 
 
-def test_target_epsilon_calibrates_the_noise_to_spend_at_most_the_target():
-    for accountant, opacus_accountant in (("rdp", RDPAccountant), ("prv", PRVAccountant)):
-        scenario = scenario_with({"target_epsilon": 3.0})
-        scenario.privacy.accountant = accountant
-        sigma = client_noise_multiplier(scenario)
-        spent = client_level_epsilon(scenario, sigma, [CLIENTS] * scenario.total_rounds)
-        assert 2.7 < spent <= 3.0, accountant
-        check = opacus_accountant()
-        check.history = [(sigma, 1.0, scenario.total_rounds)]
-        assert check.get_epsilon(delta=client_level_delta(scenario)) == pytest.approx(spent, rel=1e-6)
+def test_fixed_size_sampling_costs_more_than_poisson_at_the_same_noise_and_zero_out_least():
+    """The issue's setting (N = 100, m = 10, σ = 1, 50 rounds, δ = 1e-5): 5.88 was reported (zero-out);
+    add/remove must not be below Google's PLD accountant's 22.6 for the pair it realises."""
+    epsilons = {}
+    for sampling, adjacency in MODES:
+        scenario = scenario_with(
+            {"noise_multiplier": 1.0, "sampling": sampling, "adjacency": adjacency, "delta": 1e-5},
+            partition={"kind": "iid", "num_clients": 100},
+            federation={"fraction_train": 0.1, "rounds_per_experience": 25},
+        )
+        epsilons[(sampling, adjacency)] = client_level_mechanism(scenario, 1.0).epsilon(50)
+    assert epsilons[("fixed", "zero_out")] == pytest.approx(5.881, abs=1e-3)
+    assert epsilons[("poisson", "add_remove")] == pytest.approx(epsilons[("fixed", "zero_out")])
+    pld = dp_accounting.pld.PLDAccountant()
+    pld.compose(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(0.5)), 50)
+    assert 22.6 < pld.get_epsilon(1e-5) < epsilons[("fixed", "add_remove")] == pytest.approx(25.75, abs=0.01)
+    assert epsilons[("fixed", "replace_one")] > epsilons[("fixed", "add_remove")]
+
+
+@pytest.mark.parametrize(("sampling", "adjacency", "accountant"), [(*mode, "rdp") for mode in MODES] + [
+    ("poisson", "add_remove", "prv"), ("fixed", "add_remove", "prv")])  # fmt: skip
+def test_target_epsilon_calibrates_the_noise_to_spend_at_most_the_target(sampling, adjacency, accountant):
+    scenario = scenario_with(
+        {"target_epsilon": 3.0, "sampling": sampling, "adjacency": adjacency},
+        federation={"rounds_per_experience": 2, "fraction_train": 0.5},
+    )
+    scenario.privacy.accountant = accountant
+    sigma = client_noise_multiplier(scenario)
+    spent = client_level_mechanism(scenario, sigma).epsilon(scenario.total_rounds)
+    assert 2.7 < spent <= 3.0
 
 
 @pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
@@ -141,14 +177,12 @@ def test_both_levels_in_one_run_report_both_epsilons(tmp_path):
 
 def test_clients_are_averaged_with_equal_weights_under_client_level_dp():
     scenario = scenario_with({"noise_multiplier": 1.0})
-    strategy = build_strategy(scenario.federation, CLIENTS, CLIENT_WEIGHT_KEY)
-    assert strategy.weighted_by_key == CLIENT_WEIGHT_KEY
-    wrapped = wrap_strategy(strategy, scenario, 1.0)
-    assert isinstance(wrapped, DifferentialPrivacyServerSideFixedClipping) and wrapped.strategy is strategy
+    wrapped = federation_strategy(scenario, 1.0)
+    assert isinstance(wrapped, DPFedAvg) and isinstance(wrapped.strategy, FedAvg)
+    assert wrapped.strategy.weighted_by_key == CLIENT_WEIGHT_KEY
+    assert wrapped.strategy.fraction_train == 1.0  # asked for every client; DPFedAvg's coins sample them
     named = ContinualStrategy(wrapped, reference=ArrayRecord(), partition_of={})
     assert named.name == "flwr.serverapp.strategy.fedavg.FedAvg"  # errors name the user's strategy
-    own = scenario_with({"noise_multiplier": 1.0}, federation={"strategy": {"name": "fedavg", "weighted_by_key": "x"}})
-    assert build_strategy(own.federation, CLIENTS, CLIENT_WEIGHT_KEY).weighted_by_key == "x"  # the user's wins
     assert isinstance(build_strategy(scenario.federation, CLIENTS), FedAvg)
 
 
@@ -194,17 +228,27 @@ def test_server_side_clipping_leaves_the_reply_to_the_server():
             "privacy.client_level.clipped_count_stddev",
             "set clipped_count_stddev above 0.5",
         ),
+        (
+            {"noise_multiplier": 1.0, "sampling": "fixed", "adjacency": "replace_one", "delta": 1e-3},
+            "privacy.accountant",
+            "use accountant: rdp",
+        ),
     ],
 )
 def test_impossible_client_level_settings_name_the_field(client_level, field, fix):
+    scenario = scenario_with(client_level)
+    if field == "privacy.accountant":
+        scenario.privacy.accountant = "prv"
     with pytest.raises(ScenarioError) as raised:
-        check_runnable(scenario_with(client_level))
+        check_runnable(scenario)
     assert raised.value.field == field and fix in str(raised.value)
 
 
-def test_noise_and_target_together_are_refused():
+def test_noise_and_target_together_and_replace_one_under_poisson_sampling_are_refused():
     with pytest.raises(ScenarioError, match="privacy.client_level: give noise_multiplier or target_epsilon, not both"):
         scenario_with({"noise_multiplier": 1.0, "target_epsilon": 3.0})
+    with pytest.raises(ScenarioError, match="privacy.client_level: adjacency replace_one is accounted for fixed-size"):
+        scenario_with({"noise_multiplier": 1.0, "adjacency": "replace_one"})
 
 
 
@@ -232,24 +276,34 @@ def test_a_report_draws_sample_and_client_level_runs_as_separate_series(tmp_path
     assert sorted(row[level] for row in table.rows) == ["client", "sample", "–"]
 
 
-def test_a_round_that_averages_fewer_updates_than_it_sampled_is_accounted_at_its_smaller_noise(tmp_path):
-    """Dirichlet(0.05) over 5 experiences leaves a client without data in the first four: its reply
-    is not averaged, the mean has 3 terms while the noise was calibrated to 4 (sensitivity C/3)."""
-    scenario = scenario_with(
-        {"noise_multiplier": 2.0},
-        stream={"n_experiences": 5},
-        partition={"kind": "dirichlet", "alpha": 0.05, "num_clients": CLIENTS},
-        federation={"rounds_per_experience": 1},
-    )
-    summary, _ = run(scenario, tmp_path)
-    level = summary.client_level
-    rounds = read_rounds(tmp_path / "small")
-    trained = [sum(c.num_examples > 0 for c in r.per_client) for r in rounds]
-    assert level.aggregated_per_round == [r.client_level.aggregated for r in rounds] == trained
-    assert min(trained) < CLIENTS
-    accountant = RDPAccountant()  # recomputed from the summary alone, round by round
-    accountant.history = [
-        (level.noise_multiplier * a / level.sampled_per_round, level.sample_rate, 1) for a in level.aggregated_per_round
-    ]
-    assert level.epsilon == pytest.approx(accountant.get_epsilon(delta=level.delta), rel=1e-9)
-    assert level.epsilon > client_level_epsilon(scenario, 2.0, [CLIENTS] * len(rounds))  # more than planned
+def test_a_dropped_client_moves_neither_the_denominator_nor_epsilon(tmp_path):
+    """Faults drop sampled clients: their updates are missing from the sum, which is still divided by qN."""
+    settings = {"noise_multiplier": 2.0}
+    calm, _ = run(scenario_with(settings, name="calm"), tmp_path)
+    faulty, _ = run(scenario_with(settings, name="faulty", faults={"dropout": 0.4}), tmp_path)
+    assert faulty.faults.clients_dropped > 0
+    assert sum(faulty.client_level.aggregated_per_round) < sum(calm.client_level.aggregated_per_round)
+    assert faulty.client_level.rounds == calm.client_level.rounds == 4
+    assert faulty.client_level.epsilon == calm.client_level.epsilon
+
+
+def test_seeded_noise_reproduces_a_run_and_secure_rng_does_not(tmp_path):
+    settings = {"noise_multiplier": 0.5}
+    seeded = [run(scenario_with(settings, name=f"seeded-{i}"), tmp_path)[0] for i in range(2)]
+    assert seeded[0].accuracy_matrix == seeded[1].accuracy_matrix
+    secure = []
+    for i in range(2):
+        scenario = scenario_with(settings, name=f"secure-{i}")
+        scenario.privacy.secure_rng = True
+        secure.append(run(scenario, tmp_path)[0])
+    assert secure[0].client_level.secure_rng and not seeded[0].client_level.secure_rng
+    assert secure[0].accuracy_matrix != secure[1].accuracy_matrix
+    assert secure[0].client_level.epsilon == seeded[0].client_level.epsilon  # the same mechanism, accounted alike
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchcsprng") is not None, reason="torchcsprng is installed")
+def test_secure_rng_for_dp_sgd_without_torchcsprng_is_refused_before_anything_runs():
+    scenario = small_scenario(privacy={"enabled": True, "noise_multiplier": 1.0, "secure_rng": True})
+    with pytest.raises(ScenarioError) as raised:
+        check_runnable(scenario)
+    assert raised.value.field == "privacy.secure_rng" and "torchcsprng" in str(raised.value)

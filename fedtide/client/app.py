@@ -58,7 +58,7 @@ def _train(msg: Message, context: Context) -> Message:
     )
     content = run_training_round(task, msg.content["arrays"], context.state)
     if task.scenario.privacy.client_private:
-        from fedtide.privacy.client_level import prepare_reply
+        from fedtide.privacy.client_clipping import prepare_reply
 
         prepare_reply(task.scenario, config, msg.content["arrays"], content)
     content["host"] = host_record()

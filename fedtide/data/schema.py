@@ -93,20 +93,27 @@ PrivacyLevel = Literal["sample", "client", "both"]
 
 
 class ClientLevelConfig(Section):
-    """Client-level DP (DP-FedAvg, McMahan et al. 2018) through Flower's DP strategy wrappers.
+    """Client-level DP: DP-FedAvg (McMahan et al. 2018), or DP-FedOpt with a server optimizer.
 
-    Each sampled client's update (its weights minus the round's global weights) is clipped
-    to `clipping_norm` in L2 norm, on the server (`clip_on: server`) or by the client
-    before it replies (`clip_on: client`), and Gaussian noise of standard deviation
-    σ·C/m is added to the average of the m sampled clients' updates. `clipping: adaptive`
-    adapts C each round towards the `target_clipped_quantile` of the update norms
-    (Andrew et al. 2021), `clipping_norm` being its start. The noise multiplier σ is
-    `noise_multiplier`, or calibrated so that the whole run (every round of every
-    experience) spends at most `target_epsilon` if every round averages all m sampled
-    updates; ε is accounted over the rounds at the client sampling rate m/N with Opacus's
-    accountant (`privacy.accountant`), a round that averages fewer (dropped clients,
-    clients without data) at its larger sensitivity. δ defaults to 1 / (10 · number of
-    clients), the rule sample-level DP uses per client dataset.
+    `sampling: poisson` (the default) takes each client into a round independently with
+    probability q = `federation.fraction_train`; `fixed` samples exactly m of the N
+    clients as Flower's strategies do (m from `fraction_train` and `min_train_nodes`).
+    Each sampled client's update (its weights minus the round's global weights) is
+    clipped to `clipping_norm` in L2 norm, on the server (`clip_on: server`) or by the
+    client before it replies (`clip_on: client`); the clipped updates are summed and
+    divided by the fixed expected count (qN, or m), never by the replies that came back,
+    and Gaussian noise of standard deviation σ·C/(qN) is added. `clipping: adaptive`
+    moves C each round towards the `target_clipped_quantile` of the update norms
+    (Andrew et al. 2021), from `clipping_norm`; σ is then the multiplier of the whole
+    release (the noisy average and the noisy count of unclipped updates together).
+
+    ε is accounted for `adjacency` (which client datasets are neighbours):
+    `add_remove` (the default; one client's data added or removed) or, with fixed
+    sampling only, `replace_one` (one client's data replaced: dp-accounting's sampling
+    without replacement event) or `zero_out` (one client's update replaced by zero, the
+    weakest; only when asked by name). σ is `noise_multiplier`, or calibrated so that
+    the whole run (every round of every experience) spends at most `target_epsilon`.
+    δ defaults to 1 / (10 · number of clients).
     """
 
     noise_multiplier: float | None = Field(None, gt=0)
@@ -117,13 +124,26 @@ class ClientLevelConfig(Section):
     clipping_norm: float = Field(1.0, gt=0, description="fixed: the norm; adaptive: the initial norm")
     target_clipped_quantile: float = Field(0.5, ge=0, le=1, description="adaptive only")
     clip_norm_lr: float = Field(0.2, gt=0, description="adaptive only")
-    clipped_count_stddev: float | None = Field(None, gt=0, description="adaptive only; Flower's default: m / 20")
+    clipped_count_stddev: float | None = Field(
+        None, gt=0, description="adaptive only; default: expected clients a round / 20 (Andrew et al.)"
+    )
+    sampling: Literal["poisson", "fixed"] = "poisson"
+    adjacency: Literal["add_remove", "replace_one", "zero_out"] = "add_remove"
 
     @model_validator(mode="after")
     def _one_noise_setting(self) -> ClientLevelConfig:
         if self.noise_multiplier is not None and self.target_epsilon is not None:
             raise ValueError(
                 "give noise_multiplier or target_epsilon, not both (the target calibrates the noise)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adjacency_for_sampling(self) -> ClientLevelConfig:
+        if self.sampling == "poisson" and self.adjacency != "add_remove":
+            raise ValueError(
+                f"adjacency {self.adjacency} is accounted for fixed-size sampling only; "
+                "use adjacency: add_remove with sampling: poisson, or sampling: fixed"
             )
         return self
 
@@ -148,6 +168,11 @@ class PrivacyConfig(Section):
     computes per-sample gradient norms without the gradients and backpropagates the clipped
     loss a second time: faster on the MLP, slower on the CNN, and only for methods that add
     nothing to the loss (naive, replay) without FedProx. docs/benchmarks.md has the timings.
+
+    All DP noise and client sampling are drawn from RNGs seeded by the scenario's seed, so
+    a run is reproducible and its ε is that of the idealised mechanism (anyone who knows
+    the seed can regenerate the noise). `secure_rng: true` draws client sampling and the
+    server's noise from the operating system's entropy and runs Opacus in `secure_mode`.
     """
 
     enabled: bool = False
@@ -159,6 +184,7 @@ class PrivacyConfig(Section):
     grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
     level: PrivacyLevel = "sample"
     client_level: ClientLevelConfig = ClientLevelConfig()
+    secure_rng: bool = False
 
     @field_validator("grad_sample_mode", mode="before")
     @classmethod

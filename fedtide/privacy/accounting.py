@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -166,15 +167,22 @@ def calibrate_noise(
     field: str = "privacy.target_epsilon",
 ) -> float:
     """The smallest σ (to 1%) whose total ε over `plan` ((sample rate, steps) pairs) stays within `target`."""
-
-    def spent(sigma: float) -> float:
-        with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" at extreme trial sigmas
-            warnings.simplefilter("ignore", UserWarning)
-            return epsilon_spent([(sigma, rate, steps) for rate, steps in plan], delta, accountant)
-
     if not plan:
         return DEFAULT_NOISE_MULTIPLIER
-    if spent(MAX_NOISE_MULTIPLIER) > target:
+    return smallest_noise(
+        target, lambda sigma: epsilon_spent([(sigma, rate, steps) for rate, steps in plan], delta, accountant), field
+    )
+
+
+def smallest_noise(target: float, spent: Callable[[float], float], field: str) -> float:
+    """The smallest σ (to 1%) at which `spent(σ)`, an ε that falls as σ grows, stays within `target`."""
+
+    def quietly_spent(sigma: float) -> float:
+        with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" at extreme trial sigmas
+            warnings.simplefilter("ignore", UserWarning)
+            return spent(sigma)
+
+    if quietly_spent(MAX_NOISE_MULTIPLIER) > target:
         raise ScenarioError(
             field,
             f"{target} cannot be reached even with noise_multiplier={MAX_NOISE_MULTIPLIER}",
@@ -183,5 +191,5 @@ def calibrate_noise(
     low, high = 0.0, MAX_NOISE_MULTIPLIER
     while high - low > 0.01 * high:
         middle = (low + high) / 2
-        low, high = (low, middle) if middle > 0 and spent(middle) <= target else (middle, high)
+        low, high = (low, middle) if middle > 0 and quietly_spent(middle) <= target else (middle, high)
     return high

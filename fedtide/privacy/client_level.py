@@ -1,76 +1,104 @@
-"""Client-level DP (DP-FedAvg): Flower's DP strategy wrappers around the scenario's strategy, and their ε.
+"""Client-level DP's ε: the mechanism a scenario runs, stated once, and its accounting.
 
 Sample-level DP-SGD protects each sample of a client's data; client-level DP protects a
-client's whole contribution, the unit federated learning usually publishes (McMahan et
-al. 2018). Flower implements it as strategy wrappers: each sampled client's update is
-clipped (on the server, or by the client before it replies), the wrapped strategy
-aggregates, and Gaussian noise of standard deviation σ·C/m is added to the aggregate.
-fedtide wraps the scenario's strategy in the wrapper the scenario names and does two
-things Flower leaves to the user:
+client's whole contribution, the unit federated learning usually publishes (DP-FedAvg,
+McMahan et al. 2018). Each round releases one noisy aggregate: the sum of the sampled
+clients' clipped updates divided by a fixed denominator D (the expected number of
+sampled clients), plus Gaussian noise of standard deviation σ·C/D
+(`fedtide.privacy.dp_fedavg`). What one client can change in that release, and so ε,
+depends on how clients are really sampled and which datasets are neighbours:
 
-- the accounting: the server releases one noisy aggregate per round, so after r rounds
-  (over every experience) ε is that of r compositions of the subsampled Gaussian
-  mechanism with noise σ at the client sampling rate q = m/N, by Opacus's accountant
-  (amplification by sampling assumes Poisson sampling of clients; Flower samples m
-  clients without replacement, the usual approximation of DP-FedAvg). With every
-  client sampled (q = 1) there is no amplification and the bound is exact. A round that
-  averages fewer than m updates spends more (`client_level_epsilon`). Anyone can
-  recompute ε from summary.json: σ, q, m, the updates averaged each round, δ;
-- equal weights: the noise is calibrated to the sensitivity C/m of an unweighted mean of
-  clipped updates, so clients send an equal weight (`CLIENT_WEIGHT_KEY`) and the
-  strategy averages by it, not by example counts (which would let one client's update
-  weigh more than C/m).
+- `poisson` sampling, add/remove one client (McMahan et al. 2018): one client's presence
+  moves the sum by at most C, so each round is the Poisson-subsampled Gaussian mechanism
+  at rate q and multiplier σ, accounted by Opacus (RDP or PRV);
+- `fixed` sampling (exactly m of N, as Flower's `random.sample`), add/remove: adding a
+  client can displace another from the sample, moving the sum by up to 2C; the release
+  is bounded by the subsampled Gaussian at rate m/N and multiplier σ/2 (Balle et al.
+  2018's coupling argument), accounted by Opacus;
+- `fixed`, replace-one: one client's data replaced moves the sum by up to 2C; accounted
+  with dp-accounting's sampling-without-replacement RDP (Wang, Balle and Kasiviswanathan
+  2019, Theorem 27), whose multiplier is relative to that sensitivity: σ/2;
+- `fixed`, zero-out (Kairouz et al. 2021: one client's update replaced by zero): the sum
+  moves by at most C, rate m/N and multiplier σ. The weakest relation; used only by name.
 
-Client-side clipping is done by fedtide's ClientApp with Flower's own clipping functions
-(`compute_clip_model_update`, `compute_adaptive_clip_model_update`), not by Flower's
-`fixedclipping_mod`: a fedtide train message may carry more than one ArrayRecord (the
-weights that ended past experiences), which the mods refuse.
+With adaptive clipping (Andrew et al. 2021) a round releases two Gaussian queries, the
+noisy sum and the noisy count of unclipped updates; σ is their combined multiplier, so the
+same accounting holds (`dp_fedavg` splits σ between them).
+
+The fixed denominator makes the sensitivity independent of how many sampled clients
+replied: a dropped, failed or data-less client adds a zero update, and a round that
+sampled nobody still releases noise and is accounted like any other. Every ε is
+recomputable from summary.json's `client_level` section alone.
 """
 
 from __future__ import annotations
 
-import warnings
-
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideAdaptiveClipping,
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-    Strategy,
-)
-from flwr.supercore.differential_privacy import (
-    KEY_CLIPPING_NORM,
-    KEY_NORM_BIT,
-    compute_adaptive_clip_model_update,
-    compute_adaptive_noise_params,
-    compute_clip_model_update,
-)
+from dataclasses import dataclass
+from functools import lru_cache
 
 from fedtide.data.schema import Scenario
 from fedtide.errors import ScenarioError
-from fedtide.privacy.accounting import DEFAULT_NOISE_MULTIPLIER, calibrate_noise, epsilon_spent
+from fedtide.privacy.accounting import DEFAULT_NOISE_MULTIPLIER, epsilon_spent, smallest_noise
 
-CLIENT_WEIGHT_KEY = "client-level-weight"  # every client's equal weight in the aggregate
 FIELD = "privacy.client_level"
 
-WRAPPERS: dict[tuple[str, str], type[Strategy]] = {
-    ("fixed", "server"): DifferentialPrivacyServerSideFixedClipping,
-    ("fixed", "client"): DifferentialPrivacyClientSideFixedClipping,
-    ("adaptive", "server"): DifferentialPrivacyServerSideAdaptiveClipping,
-    ("adaptive", "client"): DifferentialPrivacyClientSideAdaptiveClipping,
-}
+
+@dataclass(frozen=True)
+class ClientLevelMechanism:
+    """The client-level release of one round, as the accountant needs it."""
+
+    sampling: str  # poisson | fixed
+    adjacency: str  # add_remove | replace_one | zero_out
+    num_clients: int  # N
+    sample_rate: float  # q: each client's probability of taking part in a round
+    expected_clients: float  # D = qN, the fixed denominator of the average (m under fixed sampling)
+    noise_multiplier: float  # σ: the noise's standard deviation over C / D
+    delta: float
+    accountant: str  # rdp | prv (Opacus); replace-one is always dp-accounting's RDP
+
+    @property
+    def sensitivity(self) -> int:
+        """One client's largest effect on the sum, in units of C."""
+        return 2 if self.sampling == "fixed" and self.adjacency != "zero_out" else 1
+
+    @property
+    def accounted_noise_multiplier(self) -> float:
+        """The multiplier relative to the sensitivity: what the accountant is given."""
+        return self.noise_multiplier / self.sensitivity
+
+    def epsilon(self, rounds: int) -> float:
+        """ε after `rounds` releases (0 when none)."""
+        if rounds <= 0:
+            return 0.0
+        sigma = self.accounted_noise_multiplier
+        if self.adjacency == "replace_one":
+            return _replace_one_epsilon(self.num_clients, round(self.expected_clients), sigma, rounds, self.delta)
+        return epsilon_spent([(sigma, self.sample_rate, rounds)], self.delta, self.accountant)
 
 
-def sampled_per_round(scenario: Scenario) -> int:
-    """m: the clients a round samples, as Flower's FedAvg computes it from the scenario's fractions."""
+@lru_cache(maxsize=1024)
+def _replace_one_epsilon(clients: int, sampled: int, sigma: float, rounds: int, delta: float) -> float:
+    import dp_accounting  # loaded only by the runs that need it
+
+    accountant = dp_accounting.rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.privacy_accountant.NeighboringRelation.REPLACE_ONE
+    )
+    release = dp_accounting.SampledWithoutReplacementDpEvent(clients, sampled, dp_accounting.GaussianDpEvent(sigma))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(release, rounds))
+    return max(0.0, float(accountant.get_epsilon(delta)))
+
+
+def fixed_sample_size(scenario: Scenario) -> int:
+    """m: the clients a fixed-size round samples, as Flower's FedAvg computes it from the scenario's fractions."""
     federation, clients = scenario.federation, scenario.partition.num_clients
     return max(int(clients * federation.fraction_train), min(federation.min_train_nodes, clients))
 
 
 def client_sample_rate(scenario: Scenario) -> float:
-    """q = m / N, the probability that a given client takes part in a round."""
-    return sampled_per_round(scenario) / scenario.partition.num_clients
+    """q: `fraction_train` under Poisson sampling, m / N under fixed-size sampling."""
+    if scenario.privacy.client_level.sampling == "poisson":
+        return scenario.federation.fraction_train
+    return fixed_sample_size(scenario) / scenario.partition.num_clients
 
 
 def client_level_delta(scenario: Scenario) -> float:
@@ -78,35 +106,40 @@ def client_level_delta(scenario: Scenario) -> float:
     return scenario.privacy.client_level.delta or 1.0 / (10 * scenario.partition.num_clients)
 
 
+def client_level_mechanism(scenario: Scenario, sigma: float) -> ClientLevelMechanism:
+    """The scenario's client-level release at noise multiplier `sigma`."""
+    config, clients = scenario.privacy.client_level, scenario.partition.num_clients
+    rate = client_sample_rate(scenario)
+    return ClientLevelMechanism(
+        sampling=config.sampling,
+        adjacency=config.adjacency,
+        num_clients=clients,
+        sample_rate=rate,
+        expected_clients=rate * clients if config.sampling == "poisson" else fixed_sample_size(scenario),
+        noise_multiplier=sigma,
+        delta=client_level_delta(scenario),
+        accountant=scenario.privacy.accountant,
+    )
+
+
 def client_noise_multiplier(scenario: Scenario) -> float:
-    """σ: the configured one, or the smallest that keeps the whole run within `target_epsilon`."""
+    """σ: the configured one, or the smallest that keeps every round of the run within `target_epsilon`."""
     config = scenario.privacy.client_level
     if config.noise_multiplier is not None:
         return config.noise_multiplier
     if config.target_epsilon is None:
         return DEFAULT_NOISE_MULTIPLIER
-    plan = [(client_sample_rate(scenario), scenario.total_rounds)]  # m updates every round
-    return calibrate_noise(
-        config.target_epsilon, scenario.privacy.accountant, client_level_delta(scenario), plan,
+    rounds = scenario.total_rounds
+    return smallest_noise(
+        config.target_epsilon,
+        lambda sigma: client_level_mechanism(scenario, sigma).epsilon(rounds),
         f"{FIELD}.target_epsilon",
     )
 
 
-def client_level_epsilon(scenario: Scenario, sigma: float, aggregated: list[int]) -> float:
-    """ε after the noisy aggregates of rounds that averaged `aggregated[r]` clipped updates each.
-
-    The noise (σ·C/m) is calibrated to a mean of the m sampled updates. A round whose mean
-    has fewer terms m' (a sampled client dropped, failed, or had no data to train on: its
-    reply is left out of the aggregate) has sensitivity C/m', so it is accounted at the
-    effective noise multiplier σ·m'/m; a round with none releases nothing.
-    """
-    sampled, rate = sampled_per_round(scenario), client_sample_rate(scenario)
-    history = [(sigma * count / sampled, rate, 1) for count in aggregated if count > 0]
-    return epsilon_spent(history, client_level_delta(scenario), scenario.privacy.accountant)
-
-
 def check_client_level(scenario: Scenario) -> None:
-    """Refuse client-level settings that cannot hold: δ too large, target out of reach, Flower's adaptive limits."""
+    """Refuse client-level settings that cannot hold: δ too large, an accountant without the
+    relation's event, a target out of reach, a count noise too small for adaptive clipping."""
     if not scenario.privacy.client_private:
         return
     clients = scenario.partition.num_clients
@@ -117,67 +150,28 @@ def check_client_level(scenario: Scenario) -> None:
             f"{delta} is not below 1/N = {1.0 / clients:.2e} for N={clients} clients",
             f"use a delta below {1.0 / clients:.1e}, e.g. {1.0 / (10 * clients):.1e}, or leave it unset",
         )
+    config = scenario.privacy.client_level
+    if config.adjacency == "replace_one" and scenario.privacy.accountant != "rdp":
+        raise ScenarioError(
+            "privacy.accountant",
+            f"{scenario.privacy.accountant} has no sampling-without-replacement event for replace-one adjacency",
+            "use accountant: rdp (dp-accounting's RDP accounts replace-one)",
+        )
     sigma = client_noise_multiplier(scenario)
+    count_stddev = adaptive_count_stddev(scenario)
+    if config.clipping == "adaptive" and sigma >= 2 * count_stddev:
+        default = " (the default: expected clients a round / 20)" if config.clipped_count_stddev is None else ""
+        raise ScenarioError(
+            f"{FIELD}.clipped_count_stddev",
+            f"adaptive clipping at noise multiplier {sigma:.3g} needs the count of unclipped updates noised "
+            f"by more than σ/2 = {sigma / 2:.3g}, and it is {count_stddev:.3g}{default}",
+            f"set clipped_count_stddev above {sigma / 2:.3g}, or use clipping: fixed",
+        )
+
+
+def adaptive_count_stddev(scenario: Scenario) -> float:
+    """σ_b: the noise on the count of unclipped updates; by default expected clients / 20 (Andrew et al. 2021)."""
     config = scenario.privacy.client_level
-    if config.clipping == "adaptive":
-        try:
-            compute_adaptive_noise_params(sigma, sampled_per_round(scenario), config.clipped_count_stddev)
-        except ValueError as error:
-            raise ScenarioError(
-                f"{FIELD}.clipped_count_stddev",
-                f"adaptive clipping with noise multiplier {sigma:.3g} and {sampled_per_round(scenario)} clients a "
-                f"round: {error}",
-                f"set clipped_count_stddev above {sigma / 2:.3g}, or use clipping: fixed",
-            ) from None
-
-
-def wrap_strategy(strategy: Strategy, scenario: Scenario, sigma: float) -> Strategy:
-    """The scenario's strategy inside the Flower DP wrapper its `client_level` names, at noise `sigma`
-    (`client_noise_multiplier`)."""
-    config = scenario.privacy.client_level
-    wrapper = WRAPPERS[(config.clipping, config.clip_on)]
-    sampled = sampled_per_round(scenario)
-    if config.clipping == "fixed":
-        return wrapper(strategy, sigma, config.clipping_norm, sampled)
-    return wrapper(
-        strategy,
-        sigma,
-        sampled,
-        initial_clipping_norm=config.clipping_norm,
-        target_clipped_quantile=config.target_clipped_quantile,
-        clip_norm_lr=config.clip_norm_lr,
-        clipped_count_stddev=config.clipped_count_stddev,
-    )
-
-
-def unwrapped(strategy: Strategy) -> Strategy:
-    """The strategy inside a Flower DP wrapper (itself when not wrapped): the one a user names."""
-    return strategy.strategy if isinstance(strategy, tuple(WRAPPERS.values())) else strategy
-
-
-def current_clipping_norm(strategy: Strategy) -> float | None:
-    """The wrapper's clipping norm now (adaptive clipping moves it every round); None when not wrapped."""
-    return float(strategy.clipping_norm) if isinstance(strategy, tuple(WRAPPERS.values())) else None
-
-
-def prepare_reply(scenario: Scenario, config: ConfigRecord, sent: ArrayRecord, content: RecordDict) -> None:
-    """Make a client's reply what the client-level wrapper expects: an equal weight and, when the
-    clients clip, its update clipped to the norm the server sent (and, adaptive, whether it was)."""
-    metrics = content["metrics"]
-    metrics[CLIENT_WEIGHT_KEY] = 1.0
-    if KEY_CLIPPING_NORM not in config:
-        return
-    norm = float(config[KEY_CLIPPING_NORM])
-    if metrics["num-examples"] == 0:  # the global model back: a zero update, clipped or not
-        if scenario.privacy.client_level.clipping == "adaptive":
-            metrics[KEY_NORM_BIT] = 0
-        return
-    reply = content["arrays"]
-    arrays = reply.to_numpy_ndarrays()
-    if scenario.privacy.client_level.clipping == "adaptive":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a zero update divides by its zero norm
-            metrics[KEY_NORM_BIT] = int(compute_adaptive_clip_model_update(arrays, sent.to_numpy_ndarrays(), norm))
-    else:
-        compute_clip_model_update(arrays, sent.to_numpy_ndarrays(), norm)
-    content["arrays"] = ArrayRecord({key: Array(array) for key, array in zip(reply.keys(), arrays, strict=True)})
+    if config.clipped_count_stddev is not None:
+        return config.clipped_count_stddev
+    return client_level_mechanism(scenario, 1.0).expected_clients / 20

@@ -56,7 +56,7 @@ class ClientPrivacy:
     def __init__(self, config: PrivacyConfig, noise_multiplier: float, history: History) -> None:
         self.config = config
         self.noise_multiplier = noise_multiplier
-        self.engine = PrivacyEngine(accountant=config.accountant)
+        self.engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_rng)
         self.engine.accountant.history = [tuple(entry) for entry in history]
 
     @property

@@ -13,9 +13,9 @@ so the user's strategy sees plain Flower calls and nothing else has to know abou
   replies exactly as it does when a real client does not answer (Flower's FedAvg
   averages whatever replies it gets, fewer than `min_train_nodes` included, and keeps
   the current weights when there are none);
-- `aggregate_train` seeds numpy's global RNG from (seed, round) first, so a strategy
-  that draws from it (Flower's client-level DP wrappers draw their noise there) draws
-  the same numbers wherever and in whatever order the clients ran; it records every
+- `aggregate_train` seeds numpy's global RNG from (seed, round) first (from the OS's
+  entropy when the seed is None: `privacy.secure_rng`), so a strategy that draws from
+  it draws the same numbers wherever and in whatever order the clients ran; it records every
   client's reply, drops the replies of clients that trained on nothing or failed (a
   failure is counted and its reason kept; a round in which every client that was sent
   a message failed stops the run), checks the clients' and the strategy's arrays
@@ -42,7 +42,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtide.errors import FederationError, raised_at
-from fedtide.privacy.client_level import current_clipping_norm, unwrapped
+from fedtide.privacy.dp_fedavg import current_clipping_norm, unwrapped
 from fedtide.protocol import client_round, experience_end_key, take_client_state
 from fedtide.run_files import ClientDrop, ClientFailure, ClientRoundRecord
 from fedtide.server.array_check import array_problem
@@ -82,7 +82,7 @@ class ContinualStrategy(Strategy):
         reference: ArrayRecord,
         partition_of: dict[int, int],
         faults: FaultPlan | None = None,
-        seed: int = 0,
+        seed: int | None = 0,
     ) -> None:
         self.strategy = strategy
         self.seed = seed
@@ -102,7 +102,7 @@ class ContinualStrategy(Strategy):
     def name(self) -> str:
         """The wrapped strategy's class as a user finds it in their code: `my_pkg.agg.TrimmedMomentum`.
 
-        Under client-level DP that is the strategy inside Flower's DP wrapper."""
+        Under client-level DP that is the strategy inside the DP-FedAvg wrapper."""
         strategy = type(unwrapped(self.strategy))
         return f"{strategy.__module__}.{strategy.__qualname__}"
 
@@ -220,7 +220,8 @@ class ContinualStrategy(Strategy):
                 f"client {outcome.failures[0].partition_id} said: {outcome.failures[0].reason}"
             )
         outcome.aggregated = len(trained)
-        np.random.seed(zlib.crc32(f"{self.seed}/aggregate/{outcome.global_round}".encode()))
+        round_key = f"{self.seed}/aggregate/{outcome.global_round}".encode()
+        np.random.seed(None if self.seed is None else zlib.crc32(round_key))
         result = self._call(self.strategy.aggregate_train, server_round, trained)
         if not (isinstance(result, tuple) and len(result) == 2):
             raise FederationError(

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fedtide.aggregation import build_strategy
 from fedtide.continual.methods import build_method
@@ -38,15 +39,9 @@ from fedtide.metrics.evaluation import experience_accuracies
 from fedtide.metrics.forgetting import average_accuracy, average_forgetting, backward_transfer
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta, noise_multiplier
-from fedtide.privacy.client_level import (
-    CLIENT_WEIGHT_KEY,
-    client_level_delta,
-    client_level_epsilon,
-    client_noise_multiplier,
-    client_sample_rate,
-    sampled_per_round,
-    wrap_strategy,
-)
+from fedtide.privacy.client_clipping import CLIENT_WEIGHT_KEY
+from fedtide.privacy.client_level import client_level_mechanism, client_noise_multiplier
+from fedtide.privacy.dp_fedavg import DPFedAvg, wrap_strategy
 from fedtide.protocol import RESTORE_STATE
 from fedtide.run_files import (
     MODEL_FILE,
@@ -108,8 +103,12 @@ class _RunRecorder:
         self.dropped = dict.fromkeys(range(scenario.partition.num_clients), 0)  # per client, over rounds
         self.scenario = scenario
         self.private = scenario.privacy.private
-        self.client_sigma = client_noise_multiplier(scenario) if scenario.privacy.client_private else None
-        self.aggregated: list[int] = []  # updates averaged in each round (client-level DP accounts them)
+        self.client_level = (
+            client_level_mechanism(scenario, client_noise_multiplier(scenario))
+            if scenario.privacy.client_private
+            else None
+        )
+        self.aggregated: list[int] = []  # client-level DP: the clipped updates each round summed
         self.epsilon: dict[int, float] = {}  # latest cumulative ε per client
         self.stopped: set[int] = set()  # clients that hit their privacy budget
         self.ray_nodes: set[str] = set()  # Ray nodes that ran a client
@@ -173,9 +172,9 @@ class _RunRecorder:
         accuracies = experience_accuracies(self.model, arrays, self.test_sets[: experience + 1])
         privacy = self._privacy_record(outcome) if self.private else None
         client_level = None
-        if self.client_sigma is not None:
+        if self.client_level is not None:
             self.aggregated.append(outcome.aggregated)
-            epsilon = client_level_epsilon(self.scenario, self.client_sigma, self.aggregated)
+            epsilon = self.client_level.epsilon(len(self.aggregated))  # every round releases, empty or not
             client_level = RoundClientLevel(
                 epsilon=epsilon, clipping_norm=outcome.clipping_norm, aggregated=outcome.aggregated
             )
@@ -213,12 +212,15 @@ def run_federation(
     ordered.discover(num_clients)
     reclaim_signals()  # the nodes answered, so a Ray backend is up, and ray.init took SIGTERM
     client_private = scenario.privacy.client_private
-    strategy = build_strategy(scenario.federation, num_clients, CLIENT_WEIGHT_KEY if client_private else None)
-    if client_private:
-        strategy = wrap_strategy(strategy, scenario, recorder.client_sigma)
+    strategy = federation_strategy(scenario, recorder.client_level.noise_multiplier if client_private else None)
     faults = FaultPlan(scenario.faults, scenario.seed) if scenario.faults.active else None
+    secure = scenario.privacy.enabled and scenario.privacy.secure_rng
     federation = ContinualStrategy(
-        strategy, reference=arrays, partition_of=ordered.partition_of, faults=faults, seed=scenario.seed
+        strategy,
+        reference=arrays,
+        partition_of=ordered.partition_of,
+        faults=faults,
+        seed=None if secure else scenario.seed,
     )
     done = 0
     if checkpoint := read_checkpoint(run_dir, scenario):
@@ -232,8 +234,8 @@ def run_federation(
     try:
         for experience in range(first, scenario.stream.n_experiences):
             done_here = ran if experience == first else 0
-            if not done_here:
-                random.seed(scenario.seed * 1000 + experience)  # Flower samples nodes with `random`
+            if not done_here:  # Flower samples nodes with `random`; OS entropy under secure_rng
+                random.seed(None if secure else scenario.seed * 1000 + experience)
             federation.begin_experience(experience, arrays, train_config(scenario, experience), rounds, done_here)
             result = federation.start(
                 ordered, arrays, num_rounds=rounds - done_here, evaluate_fn=recorder.evaluate_fn(experience, federation)
@@ -292,25 +294,48 @@ def run_federation(
     return summary
 
 
+def federation_strategy(scenario: Scenario, client_sigma: float | None) -> Strategy:
+    """The scenario's strategy, inside DP-FedAvg at noise `client_sigma` under client-level DP.
+
+    Under client-level DP every client weighs the same (`CLIENT_WEIGHT_KEY`), and under
+    Poisson sampling the strategy is asked for every client: `DPFedAvg` keeps each by its own coin.
+    """
+    num_clients = scenario.partition.num_clients
+    if client_sigma is None:
+        return build_strategy(scenario.federation, num_clients)
+    federation = scenario.federation
+    if scenario.privacy.client_level.sampling == "poisson":
+        federation = federation.model_copy(update={"fraction_train": 1.0, "min_train_nodes": num_clients})
+    return wrap_strategy(build_strategy(federation, num_clients, CLIENT_WEIGHT_KEY), scenario, client_sigma)
+
+
 def _client_level_summary(
     scenario: Scenario, recorder: _RunRecorder, federation: ContinualStrategy
 ) -> ClientLevelSummary:
-    config = scenario.privacy.client_level
-    aggregated = recorder.aggregated
+    config, mechanism = scenario.privacy.client_level, recorder.client_level
+    wrapper: DPFedAvg = federation.strategy
+    adaptive = wrapper.adaptive
     return ClientLevelSummary(
-        noise_multiplier=recorder.client_sigma,
-        sample_rate=client_sample_rate(scenario),
-        sampled_per_round=sampled_per_round(scenario),
-        rounds=sum(count > 0 for count in aggregated),
-        aggregated_per_round=list(aggregated),
-        delta=client_level_delta(scenario),
-        accountant=scenario.privacy.accountant,
+        sampling=mechanism.sampling,
+        adjacency=mechanism.adjacency,
+        num_clients=mechanism.num_clients,
+        noise_multiplier=mechanism.noise_multiplier,
+        accounted_noise_multiplier=mechanism.accounted_noise_multiplier,
+        sample_rate=mechanism.sample_rate,
+        expected_clients=mechanism.expected_clients,
+        rounds=len(recorder.aggregated),
+        aggregated_per_round=list(recorder.aggregated),
+        delta=mechanism.delta,
+        accountant="dp-accounting rdp" if mechanism.adjacency == "replace_one" else mechanism.accountant,
         clipping=config.clipping,
         clip_on=config.clip_on,
         initial_clipping_norm=config.clipping_norm,
         clipping_norm=federation.last_round.clipping_norm,
+        clipped_count_stddev=adaptive.count_stddev if adaptive else None,
+        update_noise_multiplier=wrapper.update_noise_multiplier if adaptive else None,
         target_epsilon=config.target_epsilon,
-        epsilon=client_level_epsilon(scenario, recorder.client_sigma, aggregated),
+        epsilon=mechanism.epsilon(len(recorder.aggregated)),
+        secure_rng=scenario.privacy.secure_rng,
     )
 
 
