@@ -9,10 +9,11 @@ that ε, so that "ε lower ≤ ε" could fail, and the non-private twin shows th
 canaries do reach above it when nothing protects them.
 
 Client-level DP's default δ = 1 / (10 · N) is 0.05 for two clients, where 200 canaries can
-show nothing (ceiling 0): the client-level twin sets δ = 1e-4 instead (ceiling 2.99),
-which is cheaper than the hundred clients the default δ would need (1 / (10 · 100) gives
-1.16). A third client-level run keeps the default δ to check that the record, the console
-and the report say that such an audit could not have detected a violation.
+show nothing (ceiling 0): the client-level twin sets `client_level.delta: 1e-4` instead,
+far cheaper than the some hundred clients that would bring the default δ low enough
+(README, "Canary audit", has the numbers). A third client-level run keeps the default δ
+to check that the record, the console and the report say that such an audit could not
+have detected a violation.
 """
 
 import copy
