@@ -278,7 +278,11 @@ class CanaryAudit(_Record):
     Of `canaries` canaries, `included` were trained on (coin flips); the auditor guessed on
     `guesses` = `guesses_in` ("in") + `guesses_out` ("out") of them and was right `correct`
     times. `plans` guess plans were tried, each at (1 − confidence) / plans; this is the best.
+    `epsilon_ceiling` is the largest ε_lower these canaries could show (every guess right,
+    the best plan, at this δ and confidence); None in summaries written before it existed.
     """
+
+    _OPTIONAL = ("epsilon_ceiling",)
 
     canaries: int
     included: int
@@ -290,7 +294,15 @@ class CanaryAudit(_Record):
     confidence: float
     delta: float
     epsilon_lower: float
+    epsilon_ceiling: float | None = None
     score: str
+
+    def blind_at(self, epsilon: float | None) -> bool:
+        """True when the audit could not have shown a violation of `epsilon`: its ceiling is not above it.
+
+        False without an ε (a non-private run) or without a recorded ceiling (an older summary).
+        """
+        return epsilon is not None and self.epsilon_ceiling is not None and self.epsilon_ceiling <= epsilon
 
 
 @dataclass(frozen=True, kw_only=True)

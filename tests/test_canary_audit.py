@@ -1,13 +1,24 @@
 """The canary audit on real runs: a clear lower bound on ε without DP, never above the accountant's ε with it.
 
-Two in-process digits runs of one experience, two IID clients, 200 canaries and many
-local epochs (20 per round, 2 rounds): non-private, the final model has memorised its
-canaries and the audit's bound on ε is well above 1; the same training under DP-SGD at
-ε = 1 must give a bound below the accountant's ε, which the non-private twin shows the
-audit could have exceeded.
+In-process digits runs of one experience, two IID clients, 200 canaries and many local
+epochs (20 per round, 2 rounds): non-private, the final model has memorised its canaries
+and the audit's bound on ε is well above 1; the same training under DP-SGD at ε = 1, and
+under client-level DP at ε = 1, must give a bound below the accountant's ε. Each of those
+checks first asserts that the audit's ceiling (ε lower with every guess right) is above
+that ε, so that "ε lower ≤ ε" could fail, and the non-private twin shows that these
+canaries do reach above it when nothing protects them.
+
+Client-level DP's default δ = 1 / (10 · N) is 0.05 for two clients, where 200 canaries can
+show nothing (ceiling 0): the client-level twin sets `client_level.delta: 1e-4` instead,
+far cheaper than the some hundred clients that would bring the default δ low enough
+(README, "Canary audit", has the numbers). A third client-level run keeps the default δ
+to check that the record, the console and the report say that such an audit could not
+have detected a violation.
 """
 
+import copy
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,15 +28,18 @@ from rich.console import Console
 from fedtide.data.datasets import load_dataset
 from fedtide.data.loading import parse_scenario
 from fedtide.data.split import experience_canaries
-from fedtide.metrics.canary_audit import bound_from_scores, canary_scores
+from fedtide.metrics.canary_audit import audit_ceiling, bound_from_scores, canary_scores
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta
 from fedtide.privacy.client_level import client_level_delta
 from fedtide.report.console import summary_view
-from fedtide.run_files import MODEL_FILE, create_run_folder, read_summary
+from fedtide.report.document import Text, build_blocks
+from fedtide.report.runs import find_runs
+from fedtide.run_files import MODEL_FILE, RunSummary, create_run_folder, read_summary
 from fedtide.simulation import simulate_in_process
 
 CANARIES = 200
+BLIND = "could not have detected a violation at ε"
 
 
 def audit_scenario(**sections):
@@ -47,13 +61,15 @@ def audit_scenario(**sections):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """The non-private run and its DP twin, side by side in one folder as a sweep's points are."""
+    """The non-private run and its DP twins, side by side in one folder as a sweep's points are."""
     folder = tmp_path_factory.mktemp("sweep")
     runs = {}
+    client_level = {"enabled": True, "level": "client", "client_level": {"target_epsilon": 1.0}}
     for name, privacy in (
         ("plain", {}),
         ("dp", {"enabled": True, "target_epsilon": 1.0}),
-        ("client-dp", {"enabled": True, "level": "client", "client_level": {"target_epsilon": 1.0}}),
+        ("client-dp", {**client_level, "client_level": {"target_epsilon": 1.0, "delta": 1e-4}}),
+        ("client-dp-default-delta", client_level),  # δ = 1 / (10 · 2)
     ):
         scenario = audit_scenario(name=name, privacy=privacy)
         run_dir = create_run_folder(scenario, folder)
@@ -71,6 +87,7 @@ def test_a_non_private_run_with_many_local_epochs_gives_a_clear_lower_bound(swee
     assert audit["confidence"] == 0.95 and audit["delta"] == client_delta(scenario)  # the δ DP would use
     assert audit["epsilon_lower"] >= 1.0, audit
     assert audit["correct"] / audit["guesses"] > 0.9
+    assert audit["epsilon_ceiling"] == audit_ceiling(CANARIES, audit["delta"], 0.95) >= audit["epsilon_lower"]
     # the record is what the saved final model gives
     model = build_scenario_model(scenario, (1, 8, 8))
     model.load_state_dict(torch.load(run_dir / MODEL_FILE))
@@ -91,6 +108,7 @@ def test_under_dp_the_lower_bound_never_beats_the_accountant(sweep):
     audit = summary["audit"]["canaries"]
     assert 0.9 < epsilon <= 1.0
     assert audit["delta"] == summary["privacy"]["delta"]
+    assert audit["epsilon_ceiling"] > epsilon + 1  # the check below can fail: these canaries could show more
     assert audit["epsilon_lower"] <= epsilon, audit
     # the same training without DP beats this ε by far: the test fails if canaries escaped DP-SGD
     assert plain["audit"]["canaries"]["epsilon_lower"] > epsilon + 0.3
@@ -98,11 +116,28 @@ def test_under_dp_the_lower_bound_never_beats_the_accountant(sweep):
 
 def test_under_client_level_dp_the_canaries_are_audited_against_the_client_level_guarantee(sweep):
     _, runs = sweep
+    _, _, plain = runs["plain"]
     scenario, _, summary = runs["client-dp"]
     level, audit = summary["client_level"], summary["audit"]["canaries"]
     assert "privacy" not in summary and 0.9 < level["epsilon"] <= 1.0
-    assert audit["delta"] == level["delta"] == client_level_delta(scenario)
+    assert audit["delta"] == level["delta"] == client_level_delta(scenario) == 1e-4
+    assert audit["epsilon_ceiling"] > level["epsilon"] + 1  # the check below can fail
     assert audit["epsilon_lower"] <= level["epsilon"], audit
+    # unprotected, the same canaries beat this ε (at δ 1.4e-4; at the smaller 1e-4 their bound is only higher)
+    assert plain["audit"]["canaries"]["delta"] > audit["delta"]
+    assert plain["audit"]["canaries"]["epsilon_lower"] > level["epsilon"] + 0.3
+
+
+def test_at_the_default_client_level_delta_of_two_clients_the_audit_is_blind_and_says_so(sweep):
+    """δ = 0.05: no outcome of 200 canaries rejects (ε, δ)-DP at any ε, so "ε lower ≤ ε" holds whatever leaked."""
+    _, runs = sweep
+    _, run_dir, summary = runs["client-dp-default-delta"]
+    level, audit = summary["client_level"], summary["audit"]["canaries"]
+    assert audit["delta"] == level["delta"] == 0.05
+    assert audit["epsilon_ceiling"] == audit["epsilon_lower"] == 0.0
+    console = Console(record=True, width=200)
+    console.print(summary_view(read_summary(run_dir)))
+    assert f"{BLIND} {level['epsilon']:.3f}" in console.export_text()
 
 
 def test_the_report_and_the_console_put_the_bound_beside_the_accountant_s_epsilon(sweep, run_cli):
@@ -114,17 +149,48 @@ def test_the_report_and_the_console_put_the_bound_beside_the_accountant_s_epsilo
     assert "### Canary audit: a lower bound on ε" in report
     assert "![ε lower bound (canary audit) against the accountant's ε](figures/canary_epsilon.png)" in report
     assert (folder / "figures" / "canary_epsilon.png").stat().st_size > 5000
-    for name, epsilon in (("plain", "∞"), ("dp", f"{runs['dp'][2]['privacy']['epsilon_max']:.2f}")):
+    assert "| run | canaries | in | guesses in/out | right | confidence | δ | ε lower | ceiling | ε |" in report
+    assert (
+        "Could not have detected a violation at their ε (ceiling not above ε): "
+        f"{folder.name}/client-dp-default-delta.\n" in report
+    )
+    epsilons = {"plain": "∞", "dp": f"{runs['dp'][2]['privacy']['epsilon_max']:.2f}"}
+    epsilons |= {name: f"{runs[name][2]['client_level']['epsilon']:.2f}" for name in runs if name.startswith("client")}
+    for name, epsilon in epsilons.items():
         audit = runs[name][2]["audit"]["canaries"]
         row = (
             f"| {folder.name}/{name} | {CANARIES} | {audit['included']} | {audit['guesses_in']}/{audit['guesses_out']} "
             f"| {audit['correct']}/{audit['guesses']} | 95% | {audit['delta']:.1e} | {audit['epsilon_lower']:.2f} "
-            f"| {epsilon} |"
+            f"| {audit['epsilon_ceiling']:.2f} | {epsilon} |"
         )
         assert row in report
         console = Console(record=True, width=200)
         console.print(summary_view(read_summary(runs[name][1])))
+        text = console.export_text()
+        (line,) = [line for line in text.splitlines() if "ε lower bound (canary audit, 95%) │" in line]
         assert (
-            f"ε lower bound (canary audit, 95%) │ {audit['epsilon_lower']:.3f} ({audit['correct']}/{audit['guesses']} "
-            f"guesses right, {CANARIES} canaries" in console.export_text()
+            f"│ {audit['epsilon_lower']:.3f} (ceiling {audit['epsilon_ceiling']:.3f}; "
+            f"{audit['correct']}/{audit['guesses']} guesses right, {CANARIES} canaries" in " ".join(line.split())
         )
+        assert (BLIND in text) == (name == "client-dp-default-delta")
+
+
+def test_a_summary_written_before_the_ceiling_existed_reads_writes_back_and_shows_without_it(sweep):
+    _, runs = sweep
+    _, run_dir, summary = runs["client-dp-default-delta"]
+    raw = copy.deepcopy(summary)
+    del raw["audit"]["canaries"]["epsilon_ceiling"]
+    old = RunSummary.from_dict(raw)
+    assert old.audit.canaries.epsilon_ceiling is None
+    assert json.dumps(old.to_dict()) == json.dumps(raw)  # the same keys in the same order
+    audit = raw["audit"]["canaries"]
+    console = Console(record=True, width=200)
+    console.print(summary_view(old))
+    text = " ".join(console.export_text().split())
+    assert f"│ {audit['epsilon_lower']:.3f} ({audit['correct']}/{audit['guesses']} guesses right" in text
+    assert BLIND not in text  # without a ceiling the console claims nothing about the audit's reach
+    (run,), _ = find_runs([run_dir])
+    blocks = build_blocks([replace(run, summary=old)])
+    (table,) = [block for block in blocks if getattr(block, "columns", [None])[-2:] == ["ceiling", "ε"]]
+    assert table.rows[0][-2] == "–"
+    assert not any(isinstance(block, Text) and "Could not have detected" in block.text for block in blocks)

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from fedtide.metrics.canary_audit import bound_from_scores, epsilon_lower_bound, guess_plans, guesses, p_value
+from fedtide.metrics.canary_audit import (
+    audit_ceiling,
+    bound_from_scores,
+    epsilon_lower_bound,
+    guess_plans,
+    guesses,
+    p_value,
+)
+from fedtide.run_files import CanaryAudit
 
 LEVEL = 0.05
 
@@ -85,3 +93,59 @@ def test_guess_plans_are_fixed_by_the_number_of_canaries_and_share_the_level():
     assert epsilon < epsilon_lower_bound(200, 100, 100, 1e-4, LEVEL)
     noise = np.random.default_rng(0).permutation(200).astype(float)
     assert bound_from_scores(noise, np.random.default_rng(1).random(200) < 0.5, 1e-4, 0.95)[0] == 0.0
+
+
+@pytest.mark.parametrize(("m", "delta"), [(200, 1.36e-4), (200, 0.0), (50, 1e-3), (222, 5e-4), (1000, 1e-5), (7, 0.0)])
+def test_the_ceiling_is_the_audit_s_bound_when_every_guess_is_right(m, delta):
+    """Perfectly separating scores, through the audit's own path, reach the ceiling; no other scores beat it."""
+    scores = np.arange(float(m))
+    included = scores >= m // 2  # every plan guesses at most m/2 each way, so a perfect attacker gets all right
+    epsilon, r, right, _, _ = bound_from_scores(scores, included, delta, 0.95)
+    assert right == r
+    assert epsilon == audit_ceiling(m, delta, 0.95)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        coins = rng.random(m) < 0.5
+        noisy = np.where(coins, 1.0, 0.0) + rng.normal(0, rng.choice([0.1, 1.0]), m)
+        assert bound_from_scores(noisy, coins, delta, 0.95)[0] <= audit_ceiling(m, delta, 0.95)
+
+
+def test_without_delta_the_ceiling_is_the_closed_form_of_the_largest_plan():
+    """At δ = 0 the most guesses win: 100 right of 100 at 5%/4 gives q = 0.0125^(1/100), ε = log(q / (1 - q))."""
+    q = (LEVEL / 4) ** (1 / 100)
+    assert audit_ceiling(200, 0.0, 0.95) == pytest.approx(math.log(q / (1 - q)), abs=2e-6)
+    assert audit_ceiling(200, 0.0, 0.95) == pytest.approx(3.106, abs=1e-3)
+
+
+def test_the_ceiling_grows_with_canaries_while_m_delta_is_small_and_falls_with_delta():
+    ceilings = {m: audit_ceiling(m, 1.36e-4, 0.95) for m in (50, 100, 200, 400)}
+    assert ceilings == pytest.approx({50: 1.563, 100: 2.308, 200: 2.936, 400: 3.412}, abs=1e-3)
+    by_delta = [audit_ceiling(200, delta, 0.95) for delta in (0.0, 1e-4, 5e-4, 1e-3, 2e-3)]
+    assert by_delta == pytest.approx([3.106, 2.986, 2.101, 1.161, 0.0], abs=1e-3)
+    # δ enters as 2·m·δ·α: at δ = 1e-3, more canaries lower the ceiling
+    assert audit_ceiling(100, 1e-3, 0.95) > audit_ceiling(200, 1e-3, 0.95) > audit_ceiling(400, 1e-3, 0.95)
+    assert audit_ceiling(200, 1.36e-4, 0.99) < ceilings[200]  # more confidence, less reach
+
+
+@pytest.mark.parametrize("m", [50, 200, 222, 1000])
+@pytest.mark.parametrize("clients", [2, 10, 20])
+def test_at_the_default_client_level_delta_of_up_to_20_clients_the_audit_can_show_nothing(m, clients):
+    """δ = 1 / (10·N): 0.05 for the 2 clients of tests/test_canary_audit.py, 5e-3 for scenarios/privacy_levels.yaml.
+
+    Even with every guess right these canaries cannot reject (ε, δ)-DP at any ε ≥ 0, so a
+    client-level run audited there passes "ε lower ≤ ε" whatever it leaked.
+    """
+    assert audit_ceiling(m, 1 / (10 * clients), 0.95) == 0.0
+
+
+def test_a_record_is_blind_at_an_epsilon_its_ceiling_does_not_exceed():
+    record = dict(canaries=200, included=100, guesses=100, correct=60, guesses_in=50, guesses_out=50, plans=4,
+                  confidence=0.95, delta=5e-3, epsilon_lower=0.0, score="s")  # fmt: skip
+    assert CanaryAudit(**record, epsilon_ceiling=0.0).blind_at(1.0)
+    assert CanaryAudit(**record, epsilon_ceiling=1.0).blind_at(1.0)  # ε lower would have to exceed ε
+    assert not CanaryAudit(**record, epsilon_ceiling=2.94).blind_at(1.0)
+    assert not CanaryAudit(**record, epsilon_ceiling=0.0).blind_at(None)  # no DP, no ε to violate
+    old = CanaryAudit.from_dict(record)  # a summary written before the ceiling existed
+    assert old.epsilon_ceiling is None and not old.blind_at(1.0)
+    assert list(old.to_dict()) == list(record)  # written back without the key
+    assert list(CanaryAudit(**record, epsilon_ceiling=0.0).to_dict())[-2:] == ["epsilon_ceiling", "score"]

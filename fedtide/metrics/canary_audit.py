@@ -32,6 +32,13 @@ of the same scenario would use (`privacy.delta`, else 1 / (10 · the largest cli
 The guesses are not tuned after seeing the scores, which would inflate the bound: the
 (k₊, k₋) pairs of `guess_plans` are fixed by m alone, each is tested at (1 − confidence)
 / (number of pairs) (a union bound), and the best of them is reported.
+
+The audit's reach is limited by m, δ and the confidence alone: even an attacker right on
+every guess gets only ε_lower = `audit_ceiling` (the best plan, all r guesses right). A run
+whose ε is at or above its ceiling could not have been caught overstating its privacy by
+this audit, whatever the scores. δ enters the p-value as 2·m·δ·α, so the ceiling falls as
+δ grows, to 0 at δ's of the size client-level DP uses by default (1 / (10 · N) for tens of
+clients), and more canaries raise it only while m·δ stays small (README, "Canary audit").
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from fedtide.run_files import CanaryAudit
 # out of them then score alike, low); guessing both ways doubles r when nothing is forgotten.
 GUESS_FRACTIONS = ((0.1, 0.1), (0.25, 0.25), (0.1, 0.0), (0.25, 0.0))
 SCORE = "log p(canary label) - log p(image's class) under the final model"
-_EPSILON_CEILING = 100.0  # no run of r ≤ 10⁶ guesses can reject more than this
+_EPSILON_SEARCH_LIMIT = 100.0  # no run of r ≤ 10⁶ guesses can reject more than this
 
 
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
@@ -77,9 +84,9 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, significance: floa
     if p_value(m, r, v, 0.0, delta) >= significance:
         return 0.0
     low, high = 0.0, 1.0
-    while high < _EPSILON_CEILING and p_value(m, r, v, high, delta) < significance:
+    while high < _EPSILON_SEARCH_LIMIT and p_value(m, r, v, high, delta) < significance:
         low, high = high, 2 * high
-    if high >= _EPSILON_CEILING:
+    if high >= _EPSILON_SEARCH_LIMIT:
         return low
     while high - low > 1e-6:
         middle = (low + high) / 2
@@ -95,6 +102,21 @@ def guess_plans(m: int) -> list[tuple[int, int]]:
         if sum(plan) <= m and plan not in plans:
             plans.append(plan)
     return plans
+
+
+def plan_significance(m: int, confidence: float) -> float:
+    """The level each plan of `guess_plans(m)` is tested at: 1 − confidence shared among them (a union bound)."""
+    return (1 - confidence) / len(guess_plans(m))
+
+
+def audit_ceiling(m: int, delta: float, confidence: float) -> float:
+    """The largest ε_lower that m canaries can show at δ and `confidence`: every guess right, the best plan.
+
+    The coins may leave fewer canaries in (or out) than a plan guesses, and then that plan
+    cannot be all right: the ceiling is over every outcome of the coins.
+    """
+    significance = plan_significance(m, confidence)
+    return max(epsilon_lower_bound(m, r, r, delta, significance) for r in map(sum, guess_plans(m)))
 
 
 def guesses(scores: np.ndarray, included: np.ndarray, k_in: int, k_out: int) -> tuple[int, int]:
@@ -114,10 +136,9 @@ def bound_from_scores(
     Among plans with the same bound (0 included) the first is reported.
     """
     m = len(scores)
-    plans = guess_plans(m)
-    significance = (1 - confidence) / len(plans)
+    significance = plan_significance(m, confidence)
     best = None
-    for k_in, k_out in plans:
+    for k_in, k_out in guess_plans(m):
         r, right = guesses(scores, included, k_in, k_out)
         epsilon = epsilon_lower_bound(m, r, right, delta, significance)
         if best is None or epsilon > best[0]:
@@ -167,5 +188,6 @@ def audit_canaries(scenario: Scenario, model: torch.nn.Module) -> CanaryAudit | 
         confidence=confidence,
         delta=delta,
         epsilon_lower=epsilon,
+        epsilon_ceiling=audit_ceiling(len(canaries), delta, confidence),
         score=SCORE,
     )

@@ -32,11 +32,17 @@ def summary_view(summary: RunSummary) -> Group:
         headline.add_row("ε (max over clients)", f"{privacy.epsilon_max:.3f}")
     canaries = summary.audit.canaries if summary.audit else None
     if canaries:
+        ceiling = "" if canaries.epsilon_ceiling is None else f"ceiling {canaries.epsilon_ceiling:.3f}; "
         headline.add_row(
             f"ε lower bound (canary audit, {canaries.confidence:.0%})",
-            f"{canaries.epsilon_lower:.3f} ({canaries.correct}/{canaries.guesses} guesses right, "
+            f"{canaries.epsilon_lower:.3f} ({ceiling}{canaries.correct}/{canaries.guesses} guesses right, "
             f"{canaries.canaries} canaries, δ {canaries.delta:.2e})",
         )
+        if canaries.blind_at(summary.epsilon):
+            headline.add_row(
+                "canary audit's reach",
+                f"could not have detected a violation at ε {summary.epsilon:.3f} (its ceiling is not above it)",
+            )
     if summary.privacy:
         headline.add_row("δ", f"{privacy.delta:.2e}")
         if privacy.budget_exhausted_clients:

@@ -246,14 +246,17 @@ def _canary_audit(runs: list[RunResult]) -> list[Block]:
         "lowest, and its right guesses give the largest ε that (ε, δ)-DP could not have produced, at the stated "
         "confidence (several guess plans fixed in advance share it: a union bound). ε lower is a lower bound, "
         "ε the accountant's upper bound: ε lower above ε would mean the accountant is wrong. A non-private run "
-        "is audited at the δ a DP run of its scenario would use."
+        "is audited at the δ a DP run of its scenario would use. The ceiling is the largest ε lower the canaries "
+        "could show, every guess right, set by their number, δ and the confidence alone: where it is not above ε, "
+        "the audit could not have detected a violation of ε."
     )
-    columns = ["run", "canaries", "in", "guesses in/out", "right", "confidence", "δ", "ε lower", "ε"]
+    columns = ["run", "canaries", "in", "guesses in/out", "right", "confidence", "δ", "ε lower", "ceiling", "ε"]
     rows = [
         [
             run.run_id, str(audit.canaries), str(audit.included), f"{audit.guesses_in}/{audit.guesses_out}",
             f"{audit.correct}/{audit.guesses}", f"{audit.confidence:.0%}", f"{audit.delta:.1e}",
-            _epsilon(audit.epsilon_lower), _epsilon(run.epsilon),
+            _epsilon(audit.epsilon_lower), "–" if audit.epsilon_ceiling is None else _epsilon(audit.epsilon_ceiling),
+            _epsilon(run.epsilon),
         ]  # fmt: skip
         for run in audited
         if (audit := run.canary_audit)
@@ -264,6 +267,11 @@ def _canary_audit(runs: list[RunResult]) -> list[Block]:
         blocks.append(Image("canary_epsilon.png", "ε lower bound (canary audit) against the accountant's ε", _png(
             figures.canary_figure(audited, labels))))  # fmt: skip
     blocks.append(TableBlock(columns, rows))
+    blind = [run.run_id for run in audited if run.canary_audit.blind_at(run.epsilon)]
+    if blind:
+        blocks.append(Text(
+            f"Could not have detected a violation at their ε (ceiling not above ε): {', '.join(blind)}."
+        ))  # fmt: skip
     return blocks
 
 

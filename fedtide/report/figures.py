@@ -166,11 +166,14 @@ def audit_figure(points: list[SeedGroup], delta: float) -> Figure:
 def canary_figure(runs: list[RunResult], series: dict[str, str]) -> Figure:
     """Each run's ε lower bound (canary audit) against its accountant's ε, with the line ε_lower = ε.
 
-    A point above the line would mean the accountant is beaten. Non-private runs (ε = ∞)
-    stand at the right, under the tick "no DP"; `series` labels each run (by run id).
+    A point above the line would mean the accountant is beaten. A dash above each point marks
+    its audit's ceiling (the most it could show: every guess right); a point whose dash is
+    not above the line could not have crossed it. Non-private runs (ε = ∞) stand at the
+    right, under the tick "no DP"; `series` labels each run (by run id).
     """
     finite = [run.epsilon for run in runs if run.private]
     lowers = [run.canary_audit.epsilon_lower for run in runs]
+    ceilings = [c for run in runs if (c := run.canary_audit.epsilon_ceiling) is not None]
     reach = max([*finite, *lowers, 1.0])
     no_dp_x = 1.4 * reach if finite else 1.0
     figure, axes = plt.subplots(figsize=(6.4, 4.4))
@@ -179,7 +182,16 @@ def canary_figure(runs: list[RunResult], series: dict[str, str]) -> Figure:
     for name in dict.fromkeys(series[run.run_id] for run in runs):
         mine = [run for run in runs if series[run.run_id] == name]
         xs = [run.epsilon if run.private else no_dp_x for run in mine]
-        axes.scatter(xs, [run.canary_audit.epsilon_lower for run in mine], label=name, zorder=3)
+        lows = [run.canary_audit.epsilon_lower for run in mine]
+        color = axes.scatter(xs, lows, label=name, zorder=3).get_facecolor()[0]
+        tops = [(x, low, run.canary_audit.epsilon_ceiling) for x, low, run in zip(xs, lows, mine)]
+        tops = [(x, low, ceiling) for x, low, ceiling in tops if ceiling is not None]
+        if tops:
+            x, low, ceiling = zip(*tops)
+            axes.vlines(x, low, ceiling, color=color, ls=":", lw=1, zorder=2)
+            axes.scatter(x, ceiling, marker="_", s=160, color=color, zorder=3)
+    if ceilings:
+        axes.scatter([], [], marker="_", s=160, color="grey", label="ceiling (every guess right)")
     if finite:
         ticks = [t for t in axes.get_xticks() if 0 <= t <= 1.1 * max(finite)]
         axes.set_xticks([*ticks, no_dp_x], [*(f"{t:g}" for t in ticks), "no DP"])
@@ -187,7 +199,7 @@ def canary_figure(runs: list[RunResult], series: dict[str, str]) -> Figure:
         axes.axvline((max(finite) + no_dp_x) / 2, color="grey", ls=":", lw=1)
     else:
         axes.set_xticks([no_dp_x], ["no DP"])
-    top = 1.1 * max([*lowers, *finite, 0.5])
+    top = 1.1 * max([*lowers, *ceilings, *finite, 0.5])
     axes.set_ylim(-0.03 * top, top)
     axes.set_xlabel("ε spent (accountant, max over clients)")
     axes.set_ylabel("ε lower bound (canary audit)")
