@@ -110,7 +110,10 @@ def test_the_report_and_the_console_put_the_bound_beside_the_accountant_s_epsilo
     code, _, err = run_cli("report", str(folder))
     assert code == 0, err
     report = (folder / "report.md").read_text()
-    assert "| run | method | strategy | DP level | noise σ | ε | ε lower | δ |" in report
+    assert (
+        "| run | method | strategy | DP level | σ (sample) | ε (sample) | δ (sample) | σ (client) | ε (client) "
+        "| δ (client) | ε lower |" in report
+    )
     assert "### Canary audit: a lower bound on ε" in report
     assert "![ε lower bound (canary audit) against the accountant's ε](figures/canary_epsilon.png)" in report
     assert (folder / "figures" / "canary_epsilon.png").stat().st_size > 5000

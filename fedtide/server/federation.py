@@ -62,6 +62,7 @@ from fedtide.run_files import (
     append_log,
     append_metrics,
     metrics_length,
+    privacy_guarantees,
     truncate_metrics,
     write_summary,
 )
@@ -281,6 +282,7 @@ def run_federation(
         ray_nodes=sorted(recorder.ray_nodes),
         privacy=privacy,
         client_level=client_level,
+        epsilons=privacy_guarantees(privacy, client_level) or None,
         audit=AuditSummary.from_dict(
             {**audit_clients(scenario, recorder.model), "canaries": audit_canaries(scenario, recorder.model)}
         ),
