@@ -138,10 +138,18 @@ class ClientDrop(_Record):
 
 @dataclass(frozen=True, kw_only=True)
 class RoundPrivacy(_Record):
-    """The clients' cumulative ε after a round: a client not sampled keeps its last value."""
+    """The clients' cumulative sample-level ε after a round: a client not sampled keeps its last value.
+
+    Each client's ε is its own guarantee, on its own dataset: the run's is the largest,
+    and the smallest says how far apart they are. No mean of them is a guarantee of
+    anything; `epsilon_mean` is only read from runs written before `epsilon_min` existed.
+    """
+
+    _OPTIONAL = ("epsilon_min", "epsilon_mean")
 
     epsilon_max: float
-    epsilon_mean: float
+    epsilon_min: float | None = None  # absent from runs written before it existed
+    epsilon_mean: float | None = None  # written by earlier versions only
     epsilon_per_client: dict[str, float]
     budget_exhausted_clients: list[int]
 

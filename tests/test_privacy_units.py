@@ -12,6 +12,7 @@ import pytest
 import yaml
 from rich.console import Console
 
+from fedtide.privacy.accounting import epsilon_spent
 from fedtide.report.console import summary_view
 from fedtide.report.document import build_blocks
 from fedtide.report.runs import find_runs, place_runs, seed_groups
@@ -170,3 +171,26 @@ def test_a_sweep_file_says_which_unit_its_report_compares(tmp_path):
     run_sweep(plan, runner=lambda scenario, folder: None)  # runs nothing: the sweep folder keeps the option
     assert read_report_options(plan.folder) == ReportOptions(privacy_unit="client")
     assert yaml.safe_load((plan.folder / "sweep.yaml").read_text())["report"] == {"privacy_unit": "client"}
+
+
+def test_epsilon_is_no_strategy_metric_and_each_client_s_epsilon_reaches_the_metrics(runs_dir):
+    """ε travels in the reply's bookkeeping record, not in the MetricRecord Flower's strategies
+    average by examples; metrics.jsonl still holds each client's own, what its accountant says."""
+    for name, summary in summaries(runs_dir).items():
+        assert "epsilon" not in (summary.strategy_metrics or {}), name
+        lines = [json.loads(line) for line in (runs_dir / name / "metrics.jsonl").read_text().splitlines()]
+        for line in (line for line in lines if line["type"] == "round"):
+            assert "epsilon" not in line.get("strategy_metrics", {}), name
+            if summary.privacy is None:
+                assert all(client["epsilon"] == 0.0 for client in line["per_client"])
+                continue
+            for client in line["per_client"]:
+                history = [(s, q, int(n)) for s, q, n in client["dp_history"]]
+                assert client["epsilon"] == epsilon_spent(history, summary.privacy.delta, "rdp") > 0
+            spent = line["privacy"]["epsilon_per_client"]
+            assert spent == {str(c["partition_id"]): c["epsilon"] for c in line["per_client"]}  # all sampled
+            # per-client ε as max and min over clients, never a mean of them
+            assert (line["privacy"]["epsilon_max"], line["privacy"]["epsilon_min"]) == (
+                max(spent.values()), min(spent.values())
+            )
+            assert "epsilon_mean" not in line["privacy"]

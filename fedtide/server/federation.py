@@ -155,7 +155,7 @@ class _RunRecorder:
         values = list(self.epsilon.values())
         return RoundPrivacy(
             epsilon_max=max(values),
-            epsilon_mean=sum(values) / len(values),
+            epsilon_min=min(values),
             epsilon_per_client={str(k): v for k, v in sorted(self.epsilon.items())},
             budget_exhausted_clients=sorted(self.stopped),
         )
