@@ -194,3 +194,12 @@ def test_epsilon_is_no_strategy_metric_and_each_client_s_epsilon_reaches_the_met
                 max(spent.values()), min(spent.values())
             )
             assert "epsilon_mean" not in line["privacy"]
+
+
+def test_a_report_gives_each_run_s_client_epsilons_as_max_and_min(runs_dir):
+    runs = find_runs([runs_dir / "sample"])[0]
+    spent = runs[0].summary.privacy.epsilon_per_client
+    text = " ".join(b.text for b in build_blocks(runs) if hasattr(b, "text"))
+    assert f"ε (sample) over its {CLIENTS} clients: max {max(spent.values()):.2f}" in text
+    assert f"min {min(spent.values()):.2f} (client {min(spent, key=spent.get)})." in text
+    assert "ε mean" not in text and "mean ε" not in text

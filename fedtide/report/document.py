@@ -354,6 +354,7 @@ def _run_details(run: RunResult) -> list[Block]:
             + (f" The strategy's metrics, last round: {_metrics(summary.strategy_metrics)}."
                if summary.strategy_metrics else "")
             + _parameters(run)
+            + _client_epsilons(run)
         ),
         TableBlock(
             ["after", *(f"exp {j}" for j in range(len(matrix)))],
@@ -446,6 +447,18 @@ def _parameters(run: RunResult) -> str:
         if params
     ]
     return f" {'; '.join(parts)}." if parts else ""
+
+
+def _client_epsilons(run: RunResult) -> str:
+    """Each client's sample-level ε is its own guarantee: the largest and smallest, never a mean of them."""
+    spent = run.summary.privacy.epsilon_per_client if run.summary.privacy else {}
+    if not spent:
+        return ""
+    high, low = max(spent, key=spent.get), min(spent, key=spent.get)
+    return (
+        f" ε (sample) over its {len(spent)} clients: max {spent[high]:.2f} (client {high}), "
+        f"min {spent[low]:.2f} (client {low})."
+    )
 
 
 def _metrics(values: dict[str, float | list[float]]) -> str:
