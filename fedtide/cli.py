@@ -12,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -48,6 +49,13 @@ OutputOption = Annotated[Path | None, typer.Option(help="Folder for runs (defaul
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="Override a field: --set federation.strategy.name=fedprox")
 ]
+
+
+class PrivacyUnit(StrEnum):
+    """`fedtide report --privacy-unit`: what one neighbouring dataset differs by."""
+
+    sample = "sample"
+    client = "client"
 
 
 def main() -> None:
@@ -198,18 +206,28 @@ def sweep(
 def report(
     folders: Annotated[list[Path], typer.Argument(help="Run folders, sweep folders, or folders holding them.")],
     output: Annotated[Path | None, typer.Option(help="Where to write (default: the folder, if only one).")] = None,
+    privacy_unit: Annotated[
+        PrivacyUnit | None,
+        typer.Option(
+            help="The unit of the ε runs are compared at (report.privacy_unit). Default: the sweep's report "
+            "section, else each run's own unit; required over several runs when one has both levels.",
+            case_sensitive=False,
+        ),
+    ] = None,
 ) -> None:
     """Write report.html (self-contained), report.md, report.csv and figures/ for finished runs."""
     target = output or (folders[0] if len(folders) == 1 else Path("report"))
-    console.print(f"report: [bold]{_write_report(folders, target)}[/bold]")
+    unit = privacy_unit.value if privacy_unit else None
+    console.print(f"report: [bold]{_write_report(folders, target, unit)}[/bold]")
 
 
-def _write_report(folders: list[Path], target: Path) -> Path:
+def _write_report(folders: list[Path], target: Path, privacy_unit: str | None = None) -> Path:
+    """The report of the runs under `folders`, at ε of `privacy_unit`, else of the unit their sweep file gave."""
     from fedtide.report.document import write_report
-    from fedtide.report.runs import find_runs
+    from fedtide.report.runs import find_runs, saved_privacy_unit
 
     runs, unfinished = find_runs(folders)
-    return write_report(runs, target, unfinished)
+    return write_report(runs, target, unfinished, privacy_unit or saved_privacy_unit(folders))
 
 
 @cli.command()

@@ -224,7 +224,7 @@ def _check_private(scenario: Scenario, report: PluginReport) -> None:
         report.add("DP-SGD", False, f"dp_compatible, but a DP round failed: {' '.join(str(error).split())}")
         return
     problem = array_problem(reply["arrays"], ArrayRecord(model.state_dict()))
-    epsilon = float(reply["metrics"]["epsilon"])
+    epsilon = float(reply["client"]["epsilon"])
     report.add(
         "DP-SGD",
         problem is None and epsilon > 0,

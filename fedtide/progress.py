@@ -39,9 +39,9 @@ def round_status(record: RoundRecord) -> str:
         f"| loss {record.train_loss or 0:.3f} | failed {record.clients['failed']}"
     )
     if record.privacy:
-        status += f" | ε max {record.privacy.epsilon_max:.2f}"
+        status += f" | ε(sample) max {record.privacy.epsilon_max:.2f}"
     if record.client_level:
-        status += f" | client-level ε {record.client_level.epsilon:.2f}"
+        status += f" | ε(client) {record.client_level.epsilon:.2f}"
     return status
 
 

@@ -6,9 +6,12 @@ at the end of, the global weights that ended each of them. The reply carries:
 
 - `arrays`: the client's model;
 - `metrics` (MetricRecord): only what a strategy may average — `num-examples` (the
-  weight), `train_loss`, `epsilon`;
+  weight), `train_loss`, and the continual method's own metrics;
 - `client` (ConfigRecord): bookkeeping, never averaged — partition id, consolidations,
-  whether it trained, its noise multiplier and budget state;
+  whether it trained, its cumulative ε, its noise multiplier and budget state. ε is a
+  guarantee of this client's own, not a metric: an average of the clients' ε's weighted
+  by their examples (what Flower's strategies make of a MetricRecord) bounds nothing, so
+  it stays out of the record they aggregate and the server reads each client's;
 - `privacy` (ConfigRecord, under DP): the client's whole accountant history;
 - `host` (ConfigRecord): the Ray node and machine that computed it;
 - `client-state.<key>`, when the run takes checkpoints (`checkpoint` in the train
@@ -51,7 +54,7 @@ def experience_ends(content: RecordDict) -> dict[int, ArrayRecord]:
 
 def reply_content(report: ClientRoundRecord, arrays: ArrayRecord) -> RecordDict:
     """A client's reply to a train message: its model and its round (see the module docstring)."""
-    metrics = {"num-examples": report.num_examples, "train_loss": report.train_loss, "epsilon": report.epsilon}
+    metrics = {"num-examples": report.num_examples, "train_loss": report.train_loss}
     # a method's own metrics ride in the MetricRecord, so Flower's strategies aggregate them too
     metrics |= {METHOD_METRIC_PREFIX + k: v for k, v in (report.method_metrics or {}).items()}
     content = RecordDict(
@@ -64,6 +67,7 @@ def reply_content(report: ClientRoundRecord, arrays: ArrayRecord) -> RecordDict:
                     "empty": bool(report.empty),
                     "consolidated": report.consolidated,
                     "consolidation_counts": list(report.consolidation_counts),
+                    "epsilon": report.epsilon,
                     "noise_multiplier": report.noise_multiplier,
                     "budget_exhausted": bool(report.budget_exhausted),
                 }
@@ -87,7 +91,7 @@ def client_round(content: RecordDict) -> ClientRoundRecord:
         empty=int(bool(client["empty"])),
         consolidated=int(client["consolidated"]),
         consolidation_counts=[int(c) for c in client["consolidation_counts"]],
-        epsilon=float(metrics["epsilon"]),
+        epsilon=float(client["epsilon"]),
         noise_multiplier=float(client["noise_multiplier"]),
         budget_exhausted=int(bool(client["budget_exhausted"])),
         ray_node_id=str(host["ray_node_id"]) if "ray_node_id" in host else None,

@@ -37,6 +37,8 @@ MODEL_FILE = "model.pt"  # the final global weights (a torch state_dict), writte
 LOG_FILE = "errors.log"  # every failure in full (tracebacks), where the console and metrics have one line
 CHECKPOINT_DIR = "checkpoint"  # the latest checkpoint of an unfinished run, deleted when it finishes
 _CHECKPOINT_NAME = re.compile(r"round-(\d+)\.pkl")
+SWEEP_FILE = "sweep.yaml"  # in a sweep's folder: its grid, and the report options its file gave
+REPORT_KEY = "report"  # a sweep file's section of report options (`ReportOptions`)
 # The false-positive rate at which a summary's audit reports the attack's true-positive rate.
 LOW_FPR = 0.01
 
@@ -136,10 +138,18 @@ class ClientDrop(_Record):
 
 @dataclass(frozen=True, kw_only=True)
 class RoundPrivacy(_Record):
-    """The clients' cumulative ε after a round: a client not sampled keeps its last value."""
+    """The clients' cumulative sample-level ε after a round: a client not sampled keeps its last value.
+
+    Each client's ε is its own guarantee, on its own dataset: the run's is the largest,
+    and the smallest says how far apart they are. No mean of them is a guarantee of
+    anything; `epsilon_mean` is only read from runs written before `epsilon_min` existed.
+    """
+
+    _OPTIONAL = ("epsilon_min", "epsilon_mean")
 
     epsilon_max: float
-    epsilon_mean: float
+    epsilon_min: float | None = None  # absent from runs written before it existed
+    epsilon_mean: float | None = None  # written by earlier versions only
     epsilon_per_client: dict[str, float]
     budget_exhausted_clients: list[int]
 
@@ -248,6 +258,79 @@ class ClientLevelSummary(_Record):
     secure_rng: bool = False
 
 
+SAMPLE, CLIENT = "sample", "client"
+PRIVACY_UNITS = (SAMPLE, CLIENT)  # what one neighbouring dataset differs by
+# How a guarantee's neighbouring datasets differ, and how its unit is drawn into each step.
+_ADJACENCY = {
+    "add_remove": "add or remove one {unit}",
+    "replace_one": "replace one {unit}",
+    "zero_out": "zero out one {unit}'s contribution",
+}
+_UNIT_WORDS = {SAMPLE: "sample of a client's dataset", CLIENT: "client's data"}
+_SAMPLING = {
+    (SAMPLE, "poisson"): "Poisson sampling of batches",
+    (CLIENT, "poisson"): "Poisson sampling of clients",
+    (CLIENT, "fixed"): "a fixed number of clients per round, drawn without replacement",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyGuarantee(_Record):
+    """One (ε, δ) of a run and what it is a guarantee about.
+
+    `unit` is what two neighbouring inputs differ by: one sample of a client's dataset
+    (sample-level DP-SGD, each client by its own accountant: ε is the largest client's)
+    or one client's data (client-level DP). `adjacency` is how they differ (add_remove,
+    replace_one, zero_out) and `sampling` how the unit is drawn into each step, as the
+    accountant took it. A run with both levels holds two guarantees; neither bounds the
+    other (a sample-level ε says nothing of a whole client, and a client-level ε under
+    add/remove bounds a change of one sample only through group privacy), so no ε of a
+    run is ever the smaller of the two.
+    """
+
+    unit: str  # sample | client
+    epsilon: float
+    delta: float
+    adjacency: str
+    sampling: str
+
+    @property
+    def neighbouring(self) -> str:
+        """The neighbouring relation in words: "add or remove one sample of a client's dataset"."""
+        unit = _UNIT_WORDS.get(self.unit, self.unit)
+        return _ADJACENCY.get(self.adjacency, self.adjacency + " of one {unit}").format(unit=unit)
+
+    @property
+    def sampled_by(self) -> str:
+        return _SAMPLING.get((self.unit, self.sampling), f"{self.sampling} sampling")
+
+    def describe(self) -> str:
+        """`ε 2.000 (δ 1.0e-04): add or remove one sample of a client's dataset, Poisson sampling of batches`."""
+        return f"ε {self.epsilon:.3f} (δ {self.delta:.1e}): {self.neighbouring}, {self.sampled_by}"
+
+
+def privacy_guarantees(
+    privacy: PrivacySummary | None, client_level: ClientLevelSummary | None
+) -> list[PrivacyGuarantee]:
+    """The run's guarantees, sample-level first: one per level it ran, each with its own unit."""
+    guarantees = []
+    if privacy is not None:
+        # Opacus's accountants: the subsampled Gaussian under add/remove, batches Poisson-sampled
+        sample = {"adjacency": "add_remove", "sampling": "poisson"}
+        guarantees.append(PrivacyGuarantee(unit=SAMPLE, epsilon=privacy.epsilon_max, delta=privacy.delta, **sample))
+    if client_level is not None:
+        guarantees.append(
+            PrivacyGuarantee(
+                unit=CLIENT,
+                epsilon=client_level.epsilon,
+                delta=client_level.delta,
+                adjacency=client_level.adjacency,
+                sampling=client_level.sampling,
+            )
+        )
+    return guarantees
+
+
 @dataclass(frozen=True, kw_only=True)
 class FaultSummary(_Record):
     """The simulated faults' toll on a run: how many (client, round) trainings they cancelled, and whose."""
@@ -280,9 +363,12 @@ class CanaryAudit(_Record):
     times. `plans` guess plans were tried, each at (1 − confidence) / plans; this is the best.
     `epsilon_ceiling` is the largest ε_lower these canaries could show (every guess right,
     the best plan, at this δ and confidence); None in summaries written before it existed.
+    `epsilon_audited` is the ε that protects one canary at `delta` (`canary_guarantee`: the
+    sample-level ε, or the client-level one through group privacy): what ε_lower must stay
+    under; None for a non-private run, and in summaries written before it existed.
     """
 
-    _OPTIONAL = ("epsilon_ceiling",)
+    _OPTIONAL = ("epsilon_ceiling", "epsilon_audited")
 
     canaries: int
     included: int
@@ -295,6 +381,7 @@ class CanaryAudit(_Record):
     delta: float
     epsilon_lower: float
     epsilon_ceiling: float | None = None
+    epsilon_audited: float | None = None
     score: str
 
     def blind_at(self, epsilon: float | None) -> bool:
@@ -332,7 +419,7 @@ class AuditSummary(_Record):
 class RunSummary(_Record):
     """summary.json: what a finished run measured."""
 
-    _OPTIONAL = ("privacy", "client_level", "audit", "faults", "strategy_metrics")
+    _OPTIONAL = ("privacy", "client_level", "epsilons", "audit", "faults", "strategy_metrics")
 
     name: str
     seed: int
@@ -351,6 +438,9 @@ class RunSummary(_Record):
     ray_nodes: list[str]
     privacy: PrivacySummary | None = None  # only under sample-level DP
     client_level: ClientLevelSummary | None = None  # only under client-level DP
+    # each ε with its unit and neighbouring relation, side by side (`privacy_guarantees`);
+    # absent from non-private runs and from runs written before it existed
+    epsilons: list[PrivacyGuarantee] | None = None
     audit: AuditSummary | None = None  # absent from runs written before the audit existed
     faults: FaultSummary | None = None  # only when the scenario simulates faults
     strategy_metrics: dict[str, float | list[float]] | None = None  # the last round's, if the strategy had any
@@ -358,6 +448,7 @@ class RunSummary(_Record):
     def __post_init__(self) -> None:
         _set(self, "privacy", _typed(self.privacy, PrivacySummary))
         _set(self, "client_level", _typed(self.client_level, ClientLevelSummary))
+        _set(self, "epsilons", _typed_list(self.epsilons, PrivacyGuarantee))
         _set(self, "audit", _typed(self.audit, AuditSummary))
         _set(self, "faults", _typed(self.faults, FaultSummary))
 
@@ -376,14 +467,66 @@ class RunSummary(_Record):
         return "client" if self.client_level else None
 
     @property
-    def epsilon(self) -> float | None:
-        """The run's ε as a privacy-utility plot places it: sample-level ε (the largest client's), else
-        client-level ε; under both levels, the smaller, since each alone bounds what one sample leaks."""
-        values = [
-            *([self.privacy.epsilon_max] if self.privacy else []),
-            *([self.client_level.epsilon] if self.client_level else []),
-        ]
-        return min(values) if values else None
+    def guarantees(self) -> list[PrivacyGuarantee]:
+        """Each ε of the run with its unit, read from the privacy sections (runs of any version)."""
+        return privacy_guarantees(self.privacy, self.client_level)
+
+    @property
+    def units(self) -> list[str]:
+        """The units the run has an ε of: [], [sample], [client] or [sample, client]."""
+        return [guarantee.unit for guarantee in self.guarantees]
+
+    def guarantee(self, unit: str) -> PrivacyGuarantee | None:
+        """The run's guarantee of `unit`, None when it ran no DP of that unit."""
+        return next((g for g in self.guarantees if g.unit == unit), None)
+
+    def epsilon_of(self, unit: str) -> float | None:
+        """ε of `unit` (sample: the largest client's), None when the run has no ε of that unit.
+
+        There is deliberately no unit-less `epsilon`: under both levels the two ε's are
+        two guarantees about different neighbouring datasets, and neither is the run's.
+        """
+        guarantee = self.guarantee(unit)
+        return guarantee.epsilon if guarantee else None
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What a report is asked, independent of any scenario: a sweep file's `report:` section
+    (kept in the sweep folder's sweep.yaml), or `fedtide report`'s flags.
+
+    `privacy_unit` is the unit of the ε a report compares runs at (sample | client); None
+    takes it from the runs (`fedtide.report.runs.place_runs`).
+    """
+
+    privacy_unit: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in (("privacy_unit", self.privacy_unit),) if v is not None}
+
+
+def parse_report_options(raw: Any, where: str = REPORT_KEY) -> ReportOptions:
+    """A `report:` section (None when there is none); an unknown key or unit fails naming its field."""
+    if raw is None:
+        return ReportOptions()
+    if not isinstance(raw, dict):
+        raise ScenarioError(where, "must be a section", "e.g. report: {privacy_unit: client}")
+    unknown = sorted(set(raw) - {"privacy_unit"})
+    if unknown:
+        raise ScenarioError(f"{where}.{unknown[0]}", "unknown key", "the report options are: privacy_unit")
+    unit = raw.get("privacy_unit")
+    if unit is not None and unit not in PRIVACY_UNITS:
+        raise ScenarioError(f"{where}.privacy_unit", f"is {unit!r}", f"give one of: {', '.join(PRIVACY_UNITS)}")
+    return ReportOptions(privacy_unit=unit)
+
+
+def read_report_options(folder: Path) -> ReportOptions:
+    """The report options a sweep folder's sweep.yaml holds (none for a run folder, or a sweep without any)."""
+    path = folder / SWEEP_FILE
+    if not path.is_file():
+        return ReportOptions()
+    raw = yaml.safe_load(path.read_text()) or {}
+    return parse_report_options(raw.get(REPORT_KEY) if isinstance(raw, dict) else None, f"{path}: {REPORT_KEY}")
 
 
 def create_run_folder(scenario: Scenario, output: Path | None = None) -> Path:

@@ -6,6 +6,8 @@ sweep:
   continual.method: [naive, replay]           # switching method drops the old one's parameters
   continual: [{method: ewc, ewc_lambda: 10}, {method: replay, mem_size: 100}]   # or whole sections
   seeds: [0, 1, 2]                            # shorthand for `seed`
+report:                                       # optional: what the sweep's report compares
+  privacy_unit: client                        # the unit of ε (sample | client); default: the runs'
 ```
 
 Each point of the cartesian product is a run folder `OUTPUT/<name>/<point>/` whose
@@ -43,7 +45,16 @@ from fedtide.data.loading import apply_overrides, parse_scenario, read_yaml, set
 from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
 from fedtide.point_pools import Submit, local_processes, ray_tasks
-from fedtide.run_files import SCENARIO_FILE, SUMMARY_FILE, checkpoint_round, prepare_run_folder
+from fedtide.run_files import (
+    REPORT_KEY,
+    SCENARIO_FILE,
+    SUMMARY_FILE,
+    SWEEP_FILE,
+    ReportOptions,
+    checkpoint_round,
+    parse_report_options,
+    prepare_run_folder,
+)
 from fedtide.validation import check_runnable
 
 SWEEP_KEY = "sweep"
@@ -64,6 +75,7 @@ class Sweep:
     output: Path
     grid: dict[str, list[Any]]
     points: list[SweepPoint]
+    report: ReportOptions = ReportOptions()  # the file's `report:` section, kept in the sweep folder
 
     @property
     def folder(self) -> Path:
@@ -80,12 +92,27 @@ def load_sweep(path: Path, overrides: list[str] | tuple[str, ...] = (), output: 
     for field, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ScenarioError(f"{SWEEP_KEY}.{field}", "must be a non-empty list of values", "e.g. [0.0, 1.0]")
+    report = parse_report_options(raw.pop(REPORT_KEY, None))
     base = parse_scenario(raw)
     points = [_point(raw, dict(zip(grid, values))) for values in itertools.product(*grid.values())]
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         raise ScenarioError(SWEEP_KEY, "two grid points get the same run name", "list each value once per field")
-    return Sweep(base.name, Path(output if output is not None else base.output), grid, points)
+    _check_report(points, report)
+    return Sweep(base.name, Path(output if output is not None else base.output), grid, points, report)
+
+
+def _check_report(points: list[SweepPoint], report: ReportOptions) -> None:
+    """A sweep whose report could not be written fails before it runs: with points of both DP levels,
+    the report must be told which ε it compares (`fedtide.report.runs.place_runs`)."""
+    both = [p for p in points if p.scenario.privacy.private and p.scenario.privacy.client_private]
+    if both and len(points) > 1 and report.privacy_unit is None:
+        raise ScenarioError(
+            f"{REPORT_KEY}.privacy_unit",
+            f"must be given: point {both[0].name} runs sample- and client-level DP, two ε's neither of which "
+            "bounds the other, and the report compares one",
+            "add report: {privacy_unit: sample} or {privacy_unit: client} to the sweep file",
+        )
 
 
 def _point(raw: dict[str, Any], assignment: dict[str, Any]) -> SweepPoint:
@@ -160,7 +187,8 @@ def run_sweep(
     _check_folders(sweep)
     address = _ray_address(sweep)
     sweep.folder.mkdir(parents=True, exist_ok=True)
-    (sweep.folder / "sweep.yaml").write_text(yaml.safe_dump({SWEEP_KEY: sweep.grid}, sort_keys=False))
+    written = {SWEEP_KEY: sweep.grid} | ({REPORT_KEY: sweep.report.to_dict()} if sweep.report.to_dict() else {})
+    (sweep.folder / SWEEP_FILE).write_text(yaml.safe_dump(written, sort_keys=False))
     outcome = SweepOutcome([], [], {})
     notify = on_point or (lambda point, event: None)
     tick = refresh or (lambda: None)

@@ -18,6 +18,7 @@ have detected a violation.
 
 import copy
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -68,7 +69,9 @@ def sweep(tmp_path_factory):
     for name, privacy in (
         ("plain", {}),
         ("dp", {"enabled": True, "target_epsilon": 1.0}),
-        ("client-dp", {**client_level, "client_level": {"target_epsilon": 1.0, "delta": 1e-4}}),
+        # replace-one: a canary's coin is one neighbouring step (under add/remove it is two: group privacy)
+        ("client-dp", {**client_level, "client_level": {
+            "target_epsilon": 1.0, "delta": 1e-4, "sampling": "fixed", "adjacency": "replace_one"}}),  # fmt: skip
         ("client-dp-default-delta", client_level),  # δ = 1 / (10 · 2)
     ):
         scenario = audit_scenario(name=name, privacy=privacy)
@@ -119,8 +122,9 @@ def test_under_client_level_dp_the_canaries_are_audited_against_the_client_level
     _, _, plain = runs["plain"]
     scenario, _, summary = runs["client-dp"]
     level, audit = summary["client_level"], summary["audit"]["canaries"]
-    assert "privacy" not in summary and 0.9 < level["epsilon"] <= 1.0
+    assert "privacy" not in summary and 0.9 < level["epsilon"] <= 1.0 and level["adjacency"] == "replace_one"
     assert audit["delta"] == level["delta"] == client_level_delta(scenario) == 1e-4
+    assert audit["epsilon_audited"] == level["epsilon"]
     assert audit["epsilon_ceiling"] > level["epsilon"] + 1  # the check below can fail
     assert audit["epsilon_lower"] <= level["epsilon"], audit
     # unprotected, the same canaries beat this ε (at δ 1.4e-4; at the smaller 1e-4 their bound is only higher)
@@ -133,11 +137,14 @@ def test_at_the_default_client_level_delta_of_two_clients_the_audit_is_blind_and
     _, runs = sweep
     _, run_dir, summary = runs["client-dp-default-delta"]
     level, audit = summary["client_level"], summary["audit"]["canaries"]
-    assert audit["delta"] == level["delta"] == 0.05
+    assert level["delta"] == 0.05 and level["adjacency"] == "add_remove"
+    # a canary's coin changes one sample: two add/remove steps at the client level (group privacy)
+    assert audit["epsilon_audited"] == 2 * level["epsilon"]
+    assert audit["delta"] == pytest.approx((1 + math.exp(level["epsilon"])) * 0.05)
     assert audit["epsilon_ceiling"] == audit["epsilon_lower"] == 0.0
     console = Console(record=True, width=200)
     console.print(summary_view(read_summary(run_dir)))
-    assert f"{BLIND} {level['epsilon']:.3f}" in console.export_text()
+    assert f"{BLIND} {audit['epsilon_audited']:.3f}" in console.export_text()
 
 
 def test_the_report_and_the_console_put_the_bound_beside_the_accountant_s_epsilon(sweep, run_cli):
@@ -145,17 +152,23 @@ def test_the_report_and_the_console_put_the_bound_beside_the_accountant_s_epsilo
     code, _, err = run_cli("report", str(folder))
     assert code == 0, err
     report = (folder / "report.md").read_text()
-    assert "| run | method | strategy | DP level | noise σ | ε | ε lower | δ |" in report
+    assert (
+        "| run | method | strategy | DP level | σ (sample) | ε (sample) | δ (sample) | σ (client) | ε (client) "
+        "| δ (client) | ε lower |" in report
+    )
     assert "### Canary audit: a lower bound on ε" in report
-    assert "![ε lower bound (canary audit) against the accountant's ε](figures/canary_epsilon.png)" in report
+    assert "![ε lower bound (canary audit) against the ε that protects a canary](figures/canary_epsilon.png)" in report
     assert (folder / "figures" / "canary_epsilon.png").stat().st_size > 5000
-    assert "| run | canaries | in | guesses in/out | right | confidence | δ | ε lower | ceiling | ε |" in report
+    columns = "| run | canaries | in | guesses in/out | right | confidence | δ | ε lower | ceiling | ε (a canary) |"
+    assert columns in report
     assert (
         "Could not have detected a violation at their ε (ceiling not above ε): "
         f"{folder.name}/client-dp-default-delta.\n" in report
     )
-    epsilons = {"plain": "∞", "dp": f"{runs['dp'][2]['privacy']['epsilon_max']:.2f}"}
-    epsilons |= {name: f"{runs[name][2]['client_level']['epsilon']:.2f}" for name in runs if name.startswith("client")}
+    epsilons = {"plain": "–", "dp": f"{runs['dp'][2]['privacy']['epsilon_max']:.2f}"}
+    epsilons |= {
+        name: f"{runs[name][2]['audit']['canaries']['epsilon_audited']:.2f}" for name in runs if name != "plain"
+    }
     for name, epsilon in epsilons.items():
         audit = runs[name][2]["audit"]["canaries"]
         row = (
@@ -180,8 +193,9 @@ def test_a_summary_written_before_the_ceiling_existed_reads_writes_back_and_show
     _, run_dir, summary = runs["client-dp-default-delta"]
     raw = copy.deepcopy(summary)
     del raw["audit"]["canaries"]["epsilon_ceiling"]
+    del raw["audit"]["canaries"]["epsilon_audited"]
     old = RunSummary.from_dict(raw)
-    assert old.audit.canaries.epsilon_ceiling is None
+    assert old.audit.canaries.epsilon_ceiling is None and old.audit.canaries.epsilon_audited is None
     assert json.dumps(old.to_dict()) == json.dumps(raw)  # the same keys in the same order
     audit = raw["audit"]["canaries"]
     console = Console(record=True, width=200)
@@ -191,6 +205,6 @@ def test_a_summary_written_before_the_ceiling_existed_reads_writes_back_and_show
     assert BLIND not in text  # without a ceiling the console claims nothing about the audit's reach
     (run,), _ = find_runs([run_dir])
     blocks = build_blocks([replace(run, summary=old)])
-    (table,) = [block for block in blocks if getattr(block, "columns", [None])[-2:] == ["ceiling", "ε"]]
-    assert table.rows[0][-2] == "–"
+    (table,) = [block for block in blocks if getattr(block, "columns", [None])[-2:] == ["ceiling", "ε (a canary)"]]
+    assert table.rows[0][-2:] == ["–", "–"]
     assert not any(isinstance(block, Text) and "Could not have detected" in block.text for block in blocks)

@@ -50,7 +50,7 @@ def history(reply) -> list[tuple[float, float, int]]:
 def test_epsilon_is_cumulative_and_recomputed_by_opacus():
     scenario = private_scenario()
     _, replies = run_private(scenario)
-    reported = [reply["metrics"]["epsilon"] for reply in replies]
+    reported = [reply["client"]["epsilon"] for reply in replies]
     assert all(b > a for a, b in zip(reported, reported[1:])), reported
     for reply, epsilon in zip(replies, reported):
         accountant = RDPAccountant()
@@ -84,7 +84,7 @@ def test_si_under_dp_spends_nothing_more_and_its_penalty_survives():
     replies, arrays, state = [r.reply for r in rounds], rounds[-1].reply["arrays"], rounds[-1].state
     assert [int(r["client"]["consolidated"]) for r in replies] == [0, 0, 1, 0]
     assert history(replies[-1]) == history(naive_replies[-1])  # the same DP steps, nothing else charged
-    assert replies[-1]["metrics"]["epsilon"] == naive_replies[-1]["metrics"]["epsilon"]
+    assert replies[-1]["client"]["epsilon"] == naive_replies[-1]["client"]["epsilon"]
     importance = stored_method_state(state, si_scenario)["importance"].values()
     assert sum(int((i > 0).sum()) for i in importance) > 100  # learned from the noised path
     assert not np.allclose(flat(naive), flat(arrays))  # same noise draws: only the penalty differs
@@ -97,7 +97,7 @@ def test_ewc_fisher_pass_under_dp_is_charged_to_the_accountant():
     ewc_steps = sum(s for *_, s in history(ewc[-1]))
     experience_0 = len(experience_partitions(private_scenario())[0][0])
     assert ewc_steps - naive_steps == math.ceil(experience_0 / 32)  # one Poisson pass over experience 0
-    assert ewc[-1]["metrics"]["epsilon"] > naive[-1]["metrics"]["epsilon"]
+    assert ewc[-1]["client"]["epsilon"] > naive[-1]["client"]["epsilon"]
 
 
 def test_replay_buffer_is_inside_the_poisson_sampled_dataset():
@@ -115,7 +115,7 @@ def test_replay_buffer_is_inside_the_poisson_sampled_dataset():
 def test_budget_stops_a_client_before_it_exceeds_the_target():
     scenario = private_scenario(noise_multiplier=1.0, target_epsilon=3.0)
     _, replies = run_private(scenario)
-    epsilons = [reply["metrics"]["epsilon"] for reply in replies]
+    epsilons = [reply["client"]["epsilon"] for reply in replies]
     stopped = [reply["client"]["budget_exhausted"] for reply in replies]
     assert max(epsilons) <= 3.0
     assert stopped[0] is False and stopped[-1] is True
@@ -129,7 +129,7 @@ def test_target_epsilon_calibrates_noise_to_spend_about_the_target():
         privacy={"enabled": True, "target_epsilon": 2.0},
     )
     _, replies = run_private(scenario, schedule=[(0, 1), (1, 2), (2, 3)])
-    final = replies[-1]["metrics"]["epsilon"]
+    final = replies[-1]["client"]["epsilon"]
     assert 1.9 <= final <= 2.0
     footprint = build_method(scenario.continual).private_footprint()
     assert replies[-1]["client"]["noise_multiplier"] == noise_multiplier(scenario, 0, footprint) > 0.5
@@ -191,7 +191,7 @@ def test_grad_sample_modes_spend_the_same_epsilon_and_train_alike():
     hooks_weights, hooks_replies = runs["hooks"]
     for weights, replies in runs.values():
         assert [history(r) for r in replies] == [history(r) for r in hooks_replies]
-        assert [r["metrics"]["epsilon"] for r in replies] == [r["metrics"]["epsilon"] for r in hooks_replies]
+        assert [r["client"]["epsilon"] for r in replies] == [r["client"]["epsilon"] for r in hooks_replies]
         np.testing.assert_allclose(weights, hooks_weights, rtol=0, atol=1e-6)  # float rounding only
 
 

@@ -169,7 +169,7 @@ def test_report_tables_carry_the_runs_numbers(sweep_dir):
         assert float(row["BWT %"]) == pytest.approx(100 * summary.bwt, abs=0.005)
         assert float(row["attack AUC"]) == pytest.approx(summary.audit.auc_max, abs=0.0005)
         expected_epsilon = f"{summary.privacy.epsilon_max:.2f}" if summary.privacy else "∞"
-        assert row["ε"] == expected_epsilon
+        assert row["ε (sample)"] == expected_epsilon
 
     # the privacy-utility table: mean ± std over the two seeds of each noise level
     markdown = (folder / "report.md").read_text()

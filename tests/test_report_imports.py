@@ -66,7 +66,7 @@ def client(partition_id: int, epsilon: float) -> ClientRoundRecord:
 def spent(epsilons: dict[str, float]) -> RoundPrivacy:
     values = list(epsilons.values())
     return RoundPrivacy(
-        epsilon_max=max(values), epsilon_mean=sum(values) / len(values), epsilon_per_client=epsilons,
+        epsilon_max=max(values), epsilon_min=min(values), epsilon_per_client=epsilons,
         budget_exhausted_clients=[],
     )  # fmt: skip
 

@@ -22,12 +22,15 @@ only the final model, and its canaries are ordinary samples rather than worst ca
 Every canary sits in one client's data, and every client's DP-SGD is (ε_c, δ)-DP on its
 own data by its own accountant; the rest of the federation only post-processes what
 that client sends, so each canary's coin is protected at the largest ε_c — the ε the
-summary reports (`privacy.epsilon_max`). Client-level DP protects a client's whole data,
-so each of its canaries too, at the client-level ε. δ is the accountant's
-(`client_delta`, or `client_level_delta` under client-level DP alone; under both levels
-the larger of the two, which tests both guarantees at once: (ε, δ)-DP implies (ε, δ')-DP
-for δ' ≥ δ); a non-private run has none, and is audited at the δ a sample-level DP run
-of the same scenario would use (`privacy.delta`, else 1 / (10 · the largest client dataset)).
+summary reports (`privacy.epsilon_max`) — at the sample-level δ (`client_delta`).
+Client-level DP protects a client's whole data, but a canary's coin changes one sample of
+that data: under replace-one adjacency that is one neighbouring step (ε, δ); under
+add/remove or zero-out it is two (remove the client's data, add it back with or without
+the canary), so by group privacy (2ε, (1 + e^ε)·δ) (`canary_guarantee`). Under both
+levels both hold, so the canaries are audited at the larger δ against the smaller ε: (ε,
+δ)-DP implies (ε, δ')-DP for δ' ≥ δ. A non-private run has no ε, and is audited at the δ
+a sample-level DP run of the same scenario would use (`privacy.delta`, else 1 / (10 · the
+largest client dataset)).
 
 The guesses are not tuned after seeing the scores, which would inflate the bound: the
 (k₊, k₋) pairs of `guess_plans` are fixed by m alone, each is tested at (1 − confidence)
@@ -158,23 +161,34 @@ def canary_scores(model: torch.nn.Module, canaries: Canaries, images: torch.Tens
     )
 
 
-def audit_delta(scenario: Scenario) -> float:
-    """The δ the canaries test the run's guarantee at (see the module docstring)."""
-    privacy = scenario.privacy
-    if not privacy.client_private:
-        return client_delta(scenario)
-    level = client_level_delta(scenario)
-    return max(client_delta(scenario), level) if privacy.private else level
+def canary_guarantee(
+    scenario: Scenario, sample_epsilon: float | None, client_epsilon: float | None
+) -> tuple[float | None, float]:
+    """(ε, δ) that protect one canary's coin, from the run's ε's (see the module docstring)."""
+    guarantees = []
+    if sample_epsilon is not None:
+        guarantees.append((sample_epsilon, client_delta(scenario)))
+    if client_epsilon is not None:
+        delta = client_level_delta(scenario)
+        if scenario.privacy.client_level.adjacency == "replace_one":
+            guarantees.append((client_epsilon, delta))
+        else:
+            guarantees.append((2 * client_epsilon, (1 + math.exp(client_epsilon)) * delta))
+    if not guarantees:
+        return None, client_delta(scenario)
+    return min(e for e, _ in guarantees), max(d for _, d in guarantees)
 
 
-def audit_canaries(scenario: Scenario, model: torch.nn.Module) -> CanaryAudit | None:
-    """The canary audit of the final model; None when the scenario has no canaries."""
+def audit_canaries(
+    scenario: Scenario, model: torch.nn.Module, sample_epsilon: float | None, client_epsilon: float | None
+) -> CanaryAudit | None:
+    """The canary audit of the final model against the run's ε's; None when the scenario has no canaries."""
     canaries = experience_canaries(scenario)
     if canaries is None:
         return None
     data = load_dataset(scenario.dataset.name, scenario.dataset.root)
     scores = canary_scores(model.cpu(), canaries, data.test_x[torch.from_numpy(canaries.image)])
-    delta = audit_delta(scenario)
+    epsilon_audited, delta = canary_guarantee(scenario, sample_epsilon, client_epsilon)
     confidence = scenario.audit.confidence
     epsilon, r, right, k_in, k_out = bound_from_scores(scores, canaries.included, delta, confidence)
     return CanaryAudit(
@@ -189,5 +203,6 @@ def audit_canaries(scenario: Scenario, model: torch.nn.Module) -> CanaryAudit | 
         delta=delta,
         epsilon_lower=epsilon,
         epsilon_ceiling=audit_ceiling(len(canaries), delta, confidence),
+        epsilon_audited=epsilon_audited,
         score=SCORE,
     )

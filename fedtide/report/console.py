@@ -5,7 +5,9 @@ from __future__ import annotations
 from rich.console import Group
 from rich.table import Table
 
-from fedtide.run_files import RunSummary
+from fedtide.run_files import CLIENT, SAMPLE, RunSummary
+
+_EPSILON_ROW = {SAMPLE: "ε, unit sample (max over clients)", CLIENT: "ε, unit client"}
 
 
 def summary_view(summary: RunSummary) -> Group:
@@ -20,16 +22,15 @@ def summary_view(summary: RunSummary) -> Group:
 
     headline = Table(title=f"Run '{summary.name}': {summary.strategy} + {summary.method}")
     headline.add_column("metric")
-    headline.add_column("value", justify="right")
+    headline.add_column("value")  # left: an ε row names its neighbouring relation after the number
     headline.add_row("final average accuracy", f"{100 * summary.final_average_accuracy:.2f}%")
     headline.add_row("average forgetting", f"{100 * summary.average_forgetting:.2f}%")
     headline.add_row("BWT", f"{100 * summary.bwt:.2f}%")
     headline.add_row("clients failed", str(summary.clients_failed))
     if summary.faults:
         headline.add_row("clients dropped (simulated faults)", summary.faults.describe())
-    if summary.privacy:
-        privacy = summary.privacy
-        headline.add_row("ε (max over clients)", f"{privacy.epsilon_max:.3f}")
+    for guarantee in summary.guarantees:  # each ε with its own unit: two levels are two guarantees
+        headline.add_row(_EPSILON_ROW[guarantee.unit], guarantee.describe().removeprefix("ε "))
     canaries = summary.audit.canaries if summary.audit else None
     if canaries:
         ceiling = "" if canaries.epsilon_ceiling is None else f"ceiling {canaries.epsilon_ceiling:.3f}; "
@@ -38,19 +39,16 @@ def summary_view(summary: RunSummary) -> Group:
             f"{canaries.epsilon_lower:.3f} ({ceiling}{canaries.correct}/{canaries.guesses} guesses right, "
             f"{canaries.canaries} canaries, δ {canaries.delta:.2e})",
         )
-        if canaries.blind_at(summary.epsilon):
+        if canaries.blind_at(canaries.epsilon_audited):
             headline.add_row(
                 "canary audit's reach",
-                f"could not have detected a violation at ε {summary.epsilon:.3f} (its ceiling is not above it)",
+                f"could not have detected a violation at ε {canaries.epsilon_audited:.3f} "
+                "(its ceiling is not above it)",
             )
-    if summary.privacy:
-        headline.add_row("δ", f"{privacy.delta:.2e}")
-        if privacy.budget_exhausted_clients:
-            headline.add_row("clients out of budget", ", ".join(map(str, privacy.budget_exhausted_clients)))
+    if summary.privacy and summary.privacy.budget_exhausted_clients:
+        headline.add_row("clients out of budget", ", ".join(map(str, summary.privacy.budget_exhausted_clients)))
     if summary.client_level:
         level = summary.client_level
-        headline.add_row("client-level ε", f"{level.epsilon:.3f}")
-        headline.add_row("client-level δ", f"{level.delta:.2e}")
         headline.add_row("client-level σ, sample rate q", f"{level.noise_multiplier:.3g}, {level.sample_rate:g}")
     headline.add_row("wall time", f"{summary.wall_time_s:.1f} s")
     return Group(grid, headline)

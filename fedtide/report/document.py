@@ -22,14 +22,17 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from fedtide.report import figures
-from fedtide.report.runs import RunResult, SeedGroup, seed_groups, series_labels
+from fedtide.report.runs import RunResult, SeedGroup, place_runs, seed_groups, series_labels
+from fedtide.run_files import CLIENT, PRIVACY_UNITS, SAMPLE
 
 HTML_FILE, MARKDOWN_FILE, CSV_FILE, FIGURES_DIR = "report.html", "report.md", "report.csv", "figures"
+# Each unit's σ, ε and δ side by side: a run with both levels has two guarantees, neither the run's.
+UNIT_COLUMNS = {unit: (f"σ ({unit})", f"ε ({unit})", f"δ ({unit})") for unit in PRIVACY_UNITS}
 RUN_COLUMNS = [
-    "run", "method", "strategy", "DP level", "noise σ", "ε", "ε lower", "δ", "final accuracy %", "forgetting %",
-    "BWT %", "attack AUC", "TPR@1%FPR %", "clients dropped", "wall time s",
+    "run", "method", "strategy", "DP level", *UNIT_COLUMNS["sample"], *UNIT_COLUMNS["client"], "ε lower",
+    "final accuracy %", "forgetting %", "BWT %", "attack AUC", "TPR@1%FPR %", "clients dropped", "wall time s",
 ]  # fmt: skip
-PRIVACY_COLUMNS = ("DP level", "noise σ", "ε", "δ")  # shown only when some run is private
+PRIVACY_COLUMNS = ("DP level",)  # shown only when some run is private; a unit's columns when some run has it
 FAULT_COLUMNS = ("clients dropped",)  # shown only when some run simulated faults
 CANARY_COLUMNS = ("ε lower",)  # shown only when some run has a canary audit
 
@@ -61,9 +64,12 @@ class Image:
 Block = Heading | Text | TableBlock | Image
 
 
-def write_report(runs: list[RunResult], output: Path, unfinished: list[Path] = ()) -> Path:
-    """Write the report of `runs` into `output`; returns the HTML file's path."""
-    blocks = build_blocks(runs, unfinished)
+def write_report(
+    runs: list[RunResult], output: Path, unfinished: list[Path] = (), privacy_unit: str | None = None
+) -> Path:
+    """Write the report of `runs` into `output`, comparing them at ε of `privacy_unit` (`place_runs`);
+    returns the HTML file's path."""
+    blocks = build_blocks(runs, unfinished, privacy_unit)
     output.mkdir(parents=True, exist_ok=True)
     (output / FIGURES_DIR).mkdir(exist_ok=True)
     for block in blocks:
@@ -75,8 +81,11 @@ def write_report(runs: list[RunResult], output: Path, unfinished: list[Path] = (
     return output / HTML_FILE
 
 
-def build_blocks(runs: list[RunResult], unfinished: list[Path] = ()) -> list[Block]:
-    """The report's content, in reading order: privacy sections only when some run is private."""
+def build_blocks(runs: list[RunResult], unfinished: list[Path] = (), privacy_unit: str | None = None) -> list[Block]:
+    """The report's content, in reading order: privacy sections only when some run is private.
+
+    Runs are compared at ε of `privacy_unit`, else as `place_runs` places them."""
+    runs = place_runs(runs, privacy_unit)
     blocks: list[Block] = [Heading(_title(runs), 1), Text(_preamble(runs, unfinished))]
     blocks += [Heading("Runs"), _runs_table(runs)]
     points = seed_groups(runs)
@@ -98,8 +107,15 @@ def _runs_table(runs: list[RunResult]) -> TableBlock:
     return TableBlock(columns, [[row[i] for i in keep] for row in rows])
 
 
+def _chosen_unit(runs: list[RunResult]) -> str | None:
+    """The unit the report was asked to compare runs at (`place_runs` gave it to every run), else None."""
+    return next((run.unit for run in runs if run.unit), None)
+
+
 def _shown_columns(runs: list[RunResult]) -> list[str]:
     hidden = set() if any(run.private for run in runs) else set(PRIVACY_COLUMNS)
+    for unit, columns in UNIT_COLUMNS.items():
+        hidden |= set() if any(unit in run.summary.units for run in runs) else set(columns)
     hidden |= set() if any(run.summary.faults for run in runs) else set(FAULT_COLUMNS)
     hidden |= set() if any(run.canary_audit for run in runs) else set(CANARY_COLUMNS)
     return [column for column in RUN_COLUMNS if column not in hidden]
@@ -113,10 +129,8 @@ def run_row(run: RunResult) -> list[str]:
         summary.method,
         summary.strategy,
         summary.privacy_level or "–",
-        f"{run.noise:.3g}",
-        _epsilon(run.epsilon),
+        *(cell for unit in PRIVACY_UNITS for cell in _unit_cells(run, unit)),
         _epsilon(run.canary_audit.epsilon_lower) if run.canary_audit else "–",
-        f"{run.delta:.1e}" if run.delta else "–",
         _pct(summary.final_average_accuracy),
         _pct(summary.average_forgetting),
         _pct(summary.bwt),
@@ -125,6 +139,14 @@ def run_row(run: RunResult) -> list[str]:
         str(summary.faults.clients_dropped) if summary.faults else "–",
         f"{summary.wall_time_s:.1f}",
     ]
+
+
+def _unit_cells(run: RunResult, unit: str) -> list[str]:
+    """σ, ε and δ of `unit`: σ 0 and ε ∞ without DP; `no client ε` for a private run of another unit."""
+    guarantee = run.summary.guarantee(unit)
+    if guarantee is None:
+        return ["0" if not run.private else "–", run.epsilon_text(unit), "–"]
+    return [f"{run.noise_of(unit):.3g}", f"{guarantee.epsilon:.2f}", f"{guarantee.delta:.1e}"]
 
 
 def _title(runs: list[RunResult]) -> str:
@@ -140,14 +162,47 @@ def _preamble(runs: list[RunResult], unfinished: list[Path]) -> str:
         "test accuracy; forgetting and BWT follow Avalanche's definitions over the accuracy matrix."
     )
     if any(run.private for run in runs):
-        text += " ε is the largest cumulative ε over clients (sample-level DP-SGD, each client's own accountant)."
-    if any(run.summary.client_level for run in runs):
-        text += (
-            " Client-level ε is the server's over its noisy aggregates (DP-FedAvg, clients sampled at rate q);"
-            " a run with both levels is placed at the smaller ε, since either bounds what one sample leaks."
-        )
+        text += " " + _units_text(runs)
     if unfinished:
         text += f" Left out, unfinished (no summary.json): {', '.join(p.name for p in unfinished)}."
+    return text
+
+
+def _units_text(runs: list[RunResult]) -> str:
+    """What each ε of the report is a guarantee about, and which one the runs are compared at."""
+    relations = {
+        unit: sorted({f"{g.neighbouring}, {g.sampled_by}" for run in runs if (g := run.summary.guarantee(unit))})
+        for unit in PRIVACY_UNITS
+    }
+    text = "Every ε names its unit and its neighbouring relation."
+    if relations[SAMPLE]:
+        text += (
+            " ε (sample) is sample-level DP-SGD's, each client by its own accountant on its own dataset, the largest "
+            f"over clients: {'; '.join(relations[SAMPLE])}."
+        )
+    if relations[CLIENT]:
+        text += (
+            f" ε (client) is the server's over its noisy aggregates (client-level DP): {'; '.join(relations[CLIENT])}."
+        )
+    if any(len(run.summary.units) > 1 for run in runs):
+        text += " A run with both levels has both ε's, side by side: neither bounds the other."
+    placed = {run.placed_unit for run in runs if run.private} - {None}
+    if len(runs) > 1 and placed:
+        unit = _chosen_unit(runs)
+        if unit:
+            text += f" Runs are compared at ε ({unit})"
+            unplaced = [run.run_id for run in runs if not run.placed]
+            text += (
+                f"; runs with no {unit}-level ε are in the tables as \"no {unit} ε\" and on no ε axis: "
+                f"{', '.join(unplaced)}." if unplaced else "."
+            )
+        elif len(placed) > 1:
+            text += (
+                " Sample- and client-level runs are separate series, each at the ε of its own unit; "
+                "report.privacy_unit (fedtide report --privacy-unit) compares all at one."
+            )
+        else:
+            text += f" Runs are compared at ε ({placed.pop()})."
     return text
 
 
@@ -157,7 +212,7 @@ def _comparison(points: list[SeedGroup]) -> list[Block]:
     rows = [
         [
             point.series,
-            f"ε {_mean_std(point, 'epsilon', 1, '{:.2f}')}" if point.private else "none",
+            _privacy_cell(point),
             _mean_std(point, "final_average_accuracy", 100, "{:.2f}"),
             _mean_std(point, "average_forgetting", 100, "{:.2f}"),
             _mean_std(point, "bwt", 100, "{:.2f}"),
@@ -174,16 +229,28 @@ def _comparison(points: list[SeedGroup]) -> list[Block]:
     ]  # fmt: skip
 
 
+def _privacy_cell(point: SeedGroup) -> str:
+    """`ε 1.23 ± 0.01 (sample)`, `none` without DP, `no client ε` for a point of another unit."""
+    if not point.private:
+        return "none"
+    if not point.placed:
+        return point.runs[0].epsilon_text()
+    return f"ε {_mean_std(point, 'epsilon', 1, '{:.2f}')} ({point.unit})"
+
+
 def _privacy_utility(points: list[SeedGroup]) -> list[Block]:
-    columns = ["series", "noise σ", "ε", "final accuracy %", "forgetting %", "attack AUC", "seeds"]
+    columns = ["series", "unit", "noise σ", "ε", "final accuracy %", "forgetting %", "attack AUC", "seeds"]
     rows = []
     for point in points:
-        noise = point.runs[0].noise if point.private else 0.0
+        noise = point.runs[0].noise_of(point.unit) if point.unit else None
+        placed = point.private and point.placed  # else ∞ (no DP) or no ε of the report's unit
+        epsilon = _mean_std(point, "epsilon", 1, "{:.2f}") if placed else point.runs[0].epsilon_text()
         rows.append(
             [
                 point.series,
-                f"{noise:.3g}",
-                _mean_std(point, "epsilon", 1, "{:.2f}") if point.private else "∞",
+                point.unit or "–",
+                "–" if noise is None else f"{noise:.3g}",
+                epsilon,
                 _mean_std(point, "final_average_accuracy", 100, "{:.2f}"),
                 _mean_std(point, "average_forgetting", 100, "{:.2f}"),
                 _mean_std(point, "auc_max", 1, "{:.3f}"),
@@ -208,23 +275,28 @@ def _audit(runs: list[RunResult], points: list[SeedGroup]) -> list[Block]:
     )
     if private:
         text += (
-            " (ε, δ)-DP caps the true-positive rate at 1% false positives at e^ε·1% + δ. The bound holds for "
-            "every attack; the measured values show what this attack gets."
+            " (ε, δ)-DP caps the true-positive rate at 1% false positives at e^ε·1% + δ, for an ε of unit sample "
+            "(the attack tests one sample's membership; a client-level ε under add/remove bounds one sample only "
+            "through group privacy). The bound holds for every attack; the measured values show what this attack "
+            "gets."
         )
     blocks: list[Block] = [Heading("Empirical privacy audit"), Text(text)]
-    if len(points) > 1 and private:
-        delta = max(run.delta for run in private)
+    placed = [run for run in private if run.placed]
+    if len(points) > 1 and placed:
+        delta = max((run.delta for run in placed if run.placed_unit == SAMPLE), default=0.0)  # the bound's
         blocks.append(Image("audit_vs_epsilon.png", "Attack success against ε", _png(
             figures.audit_figure(points, delta))))
     if not private:  # without DP there is no bound to hold the attack against: the runs table has it
         blocks.append(Text("Each run's attack AUC and TPR (worst client) are in the runs table above."))
         return blocks
-    columns = ["run", "client", "members", "non-members", "AUC", "TPR@1%FPR %", "ε"]
+    # the attack guesses samples' membership: each client's own sample-level ε is the bound that speaks of it
+    columns = ["run", "client", "members", "non-members", "AUC", "TPR@1%FPR %", "ε (sample, this client)"]
     rows = []
     for run in runs:
         epsilons = run.summary.privacy.epsilon_per_client if run.summary.privacy else {}
         for client, result in (run.audit.per_client if run.audit else {}).items():
-            epsilon = _epsilon(epsilons.get(client, 0.0)) if run.private else "∞"
+            # a client that never trained spent nothing
+            epsilon = _epsilon(epsilons.get(client, 0.0)) if run.summary.privacy else run.epsilon_text(SAMPLE)
             rows.append([
                 run.run_id, client, str(result.members), str(result.nonmembers), _number(result.auc),
                 _pct(result.tpr_at_1pct_fpr), epsilon,
@@ -245,18 +317,21 @@ def _canary_audit(runs: list[RunResult]) -> list[Block]:
         "minus that of its image's class); the auditor guesses \"in\" for the highest scores and \"out\" for the "
         "lowest, and its right guesses give the largest ε that (ε, δ)-DP could not have produced, at the stated "
         "confidence (several guess plans fixed in advance share it: a union bound). ε lower is a lower bound, "
-        "ε the accountant's upper bound: ε lower above ε would mean the accountant is wrong. A non-private run "
-        "is audited at the δ a DP run of its scenario would use. The ceiling is the largest ε lower the canaries "
-        "could show, every guess right, set by their number, δ and the confidence alone: where it is not above ε, "
-        "the audit could not have detected a violation of ε."
+        "ε (a canary) the accountant's upper bound for one canary's coin: the sample-level ε, or the client-level "
+        "ε through group privacy (2ε at δ(1 + e^ε) under add/remove; ε under replace-one). ε lower above it would "
+        "mean the accountant is wrong. A non-private run is audited at the δ a DP run of its scenario would use. "
+        "The ceiling is the largest ε lower the canaries could show, every guess right, set by their number, δ "
+        "and the confidence alone: where it is not above ε, the audit could not have detected a violation of ε."
     )
-    columns = ["run", "canaries", "in", "guesses in/out", "right", "confidence", "δ", "ε lower", "ceiling", "ε"]
+    columns = [
+        "run", "canaries", "in", "guesses in/out", "right", "confidence", "δ", "ε lower", "ceiling", "ε (a canary)"
+    ]  # fmt: skip
     rows = [
         [
             run.run_id, str(audit.canaries), str(audit.included), f"{audit.guesses_in}/{audit.guesses_out}",
             f"{audit.correct}/{audit.guesses}", f"{audit.confidence:.0%}", f"{audit.delta:.1e}",
             _epsilon(audit.epsilon_lower), "–" if audit.epsilon_ceiling is None else _epsilon(audit.epsilon_ceiling),
-            _epsilon(run.epsilon),
+            "–" if audit.epsilon_audited is None else _epsilon(audit.epsilon_audited),
         ]  # fmt: skip
         for run in audited
         if (audit := run.canary_audit)
@@ -264,10 +339,10 @@ def _canary_audit(runs: list[RunResult]) -> list[Block]:
     blocks: list[Block] = [Heading("Canary audit: a lower bound on ε", 3), Text(text)]
     if len(audited) > 1:
         labels = series_labels(runs)
-        blocks.append(Image("canary_epsilon.png", "ε lower bound (canary audit) against the accountant's ε", _png(
-            figures.canary_figure(audited, labels))))  # fmt: skip
+        title = "ε lower bound (canary audit) against the ε that protects a canary"
+        blocks.append(Image("canary_epsilon.png", title, _png(figures.canary_figure(audited, labels))))
     blocks.append(TableBlock(columns, rows))
-    blind = [run.run_id for run in audited if run.canary_audit.blind_at(run.epsilon)]
+    blind = [run.run_id for run in audited if run.canary_audit.blind_at(run.canary_audit.epsilon_audited)]
     if blind:
         blocks.append(Text(
             f"Could not have detected a violation at their ε (ceiling not above ε): {', '.join(blind)}."
@@ -289,6 +364,7 @@ def _run_details(run: RunResult) -> list[Block]:
             + (f" The strategy's metrics, last round: {_metrics(summary.strategy_metrics)}."
                if summary.strategy_metrics else "")
             + _parameters(run)
+            + _client_epsilons(run)
         ),
         TableBlock(
             ["after", *(f"exp {j}" for j in range(len(matrix)))],
@@ -381,6 +457,18 @@ def _parameters(run: RunResult) -> str:
         if params
     ]
     return f" {'; '.join(parts)}." if parts else ""
+
+
+def _client_epsilons(run: RunResult) -> str:
+    """Each client's sample-level ε is its own guarantee: the largest and smallest, never a mean of them."""
+    spent = run.summary.privacy.epsilon_per_client if run.summary.privacy else {}
+    if not spent:
+        return ""
+    high, low = max(spent, key=spent.get), min(spent, key=spent.get)
+    return (
+        f" ε (sample) over its {len(spent)} clients: max {spent[high]:.2f} (client {high}), "
+        f"min {spent[low]:.2f} (client {low})."
+    )
 
 
 def _metrics(values: dict[str, float | list[float]]) -> str:

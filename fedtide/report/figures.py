@@ -2,7 +2,8 @@
 
 Each function returns a Figure; `document.py` decides where the PNG goes. A
 non-private run has ε = ∞: privacy-utility plots put it at the right edge of a log
-ε axis under the tick "no DP", so the cost of privacy reads off as a gap.
+ε axis under the tick "no DP", so the cost of privacy reads off as a gap. Every ε axis
+names its unit; a point with no ε of the report's unit (`SeedGroup.placed`) is on none.
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from fedtide.report.runs import RunResult, SeedGroup  # noqa: E402
-from fedtide.run_files import LOW_FPR  # noqa: E402
+from fedtide.run_files import LOW_FPR, SAMPLE  # noqa: E402
+
+_UNIT_AXIS = {SAMPLE: "sample: max over clients", "client": "client"}
+
+
+def epsilon_axis_label(units: set[str | None], what: str = "ε spent") -> str:
+    """`ε spent (unit sample: max over clients)`; series of two units each in their own."""
+    units = sorted(units - {None})
+    if len(units) == 1:
+        return f"{what} (unit {_UNIT_AXIS[units[0]]})"
+    return f"{what}, each series in its own unit ({'; '.join(_UNIT_AXIS[u] for u in units)})"
 
 
 def accuracy_matrix_figure(run: RunResult) -> Figure:
@@ -71,10 +82,10 @@ def epsilon_figure(run: RunResult) -> Figure:
     for client in clients:
         # a client enters the record when first sampled (fraction_train < 1 leaves some out at first)
         points = [(round_, per_client[client]) for round_, per_client in spent if client in per_client]
-        axes.plot(*zip(*points), marker=".", lw=1, label=f"client {client}")
+        axes.plot(*zip(*points), marker=".", lw=1, label=f"client {client} (unit sample)")
     client_level = [(r.round, r.client_level.epsilon) for r in run.rounds if r.client_level]
     if client_level:
-        axes.plot(*zip(*client_level), color="black", marker="s", lw=2, label="client-level (server)")
+        axes.plot(*zip(*client_level), color="black", marker="s", lw=2, label="unit client (server)")
     privacy, level = run.summary.privacy, run.summary.client_level
     for target in {privacy.target_epsilon if privacy else None, level.target_epsilon if level else None} - {None}:
         axes.axhline(target, color="red", ls="--", lw=1, label="target ε")
@@ -98,6 +109,7 @@ def _no_dp_x(points: list[SeedGroup]) -> float:
 
 
 def _curves(axes, points: list[SeedGroup], value: str, scale: float) -> None:
+    points = [p for p in points if p.placed]
     no_dp_x = _no_dp_x(points)
     for series in dict.fromkeys(p.series for p in points):
         mine = [p for p in points if p.series == series]
@@ -111,7 +123,7 @@ def _curves(axes, points: list[SeedGroup], value: str, scale: float) -> None:
     ticks = [t for t in _ROUND_TICKS if finite and min(finite) / 1.5 <= t <= max(finite) * 1.5]
     axes.set_xticks([*ticks, no_dp_x], [*(f"{t:g}" for t in ticks), "no DP"])
     axes.minorticks_off()
-    axes.set_xlabel("ε spent (sample-level: max over clients)")
+    axes.set_xlabel(epsilon_axis_label({p.unit for p in points}))
 
 
 def utility_figure(points: list[SeedGroup]) -> Figure:
@@ -129,7 +141,7 @@ def utility_figure(points: list[SeedGroup]) -> Figure:
 
 def comparison_figure(points: list[SeedGroup]) -> Figure:
     """Final average accuracy and forgetting per point (series, and ε where private), mean ± std over seeds."""
-    labels = [p.series + (f"\nε {p.mean_std('epsilon')[0]:.2g}" if p.private else "") for p in points]
+    labels = [p.series + (f"\n{_epsilon_label(p)}" if p.private else "") for p in points]
     figure, axes = plt.subplots(1, 2, figsize=(11, 0.9 + 0.45 * len(points)), sharey=True)
     for ax, (value, title) in zip(axes, (("final_average_accuracy", "final average accuracy (%)"),
                                          ("average_forgetting", "average forgetting (%)"))):  # fmt: skip
@@ -143,6 +155,10 @@ def comparison_figure(points: list[SeedGroup]) -> Figure:
     return figure
 
 
+def _epsilon_label(point: SeedGroup) -> str:
+    return f"ε {point.mean_std('epsilon')[0]:.2g} ({point.unit})" if point.placed else f"no {point.unit} ε"
+
+
 def audit_figure(points: list[SeedGroup], delta: float) -> Figure:
     """Measured membership leakage against ε, with what (ε, δ)-DP allows at 1% FPR."""
     figure, (auc, tpr) = plt.subplots(1, 2, figsize=(11, 4))
@@ -150,11 +166,12 @@ def audit_figure(points: list[SeedGroup], delta: float) -> Figure:
     auc.axhline(0.5, color="grey", ls=":", lw=1)
     auc.set_ylabel("attack AUC (worst client)")
     _curves(tpr, points, "tpr_at_1pct_fpr_max", 100)
-    finite = sorted({p.mean_std("epsilon")[0] for p in points if p.private})
+    # the attack tests one sample's membership: e^ε·1% + δ bounds it at a sample-level ε
+    finite = sorted({p.mean_std("epsilon")[0] for p in points if p.private and p.placed and p.unit == SAMPLE})
     if finite:
         grid = np.geomspace(min(finite), max(finite), 50)
         bound = [100 * min(1.0, math.exp(eps) * LOW_FPR + delta) for eps in grid]
-        tpr.plot(grid, bound, color="red", ls="--", lw=1, label="DP bound e^ε·1% + δ")
+        tpr.plot(grid, bound, color="red", ls="--", lw=1, label="DP bound e^ε·1% + δ (ε of unit sample)")
         tpr.legend(fontsize=8)
     tpr.set_ylabel("attack TPR at 1% FPR (%, worst client)")
     auc.legend(fontsize=8)
@@ -164,14 +181,14 @@ def audit_figure(points: list[SeedGroup], delta: float) -> Figure:
 
 
 def canary_figure(runs: list[RunResult], series: dict[str, str]) -> Figure:
-    """Each run's ε lower bound (canary audit) against its accountant's ε, with the line ε_lower = ε.
+    """Each run's ε lower bound (canary audit) against the ε that protects a canary, with the line ε_lower = ε.
 
     A point above the line would mean the accountant is beaten. A dash above each point marks
     its audit's ceiling (the most it could show: every guess right); a point whose dash is
     not above the line could not have crossed it. Non-private runs (ε = ∞) stand at the
     right, under the tick "no DP"; `series` labels each run (by run id).
     """
-    finite = [run.epsilon for run in runs if run.private]
+    finite = [e for run in runs if (e := run.canary_audit.epsilon_audited) is not None]
     lowers = [run.canary_audit.epsilon_lower for run in runs]
     ceilings = [c for run in runs if (c := run.canary_audit.epsilon_ceiling) is not None]
     reach = max([*finite, *lowers, 1.0])
@@ -181,7 +198,7 @@ def canary_figure(runs: list[RunResult], series: dict[str, str]) -> Figure:
     axes.plot([0, line_end], [0, line_end], color="red", ls="--", lw=1, label="ε lower = ε (above: accountant beaten)")
     for name in dict.fromkeys(series[run.run_id] for run in runs):
         mine = [run for run in runs if series[run.run_id] == name]
-        xs = [run.epsilon if run.private else no_dp_x for run in mine]
+        xs = [no_dp_x if (e := run.canary_audit.epsilon_audited) is None else e for run in mine]
         lows = [run.canary_audit.epsilon_lower for run in mine]
         color = axes.scatter(xs, lows, label=name, zorder=3).get_facecolor()[0]
         tops = [(x, low, run.canary_audit.epsilon_ceiling) for x, low, run in zip(xs, lows, mine)]
@@ -201,7 +218,7 @@ def canary_figure(runs: list[RunResult], series: dict[str, str]) -> Figure:
         axes.set_xticks([no_dp_x], ["no DP"])
     top = 1.1 * max([*lowers, *ceilings, *finite, 0.5])
     axes.set_ylim(-0.03 * top, top)
-    axes.set_xlabel("ε spent (accountant, max over clients)")
+    axes.set_xlabel(epsilon_axis_label({run.placed_unit for run in runs if run.private}, "ε spent (accountant)"))
     axes.set_ylabel("ε lower bound (canary audit)")
     confidences = sorted({run.canary_audit.confidence for run in runs})
     at = f"{confidences[0]:.0%}" if len(confidences) == 1 else "each run's"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,18 @@ import yaml
 
 from fedtide.errors import ScenarioError
 from fedtide.run_files import (
+    CLIENT,
+    PRIVACY_UNITS,
+    REPORT_KEY,
+    SAMPLE,
     SCENARIO_FILE,
     SUMMARY_FILE,
     AuditSummary,
     CanaryAudit,
+    PrivacyGuarantee,
     RoundRecord,
     RunSummary,
+    read_report_options,
     read_rounds,
     read_summary,
 )
@@ -32,39 +38,80 @@ _NOT_A_SETTING = ("name", "seed", "output")
 
 @dataclass(frozen=True)
 class RunResult:
-    """One finished run: where it is, what was run, and what it measured."""
+    """One finished run: where it is, what was run, and what it measured.
+
+    `unit` is the unit of the ε the report places the run at (`place_runs`); None places
+    it at the one unit it has (a run with two is placed only once a unit is chosen).
+    """
 
     folder: Path
     run_id: str
     scenario: dict[str, Any]
     summary: RunSummary
     rounds: list[RoundRecord] = field(repr=False)
+    unit: str | None = None
 
     @property
     def private(self) -> bool:
         return self.summary.private
 
     @property
+    def placed_unit(self) -> str | None:
+        """The unit the run is placed at: the chosen one, else the run's only one (None: none or two)."""
+        units = self.summary.units
+        return self.unit or (units[0] if len(units) == 1 else None)
+
+    @property
+    def guarantee(self) -> PrivacyGuarantee | None:
+        """The guarantee of the unit the run is placed at; None when it has none of that unit."""
+        unit = self.placed_unit
+        return self.summary.guarantee(unit) if unit else None
+
+    @property
     def epsilon(self) -> float | None:
-        """ε spent (`RunSummary.epsilon`: sample-level, the largest over clients, or client-level),
-        or None for a non-private run (ε = ∞)."""
-        return self.summary.epsilon
+        """ε of the unit the run is placed at (sample: the largest over clients); None for a
+        non-private run (ε = ∞) and for a private run with no ε of that unit (`placed` is False)."""
+        return self.guarantee.epsilon if self.guarantee else None
+
+    @property
+    def placed(self) -> bool:
+        """Whether the run has a place on an ε axis: at its ε, or at "no DP" when not private.
+
+        A private run with no ε of the report's unit (a sample-level run when the report
+        compares client-level ε) has none: it is not ε = ∞, it is not measured in that unit.
+        """
+        return not self.private or self.guarantee is not None
 
     @property
     def delta(self) -> float | None:
         """δ of the ε the report shows."""
-        summary = self.summary
-        if summary.privacy and (not summary.client_level or summary.privacy.epsilon_max <= summary.epsilon):
-            return summary.privacy.delta
-        return summary.client_level.delta if summary.client_level else None
+        return self.guarantee.delta if self.guarantee else None
 
     @property
     def noise(self) -> float:
-        """The noise multiplier: sample-level (mean over clients, each may have its own), else client-level."""
-        if self.summary.privacy:
+        """The noise multiplier of the unit shown: sample-level (mean over clients, each may have its
+        own), client-level; 0 when none."""
+        return self.noise_of(self.placed_unit) if self.placed_unit else 0.0
+
+    def noise_of(self, unit: str) -> float | None:
+        """σ of `unit`'s DP (sample-level: the mean over clients), None when the run has none."""
+        if unit == SAMPLE and self.summary.privacy:
             sigmas = list(self.summary.privacy.noise_multiplier.values())
             return sum(sigmas) / len(sigmas)
-        return self.summary.client_level.noise_multiplier if self.summary.client_level else 0.0
+        if unit == CLIENT and self.summary.client_level:
+            return self.summary.client_level.noise_multiplier
+        return None
+
+    def epsilon_text(self, unit: str | None = None) -> str:
+        """ε as the tables print it: `1.23`; `∞` for a non-private run; `no client ε` for a private
+        run without that unit; with no unit given, a run placed at none shows each of its ε's."""
+        unit = unit or self.placed_unit
+        if not self.private:
+            return "∞"
+        if unit is None:
+            return " · ".join(f"{g.epsilon:.2f} ({g.unit})" for g in self.summary.guarantees)
+        epsilon = self.summary.epsilon_of(unit)
+        return f"no {unit} ε" if epsilon is None else f"{epsilon:.2f}"
 
     @property
     def audit(self) -> AuditSummary | None:
@@ -74,6 +121,53 @@ class RunResult:
     def canary_audit(self) -> CanaryAudit | None:
         """The canary audit's lower bound on ε and its guesses; None for a run without canaries."""
         return self.summary.audit.canaries if self.summary.audit else None
+
+
+PRIVACY_UNIT_OPTION = f"{REPORT_KEY}.privacy_unit"
+
+
+def place_runs(runs: list[RunResult], privacy_unit: str | None = None) -> list[RunResult]:
+    """Each run with the unit of ε the report compares it at.
+
+    Given a unit (`report.privacy_unit`, `--privacy-unit`), every run is placed at its ε of
+    that unit; a private run without one is "no ε of that unit", left off the ε axes and
+    said so in the tables. Without one, each run is placed at the one unit it has: runs of
+    one unit are compared in it, and sample- and client-level runs side by side become
+    separate series (their labels name the level), each in its own unit, never on one
+    curve. A run of both levels has two ε's and neither bounds the other, so a report over
+    several runs that holds one must be told the unit: it refuses with one line naming the
+    option. A report of that run alone shows both ε's.
+    """
+    if privacy_unit is not None:
+        if privacy_unit not in PRIVACY_UNITS:
+            raise ScenarioError(
+                PRIVACY_UNIT_OPTION, f"is {privacy_unit!r}", f"give one of: {', '.join(PRIVACY_UNITS)}"
+            )
+        return [replace(run, unit=privacy_unit) for run in runs]
+    two = [run for run in runs if len(run.summary.units) > 1]
+    if two and len(runs) > 1:
+        raise ScenarioError(
+            PRIVACY_UNIT_OPTION,
+            f"must be given: {two[0].run_id} has a sample-level and a client-level ε and neither bounds the "
+            "other, so the report cannot choose which to compare",
+            "pass --privacy-unit sample|client to fedtide report, or put report: {privacy_unit: ...} in the "
+            "sweep file",
+        )
+    return [replace(run, unit=None) for run in runs]
+
+
+def saved_privacy_unit(paths: list[Path]) -> str | None:
+    """The `report.privacy_unit` the sweeps among `paths` were run with (their sweep.yaml); None when none says.
+
+    Sweeps that say different units fail: which one the report compares must then be given.
+    """
+    units = {read_report_options(path).privacy_unit for path in paths if path.is_dir()} - {None}
+    if len(units) > 1:
+        raise ScenarioError(
+            PRIVACY_UNIT_OPTION, f"differs between the sweeps given ({', '.join(sorted(units))})",
+            "pass --privacy-unit sample|client to choose",
+        )  # fmt: skip
+    return units.pop() if units else None
 
 
 def find_runs(paths: list[Path]) -> tuple[list[RunResult], list[Path]]:
@@ -165,6 +259,16 @@ class SeedGroup:
     def private(self) -> bool:
         return self.runs[0].private
 
+    @property
+    def placed(self) -> bool:
+        """Whether the point has a place on an ε axis (`RunResult.placed`)."""
+        return self.runs[0].placed
+
+    @property
+    def unit(self) -> str | None:
+        """The unit of the ε the point is placed at (None: not private)."""
+        return self.runs[0].placed_unit if self.private else None
+
 
 def _value(run: RunResult, name: str) -> float | None:
     if name == "epsilon":
@@ -175,7 +279,8 @@ def _value(run: RunResult, name: str) -> float | None:
 
 
 def seed_groups(runs: list[RunResult]) -> list[SeedGroup]:
-    """Runs grouped by series and privacy setting, seeds pooled; ordered by series then ε."""
+    """Runs grouped by series and privacy setting, seeds pooled; ordered by series then ε
+    (the non-private point, then points with no ε of the report's unit, last)."""
     labels = series_labels(runs)
     groups: dict[tuple[str, str], list[RunResult]] = defaultdict(list)
     for run in runs:
@@ -184,4 +289,6 @@ def seed_groups(runs: list[RunResult]) -> list[SeedGroup]:
         key = repr(sorted((k, v) for k, v in settings.items() if not k.startswith("privacy.")))
         groups[(key, privacy)].append(run)
     points = [SeedGroup(labels[group[0].run_id], privacy, group) for (_, privacy), group in groups.items()]
-    return sorted(points, key=lambda p: (p.series, not p.private, p.mean_std("epsilon")[0]))
+    return sorted(
+        points, key=lambda p: (p.series, not p.private, not p.placed, p.mean_std("epsilon")[0] if p.placed else 0.0)
+    )

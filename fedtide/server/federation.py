@@ -57,6 +57,7 @@ from fedtide.run_files import (
     append_log,
     append_metrics,
     metrics_length,
+    privacy_guarantees,
     truncate_metrics,
     write_summary,
 )
@@ -153,7 +154,7 @@ class _RunRecorder:
         values = list(self.epsilon.values())
         return RoundPrivacy(
             epsilon_max=max(values),
-            epsilon_mean=sum(values) / len(values),
+            epsilon_min=min(values),
             epsilon_per_client={str(k): v for k, v in sorted(self.epsilon.items())},
             budget_exhausted_clients=sorted(self.stopped),
         )
@@ -283,8 +284,17 @@ def run_federation(
         ray_nodes=sorted(recorder.ray_nodes),
         privacy=privacy,
         client_level=client_level,
+        epsilons=privacy_guarantees(privacy, client_level) or None,
         audit=AuditSummary.from_dict(
-            {**audit_clients(scenario, recorder.model), "canaries": audit_canaries(scenario, recorder.model)}
+            {
+                **audit_clients(scenario, recorder.model),
+                "canaries": audit_canaries(
+                    scenario,
+                    recorder.model,
+                    privacy.epsilon_max if privacy else None,
+                    client_level.epsilon if client_level else None,
+                ),
+            }
         ),
         faults=recorder.fault_summary() if faults else None,
         strategy_metrics=recorder.strategy_metrics,
