@@ -4,15 +4,16 @@ Avalanche's `ExperienceBalancedBuffer` keeps, per experience, a `ReservoirSampli
 the `k` samples with the largest random keys. Under DP-SGD that turns adding one sample
 into a substitution: a newcomer whose key ranks in the top `k` takes the place of the
 sample it outranks, so the replayed sets of D and D ∪ {x} differ in two samples (x and
-the one it evicted), while the accountant charges add/remove of one (docs/results.md
-measures how often).
+the one it evicted), while the accountant charges add/remove of one. And since the keys
+are drawn in data order, a newcomer that is not last shifts the keys of the samples after
+it: many memberships change (docs/results.md measures both).
 
-`CoinBuffer` keeps the same groups (one per consolidated experience, the same adaptive
-share `mem_size / g` of g groups), but a sample of experience j is kept iff its coin
-(`fedtide.privacy.coins.SampleCoins`: a hash of seed, client and sample id) is below
-p_j = min(1, (mem_size / g) / n_j), with n_j experience j's *planned* size: the one the
-client's DP passes are planned from, public as it is for Opacus's sample rate. So the
-buffer is a Poisson subsample of each past experience, and one sample's presence never
+`CoinBuffer` keeps the same groups (one per consolidated experience, each with an equal
+share `mem_size / g` of the g groups, unrounded where Avalanche rounds), but a sample of
+experience j is kept iff its coin (`fedtide.privacy.coins.SampleCoins`: a hash of seed,
+client and sample id) is below p_j = min(1, (mem_size / g) / n_j), with n_j experience
+j's *planned* size: the one the client's DP passes are planned from, public as it is for
+Opacus's sample rate. So the buffer is a Poisson subsample of each past experience, and one sample's presence never
 changes another's membership. Its size is random (a sum of independent coins): its
 expectation is sum_j min(mem_size / g, n_j), which is mem_size when every past experience
 has its share; `PrivateFootprint.extra_samples` plans the DP passes with that expectation.
