@@ -5,9 +5,9 @@ once straight through and once stopped after a round (an observer raising, as a 
 would) and resumed from its checkpoint. The summary (accuracy matrix, forgetting, BWT,
 ε per client, audit) and every metrics.jsonl line but the wall time must be equal, and
 the resumed part must run only the rounds after the checkpoint. The cases cover what a
-checkpoint must carry: clients' replay buffers, EWC anchors and importances, the DP
-accountant's history, FedProx, a server-momentum strategy's state, and the node sampling
-RNG (fraction_train < 1), stopped inside an experience and at its end.
+checkpoint must carry: clients' replay buffers (reservoir, and coins under DP), EWC anchors
+and importances, the DP accountant's history, FedProx, a server-momentum strategy's state,
+and the node sampling RNG (fraction_train < 1), stopped inside an experience and at its end.
 """
 
 import json
@@ -72,6 +72,11 @@ CASES = {
         },
         3,
         3,
+    ),
+    "dp-replay-at-experience-end": (  # the coin buffer's groups (ids, rates) and the accountant's history
+        {"privacy": {"enabled": True, "noise_multiplier": 1.0, "delta": 1.0e-4}},
+        4,
+        4,
     ),
     "client-level-adaptive-clipping": (  # the clipping norm moves every round: the wrapper's state
         {

@@ -30,6 +30,7 @@ from fedtide.errors import RoundFailed
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta, epsilon_spent, noise_multiplier
 from fedtide.privacy.budget import BudgetGuard
+from fedtide.privacy.coins import SampleCoins
 from fedtide.privacy.dp_sgd import ClientPrivacy
 from fedtide.privacy.footprint import PrivateFootprint
 from fedtide.protocol import reply_content
@@ -99,13 +100,15 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
     with method_phase(name, "construction"):
         method = build_method(scenario.continual)
     method.bind(model, training_data(scenario).pool)  # sample ids index it, canaries' too
+    privacy = _client_privacy(task, state, method, sizes)
+    if privacy:  # before the method's state is loaded: replay's buffer policy depends on it
+        method.use_privacy(privacy)
     with method_phase(name, "load"):
         state.restore_method(method, model)
-    privacy = _client_privacy(task, state, method)
-    learner = _learner(task, model, method, privacy)
 
     progress = state.progress
     plan = plan_round(task, progress, sizes, method.private_footprint())
+    learner = _learner(task, model, method, privacy, plan.private_training)
     guard = BudgetGuard(scenario, privacy, client_delta(scenario)) if privacy else None
     if plan.examples and guard and not guard.allows(plan.private_training, plan.consolidation_passes):
         return reply_content(_report(task, progress, privacy, guard, empty=False), global_arrays)
@@ -123,9 +126,8 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
         _load_weights(model, global_arrays)  # training starts from this round's weights
     progress.done_through = max(progress.done_through, task.experience)
 
-    extra_data = method.private_training_data() if privacy else None
     examples, loss = plan.examples, 0.0
-    if examples and (guard is None or guard.allows(examples + (len(extra_data) if extra_data else 0))):
+    if examples and (guard is None or guard.allows(plan.private_training)):  # the sizes the DP loader samples by
         with method_phase(name, "training"):
             loss = learner.train_round(experiences[task.experience], task.experience)
         check_finite(task, model, loss)
@@ -149,11 +151,12 @@ def _load_weights(model: torch.nn.Module, arrays: ArrayRecord) -> None:
     model.load_state_dict(arrays.to_torch_state_dict())
 
 
-def _learner(task: RoundTask, model: torch.nn.Module, method: ContinualMethod, privacy: ClientPrivacy | None):
+def _learner(
+    task: RoundTask, model: torch.nn.Module, method: ContinualMethod, privacy: ClientPrivacy | None, planned: int
+):
     extra: list = [ProximalTerm(task.proximal_mu, model)] if task.proximal_mu > 0 else []
-    if privacy:
-        method.use_privacy(privacy)
-        extra.append(privacy.training_plugin(method.private_training_data))
+    if privacy:  # the round's sample rate and steps come from the planned training set (replay's buffer included)
+        extra.append(privacy.training_plugin(method.private_training_data, planned))
     device = pick_device(task.scenario)
     return RoundLearner(model, method, task.scenario.client, device=device, extra_plugins=extra)
 
@@ -222,14 +225,20 @@ def pick_device(scenario: Scenario) -> str:
     return wanted
 
 
-def _client_privacy(task: RoundTask, state: ClientState, method: ContinualMethod) -> ClientPrivacy | None:
-    """This round's DP-SGD, resuming the client's account; refuses a method that is not DP-compatible."""
+def _client_privacy(
+    task: RoundTask, state: ClientState, method: ContinualMethod, sizes: list[int]
+) -> ClientPrivacy | None:
+    """This round's DP-SGD, resuming the client's account; refuses a method that is not DP-compatible.
+
+    `sizes` are the client's experience sizes, as `planned_steps` plans its DP passes with them.
+    """
     config = task.scenario.privacy
     if not config.private:
         return None
     require_dp_compatible(method, task.scenario.continual.method)
     sigma = noise_multiplier(task.scenario, task.partition_id, method.private_footprint())
-    return ClientPrivacy(config, sigma, state.privacy_history)
+    coins = SampleCoins(task.scenario.seed, task.partition_id)
+    return ClientPrivacy(config, sigma, state.privacy_history, coins=coins, planned_sizes=sizes)
 
 
 def _report(

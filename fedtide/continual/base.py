@@ -82,8 +82,12 @@ class ContinualMethod(ABC):
         """
         return {}
 
+    def check_dp(self) -> None:  # noqa: B027 - optional hook
+        """Raise `ScenarioError` for parameters this method cannot run with under DP-SGD (before any run)."""
+
     def use_privacy(self, privacy: ClientPrivacy) -> None:  # noqa: B027 - optional hook
-        """Called before a DP round: route every pass over private data through `privacy`."""
+        """Called before a DP round, after `bind` and before `load_state_dict`: route every pass
+        over private data through `privacy` (its seeded per-sample coins and planned sizes included)."""
 
     def private_training_data(self) -> Dataset | None:
         """Extra samples to put inside the Poisson-sampled training set under DP (replay's buffer)."""

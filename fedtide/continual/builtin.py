@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from fedtide.continual.ewc_plugin import FederatedEWCPlugin
     from fedtide.data.stream import Dataset
+    from fedtide.privacy.coins import SampleCoins
     from fedtide.privacy.dp_sgd import ClientPrivacy
 
 STORAGES = ("experience", "class")
@@ -49,6 +50,25 @@ class Naive(ContinualMethod):
 
 
 class Replay(ContinualMethod):
+    """Experience replay with Avalanche's `ReplayPlugin` and a buffer balanced by experience or class.
+
+    Without DP the buffer is Avalanche's own (`ExperienceBalancedBuffer` or
+    `ClassBalancedBuffer`: per group, a reservoir keeping the `k` samples of largest random
+    key) and replay is Avalanche's mixed dataloader.
+
+    Under DP-SGD the buffer joins the Poisson-sampled training set, and the reservoir would
+    break the accountant's add/remove relation: adding one sample to the client's data can
+    swap it into the buffer in place of another (a substitution; docs/results.md measures
+    it). So under DP the buffer is a `CoinBuffer` (`fedtide.continual.coin_buffer`): the same
+    experience-balanced groups, each sample kept by its own seeded coin with probability
+    (mem_size / groups) / (its experience's planned size), so one sample never changes
+    another's membership. Its size is then random, `mem_size` in expectation (less where a
+    past experience holds fewer samples than its share), and the DP passes are planned with
+    that expectation (`PrivateFootprint.extra_samples`). `storage: class` is refused under DP:
+    its shares depend on which classes the client holds, so one sample of a new class would
+    re-divide every class's share.
+    """
+
     name = "replay"
     dp_compatible = True
     description = "experience replay: Avalanche ReplayPlugin, buffer balanced by experience or class"
@@ -60,9 +80,15 @@ class Replay(ContinualMethod):
             raise ScenarioError("continual.storage", f"unknown storage '{storage}'", " or ".join(STORAGES))
         self.mem_size, self.storage_kind = mem_size, storage
         self.private = False
+        self.coins: SampleCoins | None = None
+        self.planned_sizes: list[int] = []
 
     @cached_property
     def storage(self) -> ExemplarsBuffer:
+        if self.private:
+            from fedtide.continual.coin_buffer import CoinBuffer
+
+            return CoinBuffer(self.mem_size, self.coins, self.planned_sizes)
         from avalanche.training.storage_policy import ClassBalancedBuffer, ExperienceBalancedBuffer
 
         policy = ExperienceBalancedBuffer if self.storage_kind == "experience" else ClassBalancedBuffer
@@ -78,8 +104,22 @@ class Replay(ContinualMethod):
         """Avalanche's replay dataloader, except under DP where the buffer joins the sampled dataset."""
         return [] if self.private else [self.plugin]
 
+    def check_dp(self) -> None:
+        if self.storage_kind != "experience":
+            raise ScenarioError(
+                "continual.storage",
+                "under DP-SGD the replay buffer keeps each sample by its own coin per experience; class-balanced "
+                "shares depend on which classes a client holds, so one added sample could change others' membership",
+                "use storage: experience",
+            )
+
     def use_privacy(self, privacy: ClientPrivacy) -> None:
+        """Keep the buffer by independent coins (before `load_state_dict` builds it)."""
+        self.check_dp()
+        if "storage" in self.__dict__:
+            raise RuntimeError("use_privacy must come before the replay buffer is built (before load_state_dict)")
         self.private = True
+        self.coins, self.planned_sizes = privacy.coins, list(privacy.planned_sizes)
 
     def private_training_data(self) -> Dataset | None:
         return self.storage.buffer if len(self.storage.buffer) else None
@@ -92,6 +132,12 @@ class Replay(ContinualMethod):
 
     def state_dict(self) -> StateDict:
         """The buffer as sample ids per group (never tensors: Ray copies the Context each call)."""
+        if self.private:
+            groups = {
+                key: {"ids": [int(i) for i in group.buffer.sample_id], "rate": group.rate, "size": group.planned_size}
+                for key, group in self.storage.buffer_groups.items()
+            }
+            return {"policy": "coins", "groups": groups}
         groups = {
             key: {
                 "ids": [int(i) for i in group.buffer.sample_id],
@@ -105,6 +151,12 @@ class Replay(ContinualMethod):
         return {"groups": groups, "seen_classes": sorted(self.storage.seen_classes)}
 
     def load_state_dict(self, state: StateDict) -> None:
+        if self.private != (state.get("policy") == "coins"):
+            raise ValueError("a replay buffer stored with DP-SGD on (or off) cannot be restored with it off (or on)")
+        if self.private:
+            for key, stored in state["groups"].items():
+                self.storage.add_group(int(key), self.full_train.subset(stored["ids"]), float(stored["rate"]))
+            return
         from avalanche.training.storage_policy import ReservoirSamplingBuffer
 
         for key, stored in state["groups"].items():

@@ -72,7 +72,8 @@ def build_method(config: ContinualConfig) -> ContinualMethod:
 
 
 def require_dp_compatible(method: ContinualMethod, method_name: str) -> None:
-    """Refuse, before anything trains, a method that would use private data outside DP-SGD's account."""
+    """Refuse, before anything trains, a method that would use private data outside DP-SGD's account,
+    or parameters it cannot keep within it (`ContinualMethod.check_dp`)."""
     if not method.dp_compatible:
         safe = ", ".join(n for n, m in all_methods().items() if m.dp_compatible)
         raise ScenarioError(
@@ -80,3 +81,4 @@ def require_dp_compatible(method: ContinualMethod, method_name: str) -> None:
             f"'{method_name}' is not DP-compatible (it uses private data outside the DP-SGD step, unaccounted)",
             f"use one of {safe}, or set privacy.enabled: false",
         )
+    method.check_dp()

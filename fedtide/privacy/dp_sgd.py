@@ -23,7 +23,7 @@ Four things here are easy to get wrong, and are the reason this module exists:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -32,12 +32,13 @@ from avalanche.training.utils import ParamData
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from fedtide.data.schema import PrivacyConfig
 from fedtide.data.stream import Dataset
 from fedtide.errors import ScenarioError
 from fedtide.privacy.accounting import MODE_FIELD
+from fedtide.privacy.coins import SampleCoins
 from fedtide.privacy.history import History
 
 
@@ -51,39 +52,74 @@ class PrivateTraining(NamedTuple):
 
 
 class ClientPrivacy:
-    """One client's DP-SGD for one round: an Opacus engine resuming the client's account."""
+    """One client's DP-SGD for one round: an Opacus engine resuming the client's account.
 
-    def __init__(self, config: PrivacyConfig, noise_multiplier: float, history: History) -> None:
+    `planned_sizes` are the client's experience sizes its DP passes are planned from
+    (`fedtide.privacy.accounting.planned_steps`), and `coins` its seeded per-sample coins:
+    what a method needs to subsample private data by fixed, public rates (replay's buffer).
+    """
+
+    def __init__(
+        self,
+        config: PrivacyConfig,
+        noise_multiplier: float,
+        history: History,
+        coins: SampleCoins | None = None,
+        planned_sizes: Sequence[int] = (),
+    ) -> None:
         self.config = config
         self.noise_multiplier = noise_multiplier
         self.engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_rng)
         self.engine.accountant.history = [tuple(entry) for entry in history]
+        self.coins = coins or SampleCoins(0, 0)
+        self.planned_sizes = tuple(planned_sizes)
 
     @property
     def history(self) -> History:
         return [(float(s), float(q), int(n)) for s, q, n in self.engine.accountant.history]
 
-    def training_plugin(self, extra_samples: Callable[[], Dataset | None]) -> SupervisedPlugin:
+    def training_plugin(
+        self, extra_samples: Callable[[], Dataset | None], planned_samples: int | None = None
+    ) -> SupervisedPlugin:
         """The plugin that privatises the learner's round.
 
         `extra_samples` is asked when the round starts (after consolidation has filled
         it): samples that join the Poisson-sampled set, e.g. a replay buffer.
+        `planned_samples` is the training set's planned size, which the round's sample
+        rate and steps are derived from (see `make_private`).
         """
-        return _DPSGDPlugin(self, extra_samples)
+        return _DPSGDPlugin(self, extra_samples, planned_samples)
 
     def make_private(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset, batch_size: int, criterion
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dataset,
+        batch_size: int,
+        criterion,
+        planned_samples: int | None = None,
     ) -> PrivateTraining:
         """Opacus's make_private with Poisson sampling over `dataset`, in the scenario's grad sample mode.
 
         The hooks go on `model` itself (`wrap_model=False`), so it keeps its own parameter
         names, which the client's state and EWC look parameters up by.
+
+        Opacus derives the sample rate q = 1/ceil(n/B) and the steps per epoch from the
+        dataset's size n. With `planned_samples` they come from the planned size instead
+        (and so does the mean's denominator, q times it): a replay buffer kept by coins has
+        a random size, and the accountant must charge what `planned_steps` planned, with
+        parameters that do not depend on which samples the coins kept. Every sample of
+        `dataset` is still drawn with probability q at every step.
         """
+        planned = len(dataset) if planned_samples is None else planned_samples
+        loader = DataLoader(dataset, batch_size=batch_size)
+        if planned != len(dataset):
+            loader = DataLoader(dataset, batch_size=batch_size, sampler=_PlannedLength(planned))
         made = self.engine.make_private(
             module=model,
             optimizer=optimizer,
             criterion=criterion,
-            data_loader=DataLoader(dataset, batch_size=batch_size),
+            data_loader=loader,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.config.max_grad_norm,
             poisson_sampling=True,
@@ -92,9 +128,11 @@ class ClientPrivacy:
         )
         if self.config.grad_sample_mode == "ghost":
             _, dp_optimizer, dp_criterion, loader = made
-            return PrivateTraining(dp_optimizer, loader, dp_criterion)
-        _, dp_optimizer, loader = made
-        return PrivateTraining(dp_optimizer, loader, None)
+        else:
+            (_, dp_optimizer, loader), dp_criterion = made, None
+        if planned != len(dataset):
+            dp_optimizer.expected_batch_size = int(planned * loader.sample_rate)
+        return PrivateTraining(dp_optimizer, loader, dp_criterion)
 
     def fisher_importances(self, model, criterion, dataset, batch_size: int, device) -> dict[str, ParamData]:
         """EWC importances from one DP pass: the mean squared privatised batch gradient.
@@ -127,10 +165,13 @@ class ClientPrivacy:
 class _DPSGDPlugin(SupervisedPlugin):
     """Makes an Avalanche learner's round DP-SGD; runs after the learner built its optimizer."""
 
-    def __init__(self, privacy: ClientPrivacy, extra_samples: Callable[[], Dataset | None]) -> None:
+    def __init__(
+        self, privacy: ClientPrivacy, extra_samples: Callable[[], Dataset | None], planned_samples: int | None
+    ) -> None:
         super().__init__()
         self.privacy = privacy
         self.extra_samples = extra_samples
+        self.planned_samples = planned_samples
         self.parameter_only: list[torch.Tensor] = []
         self.ghost_loss: DPLossFastGradientClipping | None = None
 
@@ -140,7 +181,12 @@ class _DPSGDPlugin(SupervisedPlugin):
         if extra is not None:
             dataset = dataset.concat(extra)
         optimizer, loader, self.ghost_loss = self.privacy.make_private(
-            strategy.model, strategy.optimizer, dataset, strategy.train_mb_size, strategy._criterion
+            strategy.model,
+            strategy.optimizer,
+            dataset,
+            strategy.train_mb_size,
+            strategy._criterion,
+            self.planned_samples,
         )
         if self.ghost_loss is not None:
             strategy._criterion = self.ghost_loss
@@ -191,6 +237,21 @@ class _DPSGDPlugin(SupervisedPlugin):
             per_sample = param.grad_sample
             mean = per_sample.mean(dim=0) if per_sample.shape[0] else torch.zeros_like(param)
             self.parameter_only.append((param.grad - mean).detach())
+
+
+class _PlannedLength(Sampler):
+    """A sampler of the planned length, so that Opacus, which takes Poisson sampling's rate from
+    the loader's length (1 / batches per epoch), takes it from the planned size. Opacus replaces
+    it with its own Poisson sampler over the whole dataset: it is never iterated."""
+
+    def __init__(self, planned: int) -> None:
+        self.planned = planned
+
+    def __len__(self) -> int:
+        return self.planned
+
+    def __iter__(self):
+        raise RuntimeError("a planned-length sampler is only measured; Opacus's Poisson sampler draws the batches")
 
 
 class _TwoPassBackward:
