@@ -215,7 +215,8 @@ def series_labels(runs: list[RunResult]) -> dict[str, str]:
     """A label per run naming what sets its series apart: the non-privacy settings that vary.
 
     In a sweep over noise x method x seed this is the method; in one over privacy levels
-    too, the method and the level ("replay client-level DP"). A component's parameter
+    too, the method and the level ("replay client-level DP"), and the client sampling where
+    it varies ("replay client-level DP (fixed sampling)"). A component's parameter
     (Replay's mem_size) counts only if it varies between runs of that same component.
     """
     settings = [_settings(run) for run in runs]
@@ -232,11 +233,14 @@ def series_labels(runs: list[RunResult]) -> dict[str, str]:
     keys = sorted({k for s in settings for k in s if not k.startswith("privacy.")})
     varying = [k for k in keys if k != "continual.method" and varies(k)]
     levels = {run.summary.privacy_level for run in runs if run.private}
+    samplings = {run.summary.client_level.sampling for run in runs if run.summary.client_level}
     labels = {}
     for run, setting in zip(runs, settings):
         parts = [f"{k.rsplit('.', 1)[-1]}={setting[k]}" for k in varying if k in setting]
         if len(levels) > 1 and run.private:  # sample- and client-level DP are different curves
             parts.append(f"{run.summary.privacy_level}-level DP")
+        if len(samplings) > 1 and run.summary.client_level:  # so are Poisson and fixed-size client sampling
+            parts.append(f"({run.summary.client_level.sampling} sampling)")
         labels[run.run_id] = " ".join([run.summary.method, *parts])
     return labels
 
