@@ -24,8 +24,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedtide.data.schema import FederationConfig
+from fedtide.data.schema import FederationConfig, Scenario
 from fedtide.errors import ScenarioError
+from fedtide.privacy.client_clipping import CLIENT_WEIGHT_KEY
+from fedtide.privacy.dp_fedavg import wrap_strategy
 from fedtide.registry import (
     STRATEGY_GROUP,
     check_parameters,
@@ -93,3 +95,18 @@ def build_strategy(federation: FederationConfig, num_clients: int, weighted_by: 
         return cls(**kwargs)
     except (TypeError, ValueError) as error:
         raise ScenarioError(FIELD, f"{cls.__name__} cannot be built: {error}") from None
+
+
+def federation_strategy(scenario: Scenario, client_sigma: float | None) -> Strategy:
+    """The scenario's strategy, inside DP-FedAvg at noise `client_sigma` under client-level DP.
+
+    Under client-level DP every client weighs the same (`CLIENT_WEIGHT_KEY`), and under
+    Poisson sampling the strategy is asked for every client: `DPFedAvg` keeps each by its own coin.
+    """
+    num_clients = scenario.partition.num_clients
+    if client_sigma is None:
+        return build_strategy(scenario.federation, num_clients)
+    federation = scenario.federation
+    if scenario.privacy.client_level.sampling == "poisson":
+        federation = federation.model_copy(update={"fraction_train": 1.0, "min_train_nodes": num_clients})
+    return wrap_strategy(build_strategy(federation, num_clients, CLIENT_WEIGHT_KEY), scenario, client_sigma)

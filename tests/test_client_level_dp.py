@@ -11,14 +11,14 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedtide.aggregation import build_strategy
+from fedtide.aggregation import build_strategy, federation_strategy
 from fedtide.errors import ScenarioError
 from fedtide.privacy.client_clipping import CLIENT_WEIGHT_KEY, prepare_reply
 from fedtide.privacy.client_level import client_level_delta, client_level_mechanism, client_noise_multiplier
 from fedtide.privacy.dp_fedavg import DPFedAvg
 from fedtide.run_files import RunSummary, create_run_folder, read_rounds
 from fedtide.server.continual_strategy import ContinualStrategy
-from fedtide.server.federation import federation_strategy, run_federation
+from fedtide.server.federation import run_federation
 from fedtide.validation import check_runnable
 from tests.conftest import small_scenario
 from tests.test_continual_strategy import RecordingGrid

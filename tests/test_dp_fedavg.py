@@ -15,11 +15,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAdam, FedAvg
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
+from fedtide.aggregation import federation_strategy
 from fedtide.errors import ScenarioError
 from fedtide.privacy.client_clipping import CLIENT_WEIGHT_KEY
 from fedtide.privacy.client_level import client_level_mechanism
 from fedtide.privacy.dp_fedavg import DPFedAvg, require_accountable
-from fedtide.server.federation import federation_strategy
 from fedtide.server.local_grid import InProcessGrid
 from fedtide.validation import check_runnable
 from tests.conftest import small_scenario

@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
-from fedtide.aggregation import build_strategy
+from fedtide.aggregation import federation_strategy
 from fedtide.continual.methods import build_method
 from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
@@ -39,9 +38,8 @@ from fedtide.metrics.evaluation import experience_accuracies
 from fedtide.metrics.forgetting import average_accuracy, average_forgetting, backward_transfer
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta, noise_multiplier
-from fedtide.privacy.client_clipping import CLIENT_WEIGHT_KEY
 from fedtide.privacy.client_level import client_level_mechanism, client_noise_multiplier
-from fedtide.privacy.dp_fedavg import DPFedAvg, wrap_strategy
+from fedtide.privacy.dp_fedavg import DPFedAvg
 from fedtide.protocol import RESTORE_STATE
 from fedtide.run_files import (
     MODEL_FILE,
@@ -251,27 +249,29 @@ def run_federation(
 
     recorder.model.load_state_dict(arrays.to_torch_state_dict())
     torch.save(recorder.model.state_dict(), run_dir / MODEL_FILE)  # to evaluate or audit the run again later
+    summary = _run_summary(scenario, recorder, federation)
+    write_summary(run_dir, summary)
+    remove_checkpoints(run_dir)
+    return summary
+
+
+def _run_summary(scenario: Scenario, recorder: _RunRecorder, federation: ContinualStrategy) -> RunSummary:
+    """What the finished run measured: accuracy, forgetting, each level's ε, and the audits of the final model."""
     matrix = recorder.matrix
-    privacy = None
-    if recorder.private:
-        footprint = build_method(scenario.continual).private_footprint()
-        privacy = PrivacySummary(
-            delta=client_delta(scenario),
-            accountant=scenario.privacy.accountant,
-            max_grad_norm=scenario.privacy.max_grad_norm,
-            noise_multiplier={str(c): noise_multiplier(scenario, c, footprint) for c in range(num_clients)},
-            target_epsilon=scenario.privacy.target_epsilon,
-            epsilon_max=max(recorder.epsilon.values(), default=0.0),
-            epsilon_per_client={str(k): v for k, v in sorted(recorder.epsilon.items())},
-            budget_exhausted_clients=sorted(recorder.stopped),
-        )
-    client_level = _client_level_summary(scenario, recorder, federation) if client_private else None
-    summary = RunSummary(
+    privacy = _privacy_summary(scenario, recorder) if recorder.private else None
+    client_level = _client_level_summary(scenario, recorder, federation) if scenario.privacy.client_private else None
+    canaries = audit_canaries(
+        scenario,
+        recorder.model,
+        privacy.epsilon_max if privacy else None,
+        client_level.epsilon if client_level else None,
+    )
+    return RunSummary(
         name=scenario.name,
         seed=scenario.seed,
         strategy=scenario.federation.strategy.name,
         method=scenario.continual.method,
-        num_clients=num_clients,
+        num_clients=scenario.partition.num_clients,
         n_experiences=scenario.stream.n_experiences,
         rounds=scenario.total_rounds,
         classes_per_experience=recorder.classes,
@@ -285,38 +285,26 @@ def run_federation(
         privacy=privacy,
         client_level=client_level,
         epsilons=privacy_guarantees(privacy, client_level) or None,
-        audit=AuditSummary.from_dict(
-            {
-                **audit_clients(scenario, recorder.model),
-                "canaries": audit_canaries(
-                    scenario,
-                    recorder.model,
-                    privacy.epsilon_max if privacy else None,
-                    client_level.epsilon if client_level else None,
-                ),
-            }
-        ),
-        faults=recorder.fault_summary() if faults else None,
+        audit=AuditSummary.from_dict({**audit_clients(scenario, recorder.model), "canaries": canaries}),
+        faults=recorder.fault_summary() if federation.faults else None,
         strategy_metrics=recorder.strategy_metrics,
     )
-    write_summary(run_dir, summary)
-    remove_checkpoints(run_dir)
-    return summary
 
 
-def federation_strategy(scenario: Scenario, client_sigma: float | None) -> Strategy:
-    """The scenario's strategy, inside DP-FedAvg at noise `client_sigma` under client-level DP.
-
-    Under client-level DP every client weighs the same (`CLIENT_WEIGHT_KEY`), and under
-    Poisson sampling the strategy is asked for every client: `DPFedAvg` keeps each by its own coin.
-    """
-    num_clients = scenario.partition.num_clients
-    if client_sigma is None:
-        return build_strategy(scenario.federation, num_clients)
-    federation = scenario.federation
-    if scenario.privacy.client_level.sampling == "poisson":
-        federation = federation.model_copy(update={"fraction_train": 1.0, "min_train_nodes": num_clients})
-    return wrap_strategy(build_strategy(federation, num_clients, CLIENT_WEIGHT_KEY), scenario, client_sigma)
+def _privacy_summary(scenario: Scenario, recorder: _RunRecorder) -> PrivacySummary:
+    footprint = build_method(scenario.continual).private_footprint()
+    return PrivacySummary(
+        delta=client_delta(scenario),
+        accountant=scenario.privacy.accountant,
+        max_grad_norm=scenario.privacy.max_grad_norm,
+        noise_multiplier={
+            str(c): noise_multiplier(scenario, c, footprint) for c in range(scenario.partition.num_clients)
+        },
+        target_epsilon=scenario.privacy.target_epsilon,
+        epsilon_max=max(recorder.epsilon.values(), default=0.0),
+        epsilon_per_client={str(k): v for k, v in sorted(recorder.epsilon.items())},
+        budget_exhausted_clients=sorted(recorder.stopped),
+    )
 
 
 def _client_level_summary(
