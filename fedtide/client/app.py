@@ -45,7 +45,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context) -> Message:
-    from fedtide.client.training import RoundTask, run_training_round
+    from fedtide.client.training import RoundTask, run_training_round, torch_threads
 
     config = msg.content["config"]
     task = RoundTask(
@@ -56,7 +56,8 @@ def _train(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         experience_ends=experience_ends(msg.content),
     )
-    content = run_training_round(task, msg.content["arrays"], context.state)
+    with torch_threads(max(1, int(task.scenario.resources.num_cpus_per_client))):
+        content = run_training_round(task, msg.content["arrays"], context.state)
     if task.scenario.privacy.client_private:
         from fedtide.privacy.client_clipping import prepare_reply
 

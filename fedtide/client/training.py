@@ -194,6 +194,23 @@ class MethodFailed(RoundFailed):
 
 
 @contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Train on the client's CPU share whatever runtime calls it.
+
+    The last bits of a float32 matrix product depend on how many threads split it, and so
+    do the trained weights: fedtide's Ray backend gives a worker `num_cpus_per_client`
+    threads (Ray's OMP_NUM_THREADS), the in-process one sets the same, and `flwr run`'s
+    runtime would otherwise leave torch at the machine's core count.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def method_phase(method_name: str, phase: str) -> Iterator[None]:
     """Re-raise any error of a method's code as `MethodFailed` naming the method and the phase.
 
