@@ -27,7 +27,6 @@ from flwr.serverapp.strategy import (
 from fedtide.data.schema import FederationConfig, Scenario
 from fedtide.errors import ScenarioError
 from fedtide.privacy.client_clipping import CLIENT_WEIGHT_KEY
-from fedtide.privacy.dp_fedavg import wrap_strategy
 from fedtide.registry import (
     STRATEGY_GROUP,
     check_parameters,
@@ -106,6 +105,8 @@ def federation_strategy(scenario: Scenario, client_sigma: float | None) -> Strat
     num_clients = scenario.partition.num_clients
     if client_sigma is None:
         return build_strategy(scenario.federation, num_clients)
+    from fedtide.privacy.dp_fedavg import wrap_strategy  # Opacus's accountant: only for a client-level DP run
+
     federation = scenario.federation
     if scenario.privacy.client_level.sampling == "poisson":
         federation = federation.model_copy(update={"fraction_train": 1.0, "min_train_nodes": num_clients})
