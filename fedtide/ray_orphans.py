@@ -59,7 +59,7 @@ def end_orphaned_ray_processes(timeout: float = 10.0) -> list[int]:
 
 
 def _own_ray_processes() -> list[int]:
-    """This user's running `ray::` processes (agents and workers), this process excepted."""
+    """This user's running Ray processes (agents and workers: `_is_ray_process`), this process excepted."""
     found = []
     for entry in _PROC.glob("[0-9]*"):
         try:
@@ -67,13 +67,25 @@ def _own_ray_processes() -> list[int]:
             command = (entry / "cmdline").read_bytes()  # empty for a zombie: it has exited already
         except OSError:  # gone meanwhile
             continue
-        if own and command.startswith(b"ray::") and int(entry.name) != os.getpid():
+        if own and _is_ray_process(command) and int(entry.name) != os.getpid():
             found.append(int(entry.name))
     return found
 
 
+def _is_ray_process(command: bytes) -> bool:
+    """A process Ray retitled (`ray::Name`), or one of its agents that still has Python's command line:
+    a script of the `ray` package (`.../ray/_private/runtime_env/agent/main.py`)."""
+    return command.startswith(b"ray::") or _ray_script(command)
+
+
+def _ray_script(command: bytes) -> bool:
+    script = next((arg for arg in command.split(b"\0")[1:] if not arg.startswith(b"-")), b"")
+    return b"/ray/" in script and script.endswith(b".py")
+
+
 def _has_ray_parent(pid: int) -> bool:
-    """Whether `pid`'s parent is a raylet or another `ray::` process (True if `pid` is gone: nothing to end)."""
+    """Whether `pid`'s parent is a raylet or another `ray::` process, or a Ray script's parent is a live
+    Python program (True if `pid` is gone: nothing to end)."""
     stat = _stat(pid)
     if stat is None:
         return True
@@ -82,7 +94,15 @@ def _has_ray_parent(pid: int) -> bool:
     except OSError:
         return False
     program = parent.split(b"\0", 1)[0]
-    return parent.startswith(b"ray::") or program.endswith(b"/raylet") or program == b"raylet"
+    if parent.startswith(b"ray::") or program.endswith(b"/raylet") or program == b"raylet":
+        return True
+    # a Ray script whose parent is a Python program is a live driver's head process (its log
+    # monitor, its dashboard); one left by a dead driver has been reparented to init
+    try:
+        command = (_PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return True
+    return _ray_script(command) and b"python" in program.rsplit(b"/", 1)[-1]
 
 
 def _uses(pid: int, prefix: str) -> bool:

@@ -91,3 +91,49 @@ def test_only_ray_processes_whose_raylet_is_gone_in_this_temp_folder_are_ended(t
                 pass
         if worker:
             worker.wait(10)
+
+
+# `python -c SCRIPT_START PYTHON SCRIPT LOG` starts `PYTHON -u SCRIPT LOG` (SCRIPT holds LOG open) and prints its pid.
+SCRIPT_START = (
+    "import subprocess, sys; "
+    "child = subprocess.Popen([sys.argv[1], '-u', sys.argv[2], sys.argv[3]], "
+    "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(child.pid, flush=True)"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_an_agent_that_kept_pythons_command_line_is_ended_once_its_parent_is_gone(tmp_path, monkeypatch):
+    """Ray's runtime-env agent runs as `python -u .../ray/_private/runtime_env/agent/main.py` without a
+    `ray::` title; left by a SIGKILLed run it survives its raylet. A live driver's own Ray scripts
+    (its log monitor) have the driver, a Python process, as parent: they are left alone."""
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    session = tmp_path / "ray" / "session_2026-01-01_00-00-00_000000_1" / "logs"
+    session.mkdir(parents=True)
+    script = tmp_path / "site-packages" / "ray" / "_private" / "runtime_env" / "agent" / "main.py"
+    script.parent.mkdir(parents=True)
+    script.write_text(HOLD)
+    started: list[int] = []
+    try:
+        launched = subprocess.run(
+            [sys.executable, "-c", SCRIPT_START, sys.executable, str(script), str(session / "agent.log")],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        started.append(int(launched.stdout))  # its parent has exited: an orphan
+        wait_until_holding(started[-1], session / "agent.log")
+        driver = subprocess.Popen(
+            [sys.executable, "-c", SCRIPT_START + "; import time; time.sleep(600)", sys.executable, str(script),
+             str(session / "monitor.log")],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        started.append(driver.pid)
+        started.append(int(driver.stdout.readline()))  # its parent, a Python program, runs
+        wait_until_holding(started[-1], session / "monitor.log")
+
+        assert end_orphaned_ray_processes() == [started[0]]
+        assert not running(started[0]) and running(started[2])
+    finally:
+        for pid in started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
