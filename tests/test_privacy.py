@@ -2,6 +2,7 @@
 
 import copy
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,10 +15,10 @@ from fedtide.client.training import MethodFailed
 from fedtide.continual.methods import build_method
 from fedtide.data.schema import PrivacyConfig
 from fedtide.data.split import experience_partitions
-from fedtide.errors import ScenarioError
+from fedtide.errors import ScenarioError, raised_at
 from fedtide.models import build_model
 from fedtide.privacy.accounting import PrivateFootprint, check_privacy, client_delta, noise_multiplier
-from fedtide.privacy.dp_sgd import ClientPrivacy
+from fedtide.privacy.dp_sgd import ClientPrivacy, UnaccountedData, _DPBatchOnly
 from fedtide.privacy.opacus_model import opacus_ready
 from fedtide.run_files import create_run_folder, read_rounds
 from fedtide.simulation import simulate_in_process
@@ -88,6 +89,66 @@ def test_si_under_dp_spends_nothing_more_and_its_penalty_survives():
     importance = stored_method_state(state, si_scenario)["importance"].values()
     assert sum(int((i > 0).sum()) for i in importance) > 100  # learned from the noised path
     assert not np.allclose(flat(naive), flat(arrays))  # same noise draws: only the penalty differs
+
+
+@pytest.mark.parametrize(
+    ("plugin", "hook"),
+    [("DarkReplay", "before_backward"), ("StoredGradient", "after_backward"), ("StoredTargets", "before_backward")],
+)
+def test_a_false_dp_claim_is_refused_at_the_first_step_that_computes_on_other_data(plugin, hook):
+    """DER's loss on stored inputs, a reference gradient on them, or their outputs as targets: none is
+    clipped, noised or charged, so a method that claims dp_compatible and does one is stopped."""
+    scenario = private_scenario(f"tests.dp_plugins:{plugin}")
+    (first,) = train_schedule(scenario, 0, [(0, 1)], initial_arrays(scenario))  # nothing stored yet: it trains
+    with pytest.raises(UnaccountedData) as refused:
+        train_schedule(scenario, 0, [(1, 2)], first.reply["arrays"], state=first.state)
+    message = str(refused.value)
+    assert message.startswith(f"continual method 'tests.dp_plugins:{plugin}' claims dp_compatible but, while DP-SGD")
+    assert "ran the model on inputs other than the DP batch" in message and "set dp_compatible = False" in message
+    assert raised_at(refused.value).startswith("dp_plugins.py:") and raised_at(refused.value).endswith(hook)
+
+
+def test_per_sample_terms_and_parameter_only_penalties_keep_their_dp_route():
+    """LwF's teacher (another module, on the DP batch), a second forward on the DP batch itself and a
+    user's parameter-only penalty pass the DP-batch rule, and each still changes the training."""
+    schedule = [(0, 1), (1, 2)]
+    naive, naive_replies = run_private(private_scenario("naive"), schedule)
+    for method in ("lwf", "l2_anchor", "tests.dp_plugins:BatchConsistency"):
+        arrays, replies = run_private(private_scenario(method), schedule)
+        assert replies[-1]["client"]["epsilon"] == naive_replies[-1]["client"]["epsilon"] > 0
+        assert int(replies[-1]["client"]["consolidated"]) == 1
+        if method != "tests.dp_plugins:BatchConsistency":  # its pull towards its own outputs is 0
+            assert not np.allclose(flat(naive), flat(arrays)), method
+
+
+def test_dp_batch_rule_covers_the_model_its_modules_and_ends_with_the_round():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    batch, other = torch.randn(5, 4), torch.randn(5, 4)
+    strategy = SimpleNamespace(model=model, mbatch=None)
+    guard = _DPBatchOnly(strategy, "mine")
+    with pytest.raises(UnaccountedData, match="ran the model on inputs other than the DP batch"):
+        model(batch)  # before any DP batch is drawn
+    strategy.mbatch = [batch, torch.zeros(5)]
+    model(batch)
+    with torch.no_grad():
+        model(batch)
+    for outside in (lambda: model(other), lambda: model(batch.clone())):
+        with pytest.raises(UnaccountedData, match="continual method 'mine' claims dp_compatible"):
+            outside()
+    with torch.no_grad(), pytest.raises(UnaccountedData):
+        model(other)
+    with pytest.raises(UnaccountedData, match="ran the model's Linear on its own"):
+        model[0](other)
+    model(batch)  # a refusal left no forward half-entered
+    wrong = torch.randn(5, 7)  # a DP batch the model cannot take: its forward raises
+    strategy.mbatch = [wrong, torch.zeros(5)]
+    with pytest.raises(RuntimeError, match="shapes"):
+        model(wrong)
+    with pytest.raises(UnaccountedData):  # the raising forward did not leave the rule off
+        model(other)
+    guard.remove()
+    model(other)
+    model[2](torch.randn(1, 3))
 
 
 def test_ewc_fisher_pass_under_dp_is_charged_to_the_accountant():

@@ -156,7 +156,7 @@ def _learner(
 ):
     extra: list = [ProximalTerm(task.proximal_mu, model)] if task.proximal_mu > 0 else []
     if privacy:  # the round's sample rate and steps come from the planned training set (replay's buffer included)
-        extra.append(privacy.training_plugin(method.private_training_data, planned))
+        extra.append(privacy.training_plugin(method.private_training_data, planned, task.scenario.continual.method))
     device = pick_device(task.scenario)
     return RoundLearner(model, method, task.scenario.client, device=device, extra_plugins=extra)
 
@@ -215,11 +215,12 @@ def method_phase(method_name: str, phase: str) -> Iterator[None]:
     """Re-raise any error of a method's code as `MethodFailed` naming the method and the phase.
 
     The reply's error reaches the server as text, so the method's name must be in it:
-    "continual method 'my_pkg.mod:Name' failed in training: RuntimeError: ...".
+    "continual method 'my_pkg.mod:Name' failed in training: RuntimeError: ...". A
+    `RoundFailed` already names who and why (a refused DP claim), and passes unchanged.
     """
     try:
         yield
-    except MethodFailed:
+    except RoundFailed:
         raise
     except Exception as error:
         raise MethodFailed(

@@ -12,6 +12,11 @@ Four things here are easy to get wrong, and are the reason this module exists:
 - Every other pass over private data is DP too: replay samples sit inside the
   Poisson-sampled dataset, and EWC's Fisher is estimated from clipped, noised
   gradients whose steps are charged to the same accountant.
+- That route trusts that the remainder reads parameters only. A plugin may claim
+  `dp_compatible` and still compute on other data (Dark Experience Replay's forward on
+  stored inputs, A-GEM's gradient on stored samples): its remainder would be carried
+  unclipped, unnoised and uncharged. So while a round trains, the model may compute on
+  the DP batch only (`_DPBatchOnly`); the first forward on anything else stops the round.
 - Opacus's ghost clipping (`privacy.grad_sample_mode: ghost`) forms no per-sample
   gradients, so there is no remainder to recover: it clips the whole loss per sample,
   and a term added to the loss would be scaled by the samples' clipping factors, not
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
@@ -36,7 +41,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from fedtide.data.schema import PrivacyConfig
 from fedtide.data.stream import Dataset
-from fedtide.errors import ScenarioError
+from fedtide.errors import RoundFailed, ScenarioError
 from fedtide.privacy.accounting import MODE_FIELD
 from fedtide.privacy.coins import SampleCoins
 from fedtide.privacy.history import History
@@ -79,16 +84,20 @@ class ClientPrivacy:
         return [(float(s), float(q), int(n)) for s, q, n in self.engine.accountant.history]
 
     def training_plugin(
-        self, extra_samples: Callable[[], Dataset | None], planned_samples: int | None = None
+        self,
+        extra_samples: Callable[[], Dataset | None],
+        planned_samples: int | None = None,
+        method_name: str = "the continual method",
     ) -> SupervisedPlugin:
         """The plugin that privatises the learner's round.
 
         `extra_samples` is asked when the round starts (after consolidation has filled
         it): samples that join the Poisson-sampled set, e.g. a replay buffer.
         `planned_samples` is the training set's planned size, which the round's sample
-        rate and steps are derived from (see `make_private`).
+        rate and steps are derived from (see `make_private`). `method_name` is what a
+        refusal of the method's DP claim names (`UnaccountedData`).
         """
-        return _DPSGDPlugin(self, extra_samples, planned_samples)
+        return _DPSGDPlugin(self, extra_samples, planned_samples, method_name)
 
     def make_private(
         self,
@@ -166,14 +175,20 @@ class _DPSGDPlugin(SupervisedPlugin):
     """Makes an Avalanche learner's round DP-SGD; runs after the learner built its optimizer."""
 
     def __init__(
-        self, privacy: ClientPrivacy, extra_samples: Callable[[], Dataset | None], planned_samples: int | None
+        self,
+        privacy: ClientPrivacy,
+        extra_samples: Callable[[], Dataset | None],
+        planned_samples: int | None,
+        method_name: str,
     ) -> None:
         super().__init__()
         self.privacy = privacy
         self.extra_samples = extra_samples
         self.planned_samples = planned_samples
+        self.method_name = method_name
         self.parameter_only: list[torch.Tensor] = []
         self.ghost_loss: DPLossFastGradientClipping | None = None
+        self.dp_batch_only: _DPBatchOnly | None = None
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         dataset = strategy.adapted_dataset
@@ -200,6 +215,13 @@ class _DPSGDPlugin(SupervisedPlugin):
         optimizer.step_hook = after_noise
         strategy.optimizer = optimizer
         strategy.dataloader = loader
+        self.dp_batch_only = _DPBatchOnly(strategy, self.method_name)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        """The round has trained: the model may compute on anything again (evaluation, consolidation)."""
+        if self.dp_batch_only is not None:
+            self.dp_batch_only.remove()
+            self.dp_batch_only = None
 
     def before_backward(self, strategy, **kwargs) -> None:
         """Ghost clipping: refuse a loss that is more than the data loss, then let Avalanche run its passes."""
@@ -237,6 +259,68 @@ class _DPSGDPlugin(SupervisedPlugin):
             per_sample = param.grad_sample
             mean = per_sample.mean(dim=0) if per_sample.shape[0] else torch.zeros_like(param)
             self.parameter_only.append((param.grad - mean).detach())
+
+
+class UnaccountedData(RoundFailed):
+    """A method that claims `dp_compatible` computed on data outside the DP batch while a round trained."""
+
+
+class _DPBatchOnly:
+    """While a DP-SGD round trains, the model computes on the DP batch only; anything else stops the round.
+
+    Why this rule: the gradient Opacus clips and noises is the per-sample gradient of what
+    the model computed on the Poisson-sampled batch; whatever else reaches `p.grad` is
+    carried as a parameter-only penalty (`before_update`), unclipped, unnoised and
+    uncharged. A term that depends on other data reaches the update only through the
+    model computing on that data. Its forward with grad puts that data's gradient in the
+    remainder (DER's loss on stored inputs, A-GEM's reference gradient); its forward
+    without grad still lets that data shape every sample's gradient, by more than one
+    sample's clipped share (outputs on stored inputs used as targets). Neither is
+    accounted, so any forward of the model, or of one of its modules on its own, on an
+    input other than `strategy.mb_x`, from the DP set-up to the end of the round, is
+    refused at once: on the first step that makes one. Parameter-only penalties (FedProx,
+    EWC, SI) run no forward and pass; LwF's teacher is another module, run on the DP batch
+    itself; a second forward on `mb_x` (with or without grad) is per-sample and passes.
+    A term computed from parameters and stored tensors without calling the model is not
+    seen: the remainder route trusts such tensors to be public or already privatised
+    (EWC's importances are).
+    """
+
+    def __init__(self, strategy, method_name: str) -> None:
+        self.strategy = strategy
+        self.method_name = method_name
+        self.inside = 0  # depth of the model's forwards on the DP batch now running
+        model = strategy.model
+        self.handles = [
+            model.register_forward_pre_hook(self._enter),
+            model.register_forward_hook(self._leave, always_call=True),
+            *(module.register_forward_pre_hook(self._part) for module in model.modules() if module is not model),
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _enter(self, model: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+        """Count first: `_leave` runs after every call, even one refused here or raising in the forward."""
+        self.inside += 1
+        batch = self.strategy.mbatch[0] if self.strategy.mbatch is not None else None
+        if self.inside == 1 and (batch is None or not inputs or inputs[0] is not batch):
+            self._refuse("ran the model on inputs other than the DP batch")
+
+    def _leave(self, model: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        self.inside -= 1
+
+    def _part(self, module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+        if self.inside == 0:
+            self._refuse(f"ran the model's {type(module).__name__} on its own, outside its forward on the DP batch")
+
+    def _refuse(self, what: str) -> None:
+        raise UnaccountedData(
+            f"continual method '{self.method_name}' claims dp_compatible but, while DP-SGD trained, {what}: "
+            "a data-dependent term that Opacus never clips, noises or charges (put those samples in the DP batch, "
+            "e.g. through private_training_data(), or set dp_compatible = False)"
+        )
 
 
 class _PlannedLength(Sampler):
