@@ -205,11 +205,13 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
 
 
 def _check_private(scenario: Scenario, report: PluginReport) -> None:
-    """A method that claims `dp_compatible` must train and consolidate under DP-SGD (noise 1.0)."""
+    """A method that claims `dp_compatible` must train and consolidate under DP-SGD (noise 1.0),
+    its model computing on the DP batches alone (`fedtide.privacy.dp_sgd.UnaccountedData`)."""
     from fedtide.client.schedule import train_schedule
     from fedtide.continual.methods import method_class
     from fedtide.data.stream import build_stream
     from fedtide.models import build_scenario_model
+    from fedtide.privacy.dp_sgd import UnaccountedData
     from fedtide.server.array_check import array_problem
 
     if not method_class(scenario.continual.method).dp_compatible:
@@ -220,6 +222,9 @@ def _check_private(scenario: Scenario, report: PluginReport) -> None:
     model = build_scenario_model(private, build_stream(private).data.input_shape, private.seed)
     try:
         reply = train_schedule(private, 0, SCHEDULE[:2], ArrayRecord(model.state_dict()))[-1].reply
+    except UnaccountedData as error:  # the claim is false: the message says why and the fix
+        report.add("DP-SGD", False, str(error))
+        return
     except Exception as error:
         report.add("DP-SGD", False, f"dp_compatible, but a DP round failed: {' '.join(str(error).split())}")
         return
@@ -229,7 +234,7 @@ def _check_private(scenario: Scenario, report: PluginReport) -> None:
         "DP-SGD",
         problem is None and epsilon > 0,
         f"under DP: {problem or f'epsilon {epsilon}'}",
-        f"trains and consolidates under DP-SGD (epsilon {epsilon:.2f} after 2 rounds)",
+        f"trains and consolidates under DP-SGD on DP batches only (epsilon {epsilon:.2f} after 2 rounds)",
     )
 
 

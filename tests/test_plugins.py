@@ -350,6 +350,27 @@ def test_check_plugin_fails_a_raising_method_naming_it(run_cli):
     assert "RuntimeError: broken_method exploded on purpose" in message
 
 
+def test_check_plugin_refuses_a_false_dp_claim_with_the_runs_reason(run_cli):
+    code, _, err = run_cli("check-plugin", "tests.dp_plugins:DarkReplay")
+    message = " ".join(err.split())
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "continual method 'tests.dp_plugins:DarkReplay' failed check 'DP-SGD': continual method" in message
+    assert "claims dp_compatible but, while DP-SGD trained, ran the model on inputs other than the DP batch" in message
+
+
+def test_a_run_under_dp_stops_a_false_dp_claim_in_one_line(tmp_path, run_cli):
+    small = ["stream.n_experiences=2", "federation.rounds_per_experience=1", "partition.num_clients=2"]
+    dp = ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "resources.backend=in_process"]
+    overrides = [*small, *dp, "continual.method=tests.dp_plugins:DarkReplay"]
+    args = [a for o in overrides for a in ("--set", o)]
+    code, _, err = run_cli("run", "scenarios/quickstart.yaml", *args, "--output", str(tmp_path))
+    message = " ".join(err.split())
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "failed in round 2" in message  # round 1 had nothing stored: DER added no term
+    assert "continual method 'tests.dp_plugins:DarkReplay' claims dp_compatible but" in message
+    assert "(dp_plugins.py:" in message and "in before_backward)" in message
+
+
 def test_check_plugin_finds_plugin_state_that_cannot_live_in_the_context():
     report = check_plugin("avalanche.training.plugins:AGEMPlugin", {"patterns_per_experience": 8, "sample_size": 8})
     assert not report.ok
