@@ -146,9 +146,15 @@ def test_dp_batch_rule_covers_the_model_its_modules_and_ends_with_the_round():
         model(wrong)
     with pytest.raises(UnaccountedData):  # the raising forward did not leave the rule off
         model(other)
+    strategy.mbatch = [batch, torch.zeros(5)]
+    teacher = copy.deepcopy(model)  # a copy made mid-round shares the rule (and copies no learner)
+    teacher(batch)
+    with pytest.raises(UnaccountedData):
+        teacher(other)
     guard.remove()
-    model(other)
-    model[2](torch.randn(1, 3))
+    for module in (model, teacher):
+        module(other)
+        module[2](torch.randn(1, 3))
 
 
 def test_ewc_fisher_pass_under_dp_is_charged_to_the_accountant():

@@ -289,6 +289,7 @@ class _DPBatchOnly:
     def __init__(self, strategy, method_name: str) -> None:
         self.strategy = strategy
         self.method_name = method_name
+        self.active = True
         self.inside = 0  # depth of the model's forwards on the DP batch now running
         model = strategy.model
         self.handles = [
@@ -298,21 +299,28 @@ class _DPBatchOnly:
         ]
 
     def remove(self) -> None:
+        """Off for good: copies of the model made during the round keep these hooks, now inert."""
+        self.active = False
         for handle in self.handles:
             handle.remove()
+
+    def __deepcopy__(self, memo: dict) -> _DPBatchOnly:
+        """A copy of the model made while the round trains (a teacher) shares the rule, not a copy of
+        the learner: its forwards on the DP batch pass, on anything else they are refused."""
+        return self
 
     def _enter(self, model: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
         """Count first: `_leave` runs after every call, even one refused here or raising in the forward."""
         self.inside += 1
         batch = self.strategy.mbatch[0] if self.strategy.mbatch is not None else None
-        if self.inside == 1 and (batch is None or not inputs or inputs[0] is not batch):
+        if self.active and self.inside == 1 and (batch is None or not inputs or inputs[0] is not batch):
             self._refuse("ran the model on inputs other than the DP batch")
 
     def _leave(self, model: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         self.inside -= 1
 
     def _part(self, module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
-        if self.inside == 0:
+        if self.active and self.inside == 0:
             self._refuse(f"ran the model's {type(module).__name__} on its own, outside its forward on the DP batch")
 
     def _refuse(self, what: str) -> None:
