@@ -73,3 +73,22 @@ class BatchConsistency(_StoresInputs):
         with torch.no_grad():
             target = strategy.model(strategy.mb_x)
         strategy.loss += self.alpha * ((strategy.mb_output - target) ** 2).sum(dim=1).mean()
+
+
+class ReferenceGradient(_StoresInputs):
+    """A-GEM-like, without a forward while training: a gradient on stored samples, computed when
+    consolidating, added to `p.grad` after each backward."""
+
+    def __init__(self, alpha: float = 0.5, size: int = 8) -> None:
+        super().__init__(alpha, size)
+        self.reference: list[torch.Tensor] = []
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        super().after_training_exp(strategy)
+        inputs, logits = self.stored(strategy)
+        loss = F.mse_loss(strategy.model(inputs), logits + 1.0)
+        self.reference = [g.cpu() for g in torch.autograd.grad(loss, list(strategy.model.parameters()))]
+
+    def after_backward(self, strategy, **kwargs) -> None:
+        for param, grad in zip(strategy.model.parameters(), self.reference):
+            param.grad += self.alpha * grad.to(param.device)

@@ -108,6 +108,15 @@ def test_a_false_dp_claim_is_refused_at_the_first_step_that_computes_on_other_da
     assert raised_at(refused.value).startswith("dp_plugins.py:") and raised_at(refused.value).endswith(hook)
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_gradient_written_into_p_grad_after_backward_is_refused(mode):
+    """A reference gradient computed when consolidating needs no forward while training, but is
+    no gradient of the loss: neither the remainder (hooks) nor ghost clipping's sum may carry it."""
+    scenario = private_scenario("tests.dp_plugins:ReferenceGradient", noise_multiplier=1.0, grad_sample_mode=mode)
+    with pytest.raises(UnaccountedData, match="ReferenceGradient' claims dp_compatible but, .* changed p.grad after"):
+        train_schedule(scenario, 0, [(0, 1), (1, 2)], initial_arrays(scenario))
+
+
 def test_per_sample_terms_and_parameter_only_penalties_keep_their_dp_route():
     """LwF's teacher (another module, on the DP batch), a second forward on the DP batch itself and a
     user's parameter-only penalty pass the DP-batch rule, and each still changes the training."""

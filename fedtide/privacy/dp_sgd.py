@@ -16,7 +16,8 @@ Four things here are easy to get wrong, and are the reason this module exists:
   `dp_compatible` and still compute on other data (Dark Experience Replay's forward on
   stored inputs, A-GEM's gradient on stored samples): its remainder would be carried
   unclipped, unnoised and uncharged. So while a round trains, the model may compute on
-  the DP batch only (`_DPBatchOnly`); the first forward on anything else stops the round.
+  the DP batch only (`_DPBatchOnly`), and `p.grad` at the step must be what backward left
+  (`_BackwardOnly`); the first step that breaks either stops the round.
 - Opacus's ghost clipping (`privacy.grad_sample_mode: ghost`) forms no per-sample
   gradients, so there is no remainder to recover: it clips the whole loss per sample,
   and a term added to the loss would be scaled by the samples' clipping factors, not
@@ -189,6 +190,7 @@ class _DPSGDPlugin(SupervisedPlugin):
         self.parameter_only: list[torch.Tensor] = []
         self.ghost_loss: DPLossFastGradientClipping | None = None
         self.dp_batch_only: _DPBatchOnly | None = None
+        self.backward_only: _BackwardOnly | None = None
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         dataset = strategy.adapted_dataset
@@ -216,12 +218,14 @@ class _DPSGDPlugin(SupervisedPlugin):
         strategy.optimizer = optimizer
         strategy.dataloader = loader
         self.dp_batch_only = _DPBatchOnly(strategy, self.method_name)
+        self.backward_only = _BackwardOnly(optimizer.params, self.method_name)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         """The round has trained: the model may compute on anything again (evaluation, consolidation)."""
-        if self.dp_batch_only is not None:
-            self.dp_batch_only.remove()
-            self.dp_batch_only = None
+        for rule in (self.dp_batch_only, self.backward_only):
+            if rule is not None:
+                rule.remove()
+        self.dp_batch_only = self.backward_only = None
 
     def before_backward(self, strategy, **kwargs) -> None:
         """Ghost clipping: refuse a loss that is more than the data loss, then let Avalanche run its passes."""
@@ -251,8 +255,10 @@ class _DPSGDPlugin(SupervisedPlugin):
         """Keep the gradient that autograd put in p.grad beyond the per-sample gradients.
 
         Ghost clipping has none: its p.grad is the clipped sum alone (`before_backward`).
+        Either way p.grad must be backward's own (`_BackwardOnly`).
         """
         self.parameter_only = []
+        self.backward_only.check()
         if self.ghost_loss is not None:
             return
         for param in strategy.optimizer.params:
@@ -324,11 +330,52 @@ class _DPBatchOnly:
             self._refuse(f"ran the model's {type(module).__name__} on its own, outside its forward on the DP batch")
 
     def _refuse(self, what: str) -> None:
-        raise UnaccountedData(
-            f"continual method '{self.method_name}' claims dp_compatible but, while DP-SGD trained, {what}: "
-            "a data-dependent term that Opacus never clips, noises or charges (put those samples in the DP batch, "
-            "e.g. through private_training_data(), or set dp_compatible = False)"
-        )
+        raise _refusal(self.method_name, what)
+
+
+class _BackwardOnly:
+    """At the step, each `p.grad` must be the tensor backward left, unchanged since.
+
+    Why: the remainder carried past clipping (`_DPSGDPlugin.before_update`) is meant to be
+    autograd's gradient of the loss's parameter-only terms. A gradient written into `p.grad`
+    after backward (A-GEM's projection, a reference gradient computed on stored samples or
+    on a copy of the model) is no gradient of the loss, needs no forward of the model (so
+    `_DPBatchOnly` cannot see it) and would be carried unclipped; in ghost clipping, where
+    `p.grad` is the clipped sum, it would be added unclipped. A tensor's version counter
+    moves with every in-place change, so an edit is seen without copying any gradient.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], method_name: str) -> None:
+        self.method_name = method_name
+        self.params = list(params)
+        self.left: dict[torch.nn.Parameter, tuple[torch.Tensor, int]] = {}  # since the last check
+        self.handles = [param.register_post_accumulate_grad_hook(self._record) for param in self.params]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _record(self, param: torch.nn.Parameter) -> None:
+        self.left[param] = (param.grad, param.grad._version)
+
+    def check(self) -> None:
+        """Refuse a `p.grad` that backward did not leave, or that changed since; then forget this step."""
+        left, self.left = self.left, {}
+        for param in self.params:
+            grad, version = left.get(param, (None, 0))
+            if param.grad is not None and (param.grad is not grad or grad._version != version):
+                raise _refusal(
+                    self.method_name,
+                    "changed p.grad after backward (a parameter-only term belongs in the loss)",
+                )
+
+
+def _refusal(method_name: str, what: str) -> UnaccountedData:
+    return UnaccountedData(
+        f"continual method '{method_name}' claims dp_compatible but, while DP-SGD trained, {what}: "
+        "a data-dependent term that Opacus never clips, noises or charges (put those samples in the DP batch, "
+        "e.g. through private_training_data(), or set dp_compatible = False)"
+    )
 
 
 class _PlannedLength(Sampler):
