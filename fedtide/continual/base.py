@@ -39,8 +39,8 @@ class ContinualMethod(ABC):
     `dp_compatible` says the method may run under DP-SGD: every pass it makes over
     private data goes through `use_privacy`'s engine or is per-sample inside the
     DP-SGD step. It defaults to False, so a method must claim it explicitly, and the
-    claim is checked: a round whose model computes on anything but the DP batch stops
-    (`fedtide.privacy.dp_sgd.UnaccountedData`).
+    claim is checked: a round whose model computes on anything but the DP batch, or whose
+    `p.grad` changes after backward, stops (`fedtide.privacy.dp_sgd.UnaccountedData`).
     """
 
     name: ClassVar[str]

@@ -18,7 +18,8 @@ The contract (docs/extending.md):
 A plugin runs under DP-SGD only if its class says `dp_compatible = True`: it may add
 parameter-only penalties or per-sample losses, and must read no private data outside
 the DP-SGD step (no importance pass, no reference gradients). While it trains, a
-model run on anything but the DP batch stops the round (`fedtide.privacy.dp_sgd`).
+model run on anything but the DP batch, or a `p.grad` changed after backward, stops
+the round (`fedtide.privacy.dp_sgd`).
 """
 
 from __future__ import annotations
