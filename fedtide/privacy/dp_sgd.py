@@ -268,7 +268,8 @@ class _DPSGDPlugin(SupervisedPlugin):
 
 
 class UnaccountedData(RoundFailed):
-    """A method that claims `dp_compatible` computed on data outside the DP batch while a round trained."""
+    """A method that claims `dp_compatible` computed on data outside the DP batch while a round trained,
+    or changed `p.grad` after backward (`_DPBatchOnly`, `_BackwardOnly`)."""
 
 
 class _DPBatchOnly:
