@@ -165,6 +165,7 @@ SCHEDULE = [(0, 1), (1, 2), (1, 3)]
 
 def _check_method(scenario: Scenario, report: PluginReport) -> None:
     from fedtide.client.schedule import ScheduledClient
+    from fedtide.continual.state_check import LostState
     from fedtide.data.stream import build_stream
     from fedtide.models import build_scenario_model
     from fedtide.server.array_check import array_problem
@@ -180,7 +181,9 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
             try:
                 reply = client.train(experience, global_round, global_arrays).reply
             except Exception as error:  # the plugin's own exception, named by method_phase
-                report.add(f"{label} trains", False, f"client {client.partition_id}: {' '.join(str(error).split())}")
+                lost = isinstance(error.__cause__, LostState)
+                check = f"{label} keeps what it changed" if lost else f"{label} trains"
+                report.add(check, False, f"client {client.partition_id}: {' '.join(str(error).split())}")
                 return
             problem = array_problem(reply["arrays"], ArrayRecord(model.state_dict()))
             if problem:
@@ -200,6 +203,11 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
             after_consolidation = [client.state for client in clients]  # no later call changes these
         global_arrays = _fedavg(replies)
 
+    report.add(
+        "state changed in rounds kept",
+        True,
+        passed="each round's changes, in training or consolidation, are restored by state_dict() in the next",
+    )
     _check_state(scenario, [client.state for client in clients], after_consolidation, report)
     _check_private(scenario, report)
 

@@ -23,8 +23,8 @@ from fedtide import aggregation
 from fedtide.aggregation import build_strategy, strategy_class
 from fedtide.client.schedule import train_schedule
 from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY
-from fedtide.client.training import RoundTask, run_training_round
-from fedtide.continual.methods import build_method, method_class
+from fedtide.client.training import MethodFailed, RoundTask, run_training_round
+from fedtide.continual.methods import all_methods, build_method, method_class
 from fedtide.continual.plugin_adapter import PluginMethod
 from fedtide.continual.state_codec import encode
 from fedtide.data.loading import parse_scenario
@@ -288,6 +288,69 @@ def test_user_supervised_plugin_consolidates_once_and_its_attributes_persist(nam
         assert np.array_equal(anchor[f"anchor.{i}"], rounds[2][0][key].numpy())
 
 
+# --- nothing a method changes in a round is lost silently ----------------------------------------
+
+LOST = "tests.lost_state_plugins"
+
+
+def lost_state_error(plugin: str, schedule=SCHEDULE[:1]) -> str:
+    """The one-line error of a client whose method would lose what a round changed."""
+    with pytest.raises(MethodFailed) as failed:
+        drive(small_scenario(continual={"method": f"{LOST}:{plugin}"}), 0, schedule)
+    assert len(str(failed.value).splitlines()) == 1
+    return str(failed.value)
+
+
+def test_a_buffer_filled_in_training_but_left_out_of_state_dict_stops_the_first_round_naming_it():
+    message = lost_state_error("ListBuffer")
+    assert message.startswith(f"continual method '{LOST}:ListBuffer' failed in save: LostState: ListBuffer.buffer ")
+    assert "changed during the round but is not restored from state_dict()" in message
+    assert "return it from state_dict() and set it back in load_state_dict()" in message
+    assert "consolidations" not in message  # stored by its state_dict()
+
+
+def test_a_buffer_in_a_plain_object_is_refused_as_unstorable_naming_it():
+    message = lost_state_error("ObjectBuffer")
+    assert "ObjectBuffer.reservoir (a _Reservoir) changed during the round but Context.state cannot hold it" in message
+    assert "define state_dict()/load_state_dict()" in message
+
+
+def test_a_torch_generator_attribute_is_stored_and_its_draws_continue_across_rounds():
+    rounds = drive(small_scenario(continual={"method": f"{LOST}:GeneratorDraws"}), 0, SCHEDULE[:2])
+    first, second = (stored_method_state(state) for _, _, state in rounds)
+    assert isinstance(second["rng"], torch.Generator)
+    n = len(first["draws"])
+    assert n > 0 and len(second["draws"]) == 2 * n and second["draws"][:n] == first["draws"]
+    rng = torch.Generator().manual_seed(7)
+    assert second["draws"] == [float(torch.rand(1, generator=rng)) for _ in range(2 * n)]  # one stream, not two
+
+
+def test_a_generator_left_out_of_its_own_state_dict_is_refused_naming_it():
+    message = lost_state_error("GeneratorOutsideState")
+    assert "LostState: GeneratorOutsideState.rng changed during the round" in message
+
+
+def test_scratch_a_round_recomputes_passes_only_when_declared_in_rebuilt_each_round():
+    drive(small_scenario(continual={"method": f"{LOST}:DeclaredScratch"}), 0, SCHEDULE[:2])
+    assert "UndeclaredScratch.last_labels changed during the round" in lost_state_error("UndeclaredScratch")
+
+
+@pytest.mark.parametrize(
+    ("name", "private"),
+    [(name, False) for name in [*all_methods(), "l2_anchor"]]
+    + [(name, True) for name in ("replay", "ewc", "lwf", "si", "l2_anchor")],
+)
+def test_built_in_and_stock_methods_keep_everything_their_rounds_change(name, private):
+    """Training and consolidation rounds, each checked against a method rebuilt from what was stored."""
+    scenario = small_scenario(
+        continual={"method": name},
+        stream={"n_experiences": 2},
+        privacy={"enabled": private, "noise_multiplier": 1.0},
+    )
+    rounds = drive(scenario, 1, [(0, 1), (0, 2), (1, 3), (1, 4)])
+    assert [int(r["client"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0]
+
+
 # --- aggregation: the example strategy ---------------------------------------------------------
 
 
@@ -353,8 +416,19 @@ def test_check_plugin_fails_a_raising_method_naming_it(run_cli):
 def test_check_plugin_finds_plugin_state_that_cannot_live_in_the_context():
     report = check_plugin("avalanche.training.plugins:AGEMPlugin", {"patterns_per_experience": 8, "sample_size": 8})
     assert not report.ok
-    assert report.failure.name == "round 2 (experience 1) trains"  # the round that consolidated
-    assert "attribute(s) buffer_dataloader, buffer_dliter, buffers of AGEMPlugin changed" in report.message
+    assert report.failure.name == "round 2 (experience 1) keeps what it changed"  # the round that consolidated
+    assert "AGEMPlugin.buffer_dataloader (a GroupBalancedInfiniteDataLoader)" in report.message
+    assert "AGEMPlugin.buffers (a list) changed during the round but Context.state cannot hold it" in report.message
+
+
+def test_check_plugin_fails_a_plugin_whose_training_changes_state_that_state_dict_leaves_out():
+    report = check_plugin("tests.lost_state_plugins:ListBuffer")
+    assert not report.ok
+    assert report.failure.name == "round 1 (experience 0) keeps what it changed"  # a round without consolidation
+    assert "ListBuffer.buffer changed during the round but is not restored from state_dict()" in report.message
+    kept = check_plugin("tests.lost_state_plugins:GeneratorDraws")
+    assert kept.ok, kept.message
+    assert "state changed in rounds kept" in [c.name for c in kept.checks]
 
 
 def test_check_plugin_reports_unloadable_plugins_and_unknown_parameters():
