@@ -27,6 +27,7 @@ import yaml
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
+from fedtide.continual.hooks import MisspeltHook
 from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
 
@@ -142,6 +143,10 @@ def check_plugin(
         from fedtide.validation import check_runnable
 
         check_runnable(scenario)
+    except MisspeltHook as error:
+        report.add("loads", True, passed="importable, right base class")
+        report.add("hook names", False, " ".join(str(error).split()))
+        return report
     except (ScenarioError, ValueError) as error:
         report.add("loads", False, " ".join(str(error).split()))
         return report
@@ -150,6 +155,7 @@ def check_plugin(
         return report
     report.add("loads", True, passed="importable, right base class, parameters accepted")
     if report.kind == METHOD:
+        report.add("hook names", True, passed="no public method is a near-miss of an Avalanche hook name")
         _check_method(scenario, report)
     else:
         _check_strategy(scenario, report)

@@ -13,6 +13,7 @@ from importlib.metadata import EntryPoint
 import numpy as np
 import pytest
 import torch
+from avalanche.training.plugins import SupervisedPlugin
 from fedtide_examples.method import L2Anchor
 from fedtide_examples.strategy import ExperienceMomentum
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -24,6 +25,7 @@ from fedtide.aggregation import build_strategy, strategy_class
 from fedtide.client.schedule import train_schedule
 from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY
 from fedtide.client.training import MethodFailed, RoundTask, run_training_round
+from fedtide.continual.hooks import misspelt_hooks
 from fedtide.continual.methods import all_methods, build_method, method_class
 from fedtide.continual.plugin_adapter import PluginMethod
 from fedtide.continual.state_codec import encode
@@ -349,6 +351,49 @@ def test_built_in_and_stock_methods_keep_everything_their_rounds_change(name, pr
     )
     rounds = drive(scenario, 1, [(0, 1), (0, 2), (1, 3), (1, 4)])
     assert [int(r["client"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0]
+
+
+# --- hooks: a misspelt hook is refused before anything trains --------------------------------------
+
+
+def test_misspelt_hooks_name_the_hook_meant_and_leave_helpers_and_avalanches_plugins_alone():
+    from avalanche.training import plugins
+
+    class Typos(SupervisedPlugin):
+        def before_backwards(self, strategy, **kwargs): ...
+        def after_trainig_exp(self, strategy, **kwargs): ...
+        def aftertraining_exp(self, strategy, **kwargs): ...
+        def after_training_exp(self, strategy, **kwargs): ...  # a real hook
+        def update_memory(self, dataset): ...  # helpers
+        def before_step_count(self) -> int: ...
+
+    assert misspelt_hooks(Typos) == [
+        ("after_trainig_exp", "after_training_exp"),
+        ("aftertraining_exp", "after_training_exp"),
+        ("before_backwards", "before_backward"),
+    ]
+    stock = [method.plugin_class for method in all_methods().values() if hasattr(method, "plugin_class")]
+    avalanche = [getattr(plugins, n) for n in dir(plugins) if n.endswith("Plugin")]
+    assert len(stock) == 5 and len(avalanche) > 20
+    assert {cls.__name__: misspelt_hooks(cls) for cls in [*stock, *avalanche, L2Anchor] if misspelt_hooks(cls)} == {}
+
+
+def test_validate_refuses_a_misspelt_hook_in_one_line_naming_the_hook_meant(run_cli):
+    code, out, err = run_cli(
+        "validate", "scenarios/quickstart.yaml", "--set", "continual.method=tests.broken_method:BackwardsHook"
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    message = " ".join(err.split())
+    assert "continual.method: 'tests.broken_method:BackwardsHook' defines BackwardsHook.before_backwards" in message
+    assert "which is not an Avalanche hook and would never be called (did you mean before_backward?)" in message
+    assert "penalty" not in message
+
+
+def test_check_plugin_fails_a_misspelt_hook_and_passes_correct_ones():
+    report = check_plugin("tests.broken_method:BackwardsHook")
+    assert [(c.name, c.ok) for c in report.checks] == [("loads", True), ("hook names", False)]
+    assert "BackwardsHook.before_backwards" in report.message and "did you mean before_backward?" in report.message
+    assert ("hook names", True) in [(c.name, c.ok) for c in check_plugin("si", {"si_lambda": 1.0}).checks]
 
 
 # --- aggregation: the example strategy ---------------------------------------------------------
