@@ -12,6 +12,10 @@ so a method consolidates once; `overrides` (`field.path=value`) change the rest.
 driven in-process by `fedtide.client.schedule` (the ClientApp's own training call on a
 copy of the client state, as Ray makes), with FedAvg between them. A strategy runs a
 real Flower federation (2 rounds) over the in-process grid (no Ray start-up).
+
+A method's hook names are checked first (`fedtide.continual.hooks`), and every one of
+its rounds runs the client's lost-state check (`fedtide.continual.state_check`), so
+state changed while a round trains, not only at consolidation, must reach the next round.
 """
 
 from __future__ import annotations
@@ -187,7 +191,7 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
             try:
                 reply = client.train(experience, global_round, global_arrays).reply
             except Exception as error:  # the plugin's own exception, named by method_phase
-                lost = isinstance(error.__cause__, LostState)
+                lost = isinstance(error, LostState)
                 check = f"{label} keeps what it changed" if lost else f"{label} trains"
                 report.add(check, False, f"client {client.partition_id}: {' '.join(str(error).split())}")
                 return

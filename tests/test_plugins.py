@@ -13,6 +13,7 @@ from importlib.metadata import EntryPoint
 import numpy as np
 import pytest
 import torch
+import yaml
 from avalanche.training.plugins import SupervisedPlugin
 from fedtide_examples.method import L2Anchor
 from fedtide_examples.strategy import ExperienceMomentum
@@ -24,10 +25,11 @@ from fedtide import aggregation
 from fedtide.aggregation import build_strategy, strategy_class
 from fedtide.client.schedule import train_schedule
 from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY
-from fedtide.client.training import MethodFailed, RoundTask, run_training_round
+from fedtide.client.training import RoundTask, run_training_round
 from fedtide.continual.hooks import misspelt_hooks
 from fedtide.continual.methods import all_methods, build_method, method_class
 from fedtide.continual.plugin_adapter import PluginMethod
+from fedtide.continual.state_check import LostState
 from fedtide.continual.state_codec import encode
 from fedtide.data.loading import parse_scenario
 from fedtide.data.split import experience_partitions
@@ -297,7 +299,7 @@ LOST = "tests.lost_state_plugins"
 
 def lost_state_error(plugin: str, schedule=SCHEDULE[:1]) -> str:
     """The one-line error of a client whose method would lose what a round changed."""
-    with pytest.raises(MethodFailed) as failed:
+    with pytest.raises(LostState) as failed:
         drive(small_scenario(continual={"method": f"{LOST}:{plugin}"}), 0, schedule)
     assert len(str(failed.value).splitlines()) == 1
     return str(failed.value)
@@ -305,10 +307,28 @@ def lost_state_error(plugin: str, schedule=SCHEDULE[:1]) -> str:
 
 def test_a_buffer_filled_in_training_but_left_out_of_state_dict_stops_the_first_round_naming_it():
     message = lost_state_error("ListBuffer")
-    assert message.startswith(f"continual method '{LOST}:ListBuffer' failed in save: LostState: ListBuffer.buffer ")
+    assert message.startswith(f"continual method '{LOST}:ListBuffer' would lose state: ListBuffer.buffer ")
     assert "changed during the round but is not restored from state_dict()" in message
     assert "return it from state_dict() and set it back in load_state_dict()" in message
     assert "consolidations" not in message  # stored by its state_dict()
+
+
+def test_a_run_stops_at_the_first_round_that_would_lose_state_even_if_an_empty_client_succeeded(run_cli, tmp_path):
+    """Client 6 of this partition holds no data in experience 0: it trains nothing, loses nothing, and replies."""
+    scenario = small_scenario(
+        seed=1,
+        partition={"kind": "dirichlet", "alpha": 0.05, "num_clients": 20},
+        continual={"method": f"{LOST}:ListBuffer"},
+        resources={"backend": "in_process"},
+    )
+    assert len(experience_partitions(scenario)[0][6]) == 0
+    path = tmp_path / "lost.yaml"
+    path.write_text(yaml.safe_dump(scenario.model_dump(mode="json")))
+    code, out, err = run_cli("run", str(path), "--output", str(tmp_path / "runs"))
+    message = " ".join(err.split())
+    assert code == 1, out + err
+    assert f"in round 1: continual method '{LOST}:ListBuffer' would lose state: ListBuffer.buffer" in message
+    assert "Traceback" not in out + err
 
 
 def test_a_buffer_in_a_plain_object_is_refused_as_unstorable_naming_it():
@@ -329,7 +349,7 @@ def test_a_torch_generator_attribute_is_stored_and_its_draws_continue_across_rou
 
 def test_a_generator_left_out_of_its_own_state_dict_is_refused_naming_it():
     message = lost_state_error("GeneratorOutsideState")
-    assert "LostState: GeneratorOutsideState.rng changed during the round" in message
+    assert "would lose state: GeneratorOutsideState.rng changed during the round" in message
 
 
 def test_scratch_a_round_recomputes_passes_only_when_declared_in_rebuilt_each_round():

@@ -137,7 +137,7 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
     state.progress = progress
     with method_phase(name, "save"):
         state.store_method(method)
-        refuse_lost_state(method, start, lambda: rebuilt_method(scenario, model, pool, privacy, state))
+        refuse_lost_state(name, method, start, lambda: rebuilt_method(scenario, model, pool, privacy, state))
     if privacy:
         state.privacy_history = privacy.history
     with method_phase(name, "metrics"):
@@ -220,7 +220,7 @@ def method_phase(method_name: str, phase: str) -> Iterator[None]:
     """
     try:
         yield
-    except MethodFailed:
+    except RoundFailed:  # named already
         raise
     except Exception as error:
         raise MethodFailed(

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from fedtide.continual.state_codec import Tensorish, as_array, is_plain, is_storable
+from fedtide.errors import ContractBroken
 
 if TYPE_CHECKING:
     from fedtide.continual.base import ContinualMethod
@@ -42,8 +43,8 @@ if TYPE_CHECKING:
 REBUILT = "rebuilt by the client"
 
 
-class LostState(RuntimeError):
-    """A method attribute changed during a round that the next round would not get back."""
+class LostState(ContractBroken):
+    """A method attribute changed during a round that the next round would not get back: the run stops."""
 
 
 def rebuilt_each_round(holder: Any) -> tuple[str, ...]:
@@ -62,7 +63,7 @@ def state_fingerprints(method: ContinualMethod) -> dict[str, str]:
 
 
 def refuse_lost_state(
-    method: ContinualMethod, start: dict[str, str], rebuild: Callable[[], ContinualMethod]
+    name: str, method: ContinualMethod, start: dict[str, str], rebuild: Callable[[], ContinualMethod]
 ) -> None:
     """Raise `LostState` when an attribute changed during the round and `rebuild()` does not restore it.
 
@@ -76,7 +77,7 @@ def refuse_lost_state(
     again = state_fingerprints(_with_cached(rebuild(), changed))
     lost = [attr for attr in changed if again.get(attr) != end.get(attr)]
     if lost:
-        raise LostState(_lost_message(method, lost))
+        raise LostState(f"continual method '{name}' would lose state: {_lost_message(method, lost)}")
 
 
 def _with_cached(method: ContinualMethod, attributes: list[str]) -> ContinualMethod:
