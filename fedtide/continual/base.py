@@ -10,7 +10,9 @@ per experience, so a method separates the two parts of an Avalanche plugin:
 
 Clients are rebuilt on every call (Ray copies the Context), so everything a method
 remembers goes through `state_dict()` / `load_state_dict()` — PyTorch's convention,
-and Opacus's accountants' — into Flower's `Context.state` (`fedtide.client.state`).
+and Opacus's accountants' — into Flower's `Context.state` (`fedtide.client.state`);
+after every round the client checks that nothing else the method changed would be lost
+(`fedtide.continual.state_check`).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class ContinualMethod(ABC):
 
     def state_dict(self) -> StateDict:
         """What to keep in `Context.state` between rounds: tensors, numpy arrays, modules,
-        Avalanche `ParamData`, JSON values, and dicts or lists of those."""
+        Avalanche `ParamData`, `torch.Generator`s, JSON values, and dicts or lists of those."""
         return {}
 
     def load_state_dict(self, state: StateDict) -> None:  # noqa: B027 - stateless methods keep nothing
