@@ -33,6 +33,14 @@ class RoundFailed(RuntimeError):
     """A client's round failed, and the message already says who, in which phase and why."""
 
 
+class ContractBroken(RoundFailed):
+    """A plugin breaks fedtide's contract in a way every round would repeat: the run stops at once.
+
+    Other client failures are counted and the run goes on while some client succeeds; this
+    one (a method losing its state between rounds) would only make the run quietly worse.
+    """
+
+
 def raised_at(error: BaseException) -> str:
     """Where user code raised: "file.py:12, in func", its deepest frame outside installed libraries.
 

@@ -12,6 +12,10 @@ so a method consolidates once; `overrides` (`field.path=value`) change the rest.
 driven in-process by `fedtide.client.schedule` (the ClientApp's own training call on a
 copy of the client state, as Ray makes), with FedAvg between them. A strategy runs a
 real Flower federation (2 rounds) over the in-process grid (no Ray start-up).
+
+A method's hook names are checked first (`fedtide.continual.hooks`), and every one of
+its rounds runs the client's lost-state check (`fedtide.continual.state_check`), so
+state changed while a round trains, not only at consolidation, must reach the next round.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import yaml
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
+from fedtide.continual.hooks import MisspeltHook
 from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
 
@@ -142,6 +147,10 @@ def check_plugin(
         from fedtide.validation import check_runnable
 
         check_runnable(scenario)
+    except MisspeltHook as error:
+        report.add("loads", True, passed="importable, right base class")
+        report.add("hook names", False, " ".join(str(error).split()))
+        return report
     except (ScenarioError, ValueError) as error:
         report.add("loads", False, " ".join(str(error).split()))
         return report
@@ -150,6 +159,7 @@ def check_plugin(
         return report
     report.add("loads", True, passed="importable, right base class, parameters accepted")
     if report.kind == METHOD:
+        report.add("hook names", True, passed="no public method is a near-miss of an Avalanche hook name")
         _check_method(scenario, report)
     else:
         _check_strategy(scenario, report)
@@ -165,6 +175,7 @@ SCHEDULE = [(0, 1), (1, 2), (1, 3)]
 
 def _check_method(scenario: Scenario, report: PluginReport) -> None:
     from fedtide.client.schedule import ScheduledClient
+    from fedtide.continual.state_check import LostState
     from fedtide.data.stream import build_stream
     from fedtide.models import build_scenario_model
     from fedtide.server.array_check import array_problem
@@ -180,7 +191,9 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
             try:
                 reply = client.train(experience, global_round, global_arrays).reply
             except Exception as error:  # the plugin's own exception, named by method_phase
-                report.add(f"{label} trains", False, f"client {client.partition_id}: {' '.join(str(error).split())}")
+                lost = isinstance(error, LostState)
+                check = f"{label} keeps what it changed" if lost else f"{label} trains"
+                report.add(check, False, f"client {client.partition_id}: {' '.join(str(error).split())}")
                 return
             problem = array_problem(reply["arrays"], ArrayRecord(model.state_dict()))
             if problem:
@@ -200,6 +213,11 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
             after_consolidation = [client.state for client in clients]  # no later call changes these
         global_arrays = _fedavg(replies)
 
+    report.add(
+        "state changed in rounds kept",
+        True,
+        passed="each round's changes, in training or consolidation, are restored by state_dict() in the next",
+    )
     _check_state(scenario, [client.state for client in clients], after_consolidation, report)
     _check_private(scenario, report)
 

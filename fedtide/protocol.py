@@ -37,6 +37,7 @@ EXPERIENCE_END_PREFIX = "experience-end."
 METHOD_METRIC_PREFIX = "method."  # a continual method's metric `loss` is `method.loss` in the reply
 CLIENT_STATE_PREFIX = "client-state."
 RESTORE_STATE = "restore_state"  # the ClientApp's query action that replaces its Context.state
+CONTRACT_BROKEN = 1000  # a reply's Error code (beyond Flower's) for `fedtide.errors.ContractBroken`: the run stops
 
 
 def experience_end_key(experience: int) -> str:

@@ -69,8 +69,10 @@ Contract:  fedtide's docs/extending.md ("Continual methods")
 An Avalanche `SupervisedPlugin` is a method as it is: its per-minibatch hooks run
 while a round trains, and fedtide calls `after_training_exp` once per experience
 (never at the end of a round), at the global weights that ended it. Attributes that
-are tensors, numpy arrays, modules or JSON values are kept in the client's
-`Context.state` between rounds; anything else would be lost, and fedtide says so.
+are tensors, numpy arrays, modules, torch.Generators or JSON values are kept in the
+client's `Context.state` between rounds; if anything else changes in a round it would be
+lost, and fedtide stops the run saying which attribute. Hook names are checked too:
+`before_backwards` (not a hook) is refused, naming `before_backward`.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import os
 import torch
 
 from fedtide.aggregation import build_strategy
+from fedtide.continual.hooks import check_hooks
 from fedtide.continual.methods import build_method, require_dp_compatible
 from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
@@ -24,6 +25,7 @@ def check_runnable(scenario: Scenario) -> None:
     """Raise `ScenarioError` for anything that would make the run fail at start."""
     build_strategy(scenario.federation, scenario.partition.num_clients)
     method = build_method(scenario.continual)
+    check_hooks(scenario.continual.method)
     if scenario.privacy.private:
         require_dp_compatible(method, scenario.continual.method)
     data = load_dataset(scenario.dataset.name, scenario.dataset.root)

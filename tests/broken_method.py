@@ -29,3 +29,14 @@ class NaNLoss(Naive):
 
     def plugins(self):
         return [_NaNLoss()]
+
+
+class BackwardsHook(SupervisedPlugin):
+    """Means Avalanche's `before_backward`, misspelt: it would never be called."""
+
+    def before_backwards(self, strategy, **kwargs):
+        strategy.loss = strategy.loss * 0.0
+
+    def penalty(self) -> float:
+        """An ordinary helper: not a hook, not close to one."""
+        return 0.0

@@ -71,6 +71,15 @@ def test_codec_round_trips_nested_tensors_params_modules_and_plain_values():
     assert torch.equal(back["weights"], torch.tensor([0.5, 0.25]))
 
 
+def test_codec_stores_a_torch_generator_as_its_state_so_its_draws_go_on():
+    rng = torch.Generator().manual_seed(3)
+    torch.rand(5, generator=rng)
+    arrays, layout = encode({"rng": rng})
+    back = decode(arrays, layout, torch.nn.Linear(3, 2))["rng"]
+    assert isinstance(back, torch.Generator) and back is not rng
+    assert torch.equal(torch.rand(4, generator=back), torch.rand(4, generator=rng))
+
+
 def test_codec_names_the_entry_it_cannot_store():
     with pytest.raises(UnstorableState, match=r"state\['loader'\] is a generator"):
         encode({"loader": (i for i in range(3))})

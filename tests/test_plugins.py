@@ -13,6 +13,8 @@ from importlib.metadata import EntryPoint
 import numpy as np
 import pytest
 import torch
+import yaml
+from avalanche.training.plugins import SupervisedPlugin
 from fedtide_examples.method import L2Anchor
 from fedtide_examples.strategy import ExperienceMomentum
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -24,8 +26,10 @@ from fedtide.aggregation import build_strategy, strategy_class
 from fedtide.client.schedule import train_schedule
 from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY
 from fedtide.client.training import RoundTask, run_training_round
-from fedtide.continual.methods import build_method, method_class
+from fedtide.continual.hooks import misspelt_hooks
+from fedtide.continual.methods import all_methods, build_method, method_class
 from fedtide.continual.plugin_adapter import PluginMethod
+from fedtide.continual.state_check import LostState
 from fedtide.continual.state_codec import encode
 from fedtide.data.loading import parse_scenario
 from fedtide.data.split import experience_partitions
@@ -288,6 +292,130 @@ def test_user_supervised_plugin_consolidates_once_and_its_attributes_persist(nam
         assert np.array_equal(anchor[f"anchor.{i}"], rounds[2][0][key].numpy())
 
 
+# --- nothing a method changes in a round is lost silently ----------------------------------------
+
+LOST = "tests.lost_state_plugins"
+
+
+def lost_state_error(plugin: str, schedule=SCHEDULE[:1]) -> str:
+    """The one-line error of a client whose method would lose what a round changed."""
+    with pytest.raises(LostState) as failed:
+        drive(small_scenario(continual={"method": f"{LOST}:{plugin}"}), 0, schedule)
+    assert len(str(failed.value).splitlines()) == 1
+    return str(failed.value)
+
+
+def test_a_buffer_filled_in_training_but_left_out_of_state_dict_stops_the_first_round_naming_it():
+    message = lost_state_error("ListBuffer")
+    assert message.startswith(f"continual method '{LOST}:ListBuffer' would lose state: ListBuffer.buffer ")
+    assert "changed during the round but is not restored from state_dict()" in message
+    assert "return it from state_dict() and set it back in load_state_dict()" in message
+    assert "consolidations" not in message  # stored by its state_dict()
+
+
+def test_a_run_stops_at_the_first_round_that_would_lose_state_even_if_an_empty_client_succeeded(run_cli, tmp_path):
+    """Client 6 of this partition holds no data in experience 0: it trains nothing, loses nothing, and replies."""
+    scenario = small_scenario(
+        seed=1,
+        partition={"kind": "dirichlet", "alpha": 0.05, "num_clients": 20},
+        continual={"method": f"{LOST}:ListBuffer"},
+        resources={"backend": "in_process"},
+    )
+    assert len(experience_partitions(scenario)[0][6]) == 0
+    path = tmp_path / "lost.yaml"
+    path.write_text(yaml.safe_dump(scenario.model_dump(mode="json")))
+    code, out, err = run_cli("run", str(path), "--output", str(tmp_path / "runs"))
+    message = " ".join(err.split())
+    assert code == 1, out + err
+    assert f"in round 1: continual method '{LOST}:ListBuffer' would lose state: ListBuffer.buffer" in message
+    assert "Traceback" not in out + err
+
+
+def test_a_buffer_in_a_plain_object_is_refused_as_unstorable_naming_it():
+    message = lost_state_error("ObjectBuffer")
+    assert "ObjectBuffer.reservoir (a _Reservoir) changed during the round but Context.state cannot hold it" in message
+    assert "define state_dict()/load_state_dict()" in message
+
+
+def test_a_torch_generator_attribute_is_stored_and_its_draws_continue_across_rounds():
+    rounds = drive(small_scenario(continual={"method": f"{LOST}:GeneratorDraws"}), 0, SCHEDULE[:2])
+    first, second = (stored_method_state(state) for _, _, state in rounds)
+    assert isinstance(second["rng"], torch.Generator)
+    n = len(first["draws"])
+    assert n > 0 and len(second["draws"]) == 2 * n and second["draws"][:n] == first["draws"]
+    rng = torch.Generator().manual_seed(7)
+    assert second["draws"] == [float(torch.rand(1, generator=rng)) for _ in range(2 * n)]  # one stream, not two
+
+
+def test_a_generator_left_out_of_its_own_state_dict_is_refused_naming_it():
+    message = lost_state_error("GeneratorOutsideState")
+    assert "would lose state: GeneratorOutsideState.rng changed during the round" in message
+
+
+def test_scratch_a_round_recomputes_passes_only_when_declared_in_rebuilt_each_round():
+    drive(small_scenario(continual={"method": f"{LOST}:DeclaredScratch"}), 0, SCHEDULE[:2])
+    assert "UndeclaredScratch.last_labels changed during the round" in lost_state_error("UndeclaredScratch")
+
+
+@pytest.mark.parametrize(
+    ("name", "private"),
+    [(name, False) for name in [*all_methods(), "l2_anchor"]]
+    + [(name, True) for name in ("replay", "ewc", "lwf", "si", "l2_anchor")],
+)
+def test_built_in_and_stock_methods_keep_everything_their_rounds_change(name, private):
+    """Training and consolidation rounds, each checked against a method rebuilt from what was stored."""
+    scenario = small_scenario(
+        continual={"method": name},
+        stream={"n_experiences": 2},
+        privacy={"enabled": private, "noise_multiplier": 1.0},
+    )
+    rounds = drive(scenario, 1, [(0, 1), (0, 2), (1, 3), (1, 4)])
+    assert [int(r["client"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0]
+
+
+# --- hooks: a misspelt hook is refused before anything trains --------------------------------------
+
+
+def test_misspelt_hooks_name_the_hook_meant_and_leave_helpers_and_avalanches_plugins_alone():
+    from avalanche.training import plugins
+
+    class Typos(SupervisedPlugin):
+        def before_backwards(self, strategy, **kwargs): ...
+        def after_trainig_exp(self, strategy, **kwargs): ...
+        def aftertraining_exp(self, strategy, **kwargs): ...
+        def after_training_exp(self, strategy, **kwargs): ...  # a real hook
+        def update_memory(self, dataset): ...  # helpers
+        def before_step_count(self) -> int: ...
+
+    assert misspelt_hooks(Typos) == [
+        ("after_trainig_exp", "after_training_exp"),
+        ("aftertraining_exp", "after_training_exp"),
+        ("before_backwards", "before_backward"),
+    ]
+    stock = [method.plugin_class for method in all_methods().values() if hasattr(method, "plugin_class")]
+    avalanche = [getattr(plugins, n) for n in dir(plugins) if n.endswith("Plugin")]
+    assert len(stock) == 5 and len(avalanche) > 20
+    assert {cls.__name__: misspelt_hooks(cls) for cls in [*stock, *avalanche, L2Anchor] if misspelt_hooks(cls)} == {}
+
+
+def test_validate_refuses_a_misspelt_hook_in_one_line_naming_the_hook_meant(run_cli):
+    code, out, err = run_cli(
+        "validate", "scenarios/quickstart.yaml", "--set", "continual.method=tests.broken_method:BackwardsHook"
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    message = " ".join(err.split())
+    assert "continual.method: 'tests.broken_method:BackwardsHook' defines BackwardsHook.before_backwards" in message
+    assert "which is not an Avalanche hook and would never be called (did you mean before_backward?)" in message
+    assert "penalty" not in message
+
+
+def test_check_plugin_fails_a_misspelt_hook_and_passes_correct_ones():
+    report = check_plugin("tests.broken_method:BackwardsHook")
+    assert [(c.name, c.ok) for c in report.checks] == [("loads", True), ("hook names", False)]
+    assert "BackwardsHook.before_backwards" in report.message and "did you mean before_backward?" in report.message
+    assert ("hook names", True) in [(c.name, c.ok) for c in check_plugin("si", {"si_lambda": 1.0}).checks]
+
+
 # --- aggregation: the example strategy ---------------------------------------------------------
 
 
@@ -374,8 +502,19 @@ def test_a_run_under_dp_stops_a_false_dp_claim_in_one_line(tmp_path, run_cli):
 def test_check_plugin_finds_plugin_state_that_cannot_live_in_the_context():
     report = check_plugin("avalanche.training.plugins:AGEMPlugin", {"patterns_per_experience": 8, "sample_size": 8})
     assert not report.ok
-    assert report.failure.name == "round 2 (experience 1) trains"  # the round that consolidated
-    assert "attribute(s) buffer_dataloader, buffer_dliter, buffers of AGEMPlugin changed" in report.message
+    assert report.failure.name == "round 2 (experience 1) keeps what it changed"  # the round that consolidated
+    assert "AGEMPlugin.buffer_dataloader (a GroupBalancedInfiniteDataLoader)" in report.message
+    assert "AGEMPlugin.buffers (a list) changed during the round but Context.state cannot hold it" in report.message
+
+
+def test_check_plugin_fails_a_plugin_whose_training_changes_state_that_state_dict_leaves_out():
+    report = check_plugin("tests.lost_state_plugins:ListBuffer")
+    assert not report.ok
+    assert report.failure.name == "round 1 (experience 0) keeps what it changed"  # a round without consolidation
+    assert "ListBuffer.buffer changed during the round but is not restored from state_dict()" in report.message
+    kept = check_plugin("tests.lost_state_plugins:GeneratorDraws")
+    assert kept.ok, kept.message
+    assert "state changed in rounds kept" in [c.name for c in kept.checks]
 
 
 def test_check_plugin_reports_unloadable_plugins_and_unknown_parameters():

@@ -16,8 +16,8 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fedtide.data.loading import parse_scenario
-from fedtide.errors import failure_report
-from fedtide.protocol import RESTORE_STATE, attach_client_state, experience_ends
+from fedtide.errors import ContractBroken, failure_report
+from fedtide.protocol import CONTRACT_BROKEN, RESTORE_STATE, attach_client_state, experience_ends
 
 app = ClientApp()
 
@@ -41,7 +41,8 @@ def train(msg: Message, context: Context) -> Message:
     try:
         return _train(msg, context)
     except Exception as error:  # any failure of this round, the user's or not: the server decides
-        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, failure_report(error)), reply_to=msg)
+        code = CONTRACT_BROKEN if isinstance(error, ContractBroken) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+        return Message(Error(code, failure_report(error)), reply_to=msg)
 
 
 def _train(msg: Message, context: Context) -> Message:

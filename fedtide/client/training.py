@@ -23,9 +23,9 @@ from fedtide.client.learner import ProximalTerm, RoundLearner
 from fedtide.client.state import ClientState, Progress
 from fedtide.continual.base import ContinualMethod
 from fedtide.continual.methods import build_method, require_dp_compatible
-from fedtide.continual.state_codec import UnstorableState
+from fedtide.continual.state_check import refuse_lost_state, state_fingerprints
 from fedtide.data.schema import Scenario
-from fedtide.data.stream import build_stream, client_experiences, training_data
+from fedtide.data.stream import Dataset, build_stream, client_experiences, training_data
 from fedtide.errors import RoundFailed
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta, epsilon_spent, noise_multiplier
@@ -99,7 +99,8 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
     name = scenario.continual.method
     with method_phase(name, "construction"):
         method = build_method(scenario.continual)
-    method.bind(model, training_data(scenario).pool)  # sample ids index it, canaries' too
+    pool = training_data(scenario).pool
+    method.bind(model, pool)  # sample ids index it, canaries' too
     privacy = _client_privacy(task, state, method, sizes)
     if privacy:  # before the method's state is loaded: replay's buffer policy depends on it
         method.use_privacy(privacy)
@@ -109,6 +110,7 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
     progress = state.progress
     plan = plan_round(task, progress, sizes, method.private_footprint())
     learner = _learner(task, model, method, privacy, plan.private_training)
+    start = state_fingerprints(method)  # what the round starts from: any change must reach state_dict()
     guard = BudgetGuard(scenario, privacy, client_delta(scenario)) if privacy else None
     if plan.examples and guard and not guard.allows(plan.private_training, plan.consolidation_passes):
         return reply_content(_report(task, progress, privacy, guard, empty=False), global_arrays)
@@ -118,9 +120,7 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
         if ends:  # at the weights that ended `past`: the server's, or this round's for the last one
             _load_weights(model, ends.get(past, global_arrays))
         with method_phase(name, f"consolidation of experience {past}"):
-            unsaved = method.unsaved_attributes()
             learner.consolidate(experiences[past], past)
-            refuse_lost_state(method, unsaved)
         progress.counts[past] += 1
     if ends:
         _load_weights(model, global_arrays)  # training starts from this round's weights
@@ -137,6 +137,7 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
     state.progress = progress
     with method_phase(name, "save"):
         state.store_method(method)
+        refuse_lost_state(name, method, start, lambda: rebuilt_method(scenario, model, pool, privacy, state))
     if privacy:
         state.privacy_history = privacy.history
     with method_phase(name, "metrics"):
@@ -161,17 +162,17 @@ def _learner(
     return RoundLearner(model, method, task.scenario.client, device=device, extra_plugins=extra)
 
 
-def refuse_lost_state(method: ContinualMethod, before: dict[str, str]) -> None:
-    """Fail when consolidation changed an attribute the state dict leaves out: it would be lost."""
-    after = method.unsaved_attributes()
-    changed = sorted(attr for attr, digest in after.items() if before.get(attr) != digest)
-    if changed:
-        owner = type(getattr(method, "plugin", method)).__name__
-        raise UnstorableState(
-            f"attribute(s) {', '.join(changed)} of {owner} changed in after_training_exp but cannot be "
-            "stored in Context.state, so they would be lost by the next round (define state_dict()/"
-            "load_state_dict(), see docs/extending.md)"
-        )
+def rebuilt_method(
+    scenario: Scenario, model: torch.nn.Module, pool: Dataset, privacy: ClientPrivacy | None, state: ClientState
+) -> ContinualMethod:
+    """The method as the next call will build it from `state`: constructed, bound, restored, plugins made."""
+    method = build_method(scenario.continual)
+    method.bind(model, pool)
+    if privacy:
+        method.use_privacy(privacy)
+    state.restore_method(method, model)
+    method.plugins()
+    return method
 
 
 class ClientDiverged(RoundFailed):
@@ -220,7 +221,7 @@ def method_phase(method_name: str, phase: str) -> Iterator[None]:
     """
     try:
         yield
-    except RoundFailed:
+    except RoundFailed:  # named already
         raise
     except Exception as error:
         raise MethodFailed(

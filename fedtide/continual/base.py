@@ -10,7 +10,9 @@ per experience, so a method separates the two parts of an Avalanche plugin:
 
 Clients are rebuilt on every call (Ray copies the Context), so everything a method
 remembers goes through `state_dict()` / `load_state_dict()` — PyTorch's convention,
-and Opacus's accountants' — into Flower's `Context.state` (`fedtide.client.state`).
+and Opacus's accountants' — into Flower's `Context.state` (`fedtide.client.state`);
+after every round the client checks that nothing else the method changed would be lost
+(`fedtide.continual.state_check`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class ContinualMethod(ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
     dp_compatible: ClassVar[bool] = False
+    # Attributes every round recomputes before reading them: scratch, not memory (never checked).
+    rebuilt_each_round: ClassVar[tuple[str, ...]] = ()
 
     # Set by `bind` before `load_state_dict`: what stored state refers to.
     model: torch.nn.Module
@@ -70,19 +74,23 @@ class ContinualMethod(ABC):
 
     def state_dict(self) -> StateDict:
         """What to keep in `Context.state` between rounds: tensors, numpy arrays, modules,
-        Avalanche `ParamData`, JSON values, and dicts or lists of those."""
+        Avalanche `ParamData`, `torch.Generator`s, JSON values, and dicts or lists of those."""
         return {}
 
     def load_state_dict(self, state: StateDict) -> None:  # noqa: B027 - stateless methods keep nothing
         """Restore what `state_dict` returned (tensors on the CPU; modules as frozen copies of the model)."""
 
-    def unsaved_attributes(self) -> dict[str, str]:
-        """Attributes the state dict leaves out, with a fingerprint of their content.
+    def state_holder(self) -> Any:
+        """The object whose instance attributes are this method's memory (`fedtide.continual.state_check`).
 
-        The client compares them before and after consolidation: one that changed is state
-        that would be lost between rounds, and the round fails naming it.
+        After every round the client checks that none of them changed without `state_dict()`
+        carrying the change to the next round; name per-round scratch in `rebuilt_each_round`.
         """
-        return {}
+        return self
+
+    def attributes_are_state(self) -> bool:
+        """Whether `state_dict()` is the holder's storable attributes themselves (an adapted plugin's default)."""
+        return False
 
     def check_dp(self) -> None:  # noqa: B027 - optional hook
         """Raise `ScenarioError` for parameters this method cannot run with under DP-SGD (before any run)."""

@@ -25,6 +25,7 @@ class FederatedEWCPlugin(EWCPlugin):
     """
 
     fisher_pass = None
+    rebuilt_each_round = ("_penalty_terms",)  # fixed by before_training from the stored anchors and importances
 
     def __init__(self, ewc_lambda: float, mode: str = "separate", decay_factor: float | None = None) -> None:
         super().__init__(ewc_lambda=ewc_lambda, mode=mode, decay_factor=decay_factor)

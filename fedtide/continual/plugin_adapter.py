@@ -12,8 +12,10 @@ The contract (docs/extending.md):
 - otherwise its instance attributes that can be stored are: tensors, numpy arrays,
   `ParamData`, `nn.Module`s (restored into a frozen copy of the model), JSON values,
   and dicts or lists of those (`fedtide.continual.state_codec`).
-  Anything else (datasets, loaders, iterators) cannot be stored; `unsaved_attributes`
-  names it and `fedtide check-plugin` fails on it.
+  A `torch.Generator` is stored as its state (`get_state`/`set_state`). Anything else
+  (datasets, loaders, iterators, plain objects) cannot be stored: if it changes during a
+  round the client stops the run naming it (`fedtide.continual.state_check`). Scratch a
+  round recomputes is named in the plugin's `rebuilt_each_round` and neither stored nor checked.
 
 A plugin runs under DP-SGD only if its class says `dp_compatible = True`: it may add
 parameter-only penalties or per-sample losses, and must read no private data outside
@@ -24,19 +26,16 @@ the round (`fedtide.privacy.dp_sgd`).
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
 from avalanche.training.utils import ParamData
 
 from fedtide.continual.base import ContinualMethod, StateDict
-from fedtide.continual.state_codec import Tensorish, as_array, is_plain, is_storable
+from fedtide.continual.state_check import rebuilt_each_round
+from fedtide.continual.state_codec import Tensorish, is_storable
 
 
 class PluginMethod(ContinualMethod):
@@ -58,7 +57,8 @@ class PluginMethod(ContinualMethod):
         """The plugin's own `state_dict()` if it has one, else its storable attributes."""
         if _has_own_state(self.plugin):
             return dict(self.plugin.state_dict())
-        return {attr: value for attr, value in vars(self.plugin).items() if is_storable(value)}
+        skipped = rebuilt_each_round(self.plugin)
+        return {a: v for a, v in vars(self.plugin).items() if a not in skipped and is_storable(v)}
 
     def load_state_dict(self, state: StateDict) -> None:
         if _has_own_state(self.plugin):
@@ -72,11 +72,11 @@ class PluginMethod(ContinualMethod):
         report = getattr(self.plugin, "metrics", None)
         return dict(report()) if callable(report) else {}
 
-    def unsaved_attributes(self) -> dict[str, str]:
-        """The plugin's attributes that cannot go to `Context.state` (when its attributes are the state)."""
-        if _has_own_state(self.plugin) or type(self).state_dict is not PluginMethod.state_dict:
-            return {}
-        return {attr: fingerprint(value) for attr, value in vars(self.plugin).items() if not is_storable(value)}
+    def state_holder(self) -> SupervisedPlugin:
+        return self.plugin
+
+    def attributes_are_state(self) -> bool:
+        return not _has_own_state(self.plugin) and type(self).state_dict is PluginMethod.state_dict
 
 
 def _has_own_state(plugin: SupervisedPlugin) -> bool:
@@ -127,31 +127,3 @@ def plugin_method(
         "__module__": __name__,
     }
     return type(f"{plugin_class.__name__}Method", (PluginMethod,), attributes)
-
-
-def _summary(value: Any, depth: int) -> Any:
-    """A small structural summary of `value` (shapes, sums, lengths, nested attributes)."""
-    if isinstance(value, Tensorish):
-        array = as_array(value)
-        total = float(array.sum()) if np.issubdtype(array.dtype, np.number) else 0.0
-        return ["array", list(array.shape), round(total, 6)]
-    if isinstance(value, torch.nn.Module):
-        return ["module", _summary(value.state_dict(), depth)]
-    if is_plain(value) or depth > 3:
-        return value if is_plain(value) else type(value).__name__
-    if isinstance(value, dict):
-        return ["dict", len(value), [[str(k), _summary(v, depth + 1)] for k, v in list(value.items())[:8]]]
-    if isinstance(value, list | tuple | set):
-        return ["seq", len(value), [_summary(v, depth + 1) for v in list(value)[:8]]]
-    if hasattr(value, "__next__") or inspect.isroutine(value):
-        return type(value).__name__  # iterators and functions: no comparable content
-    if hasattr(value, "__dict__"):
-        return [type(value).__name__, _summary(dict(vars(value)), depth + 1)]
-    return type(value).__name__
-
-
-def fingerprint(value: Any) -> str:
-    """A short digest of `value`'s structure and content, to tell whether it changed."""
-    return hashlib.sha1(json.dumps(_summary(value, 0), default=str).encode()).hexdigest()[:12]
-
-

@@ -2,7 +2,8 @@
 
 `Context.state` holds records only (arrays, configs), and Ray copies the whole Context
 on every call, so a method's state — tensors, numpy arrays, Avalanche `ParamData`,
-`nn.Module`s, JSON values, nested in dicts and lists — is split here into one
+`nn.Module`s, `torch.Generator`s (as their `get_state()`), JSON values, nested in dicts
+and lists — is split here into one
 `ArrayRecord` of arrays and one `ConfigRecord` holding the JSON layout that puts them
 back. Every method, built-in, stock or a user's, is stored this way.
 """
@@ -67,6 +68,10 @@ def _encode(value: Any, arrays: dict[str, np.ndarray], where: str) -> dict[str, 
         return entry
     if isinstance(value, torch.nn.Module):
         return {"module": _encode(dict(value.state_dict()), arrays, where)}
+    if isinstance(value, torch.Generator):  # torch's own get_state/set_state: the draws continue where they were
+        key = str(len(arrays))
+        arrays[key] = value.get_state().numpy()
+        return {"generator": key, "device": str(value.device)}
     if is_plain(value):
         return {"plain": value}
     if isinstance(value, dict) and all(isinstance(k, str | int) for k in value):
@@ -83,6 +88,10 @@ def _decode(entry: dict[str, Any], arrays: dict[str, np.ndarray], model: torch.n
             return array
         tensor = torch.from_numpy(array)
         return ParamData(entry["name"], init_tensor=tensor) if entry["kind"] == "param" else tensor
+    if "generator" in entry:
+        generator = torch.Generator(device=entry["device"])
+        generator.set_state(torch.from_numpy(arrays[entry["generator"]].copy()))
+        return generator
     if "module" in entry:
         module = copy.deepcopy(model)
         module.load_state_dict(_decode(entry["module"], arrays, model))

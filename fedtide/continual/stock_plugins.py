@@ -30,6 +30,7 @@ from avalanche.training.plugins import (
     SynapticIntelligencePlugin,
 )
 from avalanche.training.utils import ParamData, copy_params_dict, zerolike_params_dict
+from torch.utils.data import DataLoader
 
 from fedtide.continual.base import StateDict
 from fedtide.continual.plugin_adapter import PluginMethod, plugin_method
@@ -38,6 +39,8 @@ from fedtide.errors import ScenarioError
 
 class GEM(GEMPlugin):
     """Avalanche's GEMPlugin that remembers which samples it keeps, refused without its QP solver."""
+
+    rebuilt_each_round = ("G",)  # the reference gradients, recomputed every iteration
 
     def __init__(self, patterns_per_experience: int = 64, memory_strength: float = 0.5) -> None:
         import qpsolvers
@@ -78,12 +81,18 @@ class GEM(GEMPlugin):
 
     @torch.no_grad()
     def update_memory(self, dataset, t, batch_size):
-        """Draw the experience's patterns as a subset first, so their sample ids can be stored."""
+        """Draw the experience's patterns as a subset first, so their sample ids can be stored.
+
+        The memory holds them in the order of their ids (Avalanche's loader shuffles them), so
+        the memory a later round restores from the ids is this one, not a permutation of it.
+        """
         if len(dataset) > self.patterns_per_experience:
             chosen = torch.randperm(len(dataset))[: self.patterns_per_experience].tolist()
             dataset = dataset.subset(chosen)
         self.memory_ids[t] = np.asarray(list(dataset.sample_id), dtype=np.int64)
-        super().update_memory(dataset, t, batch_size)
+        loader = DataLoader(dataset, batch_size=len(dataset), collate_fn=getattr(dataset, "collate_fn", None))
+        batch = next(iter(loader))
+        self.memory_x[t], self.memory_y[t], self.memory_tid[t] = batch[0], batch[1], batch[-1]
 
 
 class GEMMethod(PluginMethod):
@@ -129,6 +138,8 @@ class MAS(MASPlugin):
 
 class AGEM(AGEMPlugin):
     """Avalanche's AGEMPlugin with defaults for every parameter."""
+
+    rebuilt_each_round = ("reference_gradients",)  # recomputed every iteration
 
     def __init__(self, patterns_per_experience: int = 64, sample_size: int = 64) -> None:
         super().__init__(patterns_per_experience=patterns_per_experience, sample_size=sample_size)
@@ -185,6 +196,15 @@ class SI(SynapticIntelligencePlugin):
         super().after_training_exp(strategy, **kwargs)  # importance from the integral; anchor := these weights
         self._start_integral(strategy.model)
 
+    def after_training(self, strategy, **kwargs) -> None:
+        """Drop the per-step scratch, as the next round's restored plugin starts without it."""
+        super().after_training(strategy, **kwargs)
+        self._reset_step_scratch()
+
+    def _reset_step_scratch(self) -> None:
+        for key in ("old_theta", "new_theta", "grad"):
+            self.syn_data[key] = {name: ParamData(name, p.shape) for name, p in self.ewc_data[0].items()}
+
     def _start_once(self, model: torch.nn.Module) -> None:
         fresh = not self.ewc_data[0]
         self.create_syn_data(model, self.ewc_data, self.syn_data, self.excluded_parameters)
@@ -206,8 +226,7 @@ class SI(SynapticIntelligencePlugin):
         self.ewc_data = (_param_data(state["anchor"]), _param_data(state["importance"]))
         for key in _SI_INTEGRALS:
             self.syn_data[key] = _param_data(state[key])
-        for key in ("old_theta", "new_theta", "grad"):
-            self.syn_data[key] = {name: ParamData(name, p.shape) for name, p in self.ewc_data[0].items()}
+        self._reset_step_scratch()
 
 
 _SI_INTEGRALS = ("trajectory", "cum_trajectory")
@@ -225,6 +244,9 @@ class RWalk(RWalkPlugin):
     zeroes them, as in Avalanche. Not DP-compatible: it reads each minibatch's raw
     gradient in an extra backward pass.
     """
+
+    # A round's start weights and loss window (before_training) and one step's gradient and weights.
+    rebuilt_each_round = ("checkpoint_loss", "checkpoint_params", "iter_grad", "iter_params")
 
     def __init__(self, ewc_lambda: float = 0.1, ewc_alpha: float = 0.9, delta_t: int = 10) -> None:
         if not 0 <= ewc_alpha <= 1:

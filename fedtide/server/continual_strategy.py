@@ -43,7 +43,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtide.errors import FederationError, raised_at
 from fedtide.privacy.dp_fedavg import current_clipping_norm, unwrapped
-from fedtide.protocol import client_round, experience_end_key, take_client_state
+from fedtide.protocol import CONTRACT_BROKEN, client_round, experience_end_key, take_client_state
 from fedtide.run_files import ClientDrop, ClientFailure, ClientRoundRecord
 from fedtide.server.array_check import array_problem
 from fedtide.server.checkpoint import restore_strategy, strategy_state
@@ -199,6 +199,8 @@ class ContinualStrategy(Strategy):
                 reason = _ANSI.sub("", reply.error.reason)  # Ray colours its tracebacks
                 outcome.failures.append(ClientFailure(partition_id=partition, reason=_one_line(reason)))
                 outcome.failure_logs.append(f"client {partition}, round {outcome.global_round}: {reason}")
+                if reply.error.code == CONTRACT_BROKEN:  # every round would fail alike: stop now
+                    raise FederationError(f"client {partition} in round {outcome.global_round}: {_one_line(reason)}")
                 continue
             state = take_client_state(reply.content)  # the client kept it even if its arrays are unusable
             if state is not None:
