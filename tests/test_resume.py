@@ -36,6 +36,7 @@ SUMMARY_NUMBERS = (
     "audit",
     "faults",
     "strategy_metrics",
+    "method_metrics",
 )
 
 CASES = {
