@@ -1,5 +1,7 @@
 """The wrapper around the user's strategy, driven by real Flower strategies over the in-process grid."""
 
+import csv
+
 import numpy as np
 import pytest
 from flwr.app import Message
@@ -134,4 +136,6 @@ def test_a_strategys_and_a_methods_own_metrics_reach_the_run_files_and_the_repor
     assert summary.method_metrics == rounds[-1]["method_metrics"]
     runs, _ = find_runs([folder])
     write_report(runs, folder)
-    assert f"replies {len(rounds[-1]['per_client'])}" in (folder / "report.md").read_text()
+    (row,) = csv.DictReader((folder / "report.csv").open())
+    assert float(row["strategy.replies"]) == len(rounds[-1]["per_client"])
+    assert float(row["method.squared_norm"]) == pytest.approx(summary.method_metrics["squared_norm"], rel=1e-5)

@@ -4,7 +4,15 @@ One small in-process run (no Ray) of a strategy that reports its replies and a m
 whose two metrics aggregate by `sum` and by `max` is shared by the tests.
 """
 
+import csv
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
 import pytest
+import yaml
 
 from fedtide.continual.base import METRIC_AGGREGATIONS
 from fedtide.run_files import ClientRoundRecord, create_run_folder, read_metrics
@@ -84,8 +92,6 @@ def test_each_declared_aggregation_over_clients():
 
 
 def test_an_unknown_aggregation_is_one_line_naming_the_metric_and_the_allowed_names(run_cli, tmp_path):
-    import yaml
-
     path = tmp_path / "median.yaml"
     path.write_text(yaml.safe_dump({"name": "median", "continual": {"method": "tests.metric_plugins:MedianMetric"}}))
     code, _, err = run_cli("validate", str(path))
@@ -94,3 +100,106 @@ def test_an_unknown_aggregation_is_one_line_naming_the_metric_and_the_allowed_na
         "continual.method: MedianMetric.metric_aggregation gives metric 'batches' the aggregation 'median' "
         "(use one of: mean, sum, max, min, last)"
     ) in " ".join(err.split())
+
+
+def copy_run(source: Path, target: Path, seed: int, method: str | None = None, edit=None) -> Path:
+    """A copy of a finished run under another seed (and method), its summary and metrics lines edited by
+    `edit(line)`: a run the report reads as it would a real one."""
+    shutil.copytree(source, target)
+    scenario = yaml.safe_load((target / "scenario.yaml").read_text())
+    scenario["seed"] = seed
+    scenario["continual"]["method"] = method or scenario["continual"]["method"]
+    (target / "scenario.yaml").write_text(yaml.safe_dump(scenario, sort_keys=False))
+    summary = json.loads((target / "summary.json").read_text())
+    summary |= {"seed": seed, "method": scenario["continual"]["method"]}
+    (target / "summary.json").write_text(json.dumps(edit(summary)))
+    lines = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines()]
+    (target / "metrics.jsonl").write_text("".join(json.dumps(edit(line)) + "\n" for line in lines))
+    return target
+
+
+def as_old_run(line: dict) -> dict:
+    """A line as runs before method_metrics wrote it: the strategy's average of the clients' keys kept."""
+    line.pop("method_metrics", None)
+    if "strategy_metrics" in line:
+        line["strategy_metrics"] = {"num-examples": 117.99999999999999, "method.batches": 5.5, "replies": 3.0}
+    return line
+
+
+def test_the_report_and_report_csv_carry_each_runs_final_user_metrics(metrics_run, tmp_path):
+    from fedtide.report.document import write_report
+    from fedtide.report.runs import find_runs
+
+    folder, summary = metrics_run
+    shutil.copytree(folder, tmp_path / "small")
+    old = copy_run(folder, tmp_path / "old", 0, edit=as_old_run)
+    runs, _ = find_runs([tmp_path / "small", old])
+    write_report(runs, tmp_path / "report")
+    rows = {row["run"]: row for row in csv.DictReader((tmp_path / "report" / "report.csv").open())}
+    new, before = rows["small"], rows["old"]
+    assert list(new)[-3:] == ["strategy.replies", "method.batches", "method.largest_weight"]
+    assert float(new["strategy.replies"]) == 4
+    assert float(new["method.batches"]) == summary.method_metrics["batches"]
+    assert float(new["method.largest_weight"]) == pytest.approx(summary.method_metrics["largest_weight"], rel=1e-5)
+    # a run written before method_metrics existed reads, without its strategy's average of the clients' keys
+    assert (before["strategy.replies"], before["method.batches"], before["method.largest_weight"]) == ("3", "–", "–")
+    assert not any("num-examples" in column or "method.method" in column for column in new)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| strategy.replies | method.batches | method.largest_weight |" in markdown
+    figure = tmp_path / "report" / "figures" / "small-user_metrics.png"
+    assert "](figures/small-user_metrics.png)" in markdown and figure.stat().st_size > 5000
+    assert "](figures/old-user_metrics.png)" in markdown  # its strategy's own metric, per round
+
+
+def test_the_figure_has_a_panel_per_metric_with_each_rounds_value(metrics_run):
+    from fedtide.report.figures import user_metrics_figure
+    from fedtide.report.runs import find_runs
+
+    folder, _ = metrics_run
+    (run,), _ = find_runs([folder])
+    figure = user_metrics_figure(run)
+    panels = [axes for axes in figure.axes if axes.get_visible()]
+    assert [axes.get_title() for axes in panels] == ["strategy.replies", "method.batches", "method.largest_weight"]
+    batches = [line["method_metrics"]["batches"] for line in rounds_of(folder)]
+    assert list(panels[1].lines[0].get_ydata()) == batches and list(panels[1].lines[0].get_xdata()) == [1, 2, 3, 4]
+
+
+def test_sweep_tables_give_each_user_metric_as_mean_and_std_over_seeds(metrics_run, tmp_path):
+    from fedtide.report.document import write_report
+    from fedtide.report.runs import find_runs
+
+    folder, summary = metrics_run
+    shutil.copytree(folder, tmp_path / "runs" / "seed0")
+
+    def more_batches(line: dict) -> dict:
+        if line.get("method_metrics"):
+            line["method_metrics"]["batches"] += 8
+        return line
+
+    copy_run(folder, tmp_path / "runs" / "seed1", 1, edit=more_batches)
+    copy_run(folder, tmp_path / "runs" / "naive", 0, method="naive", edit=as_old_run)
+    runs, _ = find_runs([tmp_path / "runs"])
+    write_report(runs, tmp_path / "report")
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    header = "| series | privacy | final accuracy % | forgetting % | BWT % | strategy.replies | method.batches |"
+    assert header + " method.largest_weight | seeds |" in markdown
+    batches, largest = summary.method_metrics["batches"], summary.method_metrics["largest_weight"]
+    row = re.search(r"^\| tests\.metric_plugins:CountsBatchesAndLargestWeight \|.*", markdown, re.M).group(0)
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[-4:] == ["4 ± 0", f"{batches + 4:.4g} ± 4", f"{largest:.4g} ± 0", "2"]
+    naive = [cell.strip() for cell in re.search(r"^\| naive \|.*", markdown, re.M).group(0).strip("|").split("|")]
+    assert naive[-4:] == ["3 ± 0", "–", "–", "1"]
+
+
+def test_the_console_summary_shows_the_last_rounds_user_metrics(metrics_run):
+    from rich.console import Console
+
+    from fedtide.report.console import summary_view
+
+    _, summary = metrics_run
+    console = Console(file=io.StringIO(), width=200)
+    console.print(summary_view(summary))
+    text = console.file.getvalue()
+    assert re.search(r"strategy\.replies \(last round\)\s+│ 4\b", text)
+    assert re.search(rf"method\.batches \(last round\)\s+│ {summary.method_metrics['batches']:g}\b", text)
+    assert f"{summary.method_metrics['largest_weight']:.6g}" in text

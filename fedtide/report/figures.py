@@ -99,6 +99,27 @@ def epsilon_figure(run: RunResult) -> Figure:
     return figure
 
 
+def user_metrics_figure(run: RunResult) -> Figure:
+    """Each of the strategy's and the method's metrics after every round, one panel each; dotted lines
+    end experiences. A metric given as a list of numbers has no line."""
+    names = [name for name in run.final_metrics if run.metric_per_round(name)]
+    columns = min(3, len(names))
+    rows = math.ceil(len(names) / columns)
+    figure, panels = plt.subplots(rows, columns, figsize=(3.6 * columns + 0.6, 2.6 * rows + 0.4), squeeze=False)
+    per_experience = run.summary.rounds // run.summary.n_experiences
+    for axes, name in zip(panels.flat, names):
+        axes.plot(*zip(*run.metric_per_round(name)), marker=".")
+        for boundary in range(per_experience, run.summary.rounds, per_experience):
+            axes.axvline(boundary + 0.5, color="grey", ls=":", lw=1)
+        axes.set_title(name, fontsize=9)
+        axes.set_xlabel("global round", fontsize=8)
+    for axes in list(panels.flat)[len(names) :]:
+        axes.set_visible(False)
+    figure.suptitle(f"{run.run_id}: the strategy's and the method's metrics", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
 _ROUND_TICKS = [0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
 
 
