@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedtide.report.runs import RunResult, SeedGroup  # noqa: E402
 from fedtide.run_files import LOW_FPR, SAMPLE  # noqa: E402
@@ -113,6 +114,7 @@ def user_metrics_figure(run: RunResult) -> Figure:
             axes.axvline(boundary + 0.5, color="grey", ls=":", lw=1)
         axes.set_title(name, fontsize=9)
         axes.set_xlabel("global round", fontsize=8)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     for axes in list(panels.flat)[len(names) :]:
         axes.set_visible(False)
     figure.suptitle(f"{run.run_id}: the strategy's and the method's metrics", fontsize=9)
