@@ -203,3 +203,20 @@ def test_the_console_summary_shows_the_last_rounds_user_metrics(metrics_run):
     assert re.search(r"strategy\.replies \(last round\)\s+│ 4\b", text)
     assert re.search(rf"method\.batches \(last round\)\s+│ {summary.method_metrics['batches']:g}\b", text)
     assert f"{summary.method_metrics['largest_weight']:.6g}" in text
+
+
+def test_under_client_level_dp_a_mean_weighs_clients_equally_and_their_weight_is_no_metric(tmp_path):
+    scenario = small_scenario(
+        stream={"n_experiences": 1},
+        partition={"kind": "dirichlet", "alpha": 0.5, "num_clients": 4},
+        federation={"rounds_per_experience": 2},
+        continual={"method": "tests.metric_plugins:ReportsSquaredNorm"},  # undeclared: a mean
+        privacy={"enabled": True, "level": "client", "client_level": {"noise_multiplier": 1.0}},
+    )
+    run_federation(InProcessGrid(4), scenario, create_run_folder(scenario, tmp_path))
+    for record in rounds_of(tmp_path / "small"):
+        norms = [c["method_metrics"]["squared_norm"] for c in record["per_client"] if c["num_examples"] > 0]
+        examples = {c["num_examples"] for c in record["per_client"] if c["num_examples"] > 0}
+        assert len(norms) > 1 and len(examples) > 1  # so that a mean by examples would differ
+        assert record["method_metrics"] == {"squared_norm": pytest.approx(sum(norms) / len(norms))}
+        assert "strategy_metrics" not in record  # FedAvg's average of num-examples and the weight is theirs
