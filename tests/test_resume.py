@@ -79,6 +79,14 @@ CASES = {
         4,
         4,
     ),
+    "user-metrics-stopped-after-the-last-round": (  # the summary's last metrics come from the checkpoint's totals
+        {
+            "continual": {"method": "tests.metric_plugins:CountsBatchesAndLargestWeight"},
+            "federation": {"rounds_per_experience": 2, "strategy": {"name": "tests.metric_plugins:ReportsReplies"}},
+        },
+        6,
+        6,
+    ),
     "client-level-adaptive-clipping": (  # the clipping norm moves every round: the wrapper's state
         {
             "continual": {"method": "naive"},
