@@ -301,7 +301,7 @@ def _named_metrics(record: RunSummary | RoundRecord) -> dict[str, MetricValue]:
     """A record's user metrics by report name (`METRIC_SECTIONS`)."""
     named = {}
     for section, attribute in METRIC_SECTIONS.items():
-        for key, value in (getattr(record, attribute, None) or {}).items():
+        for key, value in (getattr(record, attribute) or {}).items():
             if section == "strategy" and (key in _CLIENTS_KEYS or key.startswith("method.")):
                 continue
             named[f"{section}.{key}"] = value
