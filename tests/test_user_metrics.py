@@ -221,3 +221,31 @@ def test_under_client_level_dp_a_mean_weighs_clients_equally_and_their_weight_is
         assert len(norms) > 1 and len(examples) > 1  # so that a mean by examples would differ
         assert record["method_metrics"] == {"squared_norm": pytest.approx(sum(norms) / len(norms))}
         assert "strategy_metrics" not in record  # FedAvg's average of num-examples and the weight is theirs
+
+
+def test_the_privacy_utility_table_gives_each_user_metric_per_point(tmp_path):
+    from fedtide.report.document import write_report
+    from fedtide.report.runs import find_runs
+
+    summaries = {}
+    for noise in (0.5, 2.0):
+        scenario = small_scenario(
+            name=f"noise-{noise}",
+            stream={"n_experiences": 1},
+            partition={"kind": "iid", "num_clients": 4},
+            federation={"rounds_per_experience": 2},  # client-level DP accepts no aggregate of its own
+            continual={"method": METHOD},
+            privacy={"enabled": True, "level": "client", "client_level": {"noise_multiplier": noise}},
+        )
+        summaries[noise] = run_federation(InProcessGrid(4), scenario, create_run_folder(scenario, tmp_path / "runs"))
+    runs, _ = find_runs([tmp_path / "runs"])
+    write_report(runs, tmp_path / "report")
+    table = (tmp_path / "report" / "report.md").read_text().split("## Privacy-utility")[1]
+    assert "| attack AUC | method.batches | method.largest_weight | seeds |" in table
+    for noise, summary in summaries.items():
+        row = re.search(rf"^\| {re.escape(METHOD)} \| client \| {noise:g} \|.*", table, re.M).group(0)
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[3].startswith(f"{summary.client_level.epsilon:.2f}")
+        # one seed each: the mean is the run's own value (its spread over one run aside)
+        means = [cell.split(" ± ")[0] for cell in cells[-3:-1]]
+        assert means == [f"{summary.method_metrics['batches']:.4g}", f"{summary.method_metrics['largest_weight']:.4g}"]

@@ -499,8 +499,7 @@ def _scalar_metrics(points: list[SeedGroup]) -> list[str]:
 
 def _metric_mean_std(point: SeedGroup, name: str) -> str:
     """A user metric's mean ± std over the point's seeds; `–` where none of its runs has it."""
-    mean, std = point.mean_std(name)
-    return "–" if math.isnan(mean) else f"{mean:.4g} ± {std:.4g}"
+    return "–" if math.isnan(point.mean_std(name)[0]) else _mean_std(point, name, 1, "{:.4g}")
 
 
 def _pct(value: float | None) -> str:
