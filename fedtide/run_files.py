@@ -169,7 +169,7 @@ class RoundRecord(_Record):
     """One line of metrics.jsonl per global round: the global model's accuracy and the clients' round."""
 
     _TYPE = "round"
-    _OPTIONAL = ("failures", "dropped", "privacy", "client_level", "strategy_metrics")
+    _OPTIONAL = ("failures", "dropped", "privacy", "client_level", "strategy_metrics", "method_metrics")
 
     round: int
     experience: int
@@ -184,7 +184,10 @@ class RoundRecord(_Record):
     wall_time_s: float
     privacy: RoundPrivacy | None = None  # only under sample-level DP
     client_level: RoundClientLevel | None = None  # only under client-level DP
-    strategy_metrics: dict[str, float | list[float]] | None = None  # what aggregate_train returned, if any
+    # what aggregate_train returned of its own, if any (the clients' MetricRecord keys are theirs)
+    strategy_metrics: dict[str, float | list[float]] | None = None
+    # the continual method's metrics over the clients, aggregated as it declares (`metric_aggregation`)
+    method_metrics: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         _set(self, "per_client", _typed_list(self.per_client, ClientRoundRecord))
@@ -419,7 +422,7 @@ class AuditSummary(_Record):
 class RunSummary(_Record):
     """summary.json: what a finished run measured."""
 
-    _OPTIONAL = ("privacy", "client_level", "epsilons", "audit", "faults", "strategy_metrics")
+    _OPTIONAL = ("privacy", "client_level", "epsilons", "audit", "faults", "strategy_metrics", "method_metrics")
 
     name: str
     seed: int
@@ -444,6 +447,7 @@ class RunSummary(_Record):
     audit: AuditSummary | None = None  # absent from runs written before the audit existed
     faults: FaultSummary | None = None  # only when the scenario simulates faults
     strategy_metrics: dict[str, float | list[float]] | None = None  # the last round's, if the strategy had any
+    method_metrics: dict[str, float] | None = None  # the last round's aggregate, if the method had any
 
     def __post_init__(self) -> None:
         _set(self, "privacy", _typed(self.privacy, PrivacySummary))

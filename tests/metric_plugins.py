@@ -26,3 +26,30 @@ class ReportsSquaredNorm(SupervisedPlugin):
 
     def metrics(self) -> dict[str, float]:
         return {"squared_norm": self.norm}
+
+
+class CountsBatchesAndLargestWeight(SupervisedPlugin):
+    """Adds nothing to training; reports minibatches trained (summed over clients) and the largest |weight| (max)."""
+
+    metric_aggregation = {"batches": "sum", "largest_weight": "max"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+        self.largest = 0.0
+
+    def before_training(self, strategy, **kwargs) -> None:
+        self.batches = 0
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        self.batches += 1
+        self.largest = max(float(p.detach().abs().max()) for p in strategy.model.parameters())
+
+    def metrics(self) -> dict[str, float]:
+        return {"batches": self.batches, "largest_weight": self.largest}
+
+
+class MedianMetric(CountsBatchesAndLargestWeight):
+    """Declares an aggregation fedtide does not know."""
+
+    metric_aggregation = {"batches": "median"}

@@ -36,6 +36,7 @@ SUMMARY_NUMBERS = (
     "audit",
     "faults",
     "strategy_metrics",
+    "method_metrics",
 )
 
 CASES = {
@@ -77,6 +78,14 @@ CASES = {
         {"privacy": {"enabled": True, "noise_multiplier": 1.0, "delta": 1.0e-4}},
         4,
         4,
+    ),
+    "user-metrics-stopped-after-the-last-round": (  # the summary's last metrics come from the checkpoint's totals
+        {
+            "continual": {"method": "tests.metric_plugins:CountsBatchesAndLargestWeight"},
+            "federation": {"rounds_per_experience": 2, "strategy": {"name": "tests.metric_plugins:ReportsReplies"}},
+        },
+        6,
+        6,
     ),
     "client-level-adaptive-clipping": (  # the clipping norm moves every round: the wrapper's state
         {

@@ -20,6 +20,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from fedtide.errors import ScenarioError
 from fedtide.privacy.footprint import PrivateFootprint
 
 if TYPE_CHECKING:  # a method's types; naming a method (validation) loads none of Avalanche, torch or Opacus
@@ -31,6 +32,10 @@ if TYPE_CHECKING:  # a method's types; naming a method (validation) loads none o
     from fedtide.privacy.dp_sgd import ClientPrivacy
 
 StateDict = dict[str, Any]
+# How a metric of `metrics()` combines over a round's clients: `mean` weighs each client by its
+# examples (equally under client-level DP, as the model's aggregate does); `last` is the value of
+# the replying client with the highest partition id, the same wherever clients ran.
+METRIC_AGGREGATIONS = ("mean", "sum", "max", "min", "last")
 
 
 class ContinualMethod(ABC):
@@ -50,6 +55,9 @@ class ContinualMethod(ABC):
     dp_compatible: ClassVar[bool] = False
     # Attributes every round recomputes before reading them: scratch, not memory (never checked).
     rebuilt_each_round: ClassVar[tuple[str, ...]] = ()
+    # How each metric of `metrics()` aggregates over a round's clients (`METRIC_AGGREGATIONS`),
+    # by name: {"buffer_size": "sum"}. A metric not named is a mean weighted by examples.
+    metric_aggregation: ClassVar[dict[str, str]] = {}
 
     # Set by `bind` before `load_state_dict`: what stored state refers to.
     model: torch.nn.Module
@@ -105,9 +113,28 @@ class ContinualMethod(ABC):
 
     def metrics(self) -> dict[str, float]:
         """Numbers of the round just trained (e.g. a distillation loss): they go to metrics.jsonl
-        per client, and Flower's strategies aggregate them like the train loss (`method.NAME`)."""
+        per client, and the server aggregates them per round as `metric_aggregation` says."""
         return {}
 
     def private_footprint(self) -> PrivateFootprint:
         """The DP passes this method adds beyond training, for noise calibration and the budget."""
         return PrivateFootprint()
+
+
+def check_metric_aggregation(method: type[ContinualMethod], field: str) -> None:
+    """Refuse, before anything runs, an aggregation the server could not apply to a metric."""
+    declared = method.metric_aggregation
+    owner = getattr(method, "plugin_class", method).__name__  # the user's class, an adapted plugin's too
+    if not isinstance(declared, dict):
+        raise ScenarioError(
+            field,
+            f"{owner}.metric_aggregation is a {type(declared).__name__}",
+            'give a dict: {"metric": "sum"}',
+        )
+    for metric, how in declared.items():
+        if how not in METRIC_AGGREGATIONS:
+            raise ScenarioError(
+                field,
+                f"{owner}.metric_aggregation gives metric '{metric}' the aggregation {how!r}",
+                f"use one of: {', '.join(METRIC_AGGREGATIONS)}",
+            )

@@ -9,7 +9,7 @@ server then never load for one).
 
 from __future__ import annotations
 
-from fedtide.continual.base import ContinualMethod
+from fedtide.continual.base import ContinualMethod, check_metric_aggregation
 from fedtide.continual.builtin import BUILT_INS
 from fedtide.data.schema import ContinualConfig
 from fedtide.errors import ScenarioError
@@ -55,9 +55,9 @@ def method_class(name: str) -> type[ContinualMethod]:
     else:
         known = ", ".join([*methods, *installed])
         raise ScenarioError(FIELD, f"unknown method '{name}'", f"one of {known}, or a 'pkg.module:Name'")
-    if issubclass(found, ContinualMethod):
-        return found
-    return plugin_method(found, name=name)
+    method = found if issubclass(found, ContinualMethod) else plugin_method(found, name=name)
+    check_metric_aggregation(method, FIELD)
+    return method
 
 
 def build_method(config: ContinualConfig) -> ContinualMethod:

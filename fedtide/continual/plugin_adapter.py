@@ -17,6 +17,9 @@ The contract (docs/extending.md):
   round the client stops the run naming it (`fedtide.continual.state_check`). Scratch a
   round recomputes is named in the plugin's `rebuilt_each_round` and neither stored nor checked.
 
+A plugin's `metrics()` aggregate over clients as its class's `metric_aggregation` says
+(`ContinualMethod.metric_aggregation`).
+
 A plugin runs under DP-SGD only if its class says `dp_compatible = True`: it may add
 parameter-only penalties or per-sample losses, and must read no private data outside
 the DP-SGD step (no importance pass, no reference gradients). While it trains, a
@@ -124,6 +127,7 @@ def plugin_method(
         "name": name,
         "description": description or (doc[0] if doc else plugin_class.__name__),
         "dp_compatible": getattr(plugin_class, "dp_compatible", False) if dp_compatible is None else dp_compatible,
+        "metric_aggregation": getattr(plugin_class, "metric_aggregation", {}),
         "__module__": __name__,
     }
     return type(f"{plugin_class.__name__}Method", (PluginMethod,), attributes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Group
 from rich.table import Table
 
+from fedtide.report.runs import metric_text
 from fedtide.run_files import CLIENT, SAMPLE, RunSummary
 
 _EPSILON_ROW = {SAMPLE: "ε, unit sample (max over clients)", CLIENT: "ε, unit client"}
@@ -50,5 +51,8 @@ def summary_view(summary: RunSummary) -> Group:
     if summary.client_level:
         level = summary.client_level
         headline.add_row("client-level σ, sample rate q", f"{level.noise_multiplier:.3g}, {level.sample_rate:g}")
+    for section, metrics in (("strategy", summary.strategy_metrics), ("method", summary.method_metrics)):
+        for name, value in (metrics or {}).items():  # the last round's: the run's final value
+            headline.add_row(f"{section}.{name} (last round)", metric_text(value))
     headline.add_row("wall time", f"{summary.wall_time_s:.1f} s")
     return Group(grid, headline)

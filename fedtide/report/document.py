@@ -12,6 +12,7 @@ import base64
 import csv
 import html
 import io
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -22,7 +23,15 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from fedtide.report import figures
-from fedtide.report.runs import RunResult, SeedGroup, place_runs, seed_groups, series_labels
+from fedtide.report.runs import (
+    RunResult,
+    SeedGroup,
+    metric_names,
+    metric_text,
+    place_runs,
+    seed_groups,
+    series_labels,
+)
 from fedtide.run_files import CLIENT, PRIVACY_UNITS, SAMPLE
 
 HTML_FILE, MARKDOWN_FILE, CSV_FILE, FIGURES_DIR = "report.html", "report.md", "report.csv", "figures"
@@ -102,9 +111,15 @@ def build_blocks(runs: list[RunResult], unfinished: list[Path] = (), privacy_uni
 
 
 def _runs_table(runs: list[RunResult]) -> TableBlock:
+    """The runs side by side, the user metrics' final values (`strategy.NAME`, `method.NAME`) last."""
     columns, rows = _shown_columns(runs), [run_row(run) for run in runs]
     keep = [i for i, column in enumerate(RUN_COLUMNS) if column in columns]
-    return TableBlock(columns, [[row[i] for i in keep] for row in rows])
+    names = metric_names(runs)
+    return TableBlock(
+        columns + names,
+        [[row[i] for i in keep] + [metric_text(run.final_metrics.get(name)) for name in names]
+         for run, row in zip(runs, rows)],
+    )  # fmt: skip
 
 
 def _chosen_unit(runs: list[RunResult]) -> str | None:
@@ -208,7 +223,8 @@ def _units_text(runs: list[RunResult]) -> str:
 
 def _comparison(points: list[SeedGroup]) -> list[Block]:
     """Every series and setting side by side, private or not: what a method sweep is for."""
-    columns = ["series", "privacy", "final accuracy %", "forgetting %", "BWT %", "seeds"]
+    names = _scalar_metrics(points)
+    columns = ["series", "privacy", "final accuracy %", "forgetting %", "BWT %", *names, "seeds"]
     rows = [
         [
             point.series,
@@ -216,6 +232,7 @@ def _comparison(points: list[SeedGroup]) -> list[Block]:
             _mean_std(point, "final_average_accuracy", 100, "{:.2f}"),
             _mean_std(point, "average_forgetting", 100, "{:.2f}"),
             _mean_std(point, "bwt", 100, "{:.2f}"),
+            *(_metric_mean_std(point, name) for name in names),
             str(len(point.runs)),
         ]
         for point in points
@@ -239,7 +256,8 @@ def _privacy_cell(point: SeedGroup) -> str:
 
 
 def _privacy_utility(points: list[SeedGroup]) -> list[Block]:
-    columns = ["series", "unit", "noise σ", "ε", "final accuracy %", "forgetting %", "attack AUC", "seeds"]
+    names = _scalar_metrics(points)
+    columns = ["series", "unit", "noise σ", "ε", "final accuracy %", "forgetting %", "attack AUC", *names, "seeds"]
     rows = []
     for point in points:
         noise = point.runs[0].noise_of(point.unit) if point.unit else None
@@ -254,6 +272,7 @@ def _privacy_utility(points: list[SeedGroup]) -> list[Block]:
                 _mean_std(point, "final_average_accuracy", 100, "{:.2f}"),
                 _mean_std(point, "average_forgetting", 100, "{:.2f}"),
                 _mean_std(point, "auc_max", 1, "{:.3f}"),
+                *(_metric_mean_std(point, name) for name in names),
                 str(len(point.runs)),
             ]
         )
@@ -361,8 +380,6 @@ def _run_details(run: RunResult) -> list[Block]:
             f"{summary.n_experiences} experiences (classes {summary.classes_per_experience}), "
             f"{summary.rounds} rounds, seed {summary.seed}; clients failed: {summary.clients_failed}"
             + (f"; dropped by simulated faults: {summary.faults.describe()}." if summary.faults else ".")
-            + (f" The strategy's metrics, last round: {_metrics(summary.strategy_metrics)}."
-               if summary.strategy_metrics else "")
             + _parameters(run)
             + _client_epsilons(run)
         ),
@@ -377,6 +394,9 @@ def _run_details(run: RunResult) -> list[Block]:
     ]  # fmt: skip
     if run.private:
         blocks.append(Image(f"{stem}-epsilon.png", "ε over rounds", _png(figures.epsilon_figure(run))))
+    if any(run.metric_per_round(name) for name in run.final_metrics):
+        blocks.append(Image(f"{stem}-user_metrics.png", "The strategy's and the method's metrics over rounds", _png(
+            figures.user_metrics_figure(run))))
     return blocks
 
 
@@ -471,8 +491,15 @@ def _client_epsilons(run: RunResult) -> str:
     )
 
 
-def _metrics(values: dict[str, float | list[float]]) -> str:
-    return ", ".join(f"{key} {_number(value) if isinstance(value, float) else value}" for key, value in values.items())
+def _scalar_metrics(points: list[SeedGroup]) -> list[str]:
+    """The user metrics a seed group can average: those no run gives as a list."""
+    runs = [run for point in points for run in point.runs]
+    return [name for name in metric_names(runs) if not any(isinstance(r.final_metrics.get(name), list) for r in runs)]
+
+
+def _metric_mean_std(point: SeedGroup, name: str) -> str:
+    """A user metric's mean ± std over the point's seeds; `–` where none of its runs has it."""
+    return "–" if math.isnan(point.mean_std(name)[0]) else _mean_std(point, name, 1, "{:.4g}")
 
 
 def _pct(value: float | None) -> str:

@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedtide.report.runs import RunResult, SeedGroup  # noqa: E402
 from fedtide.run_files import LOW_FPR, SAMPLE  # noqa: E402
@@ -95,6 +96,28 @@ def epsilon_figure(run: RunResult) -> Figure:
     axes.set_title(f"{run.run_id}: ε per client ({', '.join(deltas)})", fontsize=9)
     if len(clients) <= 12:
         axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return figure
+
+
+def user_metrics_figure(run: RunResult) -> Figure:
+    """Each of the strategy's and the method's metrics after every round, one panel each; dotted lines
+    end experiences. A metric given as a list of numbers has no line."""
+    names = [name for name in run.final_metrics if run.metric_per_round(name)]
+    columns = min(3, len(names))
+    rows = math.ceil(len(names) / columns)
+    figure, panels = plt.subplots(rows, columns, figsize=(3.6 * columns + 0.6, 2.6 * rows + 0.4), squeeze=False)
+    per_experience = run.summary.rounds // run.summary.n_experiences
+    for axes, name in zip(panels.flat, names):
+        axes.plot(*zip(*run.metric_per_round(name)), marker=".")
+        for boundary in range(per_experience, run.summary.rounds, per_experience):
+            axes.axvline(boundary + 0.5, color="grey", ls=":", lw=1)
+        axes.set_title(name, fontsize=9)
+        axes.set_xlabel("global round", fontsize=8)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axes in list(panels.flat)[len(names) :]:
+        axes.set_visible(False)
+    figure.suptitle(f"{run.run_id}: the strategy's and the method's metrics", fontsize=9)
     figure.tight_layout()
     return figure
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,13 @@ from fedtide.run_files import (
 
 # Fields that vary between runs without making them a different method or setting.
 _NOT_A_SETTING = ("name", "seed", "output")
+# A user metric's name in the report: `strategy.NAME` (what aggregate_train returned of its own) or
+# `method.NAME` (the method's metric aggregated over clients as it declares), from these record fields.
+METRIC_SECTIONS = {"strategy": "strategy_metrics", "method": "method_metrics"}
+# What runs written before strategy_metrics kept only the strategy's own keys have in it: the
+# strategy's average of the clients' MetricRecords, never a metric of the strategy's.
+_CLIENTS_KEYS = ("num-examples", "train_loss", "client-level-weight")
+MetricValue = float | list[float]
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,21 @@ class RunResult:
     @property
     def audit(self) -> AuditSummary | None:
         return self.summary.audit
+
+    @cached_property
+    def final_metrics(self) -> dict[str, MetricValue]:
+        """The strategy's and the method's metrics of the last round that had any, as `strategy.NAME`
+        and `method.NAME` (summary.json's); empty for a run without them."""
+        return _named_metrics(self.summary)
+
+    def metric_per_round(self, name: str) -> list[tuple[int, float]]:
+        """(global round, value) of a user metric (`strategy.NAME`, `method.NAME`), in the rounds
+        whose value is a number."""
+        return [
+            (record.round, value)
+            for record in self.rounds
+            if isinstance(value := _named_metrics(record).get(name), float | int)
+        ]
 
     @property
     def canary_audit(self) -> CanaryAudit | None:
@@ -274,9 +297,37 @@ class SeedGroup:
         return self.runs[0].placed_unit if self.private else None
 
 
+def _named_metrics(record: RunSummary | RoundRecord) -> dict[str, MetricValue]:
+    """A record's user metrics by report name (`METRIC_SECTIONS`)."""
+    named = {}
+    for section, attribute in METRIC_SECTIONS.items():
+        for key, value in (getattr(record, attribute) or {}).items():
+            if section == "strategy" and (key in _CLIENTS_KEYS or key.startswith("method.")):
+                continue
+            named[f"{section}.{key}"] = value
+    return named
+
+
+def metric_names(runs: list[RunResult]) -> list[str]:
+    """Every user metric of `runs` by report name: the strategy's first, each in order of appearance."""
+    names = dict.fromkeys(name for run in runs for name in run.final_metrics)
+    return sorted(names, key=lambda name: not name.startswith("strategy."))
+
+
+def metric_text(value: MetricValue | None) -> str:
+    """A user metric's value as tables and the console print it: six significant digits, a list's
+    numbers side by side, `–` for a run without it."""
+    if value is None:
+        return "–"
+    return " ".join(f"{v:.6g}" for v in value) if isinstance(value, list) else f"{value:.6g}"
+
+
 def _value(run: RunResult, name: str) -> float | None:
     if name == "epsilon":
         return run.epsilon
+    if name.partition(".")[0] in METRIC_SECTIONS:  # a user metric; a list of numbers has no mean
+        value = run.final_metrics.get(name)
+        return value if isinstance(value, float | int) else None
     if name in ("auc_max", "tpr_at_1pct_fpr_max"):
         return getattr(run.audit, name) if run.audit else None
     return getattr(run.summary, name)

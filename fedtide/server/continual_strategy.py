@@ -20,7 +20,10 @@ so the user's strategy sees plain Flower calls and nothing else has to know abou
   failure is counted and its reason kept; a round in which every client that was sent
   a message failed stops the run), checks the clients' and the strategy's arrays
   against the model, and names the strategy when it raises; under checkpoints it
-  takes each client's `Context.state` out of its reply and keeps it.
+  takes each client's `Context.state` out of its reply and keeps it. Of the MetricRecord
+  the strategy returns it records the strategy's own keys: a key the clients' replies
+  carried (`num-examples`, `train_loss`, `method.*`, the client-level weight) comes back
+  only averaged, and the run files have each client's value and fedtide's aggregate.
 
 Round numbers in every message are global (experience × rounds + round). A run resumed
 inside an experience calls `start()` for its remaining rounds only; the wrapper maps
@@ -63,7 +66,8 @@ class RoundOutcome:
     reports: list[ClientRoundRecord] = field(default_factory=list)
     failures: list[ClientFailure] = field(default_factory=list)  # one line each
     failure_logs: list[str] = field(default_factory=list)  # each failure in full, for the run's log
-    strategy_metrics: dict[str, float | list[float]] | None = None  # the MetricRecord aggregate_train returned
+    # what aggregate_train returned beyond the clients' own MetricRecord keys, which it only averaged
+    strategy_metrics: dict[str, float | list[float]] | None = None
     clipping_norm: float | None = None  # client-level DP: the norm the round's updates were clipped to
     aggregated: int = 0  # the replies handed to the strategy's aggregate_train
 
@@ -224,6 +228,7 @@ class ContinualStrategy(Strategy):
         outcome.aggregated = len(trained)
         round_key = f"{self.seed}/aggregate/{outcome.global_round}".encode()
         np.random.seed(None if self.seed is None else zlib.crc32(round_key))
+        clients_keys = {key for reply in trained for key in reply.content["metrics"]}
         result = self._call(self.strategy.aggregate_train, server_round, trained)
         if not (isinstance(result, tuple) and len(result) == 2):
             raise FederationError(
@@ -231,8 +236,9 @@ class ContinualStrategy(Strategy):
                 f"{outcome.global_round}; it must return (ArrayRecord | None, MetricRecord | None)"
             )
         arrays, metrics = result
-        if metrics:
-            outcome.strategy_metrics = {key: _number(value) for key, value in metrics.items()}
+        if metrics:  # the strategy's own: its aggregate of the clients' keys is theirs (num-examples, method.*)
+            own = {key: _number(value) for key, value in metrics.items() if key not in clients_keys}
+            outcome.strategy_metrics = own or None
         problem = None if arrays is None else array_problem(arrays, self.reference)
         if problem:
             raise FederationError(

@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedtide.aggregation import federation_strategy
-from fedtide.continual.methods import build_method
+from fedtide.continual.methods import build_method, method_class
 from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
 from fedtide.data.split import evaluation_samples, experience_classes, split_key
@@ -70,6 +70,7 @@ from fedtide.server.checkpoint import (
 from fedtide.server.continual_strategy import ContinualStrategy, RoundOutcome
 from fedtide.server.faults import FaultPlan
 from fedtide.server.grid import PartitionOrderedGrid
+from fedtide.server.method_metrics import aggregate_method_metrics
 from fedtide.stopping import reclaim_signals
 
 RoundObserver = Callable[[RoundRecord], None]
@@ -80,7 +81,8 @@ class _RunRecorder:
 
     # The running totals the summary is made of: checkpointed, and taken back by a resumed run.
     TOTALS = (
-        "matrix", "failures", "epsilon", "stopped", "ray_nodes", "dropped", "strategy_metrics", "aggregated"
+        "matrix", "failures", "epsilon", "stopped", "ray_nodes", "dropped", "strategy_metrics", "aggregated",
+        "method_metrics",
     )  # fmt: skip
 
     def __init__(self, scenario: Scenario, run_dir: Path, observer: RoundObserver | None) -> None:
@@ -99,6 +101,8 @@ class _RunRecorder:
         self.matrix: list[list[float]] = []
         self.failures = 0
         self.strategy_metrics: dict[str, float | list[float]] | None = None  # the last round's
+        self.method_metrics: dict[str, float] | None = None  # the last round's
+        self.metric_aggregation = method_class(scenario.continual.method).metric_aggregation
         self.dropped = dict.fromkeys(range(scenario.partition.num_clients), 0)  # per client, over rounds
         self.scenario = scenario
         self.private = scenario.privacy.private
@@ -121,8 +125,8 @@ class _RunRecorder:
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Go on from a checkpoint: its totals, its wall time, and metrics.jsonl as it was then."""
-        for name in self.TOTALS:
-            setattr(self, name, checkpoint.totals[name])
+        for name in self.TOTALS:  # a checkpoint written before a total existed keeps its start value
+            setattr(self, name, checkpoint.totals.get(name, getattr(self, name)))
         self.started = time.monotonic() - checkpoint.wall_time_s
         truncate_metrics(self.run_dir, checkpoint.metrics_length)
 
@@ -177,9 +181,14 @@ class _RunRecorder:
             client_level = RoundClientLevel(
                 epsilon=epsilon, clipping_norm=outcome.clipping_norm, aggregated=outcome.aggregated
             )
-        record = _round_record(experience, server_round, accuracies, outcome, self.elapsed(), privacy, client_level)
+        equal = self.client_level is not None  # client-level DP weighs clients equally
+        method_metrics = aggregate_method_metrics(outcome.reports, self.metric_aggregation, equal)
+        record = _round_record(
+            experience, server_round, accuracies, outcome, self.elapsed(), privacy, client_level, method_metrics
+        )
         self.failures += record.clients["failed"]
         self.strategy_metrics = outcome.strategy_metrics or self.strategy_metrics
+        self.method_metrics = method_metrics or self.method_metrics
         for failure in outcome.failure_logs:
             append_log(self.run_dir, failure)
         outcome.failure_logs.clear()  # logged; a later fatal error logs only its own round
@@ -288,6 +297,7 @@ def _run_summary(scenario: Scenario, recorder: _RunRecorder, federation: Continu
         audit=AuditSummary.from_dict({**audit_clients(scenario, recorder.model), "canaries": canaries}),
         faults=recorder.fault_summary() if federation.faults else None,
         strategy_metrics=recorder.strategy_metrics,
+        method_metrics=recorder.method_metrics,
     )
 
 
@@ -374,6 +384,7 @@ def _round_record(
     wall_time_s: float,
     privacy: RoundPrivacy | None,
     client_level: RoundClientLevel | None = None,
+    method_metrics: dict[str, float] | None = None,
 ) -> RoundRecord:
     reports = outcome.reports
     trained = [r for r in reports if r.num_examples > 0]
@@ -399,4 +410,5 @@ def _round_record(
         privacy=privacy,
         client_level=client_level,
         strategy_metrics=outcome.strategy_metrics,
+        method_metrics=method_metrics,
     )
