@@ -25,6 +25,14 @@ def is_plugin_path(name: str) -> bool:
     return ":" in name
 
 
+def plugin_folders(scenario_file: Path) -> list[Path]:
+    """The folders a scenario's "module:Class" plugins are looked for in: the working folder, the file's own.
+
+    Absolute, so that a run folder can record them and a resume from elsewhere finds the same modules.
+    """
+    return list(dict.fromkeys(folder.resolve() for folder in (Path.cwd(), scenario_file.parent)))
+
+
 def make_importable(*folders: Path) -> None:
     """Let "module:Class" paths resolve in these folders (the current one, a scenario's own).
 
