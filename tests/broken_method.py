@@ -29,3 +29,24 @@ class NaNLoss(Naive):
 
     def plugins(self):
         return [_NaNLoss()]
+
+
+class _ForgetsStrategy(SupervisedPlugin):
+    def before_backward(self):  # Avalanche calls before_backward(strategy)
+        pass
+
+
+class WrongHookSignature(Naive):
+    """A method whose plugin's hook cannot take the strategy Avalanche passes it."""
+
+    name = "wrong_hook"
+
+    def plugins(self):
+        return [_ForgetsStrategy()]
+
+
+class WrongPluginSignature(SupervisedPlugin):
+    """A plain Avalanche plugin (the adapter's route) whose hook wants an argument nobody passes."""
+
+    def after_training_exp(self, strategy, buffer):
+        pass

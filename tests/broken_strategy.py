@@ -55,3 +55,11 @@ class ReturnsArraysOnly(FedAvg):
     def aggregate_train(self, server_round, replies):
         arrays, _ = super().aggregate_train(server_round, replies)
         return arrays
+
+
+class ForgetsServerRound(FedAvg):
+    """FedAvg whose aggregate_train has no server_round parameter."""
+
+    def aggregate_train(self, replies):
+        return super().aggregate_train(0, replies)
+

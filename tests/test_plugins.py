@@ -30,11 +30,12 @@ from fedtide.continual.state_codec import encode
 from fedtide.data.loading import parse_scenario
 from fedtide.data.split import experience_partitions
 from fedtide.data.stream import build_stream
-from fedtide.errors import ScenarioError
+from fedtide.errors import ScenarioError, SignatureError, failure_line
 from fedtide.plugin_check import check_plugin
 from fedtide.server.federation import train_config
 from fedtide.validation import check_runnable
-from tests.broken_strategy import NaNStrategy
+from tests.broken_method import WrongPluginSignature, _ForgetsStrategy
+from tests.broken_strategy import ForgetsServerRound, NaNStrategy
 from tests.conftest import small_scenario, stored_method_state
 from tests.test_client import flat, initial_arrays
 
@@ -124,6 +125,44 @@ def test_bad_plugins_are_one_line_and_exit_2_before_the_run(run_cli, overrides, 
     assert len(err.strip().splitlines()) == 1
     assert expected in err
     assert "Traceback" not in err + out
+
+
+@pytest.mark.parametrize(
+    ("override", "hook", "expected"),
+    [
+        (
+            "continual.method=tests.broken_method:WrongPluginSignature",
+            WrongPluginSignature.after_training_exp,
+            "continual.method: WrongPluginSignature.after_training_exp ({at}) cannot take the arguments it is "
+            "called with: (strategy) (define it as def after_training_exp(self, strategy, *args, **kwargs))",
+        ),
+        (
+            "federation.strategy.name=tests.broken_strategy:ForgetsServerRound",
+            ForgetsServerRound.aggregate_train,
+            "federation.strategy.name: ForgetsServerRound.aggregate_train ({at}) cannot take the arguments it is "
+            "called with: (server_round, replies) (define it as def aggregate_train(self, server_round, replies))",
+        ),
+    ],
+)
+def test_a_hook_whose_def_cannot_take_its_arguments_is_refused_naming_the_def(run_cli, override, hook, expected):
+    """Avalanche (or fedtide) would call it from its own frame: the traceback would name learner.py, not the def."""
+    code, out, err = run_cli("validate", "scenarios/quickstart.yaml", "--set", override)
+    module = "broken_method" if "method" in override else "broken_strategy"
+    at = f"{module}.py:{hook.__code__.co_firstlineno}, in {hook.__name__}"
+    assert code == 2 and " ".join(err.split()) == "error: " + expected.format(at=at)
+
+
+def test_a_methods_plugin_with_a_wrong_hook_def_fails_its_client_naming_the_def():
+    """A `ContinualMethod`'s plugins exist only on the client: its round fails, one line naming the def."""
+    scenario = small_scenario(continual={"method": "tests.broken_method:WrongHookSignature"})
+    with pytest.raises(SignatureError) as raised:
+        run_training_round(RoundTask(scenario, 0, 0, 1), initial_arrays(scenario), RecordDict())
+    line = failure_line(raised.value)
+    at = f"broken_method.py:{_ForgetsStrategy.before_backward.__code__.co_firstlineno}, in before_backward"
+    assert line == (
+        f"continual.method: _ForgetsStrategy.before_backward ({at}) cannot take the arguments it is called with: "
+        "(strategy) (define it as def before_backward(self, strategy, *args, **kwargs))"
+    )
 
 
 def test_dp_compatible_plugin_is_accepted_under_dp_and_list_shows_dp_status(run_cli):

@@ -35,6 +35,11 @@ from avalanche.training.utils import ParamData
 
 from fedtide.continual.base import ContinualMethod, StateDict
 from fedtide.continual.state_codec import Tensorish, as_array, is_plain, is_storable
+from fedtide.registry import check_hook_signatures
+
+FIELD = "continual.method"
+# The hooks Avalanche's templates call on a plugin, as `hook(strategy, **kwargs)`.
+PLUGIN_HOOKS = tuple(name for name in dir(SupervisedPlugin) if name.startswith(("before_", "after_")))
 
 
 class PluginMethod(ContinualMethod):
@@ -44,6 +49,7 @@ class PluginMethod(ContinualMethod):
 
     def __init__(self, **params: Any) -> None:
         self.plugin = self.plugin_class(**params)
+        check_plugin_signatures(self.plugin)
 
     def plugins(self) -> list[SupervisedPlugin]:
         """The plugin, after a helper that moves its restored (CPU) tensors to the learner's device."""
@@ -75,6 +81,11 @@ class PluginMethod(ContinualMethod):
         if _has_own_state(self.plugin) or type(self).state_dict is not PluginMethod.state_dict:
             return {}
         return {attr: fingerprint(value) for attr, value in vars(self.plugin).items() if not is_storable(value)}
+
+
+def check_plugin_signatures(plugin: SupervisedPlugin) -> None:
+    """Refuse a hook def that Avalanche's call `hook(strategy)` would fail on, naming the def (file:line)."""
+    check_hook_signatures(plugin, SupervisedPlugin, PLUGIN_HOOKS, FIELD)
 
 
 def _has_own_state(plugin: SupervisedPlugin) -> bool:
