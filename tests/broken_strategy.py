@@ -63,3 +63,20 @@ class ForgetsServerRound(FedAvg):
     def aggregate_train(self, replies):
         return super().aggregate_train(0, replies)
 
+
+class ReturnsNumpyDict(FedAvg):
+    """FedAvg whose aggregate_train returns a dict of numpy arrays instead of an ArrayRecord."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        return {key: array.numpy() for key, array in arrays.items()}, metrics
+
+
+class ReadsLoss(FedAvg):
+    """Inverse-loss weighting that reads a metric the clients do not reply ('loss'; theirs is 'train_loss')."""
+
+    def aggregate_train(self, server_round, replies):
+        inverse_losses = []
+        for reply in replies:
+            inverse_losses.append(1.0 / reply.content["metrics"]["loss"])
+        return super().aggregate_train(server_round, replies)
