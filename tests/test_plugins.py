@@ -8,7 +8,9 @@ the entry points `experience_momentum` and `l2_anchor`.
 
 import copy
 import json
+import tempfile
 from importlib.metadata import EntryPoint
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,7 +36,7 @@ from fedtide.errors import ScenarioError, SignatureError, failure_line
 from fedtide.plugin_check import check_plugin
 from fedtide.server.federation import train_config
 from fedtide.validation import check_runnable
-from tests.broken_method import WrongPluginSignature, _ForgetsStrategy
+from tests.broken_method import WrongPluginSignature, _Explodes, _ForgetsStrategy
 from tests.broken_strategy import ForgetsServerRound, NaNStrategy
 from tests.conftest import small_scenario, stored_method_state
 from tests.test_client import flat, initial_arrays
@@ -380,13 +382,32 @@ def test_check_plugin_passes_on_stock_si_whose_state_is_its_own_state_dict():
     assert report.checks[-1].name == "DP-SGD" and "trains and consolidates under DP-SGD" in report.checks[-1].detail
 
 
-def test_check_plugin_fails_a_raising_method_naming_it(run_cli):
+def test_check_plugin_fails_a_raising_method_naming_it_and_its_line_and_keeps_the_log(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the check's folder goes
     code, out, err = run_cli("check-plugin", "tests.broken_method:BrokenMethod")
     message = " ".join(err.split())
     assert code == 1
     assert len(err.strip().splitlines()) == 1
     assert "continual method 'tests.broken_method:BrokenMethod' failed check 'round 1 (experience 0) trains'" in message
-    assert "RuntimeError: broken_method exploded on purpose" in message
+    at = f"broken_method.py:{_Explodes.before_training_exp.__code__.co_firstlineno + 1}, in before_training_exp"
+    assert f"RuntimeError: broken_method exploded on purpose ({at}); full log: " in message  # as `fedtide run` says
+    log = Path(message.rsplit("full log: ", 1)[1])
+    assert log.parent.parent == tmp_path and "Traceback" in log.read_text()  # it exists once the command has ended
+
+
+def test_check_plugin_names_the_def_of_a_hook_with_a_wrong_signature_and_removes_a_passing_checks_folder(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    report = check_plugin("tests.broken_method:WrongHookSignature")
+    at = f"broken_method.py:{_ForgetsStrategy.before_backward.__code__.co_firstlineno}, in before_backward"
+    assert report.failure.name == "round 1 (experience 0) trains"
+    assert f"_ForgetsStrategy.before_backward ({at}) cannot take the arguments" in report.message
+    assert "learner.py" not in report.message
+    kept = list(tmp_path.iterdir())
+    assert len(kept) == 1 and (kept[0] / "errors.log").is_file()
+    assert check_plugin("naive").ok
+    assert list(tmp_path.iterdir()) == kept  # the passing check left nothing
 
 
 def test_check_plugin_finds_plugin_state_that_cannot_live_in_the_context():
