@@ -80,3 +80,11 @@ class ReadsLoss(FedAvg):
         for reply in replies:
             inverse_losses.append(1.0 / reply.content["metrics"]["loss"])
         return super().aggregate_train(server_round, replies)
+
+
+class ReadsConfigLr(FedAvg):
+    """FedAvg that reads a server learning rate from a train config that holds none."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.lr = float(config["lr"])
+        return super().configure_train(server_round, arrays, config, grid)

@@ -9,7 +9,7 @@ from fedtide.protocol import experience_end_key
 from fedtide.run_files import create_run_folder, read_metrics
 from fedtide.server.federation import run_federation
 from fedtide.server.local_grid import InProcessGrid
-from tests.broken_strategy import ReadsLoss, ReturnsArraysOnly, ReturnsNumpyDict
+from tests.broken_strategy import ReadsConfigLr, ReadsLoss, ReturnsArraysOnly, ReturnsNumpyDict
 from tests.conftest import small_scenario
 
 
@@ -102,6 +102,12 @@ def test_bookkeeping_is_not_averaged_into_the_strategys_metrics(tmp_path):
             f"{ReadsLoss.aggregate_train.__code__.co_firstlineno + 3}, in aggregate_train); a reply holds the "
             "records arrays, metrics, client, host; its metrics holds num-examples, train_loss; its client holds "
             "partition_id,",
+        ),
+        (
+            "tests.broken_strategy:ReadsConfigLr",
+            "strategy tests.broken_strategy.ReadsConfigLr raised in round 1: KeyError: 'lr' (broken_strategy.py:"
+            f"{ReadsConfigLr.configure_train.__code__.co_firstlineno + 1}, in configure_train); the config holds "
+            "experience, n-experiences, rounds-per-experience, round-offset, scenario, checkpoint",
         ),
         (
             "tests.broken_strategy:NaNStrategy",
