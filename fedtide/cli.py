@@ -118,7 +118,7 @@ def resume(
     Its plugins are imported from the folders the run made importable (its import_path.json), whatever
     the working folder now: the resume's own working folder and the scenario's are not added.
     """
-    from fedtide.registry import make_importable
+    from fedtide.registry import PluginNotFound, make_importable
     from fedtide.run_files import SUMMARY_FILE, checkpoint_round, read_import_path, read_run_scenario
     from fedtide.validation import check_runnable
 
@@ -132,8 +132,15 @@ def resume(
             "has no checkpoint to resume from (it stopped before its first one, or checkpoint.every is 0)",
             "run its scenario again with fedtide run",
         )
-    make_importable(*read_import_path(run_dir))
-    check_runnable(scenario)
+    folders = read_import_path(run_dir)
+    make_importable(*folders)
+    try:
+        check_runnable(scenario)
+    except PluginNotFound as error:
+        where = f"imported its plugins from {', '.join(map(str, folders))}" if folders else "recorded no plugin folders"
+        raise ScenarioError(
+            error.field, error.problem, f"the run {where}: put the module back there, or install it"
+        ) from None
     console.print(f"resuming [bold]{run_dir}[/bold] after round {done}/{scenario.total_rounds}")
     _run_to_the_end(scenario, run_dir, done)
 

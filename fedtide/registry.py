@@ -23,6 +23,10 @@ CONTINUAL_GROUP = "fedtide.continual"
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
+class PluginNotFound(ScenarioError):
+    """A "module:Class" plugin whose module cannot be imported (`fedtide resume` says where the run found it)."""
+
+
 def is_plugin_path(name: str) -> bool:
     return ":" in name
 
@@ -58,7 +62,7 @@ def load_plugin(path: str, field: str, base: type | tuple[type, ...]) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ScenarioError(field, f"cannot import '{module_name}' ({error})", "is the package installed?") from None
+        raise PluginNotFound(field, f"cannot import '{module_name}' ({error})", "is the package installed?") from None
     if not hasattr(module, attr):
         raise ScenarioError(field, f"'{module_name}' has no attribute '{attr}'")
     obj = getattr(module, attr)

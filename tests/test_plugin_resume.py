@@ -115,7 +115,12 @@ def test_a_killed_run_of_plugins_beside_its_scenario_resumes_from_another_folder
     (unrecorded / IMPORT_PATH_FILE).unlink()
     monkeypatch.chdir(elsewhere)
     code, _, err = run_cli("resume", str(unrecorded))
-    assert code == 2 and "cannot import 'cwd_counting'" in err
+    assert code == 2 and "cannot import 'cwd_counting'" in err and "the run recorded no plugin folders" in err
+    moved = shutil.copytree(folder, elsewhere / "moved")  # recorded, but the module is no longer there
+    (moved / IMPORT_PATH_FILE).write_text(json.dumps({"folders": [str(elsewhere)]}))
+    code, _, err = run_cli("resume", str(moved))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"(the run imported its plugins from {elsewhere}: put the module back there, or install it)" in err
 
     resumed = Fedtide(elsewhere, "resume", str(folder))
     assert resumed.process.wait(300) == 0, resumed.err.read_text()
