@@ -410,7 +410,8 @@ def test_check_plugin_names_the_def_of_a_hook_with_a_wrong_signature_and_removes
     assert list(tmp_path.iterdir()) == kept  # the passing check left nothing
 
 
-def test_check_plugin_finds_plugin_state_that_cannot_live_in_the_context():
+def test_check_plugin_finds_plugin_state_that_cannot_live_in_the_context(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the failed check's folder is kept: not in /tmp
     report = check_plugin("avalanche.training.plugins:AGEMPlugin", {"patterns_per_experience": 8, "sample_size": 8})
     assert not report.ok
     assert report.failure.name == "round 2 (experience 1) trains"  # the round that consolidated
