@@ -29,6 +29,7 @@ from fedtide.errors import ScenarioError
 from fedtide.privacy.client_clipping import CLIENT_WEIGHT_KEY
 from fedtide.registry import (
     STRATEGY_GROUP,
+    check_hook_signatures,
     check_parameters,
     constructor_parameters,
     is_plugin_path,
@@ -53,6 +54,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 FIELD = "federation.strategy"
+# What fedtide's `ContinualStrategy` calls on a strategy, with the positional arguments of Flower's defs.
+STRATEGY_HOOKS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate", "summary")
 
 
 def strategy_class(name: str) -> type[Strategy]:
@@ -91,9 +94,11 @@ def build_strategy(federation: FederationConfig, num_clients: int, weighted_by: 
     accepted, _ = constructor_parameters(cls)
     kwargs = {k: v for k, v in sampling.items() if k in accepted} | params
     try:
-        return cls(**kwargs)
+        strategy = cls(**kwargs)
     except (TypeError, ValueError) as error:
         raise ScenarioError(FIELD, f"{cls.__name__} cannot be built: {error}") from None
+    check_hook_signatures(strategy, Strategy, STRATEGY_HOOKS, f"{FIELD}.name")
+    return strategy
 
 
 def federation_strategy(scenario: Scenario, client_sigma: float | None) -> Strategy:

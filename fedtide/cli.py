@@ -38,9 +38,9 @@ err_console = Console(stderr=True)
 
 def _importable_folder(scenario_file: Path) -> Path:
     """Plugins named "module:Class" are found next to the scenario file (and in the current folder)."""
-    from fedtide.registry import make_importable
+    from fedtide.registry import make_importable, plugin_folders
 
-    make_importable(Path.cwd(), scenario_file.parent)
+    make_importable(*plugin_folders(scenario_file))
     return scenario_file
 
 
@@ -93,6 +93,7 @@ def run(
     Refuses (exit 2) when the folder holds an unfinished run of the same scenario: resume it instead.
     """
     scenario = _load_checked(scenario_file, set_)
+    from fedtide.registry import plugin_folders
     from fedtide.run_files import create_run_folder, unfinished_run
 
     if found := unfinished_run(scenario, output):
@@ -103,7 +104,7 @@ def run(
             f"fedtide resume {folder}",
             "to start afresh instead, give another --output or move that folder",
         )
-    run_dir = create_run_folder(scenario, output)
+    run_dir = create_run_folder(scenario, output, plugin_folders(scenario_file))
     console.print(f"run folder: [bold]{run_dir}[/bold]")
     _run_to_the_end(scenario, run_dir, done=0)
 
@@ -112,8 +113,13 @@ def run(
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="The folder of an unfinished run, e.g. runs/quickstart.")],
 ) -> None:
-    """Continue a stopped or killed run from its last checkpoint; the rounds it holds are not run again."""
-    from fedtide.run_files import SUMMARY_FILE, checkpoint_round, read_run_scenario
+    """Continue a stopped or killed run from its last checkpoint; the rounds it holds are not run again.
+
+    Its plugins are imported from the folders the run made importable (its import_path.json), whatever
+    the working folder now: the resume's own working folder and the scenario's are not added.
+    """
+    from fedtide.registry import PluginNotFound, make_importable
+    from fedtide.run_files import SUMMARY_FILE, checkpoint_round, read_import_path, read_run_scenario
     from fedtide.validation import check_runnable
 
     scenario = read_run_scenario(run_dir)
@@ -126,7 +132,15 @@ def resume(
             "has no checkpoint to resume from (it stopped before its first one, or checkpoint.every is 0)",
             "run its scenario again with fedtide run",
         )
-    check_runnable(scenario)
+    folders = read_import_path(run_dir)
+    make_importable(*folders)
+    try:
+        check_runnable(scenario)
+    except PluginNotFound as error:
+        where = f"imported its plugins from {', '.join(map(str, folders))}" if folders else "recorded no plugin folders"
+        raise ScenarioError(
+            error.field, error.problem, f"the run {where}: put the module back there, or install it"
+        ) from None
     console.print(f"resuming [bold]{run_dir}[/bold] after round {done}/{scenario.total_rounds}")
     _run_to_the_end(scenario, run_dir, done)
 

@@ -25,6 +25,18 @@ class ScenarioError(Exception):
         super().__init__(message)
 
 
+class SignatureError(ScenarioError):
+    """A user's hook whose def cannot take the arguments it is called with.
+
+    The call fails in its caller's frame (fedtide's, Flower's or Avalanche's), so the
+    traceback cannot point at the def to fix: `where` does ("my_plugin.py:12, in before_backward").
+    """
+
+    def __init__(self, field: str, problem: str, fix: str, where: str) -> None:
+        super().__init__(field, problem, fix)
+        self.where = where
+
+
 class FederationError(Exception):
     """The federation cannot go on (every sampled client failed a round); carries a client's reason."""
 
@@ -46,7 +58,10 @@ def raised_at(error: BaseException) -> str:
 
     The frame a user can act on is theirs, not Flower's or Avalanche's (site-packages)
     nor the interpreter's own modules; fedtide's frames count only when nothing else does.
+    A `SignatureError` names the user's def instead.
     """
+    if isinstance(error, SignatureError):
+        return error.where
     frames = traceback.extract_tb(error.__traceback__)
     outside = [f for f in frames if "site-packages" not in f.filename and not f.filename.startswith(_STDLIB)]
     theirs = [f for f in outside if not f.filename.startswith(_FEDTIDE)]
@@ -54,12 +69,17 @@ def raised_at(error: BaseException) -> str:
     return f"{Path(frame.filename).name}:{frame.lineno}, in {frame.name}"
 
 
-def failure_report(error: BaseException) -> str:
-    """A failure as one line naming the exception and where it was raised, then its full traceback."""
+def failure_line(error: BaseException) -> str:
+    """A failure as one line naming the exception and where it was raised (unless the message already says)."""
     explained = isinstance(error, FederationError | ScenarioError | RoundFailed)
-    head = str(error) if explained else f"{type(error).__name__}: {error}"
-    first = " ".join(head.split())  # one line, whatever the exception's message holds
-    return f"{first} ({raised_at(_root_cause(error))})\n" + "".join(traceback.format_exception(error))
+    head = " ".join((str(error) if explained else f"{type(error).__name__}: {error}").split())
+    where = raised_at(_root_cause(error))
+    return head if where in head else f"{head} ({where})"
+
+
+def failure_report(error: BaseException) -> str:
+    """`failure_line`, then the full traceback."""
+    return failure_line(error) + "\n" + "".join(traceback.format_exception(error))
 
 
 def _root_cause(error: BaseException) -> BaseException:

@@ -16,11 +16,16 @@ real Flower federation (2 rounds) over the in-process grid (no Ray start-up).
 A method's hook names are checked first (`fedtide.continual.hooks`), and every one of
 its rounds runs the client's lost-state check (`fedtide.continual.state_check`), so
 state changed while a round trains, not only at consolidation, must reach the next round.
+
+A failed check names the plugin's file and line, as `fedtide run` does, and points to
+a log holding the failure's traceback: the check's run folder in the system's temporary
+folder, kept when a check fails and removed when every check passes.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +38,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtide.continual.hooks import MisspeltHook
 from fedtide.data.schema import Scenario
-from fedtide.errors import FederationError, ScenarioError
+from fedtide.errors import FederationError, ScenarioError, failure_line, failure_report
 
 STRATEGY, METHOD = "strategy", "continual method"
 
@@ -158,12 +163,22 @@ def check_plugin(
         report.add("loads", False, f"{type(error).__name__}: {' '.join(str(error).split())}")
         return report
     report.add("loads", True, passed="importable, right base class, parameters accepted")
+    folder = Path(tempfile.mkdtemp(prefix="fedtide-check-"))
     if report.kind == METHOD:
         report.add("hook names", True, passed="no public method is a near-miss of an Avalanche hook name")
-        _check_method(scenario, report)
+        _check_method(scenario, report, folder)
     else:
-        _check_strategy(scenario, report)
+        _check_strategy(scenario, report, folder)
+    if report.ok:
+        shutil.rmtree(folder, ignore_errors=True)
     return report
+
+
+def _failed(error: BaseException, folder: Path) -> str:
+    """The failure's line, naming the plugin's file:line as `fedtide run` does, and the log that keeps its traceback."""
+    from fedtide.run_files import append_log
+
+    return f"{failure_line(error)}; full log: {append_log(folder, failure_report(error))}"
 
 
 # --- continual methods, in-process ---------------------------------------------------------
@@ -173,7 +188,7 @@ def check_plugin(
 SCHEDULE = [(0, 1), (1, 2), (1, 3)]
 
 
-def _check_method(scenario: Scenario, report: PluginReport) -> None:
+def _check_method(scenario: Scenario, report: PluginReport, folder: Path) -> None:
     from fedtide.client.schedule import ScheduledClient
     from fedtide.continual.state_check import LostState
     from fedtide.data.stream import build_stream
@@ -193,7 +208,7 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
             except Exception as error:  # the plugin's own exception, named by method_phase
                 lost = isinstance(error, LostState)
                 check = f"{label} keeps what it changed" if lost else f"{label} trains"
-                report.add(check, False, f"client {client.partition_id}: {' '.join(str(error).split())}")
+                report.add(check, False, f"client {client.partition_id}: {_failed(error, folder)}")
                 return
             problem = array_problem(reply["arrays"], ArrayRecord(model.state_dict()))
             if problem:
@@ -219,10 +234,10 @@ def _check_method(scenario: Scenario, report: PluginReport) -> None:
         passed="each round's changes, in training or consolidation, are restored by state_dict() in the next",
     )
     _check_state(scenario, [client.state for client in clients], after_consolidation, report)
-    _check_private(scenario, report)
+    _check_private(scenario, report, folder)
 
 
-def _check_private(scenario: Scenario, report: PluginReport) -> None:
+def _check_private(scenario: Scenario, report: PluginReport, folder: Path) -> None:
     """A method that claims `dp_compatible` must train and consolidate under DP-SGD (noise 1.0),
     its model computing on the DP batches alone (`fedtide.privacy.dp_sgd.UnaccountedData`)."""
     from fedtide.client.schedule import train_schedule
@@ -244,7 +259,7 @@ def _check_private(scenario: Scenario, report: PluginReport) -> None:
         report.add("DP-SGD", False, str(error))
         return
     except Exception as error:
-        report.add("DP-SGD", False, f"dp_compatible, but a DP round failed: {' '.join(str(error).split())}")
+        report.add("DP-SGD", False, f"dp_compatible, but a DP round failed: {_failed(error, folder)}")
         return
     problem = array_problem(reply["arrays"], ArrayRecord(model.state_dict()))
     epsilon = float(reply["client"]["epsilon"])
@@ -320,25 +335,24 @@ def _fedavg(replies: list[RecordDict]) -> ArrayRecord:
 # --- strategies, in-process ---------------------------------------------------------------
 
 
-def _check_strategy(scenario: Scenario, report: PluginReport) -> None:
+def _check_strategy(scenario: Scenario, report: PluginReport, folder: Path) -> None:
     from fedtide.run_files import create_run_folder, read_metrics
     from fedtide.simulation import simulate_in_process
 
-    with tempfile.TemporaryDirectory(prefix="fedtide-check-") as folder:
-        run_dir = create_run_folder(scenario, Path(folder))
-        try:
-            simulate_in_process(scenario, run_dir)
-        except FederationError as error:
-            report.add("federation completes", False, " ".join(str(error).split()))
-            return
-        except Exception as error:  # the strategy's own exception, raised in the ServerApp
-            report.add("federation completes", False, f"{type(error).__name__}: {error}")
-            return
-        if not (run_dir / "summary.json").exists():
-            report.add("federation completes", False, "the run ended without a summary (see the log)")
-            return
-        summary = json.loads((run_dir / "summary.json").read_text())
-        rounds = [r for r in read_metrics(run_dir) if r["type"] == "round"]
+    run_dir = create_run_folder(scenario, folder)
+    try:
+        simulate_in_process(scenario, run_dir)
+    except FederationError as error:  # one line naming the strategy's file:line, and the run's errors.log
+        report.add("federation completes", False, " ".join(str(error).split()))
+        return
+    except Exception as error:  # the strategy's own exception, raised in the ServerApp
+        report.add("federation completes", False, _failed(error, run_dir))
+        return
+    if not (run_dir / "summary.json").exists():
+        report.add("federation completes", False, f"the run ended without a summary (its folder: {run_dir})")
+        return
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rounds = [r for r in read_metrics(run_dir) if r["type"] == "round"]
     replying = max(r["clients"]["replied"] for r in rounds)
     report.add(
         "federation completes",

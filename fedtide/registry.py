@@ -11,18 +11,32 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+from collections.abc import Callable, Iterable
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
-from fedtide.errors import ScenarioError
+from fedtide.errors import ScenarioError, SignatureError
 
 STRATEGY_GROUP = "fedtide.strategies"
 CONTINUAL_GROUP = "fedtide.continual"
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+class PluginNotFound(ScenarioError):
+    """A "module:Class" plugin whose module cannot be imported (`fedtide resume` says where the run found it)."""
 
 
 def is_plugin_path(name: str) -> bool:
     return ":" in name
+
+
+def plugin_folders(scenario_file: Path) -> list[Path]:
+    """The folders a scenario's "module:Class" plugins are looked for in: the working folder, the file's own.
+
+    Absolute, so that a run folder can record them and a resume from elsewhere finds the same modules.
+    """
+    return list(dict.fromkeys(folder.resolve() for folder in (Path.cwd(), scenario_file.parent)))
 
 
 def make_importable(*folders: Path) -> None:
@@ -48,7 +62,7 @@ def load_plugin(path: str, field: str, base: type | tuple[type, ...]) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ScenarioError(field, f"cannot import '{module_name}' ({error})", "is the package installed?") from None
+        raise PluginNotFound(field, f"cannot import '{module_name}' ({error})", "is the package installed?") from None
     if not hasattr(module, attr):
         raise ScenarioError(field, f"'{module_name}' has no attribute '{attr}'")
     obj = getattr(module, attr)
@@ -119,3 +133,37 @@ def installed_plugins(kind: str, built_ins: dict) -> dict[str, str]:
         note = " [shadowed by the built-in name]" if name in built_ins else ""
         listed[name] = f"{point.value} (entry point of {package}){note}"
     return listed
+
+
+def defined_at(function: Callable) -> str:
+    """Where a function's def is: "file.py:12, in name" (as `fedtide.errors.raised_at` names a frame)."""
+    code = inspect.unwrap(getattr(function, "__func__", function)).__code__
+    return f"{Path(code.co_filename).name}:{code.co_firstlineno}, in {code.co_name}"
+
+
+def check_hook_signatures(obj: object, base: type, hooks: Iterable[str], field: str) -> None:
+    """Refuse a hook that `obj` defines whose def cannot take the arguments `base`'s hook is called with.
+
+    Callers (fedtide's client and server, Avalanche's templates) pass a hook the positional
+    parameters that `base`'s def requires (Avalanche's plugin hooks: the strategy). A def
+    that cannot bind them fails in the caller's frame, whose traceback names fedtide's or
+    Avalanche's file, so it is refused here naming the user's def.
+    """
+    for name in hooks:
+        hook, expected = getattr(obj, name, None), getattr(base, name)
+        if not inspect.ismethod(hook) or hook.__func__ is expected:
+            continue
+        params = list(inspect.signature(expected).parameters.values())[1:]
+        passed = [p.name for p in params if p.kind in _POSITIONAL and p.default is p.empty]
+        try:
+            inspect.signature(hook).bind(*passed)
+        except TypeError:
+            where = defined_at(hook)
+            wanted = ", ".join(["self", *(str(p.replace(annotation=p.empty)) for p in params)])
+            raise SignatureError(
+                field,
+                f"{type(obj).__name__}.{name} ({where}) cannot take the arguments it is called with: "
+                f"({', '.join(passed)})",
+                f"define it as def {name}({wanted})",
+                where,
+            ) from None

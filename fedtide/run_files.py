@@ -1,12 +1,14 @@
 """The files of one run folder, and the typed records they hold.
 
-scenario.yaml (the resolved scenario), metrics.jsonl (a `RoundRecord` per round and an
-`ExperienceRecord` per experience, written as the run goes), model.pt, summary.json (a
-`RunSummary`), and while the run is unfinished checkpoint/round-NNNN.pkl (its latest
-checkpoint, `fedtide.server.checkpoint`). A run never writes into an existing folder: a
-second run of the same name gets a numbered sibling; only `fedtide resume` continues
-one. summary.json appears only, and whole, when the run has finished. Readers (the
-report, the CLI) use the records, never torch: this module imports none.
+scenario.yaml (the resolved scenario), import_path.json (the folders the run made
+importable for its "module:Class" plugins, so that a resume imports them as it did),
+metrics.jsonl (a `RoundRecord` per round and an `ExperienceRecord` per experience, written
+as the run goes), model.pt, summary.json (a `RunSummary`), and while the run is unfinished
+checkpoint/round-NNNN.pkl (its latest checkpoint, `fedtide.server.checkpoint`). A run
+never writes into an existing folder: a second run of the same name gets a numbered
+sibling; only `fedtide resume` continues one. summary.json appears only, and whole, when
+the run has finished. Readers (the report, the CLI) use the records, never torch: this
+module imports none.
 
 A record's `to_dict()` is exactly the JSON the file holds (same keys, same order, an
 optional section left out when absent), so run folders written before the records
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -31,6 +33,7 @@ from fedtide.data.schema import Scenario
 from fedtide.errors import ScenarioError
 
 SCENARIO_FILE = "scenario.yaml"
+IMPORT_PATH_FILE = "import_path.json"  # {"folders": [...]}: absolute folders put on sys.path for plugins
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"  # the final global weights (a torch state_dict), written by the server
@@ -533,24 +536,38 @@ def read_report_options(folder: Path) -> ReportOptions:
     return parse_report_options(raw.get(REPORT_KEY) if isinstance(raw, dict) else None, f"{path}: {REPORT_KEY}")
 
 
-def create_run_folder(scenario: Scenario, output: Path | None = None) -> Path:
-    """Make a fresh folder `output/name` (or `name-2`, `name-3`...) holding the resolved scenario."""
+def create_run_folder(scenario: Scenario, output: Path | None = None, import_path: Sequence[Path] = ()) -> Path:
+    """Make a fresh folder `output/name` (or `name-2`, `name-3`...) holding the resolved scenario.
+
+    `import_path`: the folders this run made importable for its plugins (`fedtide.registry.plugin_folders`).
+    """
     parent = Path(output if output is not None else scenario.output)
     parent.mkdir(parents=True, exist_ok=True)
     folder, suffix = parent / scenario.name, 1
     while True:
         try:
-            return prepare_run_folder(folder, scenario)
+            return prepare_run_folder(folder, scenario, import_path)
         except FileExistsError:
             suffix += 1
             folder = parent / f"{scenario.name}-{suffix}"
 
 
-def prepare_run_folder(folder: Path, scenario: Scenario) -> Path:
-    """Create `folder` (which must not exist yet) with the resolved scenario in it."""
+def prepare_run_folder(folder: Path, scenario: Scenario, import_path: Sequence[Path] = ()) -> Path:
+    """Create `folder` (which must not exist yet) with the resolved scenario, and where its plugins come from."""
     folder.mkdir(parents=True)
     (folder / SCENARIO_FILE).write_text(scenario_to_yaml(scenario))
+    if import_path:
+        folders = [str(Path(path).resolve()) for path in import_path]
+        (folder / IMPORT_PATH_FILE).write_text(json.dumps({"folders": folders}, indent=1) + "\n")
     return folder
+
+
+def read_import_path(folder: Path) -> list[Path]:
+    """The folders a run made importable for its plugins; none for a run that recorded none (or no such folder)."""
+    path = folder / IMPORT_PATH_FILE
+    if not path.is_file():
+        return []
+    return [Path(name) for name in json.loads(path.read_text())["folders"]]
 
 
 def read_run_scenario(folder: Path) -> Scenario:

@@ -12,9 +12,11 @@ report:                                       # optional: what the sweep's repor
 
 Each point of the cartesian product is a run folder `OUTPUT/<name>/<point>/` whose
 name says the point (`noise_multiplier-0.5_method-replay_seed-0`). Every point is
-validated before the first run starts. A finished point (its summary.json exists)
-is skipped when the sweep runs again, so an interrupted sweep resumes where it
-stopped; an unfinished one resumes from its last checkpoint (as `fedtide resume`
+validated before the first run starts. Each point's folder records the folders made
+importable for plugins (the working folder and the sweep file's, `fedtide.registry`), and
+a sweep that goes on imports its points' plugins from those again. A finished point (its
+summary.json exists) is skipped when the sweep runs again, so an interrupted sweep resumes
+where it stopped; an unfinished one resumes from its last checkpoint (as `fedtide resume`
 does), or is started afresh if it stopped before its first. A folder that holds a
 *different* scenario under a point's name is never touched: the sweep refuses to start.
 
@@ -45,6 +47,7 @@ from fedtide.data.loading import apply_overrides, parse_scenario, read_yaml, set
 from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
 from fedtide.point_pools import Submit, local_processes, ray_tasks
+from fedtide.registry import make_importable, plugin_folders
 from fedtide.run_files import (
     REPORT_KEY,
     SCENARIO_FILE,
@@ -54,6 +57,7 @@ from fedtide.run_files import (
     checkpoint_round,
     parse_report_options,
     prepare_run_folder,
+    read_import_path,
 )
 from fedtide.validation import check_runnable
 
@@ -76,6 +80,7 @@ class Sweep:
     grid: dict[str, list[Any]]
     points: list[SweepPoint]
     report: ReportOptions = ReportOptions()  # the file's `report:` section, kept in the sweep folder
+    import_path: tuple[Path, ...] = ()  # the folders made importable for plugins, recorded in each new point
 
     @property
     def folder(self) -> Path:
@@ -83,7 +88,12 @@ class Sweep:
 
 
 def load_sweep(path: Path, overrides: list[str] | tuple[str, ...] = (), output: Path | None = None) -> Sweep:
-    """Read the file, expand its grid and validate every point (nothing runs yet)."""
+    """Read the file, expand its grid and validate every point (nothing runs yet).
+
+    Plugins are imported from the working folder and the file's (which new points record),
+    and from the folders that points run before recorded, so a sweep that goes on from
+    another working folder finds the plugins its runs used.
+    """
     raw = read_yaml(path)
     apply_overrides(raw, overrides)  # `--set sweep.seeds=[0]` narrows the grid too
     grid = raw.pop(SWEEP_KEY, None)
@@ -94,12 +104,17 @@ def load_sweep(path: Path, overrides: list[str] | tuple[str, ...] = (), output: 
             raise ScenarioError(f"{SWEEP_KEY}.{field}", "must be a non-empty list of values", "e.g. [0.0, 1.0]")
     report = parse_report_options(raw.pop(REPORT_KEY, None))
     base = parse_scenario(raw)
-    points = [_point(raw, dict(zip(grid, values))) for values in itertools.product(*grid.values())]
+    output_folder = Path(output if output is not None else base.output)
+    assignments = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    own = plugin_folders(path)
+    recorded = [read_import_path(output_folder / base.name / _point_name(a)) for a in assignments]
+    make_importable(*own, *(folder for folders in recorded for folder in folders))
+    points = [_point(raw, assignment) for assignment in assignments]
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         raise ScenarioError(SWEEP_KEY, "two grid points get the same run name", "list each value once per field")
     _check_report(points, report)
-    return Sweep(base.name, Path(output if output is not None else base.output), grid, points, report)
+    return Sweep(base.name, output_folder, grid, points, report, tuple(own))
 
 
 def _check_report(points: list[SweepPoint], report: ReportOptions) -> None:
@@ -119,7 +134,7 @@ def _point(raw: dict[str, Any], assignment: dict[str, Any]) -> SweepPoint:
     scenario_raw = copy.deepcopy(raw)
     for field, value in assignment.items():
         set_field(scenario_raw, "seed" if field == SEEDS_KEY else field, value)
-    name = "_".join(f"{_label(field)}-{_slug(value)}" for field, value in assignment.items())
+    name = _point_name(assignment)
     scenario_raw["name"] = name
     try:
         scenario = parse_scenario(scenario_raw)
@@ -127,6 +142,11 @@ def _point(raw: dict[str, Any], assignment: dict[str, Any]) -> SweepPoint:
     except ScenarioError as error:
         raise ScenarioError(f"{SWEEP_KEY} point {name}", str(error)) from None
     return SweepPoint(name, scenario)
+
+
+def _point_name(assignment: dict[str, Any]) -> str:
+    """The point's run folder name, which says its values: `noise_multiplier-0.5_method-replay_seed-0`."""
+    return "_".join(f"{_label(field)}-{_slug(value)}" for field, value in assignment.items())
 
 
 def _label(field: str) -> str:
@@ -206,14 +226,14 @@ def run_sweep(
     side_by_side = min(workers or _cores(), len(pending))
     if runner is None and not on_ray and side_by_side > 1:
         with local_processes(side_by_side) as submit:
-            _run_pooled(pending, submit, side_by_side, outcome, notify, tick)
+            _run_pooled(pending, submit, side_by_side, outcome, notify, tick, sweep.import_path)
     elif runner is None and on_ray:
         with ray_tasks(address) as submit:
-            _run_pooled(pending, submit, workers or len(pending), outcome, notify, tick)
+            _run_pooled(pending, submit, workers or len(pending), outcome, notify, tick, sweep.import_path)
     else:
         run = runner or partial(_run_here, refresh=tick)
         for point, folder in pending:
-            _fresh_or_resumed(folder, point.scenario)
+            _fresh_or_resumed(folder, point.scenario, sweep.import_path)
             notify(point, "started")
             _record(outcome, notify, point, _attempt(partial(run, point.scenario, folder)))
     return outcome
@@ -232,6 +252,7 @@ def _run_pooled(
     outcome: SweepOutcome,
     notify: Callable[[SweepPoint, str], None],
     refresh: Callable[[], None],
+    import_path: tuple[Path, ...],
 ) -> None:
     """Keep up to `window` points submitted; record each as it ends, in whatever order."""
     queue = list(pending)
@@ -239,7 +260,7 @@ def _run_pooled(
     while queue or running:
         while queue and len(running) < window:
             point, folder = queue.pop(0)
-            _fresh_or_resumed(folder, point.scenario)
+            _fresh_or_resumed(folder, point.scenario, import_path)
             running[submit(point.scenario, folder)] = (point, folder)
             notify(point, "started")
         done, _ = wait(running, timeout=REFRESH_S, return_when=FIRST_COMPLETED)
@@ -266,10 +287,10 @@ def _ray_address(sweep: Sweep) -> str | None:
     return addresses.pop()
 
 
-def _fresh_or_resumed(folder: Path, scenario: Scenario) -> None:
+def _fresh_or_resumed(folder: Path, scenario: Scenario, import_path: tuple[Path, ...]) -> None:
     """A new run folder for the point, unless it holds the point's interrupted run: the run resumes from it."""
     if not folder.exists():
-        prepare_run_folder(folder, scenario)
+        prepare_run_folder(folder, scenario, import_path)
 
 
 def _attempt(run: Callable[[], Any]) -> str | None:

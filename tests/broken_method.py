@@ -40,3 +40,24 @@ class BackwardsHook(SupervisedPlugin):
     def penalty(self) -> float:
         """An ordinary helper: not a hook, not close to one."""
         return 0.0
+
+
+class _ForgetsStrategy(SupervisedPlugin):
+    def before_backward(self):  # Avalanche calls before_backward(strategy)
+        pass
+
+
+class WrongHookSignature(Naive):
+    """A method whose plugin's hook cannot take the strategy Avalanche passes it."""
+
+    name = "wrong_hook"
+
+    def plugins(self):
+        return [_ForgetsStrategy()]
+
+
+class WrongPluginSignature(SupervisedPlugin):
+    """A plain Avalanche plugin (the adapter's route) whose hook wants an argument nobody passes."""
+
+    def after_training_exp(self, strategy, buffer):
+        pass

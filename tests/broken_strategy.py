@@ -55,3 +55,36 @@ class ReturnsArraysOnly(FedAvg):
     def aggregate_train(self, server_round, replies):
         arrays, _ = super().aggregate_train(server_round, replies)
         return arrays
+
+
+class ForgetsServerRound(FedAvg):
+    """FedAvg whose aggregate_train has no server_round parameter."""
+
+    def aggregate_train(self, replies):
+        return super().aggregate_train(0, replies)
+
+
+class ReturnsNumpyDict(FedAvg):
+    """FedAvg whose aggregate_train returns a dict of numpy arrays instead of an ArrayRecord."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        return {key: array.numpy() for key, array in arrays.items()}, metrics
+
+
+class ReadsLoss(FedAvg):
+    """Inverse-loss weighting that reads a metric the clients do not reply ('loss'; theirs is 'train_loss')."""
+
+    def aggregate_train(self, server_round, replies):
+        inverse_losses = []
+        for reply in replies:
+            inverse_losses.append(1.0 / reply.content["metrics"]["loss"])
+        return super().aggregate_train(server_round, replies)
+
+
+class ReadsConfigLr(FedAvg):
+    """FedAvg that reads a server learning rate from a train config that holds none."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.lr = float(config["lr"])
+        return super().configure_train(server_round, arrays, config, grid)

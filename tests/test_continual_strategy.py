@@ -11,7 +11,13 @@ from fedtide.protocol import experience_end_key
 from fedtide.run_files import create_run_folder, read_metrics
 from fedtide.server.federation import run_federation
 from fedtide.server.local_grid import InProcessGrid
+from tests.broken_strategy import ReadsConfigLr, ReadsLoss, ReturnsArraysOnly, ReturnsNumpyDict
 from tests.conftest import small_scenario
+
+
+def def_line(strategy: type) -> str:
+    """Where a strategy's aggregate_train is defined, as error lines name a user's def."""
+    return f"broken_strategy.py:{strategy.aggregate_train.__code__.co_firstlineno}, in aggregate_train"
 
 
 class RecordingGrid(InProcessGrid):
@@ -82,8 +88,28 @@ def test_bookkeeping_is_not_averaged_into_the_strategys_metrics(tmp_path):
         ),
         (
             "tests.broken_strategy:ReturnsArraysOnly",
-            "strategy tests.broken_strategy.ReturnsArraysOnly.aggregate_train returned ArrayRecord in round 1; "
-            "it must return (ArrayRecord | None, MetricRecord | None)",
+            "strategy tests.broken_strategy.ReturnsArraysOnly.aggregate_train returned ArrayRecord in round 1, "
+            f"expected (ArrayRecord | None, MetricRecord | None) ({def_line(ReturnsArraysOnly)}): "
+            "return the pair (arrays, metrics)",
+        ),
+        (
+            "tests.broken_strategy:ReturnsNumpyDict",
+            "strategy tests.broken_strategy.ReturnsNumpyDict.aggregate_train returned (dict, MetricRecord) in round 1, "
+            f"expected (ArrayRecord | None, MetricRecord | None) ({def_line(ReturnsNumpyDict)}): wrap them, from "
+            "flwr.app: ArrayRecord({name: Array.from_numpy_ndarray(a), ...}), MetricRecord({name: number})",
+        ),
+        (
+            "tests.broken_strategy:ReadsLoss",
+            "strategy tests.broken_strategy.ReadsLoss raised in round 1: KeyError: 'loss' (broken_strategy.py:"
+            f"{ReadsLoss.aggregate_train.__code__.co_firstlineno + 3}, in aggregate_train); a reply holds the "
+            "records arrays, metrics, client, host; its metrics holds num-examples, train_loss; its client holds "
+            "partition_id,",
+        ),
+        (
+            "tests.broken_strategy:ReadsConfigLr",
+            "strategy tests.broken_strategy.ReadsConfigLr raised in round 1: KeyError: 'lr' (broken_strategy.py:"
+            f"{ReadsConfigLr.configure_train.__code__.co_firstlineno + 1}, in configure_train); the config holds "
+            "experience, n-experiences, rounds-per-experience, round-offset, scenario, checkpoint",
         ),
         (
             "tests.broken_strategy:NaNStrategy",
@@ -99,6 +125,16 @@ def test_a_strategys_mistake_names_it_and_the_global_round(tmp_path, strategy, e
     with pytest.raises(FederationError) as raised:
         run(scenario, tmp_path)
     assert str(raised.value).startswith(expected)
+
+
+def test_a_weighting_key_the_replies_lack_lists_the_keys_they_hold(tmp_path):
+    scenario = small_scenario(federation={"strategy": {"name": "fedavg", "weighted_by_key": "loss"}})
+    with pytest.raises(FederationError) as raised:
+        run(scenario, tmp_path)
+    message = str(raised.value)
+    assert "FedAvg raised in round 1: InconsistentMessageReplies: Missing required key `loss`" in message
+    assert "its metrics holds num-examples, train_loss; its client holds partition_id" in message
+    assert len(message.splitlines()) == 1
 
 
 def test_a_round_where_every_client_fails_names_the_round_and_a_client(tmp_path):

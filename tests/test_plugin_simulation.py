@@ -4,7 +4,11 @@ The example strategy passes, and a strategy whose aggregate holds NaNs stops the
 run with one line naming its class.
 """
 
+import tempfile
+from pathlib import Path
+
 from fedtide.plugin_check import check_plugin
+from tests.broken_strategy import ReturnsNumpyDict
 
 
 def test_check_plugin_passes_on_the_example_strategy():
@@ -20,7 +24,8 @@ def test_check_plugin_passes_on_the_example_strategy():
     assert report.checks[1].detail.startswith("2 rounds")
 
 
-def test_check_plugin_stops_a_strategy_returning_nan_arrays_naming_it(run_cli):
+def test_check_plugin_stops_a_strategy_returning_nan_arrays_naming_it(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the check's run folder goes
     code, out, err = run_cli("check-plugin", "tests.broken_strategy:NaNStrategy")
     message = " ".join(err.split())
     assert code == 1
@@ -28,6 +33,20 @@ def test_check_plugin_stops_a_strategy_returning_nan_arrays_naming_it(run_cli):
     assert message.startswith("check failed: strategy 'tests.broken_strategy:NaNStrategy' failed check")
     assert "strategy tests.broken_strategy.NaNStrategy returned malformed arrays in round 1" in message
     assert "'1.weight' holds non-finite values (NaN or inf)" in message
+    log = Path(message.rsplit("full log: ", 1)[1])
+    assert log.is_relative_to(tmp_path) and "malformed arrays" in log.read_text()  # still there after the check
+
+
+def test_check_plugin_names_the_types_a_strategy_returned_and_its_def(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    report = check_plugin("tests.broken_strategy:ReturnsNumpyDict")
+    at = f"broken_strategy.py:{ReturnsNumpyDict.aggregate_train.__code__.co_firstlineno}, in aggregate_train"
+    assert report.failure.name == "federation completes"
+    assert (
+        "ReturnsNumpyDict.aggregate_train returned (dict, MetricRecord) in round 1, expected (ArrayRecord | None, "
+        f"MetricRecord | None) ({at}): wrap them, from flwr.app: ArrayRecord(" in report.message
+    )
+    assert "numpy" not in report.message.split("wrap them")[0]  # not numpy's AttributeError
 
 
 def test_check_plugin_takes_more_clients_and_scenario_overrides(run_cli):

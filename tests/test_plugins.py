@@ -8,7 +8,9 @@ the entry points `experience_momentum` and `l2_anchor`.
 
 import copy
 import json
+import tempfile
 from importlib.metadata import EntryPoint
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,11 +36,12 @@ from fedtide.continual.state_codec import encode
 from fedtide.data.loading import parse_scenario
 from fedtide.data.split import experience_partitions
 from fedtide.data.stream import build_stream
-from fedtide.errors import ScenarioError
+from fedtide.errors import ScenarioError, SignatureError, failure_line
 from fedtide.plugin_check import check_plugin
 from fedtide.server.federation import train_config
 from fedtide.validation import check_runnable
-from tests.broken_strategy import NaNStrategy
+from tests.broken_method import WrongPluginSignature, _Explodes, _ForgetsStrategy
+from tests.broken_strategy import ForgetsServerRound, NaNStrategy
 from tests.conftest import small_scenario, stored_method_state
 from tests.test_client import flat, initial_arrays
 
@@ -128,6 +131,44 @@ def test_bad_plugins_are_one_line_and_exit_2_before_the_run(run_cli, overrides, 
     assert len(err.strip().splitlines()) == 1
     assert expected in err
     assert "Traceback" not in err + out
+
+
+@pytest.mark.parametrize(
+    ("override", "hook", "expected"),
+    [
+        (
+            "continual.method=tests.broken_method:WrongPluginSignature",
+            WrongPluginSignature.after_training_exp,
+            "continual.method: WrongPluginSignature.after_training_exp ({at}) cannot take the arguments it is "
+            "called with: (strategy) (define it as def after_training_exp(self, strategy, *args, **kwargs))",
+        ),
+        (
+            "federation.strategy.name=tests.broken_strategy:ForgetsServerRound",
+            ForgetsServerRound.aggregate_train,
+            "federation.strategy.name: ForgetsServerRound.aggregate_train ({at}) cannot take the arguments it is "
+            "called with: (server_round, replies) (define it as def aggregate_train(self, server_round, replies))",
+        ),
+    ],
+)
+def test_a_hook_whose_def_cannot_take_its_arguments_is_refused_naming_the_def(run_cli, override, hook, expected):
+    """Avalanche (or fedtide) would call it from its own frame: the traceback would name learner.py, not the def."""
+    code, out, err = run_cli("validate", "scenarios/quickstart.yaml", "--set", override)
+    module = "broken_method" if "method" in override else "broken_strategy"
+    at = f"{module}.py:{hook.__code__.co_firstlineno}, in {hook.__name__}"
+    assert code == 2 and " ".join(err.split()) == "error: " + expected.format(at=at)
+
+
+def test_a_methods_plugin_with_a_wrong_hook_def_fails_its_client_naming_the_def():
+    """A `ContinualMethod`'s plugins exist only on the client: its round fails, one line naming the def."""
+    scenario = small_scenario(continual={"method": "tests.broken_method:WrongHookSignature"})
+    with pytest.raises(SignatureError) as raised:
+        run_training_round(RoundTask(scenario, 0, 0, 1), initial_arrays(scenario), RecordDict())
+    line = failure_line(raised.value)
+    at = f"broken_method.py:{_ForgetsStrategy.before_backward.__code__.co_firstlineno}, in before_backward"
+    assert line == (
+        f"continual.method: _ForgetsStrategy.before_backward ({at}) cannot take the arguments it is called with: "
+        "(strategy) (define it as def before_backward(self, strategy, *args, **kwargs))"
+    )
 
 
 def test_dp_compatible_plugin_is_accepted_under_dp_and_list_shows_dp_status(run_cli):
@@ -469,13 +510,17 @@ def test_check_plugin_passes_on_stock_si_whose_state_is_its_own_state_dict():
     assert report.checks[-1].name == "DP-SGD" and "trains and consolidates under DP-SGD" in report.checks[-1].detail
 
 
-def test_check_plugin_fails_a_raising_method_naming_it(run_cli):
+def test_check_plugin_fails_a_raising_method_naming_it_and_its_line_and_keeps_the_log(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the check's folder goes
     code, out, err = run_cli("check-plugin", "tests.broken_method:BrokenMethod")
     message = " ".join(err.split())
     assert code == 1
     assert len(err.strip().splitlines()) == 1
     assert "continual method 'tests.broken_method:BrokenMethod' failed check 'round 1 (experience 0) trains'" in message
-    assert "RuntimeError: broken_method exploded on purpose" in message
+    at = f"broken_method.py:{_Explodes.before_training_exp.__code__.co_firstlineno + 1}, in before_training_exp"
+    assert f"RuntimeError: broken_method exploded on purpose ({at}); full log: " in message  # as `fedtide run` says
+    log = Path(message.rsplit("full log: ", 1)[1])
+    assert log.parent.parent == tmp_path and "Traceback" in log.read_text()  # it exists once the command has ended
 
 
 def test_check_plugin_refuses_a_false_dp_claim_with_the_runs_reason(run_cli):
@@ -499,7 +544,23 @@ def test_a_run_under_dp_stops_a_false_dp_claim_in_one_line(tmp_path, run_cli):
     assert "(dp_plugins.py:" in message and "in before_backward)" in message
 
 
-def test_check_plugin_finds_plugin_state_that_cannot_live_in_the_context():
+def test_check_plugin_names_the_def_of_a_hook_with_a_wrong_signature_and_removes_a_passing_checks_folder(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    report = check_plugin("tests.broken_method:WrongHookSignature")
+    at = f"broken_method.py:{_ForgetsStrategy.before_backward.__code__.co_firstlineno}, in before_backward"
+    assert report.failure.name == "round 1 (experience 0) trains"
+    assert f"_ForgetsStrategy.before_backward ({at}) cannot take the arguments" in report.message
+    assert "learner.py" not in report.message
+    kept = list(tmp_path.iterdir())
+    assert len(kept) == 1 and (kept[0] / "errors.log").is_file()
+    assert check_plugin("naive").ok
+    assert list(tmp_path.iterdir()) == kept  # the passing check left nothing
+
+
+def test_check_plugin_finds_plugin_state_that_cannot_live_in_the_context(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the failed check's folder is kept: not in /tmp
     report = check_plugin("avalanche.training.plugins:AGEMPlugin", {"patterns_per_experience": 8, "sample_size": 8})
     assert not report.ok
     assert report.failure.name == "round 2 (experience 1) keeps what it changed"  # the round that consolidated

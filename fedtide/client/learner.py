@@ -13,6 +13,7 @@ from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
 
 from fedtide.continual.base import ContinualMethod
+from fedtide.continual.plugin_adapter import check_plugin_signatures
 from fedtide.data.schema import ClientConfig
 
 TRAIN_LOSS_KEY = "Loss_Epoch/train_phase/train_stream"
@@ -63,6 +64,8 @@ class RoundLearner(SupervisedTemplate):
     ) -> None:
         self.method = method
         self._method_plugins = method.plugins()
+        for plugin in self._method_plugins:  # Avalanche would call a wrong def from its own frame
+            check_plugin_signatures(plugin)
         super().__init__(
             model=model,
             optimizer=_optimizer(model, client),

@@ -15,6 +15,7 @@ from fedtide.data.schema import ContinualConfig
 from fedtide.errors import ScenarioError
 from fedtide.registry import (
     CONTINUAL_GROUP,
+    check_hook_signatures,
     check_parameters,
     is_plugin_path,
     load_entry_point,
@@ -23,6 +24,20 @@ from fedtide.registry import (
 )
 
 FIELD = "continual.method"
+# What fedtide's client calls on a method, each with the positional arguments of `ContinualMethod`'s def.
+METHOD_HOOKS = (
+    "plugins",
+    "consolidate",
+    "bind",
+    "state_dict",
+    "load_state_dict",
+    "unsaved_attributes",
+    "check_dp",
+    "use_privacy",
+    "private_training_data",
+    "metrics",
+    "private_footprint",
+)
 
 
 def all_methods() -> dict[str, type[ContinualMethod]]:
@@ -65,10 +80,12 @@ def build_method(config: ContinualConfig) -> ContinualMethod:
     cls = method_class(config.method)
     check_parameters(getattr(cls, "plugin_class", cls), config.params, "continual")
     try:
-        return cls(**config.params)
+        method = cls(**config.params)
     except (TypeError, ValueError) as error:  # a user plugin refusing its parameters' values
         built = getattr(cls, "plugin_class", cls).__name__
         raise ScenarioError("continual", f"{built} cannot be built: {error}") from None
+    check_hook_signatures(method, ContinualMethod, METHOD_HOOKS, FIELD)
+    return method
 
 
 def require_dp_compatible(method: ContinualMethod, method_name: str) -> None:

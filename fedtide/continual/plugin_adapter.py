@@ -39,6 +39,11 @@ from avalanche.training.utils import ParamData
 from fedtide.continual.base import ContinualMethod, StateDict
 from fedtide.continual.state_check import rebuilt_each_round
 from fedtide.continual.state_codec import Tensorish, is_storable
+from fedtide.registry import check_hook_signatures
+
+FIELD = "continual.method"
+# The hooks Avalanche's templates call on a plugin, as `hook(strategy, **kwargs)`.
+PLUGIN_HOOKS = tuple(name for name in dir(SupervisedPlugin) if name.startswith(("before_", "after_")))
 
 
 class PluginMethod(ContinualMethod):
@@ -48,6 +53,7 @@ class PluginMethod(ContinualMethod):
 
     def __init__(self, **params: Any) -> None:
         self.plugin = self.plugin_class(**params)
+        check_plugin_signatures(self.plugin)
 
     def plugins(self) -> list[SupervisedPlugin]:
         """The plugin, after a helper that moves its restored (CPU) tensors to the learner's device."""
@@ -80,6 +86,11 @@ class PluginMethod(ContinualMethod):
 
     def attributes_are_state(self) -> bool:
         return not _has_own_state(self.plugin) and type(self).state_dict is PluginMethod.state_dict
+
+
+def check_plugin_signatures(plugin: SupervisedPlugin) -> None:
+    """Refuse a hook def that Avalanche's call `hook(strategy)` would fail on, naming the def (file:line)."""
+    check_hook_signatures(plugin, SupervisedPlugin, PLUGIN_HOOKS, FIELD)
 
 
 def _has_own_state(plugin: SupervisedPlugin) -> bool:

@@ -47,6 +47,7 @@ from flwr.serverapp.strategy import Strategy
 from fedtide.errors import FederationError, raised_at
 from fedtide.privacy.dp_fedavg import current_clipping_norm, unwrapped
 from fedtide.protocol import CONTRACT_BROKEN, client_round, experience_end_key, take_client_state
+from fedtide.registry import defined_at
 from fedtide.run_files import ClientDrop, ClientFailure, ClientRoundRecord
 from fedtide.server.array_check import array_problem
 from fedtide.server.checkpoint import restore_strategy, strategy_state
@@ -230,10 +231,11 @@ class ContinualStrategy(Strategy):
         np.random.seed(None if self.seed is None else zlib.crc32(round_key))
         clients_keys = {key for reply in trained for key in reply.content["metrics"]}
         result = self._call(self.strategy.aggregate_train, server_round, trained)
-        if not (isinstance(result, tuple) and len(result) == 2):
+        if problem := _result_problem(result):
+            got, fix = problem
             raise FederationError(
-                f"strategy {self.name}.aggregate_train returned {type(result).__name__} in round "
-                f"{outcome.global_round}; it must return (ArrayRecord | None, MetricRecord | None)"
+                f"strategy {self.name}.aggregate_train returned {got} in round {outcome.global_round}, expected "
+                f"(ArrayRecord | None, MetricRecord | None) ({defined_at(self.strategy.aggregate_train)}): {fix}"
             )
         arrays, metrics = result
         if metrics:  # the strategy's own: its aggregate of the clients' keys is theirs (num-examples, method.*)
@@ -269,8 +271,45 @@ class ContinualStrategy(Strategy):
             server_round = self.global_round(args[0]) if args else self.round_offset
             raise FederationError(
                 f"strategy {self.name} raised in round {server_round}: {type(error).__name__}: {error} "
-                f"({raised_at(error)})"
+                f"({raised_at(error)}){_keys_held(error, args)}"
             ) from error
+
+
+def _result_problem(result: Any) -> tuple[str, str] | None:
+    """What `aggregate_train` returned (its types) and the fix; None for (ArrayRecord | None, MetricRecord | None)."""
+    if not (isinstance(result, tuple) and len(result) == 2):
+        return type(result).__name__, "return the pair (arrays, metrics)"
+    arrays, metrics = result
+    if isinstance(arrays, ArrayRecord | None) and isinstance(metrics, MetricRecord | None):
+        return None
+    got = f"({type(arrays).__name__}, {type(metrics).__name__})"
+    return got, (
+        "wrap them, from flwr.app: ArrayRecord({name: Array.from_numpy_ndarray(a), ...}), MetricRecord({name: number})"
+    )
+
+
+def _keys_held(error: Exception, args: tuple[Any, ...]) -> str:
+    """For a KeyError in a hook: the keys its records hold, so the message says what could have been read.
+
+    A hook reads replies' records (`reply.content["metrics"]["loss"]`) or the config it was
+    given; Flower's own aggregation reads `weighted_by_key`. Neither KeyError nor Flower's
+    `InconsistentMessageReplies` says which keys there were.
+    """
+    if not isinstance(error, KeyError) and "Missing required key" not in str(error):
+        return ""
+    held: list[str] = []
+    for arg in args:
+        if isinstance(arg, ConfigRecord | MetricRecord):
+            held.append(f"the {'config' if isinstance(arg, ConfigRecord) else 'metrics'} holds {', '.join(arg)}")
+        elif isinstance(arg, list) and arg and isinstance(arg[0], Message):
+            content = arg[0].content
+            held.append(f"a reply holds the records {', '.join(content)}")
+            held += [
+                f"its {name} holds {', '.join(record)}"
+                for name, record in content.items()
+                if isinstance(record, ConfigRecord | MetricRecord)
+            ]
+    return f"; {'; '.join(held)}: read one of these keys" if held else ""
 
 
 def _number(value: Any) -> float | list[float]:
