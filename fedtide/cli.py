@@ -1,13 +1,13 @@
 """The `fedtide` command: run, resume, sweep, report, validate, list and check-plugin.
 
 User errors (`ScenarioError`) print one line and exit with code 2; nothing is
-written for a scenario that fails validation. Ctrl-C (SIGINT) or SIGTERM stops a
+written for a scenario that fails validation. The libraries' log lines and warnings go to
+the run's run.log, not the console, unless `--verbose` (`fedtide.notices`). Ctrl-C (SIGINT) or SIGTERM stops a
 run, resume or sweep cleanly with one line and exit code 130 or 143.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -46,6 +46,9 @@ def _importable_folder(scenario_file: Path) -> Path:
 
 ScenarioArg = Annotated[Path, typer.Argument(help="Scenario YAML file.", callback=_importable_folder)]
 OutputOption = Annotated[Path | None, typer.Option(help="Folder for runs (default: the scenario's output, runs/).")]
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Also print the libraries' log lines and warnings (else in run.log).")
+]
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="Override a field: --set federation.strategy.name=fedprox")
 ]
@@ -60,7 +63,9 @@ class PrivacyUnit(StrEnum):
 
 def main() -> None:
     """Entry point: turn user errors into one line and exit code 2."""
-    _quiet_libraries()
+    from fedtide.notices import route_notices
+
+    route_notices()
     try:
         code = cli(standalone_mode=False)  # click returns a command's typer.Exit code here
     except ScenarioError as error:
@@ -87,11 +92,13 @@ def run(
     scenario_file: ScenarioArg,
     set_: SetOption = None,
     output: OutputOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run a scenario; writes runs/<name>/ (scenario.yaml, metrics.jsonl, model.pt, summary.json, report.html).
 
     Refuses (exit 2) when the folder holds an unfinished run of the same scenario: resume it instead.
     """
+    _verbose(verbose)
     scenario = _load_checked(scenario_file, set_)
     from fedtide.run_files import create_run_folder, unfinished_run
 
@@ -111,8 +118,10 @@ def run(
 @cli.command()
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="The folder of an unfinished run, e.g. runs/quickstart.")],
+    verbose: VerboseOption = False,
 ) -> None:
     """Continue a stopped or killed run from its last checkpoint; the rounds it holds are not run again."""
+    _verbose(verbose)
     from fedtide.run_files import SUMMARY_FILE, checkpoint_round, read_run_scenario
     from fedtide.validation import check_runnable
 
@@ -183,14 +192,18 @@ def sweep(
         int | None,
         typer.Option(help="Most points at a time (default: one per core in-process, as Ray's resources allow).", min=1),
     ] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run the grid in the file's `sweep:` section; a re-run skips the runs already finished."""
+    from fedtide.notices import notices_kept_in
     from fedtide.progress import SweepProgress
     from fedtide.sweep import load_sweep, run_sweep
 
+    _verbose(verbose)
     plan = load_sweep(scenario_file, set_ or [], output)
     console.print(f"sweep folder: [bold]{plan.folder}[/bold] ({len(plan.points)} runs)")
-    with _stops_with(lambda: _SWEEP_STOPPED), SweepProgress(plan, console) as view:
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    with _stops_with(lambda: _SWEEP_STOPPED), notices_kept_in(plan.folder), SweepProgress(plan, console) as view:
         outcome = run_sweep(plan, view.on_point, workers, refresh=view.refresh)
     console.print(
         f"{len(outcome.ran)} ran, {len(outcome.skipped)} skipped (finished before), {len(outcome.failed)} failed"
@@ -338,20 +351,8 @@ def _load_checked(scenario_file: Path, overrides: list[str] | None):
     return scenario
 
 
-def _flower_record_shown(record: logging.LogRecord) -> bool:
-    from fedtide.stopping import stop_requested
+def _verbose(verbose: bool) -> None:
+    """`--verbose`: the libraries' notices are printed as well as kept in run.log."""
+    from fedtide.notices import route_notices
 
-    return record.levelno >= logging.ERROR and not stop_requested()
-
-
-def _quiet_libraries() -> None:
-    """Flower logs every round at INFO and warns about client-side evaluation being off.
-
-    The progress bar and the run files say all of that, so only Flower's errors show, and
-    none once a run is being stopped (its engine then reports the client calls cut short).
-    """
-    logging.getLogger("flwr").addFilter(_flower_record_shown)
-    # Ray's notice about a future change to GPU visibility; fedtide relies on today's behaviour
-    # (clients with num_gpus_per_client: 0 do not see the GPU).
-    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
-    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
+    route_notices(verbose)

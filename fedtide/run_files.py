@@ -35,6 +35,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"  # the final global weights (a torch state_dict), written by the server
 LOG_FILE = "errors.log"  # every failure in full (tracebacks), where the console and metrics have one line
+NOTICES_FILE = "run.log"  # the libraries' log lines and warnings, kept off the console (`fedtide.notices`)
 CHECKPOINT_DIR = "checkpoint"  # the latest checkpoint of an unfinished run, deleted when it finishes
 _CHECKPOINT_NAME = re.compile(r"round-(\d+)\.pkl")
 SWEEP_FILE = "sweep.yaml"  # in a sweep's folder: its grid, and the report options its file gave

@@ -1,0 +1,84 @@
+"""Quiet by default: the console shows fedtide's lines; the libraries' notices go to run.log unless --verbose.
+
+Each command runs as a `fedtide` subprocess, as a user runs it: logging and warnings are
+process-wide, and the noise came from library imports, Flower's logger and a sweep's
+spawned workers, none of which an in-process call would show as a user sees them.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import small_scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+NOISE = ("INFO", "DeprecationWarning", "warnings.warn")
+
+
+def tiny(tmp_path: Path, **sections) -> Path:
+    """2 experiences x 1 round, 2 in-process clients with replay (whose Avalanche calls warn)."""
+    raw = small_scenario(
+        stream={"n_experiences": 2},
+        partition={"kind": "iid", "num_clients": 2},
+        federation={"rounds_per_experience": 1},
+        client={"epochs": 1},
+        resources={"backend": "in_process"},
+    ).model_dump(mode="json")
+    raw.update(sections)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def fedtide(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", "from fedtide.cli import main; main()", *args]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def noise(text: str) -> list[str]:
+    return [line for line in text.splitlines() if any(word in line for word in NOISE)]
+
+
+@pytest.fixture(scope="module")
+def quiet_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("quiet")
+    return tmp_path, fedtide(tmp_path, "run", str(tiny(tmp_path)), "--output", "runs")
+
+
+def test_a_run_prints_no_library_notices_and_keeps_them_in_run_log(quiet_run):
+    tmp_path, done = quiet_run
+    assert noise(done.stdout + done.stderr) == []
+    assert done.stderr == ""
+    log = (tmp_path / "runs" / "small" / "run.log").read_text()
+    assert "flwr INFO: [ROUND" in log  # Flower's round lines
+    assert "DeprecationWarning" in log  # Avalanche's (replay) and JAXopt's
+
+
+def test_run_log_holds_each_warning_once(quiet_run):
+    tmp_path, _ = quiet_run
+    log = (tmp_path / "runs" / "small" / "run.log").read_text()
+    warned = [line for line in log.splitlines() if "py.warnings" in line]
+    assert warned and len(warned) == len(set(line.split(" py.warnings ")[1] for line in warned))
+
+
+def test_verbose_prints_the_notices_too(tmp_path):
+    done = fedtide(tmp_path, "run", str(tiny(tmp_path)), "--output", "runs", "--verbose")
+    assert any("INFO" in line for line in done.stderr.splitlines())
+    assert "DeprecationWarning" in done.stderr
+    assert "DeprecationWarning" in (tmp_path / "runs" / "small" / "run.log").read_text()
+
+
+def test_a_sweep_of_side_by_side_points_prints_only_fedtide_lines(tmp_path):
+    path = tiny(tmp_path, sweep={"seeds": [0, 1]})
+    done = fedtide(tmp_path, "sweep", str(path), "--output", "runs", "--workers", "2")
+    assert noise(done.stdout + done.stderr) == []
+    assert len(done.stdout.splitlines()) <= 5  # folder, the view's last state, counts, report
+    for point in ("seed-0", "seed-1"):
+        assert "flwr INFO: [ROUND" in (tmp_path / "runs" / "small" / point / "run.log").read_text()
