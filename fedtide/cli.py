@@ -9,6 +9,7 @@ run, resume or sweep cleanly with one line and exit code 130 or 143.
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ cli = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+STARTED = time.time()  # the command's start (this module is imported first): the origin of a run's start-up time
 
 
 
@@ -156,7 +158,7 @@ def _run_to_the_end(scenario, run_dir: Path, done: int) -> None:
             progress.update(task, completed=record.round, status=round_status(record))
 
         try:
-            run_scenario(scenario, run_dir, observer=on_round)
+            run_scenario(scenario, run_dir, observer=on_round, started_at=STARTED)
         except FederationError:
             progress.update(task, status="[red]failed[/red] (below)")
             raise

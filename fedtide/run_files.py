@@ -420,7 +420,9 @@ class AuditSummary(_Record):
 class RunSummary(_Record):
     """summary.json: what a finished run measured."""
 
-    _OPTIONAL = ("privacy", "client_level", "epsilons", "audit", "faults", "strategy_metrics")
+    _OPTIONAL = (
+        "privacy", "client_level", "epsilons", "audit", "faults", "strategy_metrics", "startup_s", "rounds_s", "end_s"
+    )  # fmt: skip
 
     name: str
     seed: int
@@ -435,6 +437,9 @@ class RunSummary(_Record):
     average_forgetting: float
     bwt: float
     clients_failed: int
+    # The server's clock from building its model and test data to the end of the last round (a
+    # resumed run: up to its checkpoint plus the resumed part); not Ray's start, not the imports,
+    # not the final audits. The whole command is `startup_s + rounds_s + end_s`.
     wall_time_s: float
     ray_nodes: list[str]
     privacy: PrivacySummary | None = None  # only under sample-level DP
@@ -445,6 +450,10 @@ class RunSummary(_Record):
     audit: AuditSummary | None = None  # absent from runs written before the audit existed
     faults: FaultSummary | None = None  # only when the scenario simulates faults
     strategy_metrics: dict[str, float | list[float]] | None = None  # the last round's, if the strategy had any
+    # The session that finished the run (`RunTimes`), absent from runs written before they existed:
+    startup_s: float | None = None  # from the command's start (imports, Ray, data, model) to the first round
+    rounds_s: float | None = None  # the rounds this session ran, evaluations and checkpoints included
+    end_s: float | None = None  # after the last round: final model, audits, summary.json
 
     def __post_init__(self) -> None:
         _set(self, "privacy", _typed(self.privacy, PrivacySummary))

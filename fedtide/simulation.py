@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,25 +52,34 @@ def backend_config(scenario: Scenario) -> dict:
     }
 
 
-def run_scenario(scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> None:
-    """Run the scenario to completion on its `resources.backend`; metrics and summary land in `run_dir`."""
+def run_scenario(
+    scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None, started_at: float | None = None
+) -> None:
+    """Run the scenario to completion on its `resources.backend`; metrics and summary land in `run_dir`.
+
+    `started_at` (a `time.time()`, default now): when the command began, the origin of the
+    summary's `startup_s`.
+    """
     if scenario.resources.backend == "in_process":
-        simulate_in_process(scenario, run_dir, observer)
+        simulate_in_process(scenario, run_dir, observer, started_at)
     else:
-        simulate(scenario, run_dir, observer)
+        simulate(scenario, run_dir, observer, started_at)
 
 
-def simulate(scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> None:
+def simulate(
+    scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None, started_at: float | None = None
+) -> None:
     """Run the scenario on Flower's Ray simulation; metrics and summary land in `run_dir`.
 
     Ray processes left without their raylet are ended before (a killed run's) and after
     (workers still busy when Ray shut down outlive it by seconds): `fedtide.ray_orphans`.
     """
+    started_at = time.time() if started_at is None else started_at  # Ray's start-up is part of start-up
     end_orphaned_ray_processes()
     try:
         with notices_kept_in(run_dir):
             run_simulation(
-                server_app=make_server_app(scenario, run_dir, observer),
+                server_app=make_server_app(scenario, run_dir, observer, started_at),
                 client_app=client_app,
                 num_supernodes=scenario.partition.num_clients,
                 backend_config=backend_config(scenario),
@@ -78,7 +88,9 @@ def simulate(scenario: Scenario, run_dir: Path, observer: RoundObserver | None =
         end_orphaned_ray_processes()
 
 
-def simulate_in_process(scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> RunSummary:
+def simulate_in_process(
+    scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None, started_at: float | None = None
+) -> RunSummary:
     """The same run with every client called in this process, one after another: no Ray start-up.
 
     The numbers are those of `simulate` (clients seed themselves per round and the
@@ -89,11 +101,12 @@ def simulate_in_process(scenario: Scenario, run_dir: Path, observer: RoundObserv
     """
     from fedtide.server.federation import run_federation
 
+    started_at = time.time() if started_at is None else started_at
     grid = InProcessGrid(scenario.partition.num_clients)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(scenario.resources.num_cpus_per_client)))
     try:
         with notices_kept_in(run_dir):
-            return run_federation(grid, scenario, run_dir, observer)
+            return run_federation(grid, scenario, run_dir, observer, started_at)
     finally:
         torch.set_num_threads(threads)

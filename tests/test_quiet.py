@@ -5,6 +5,7 @@ process-wide, and the noise came from library imports, Flower's logger and a swe
 spawned workers, none of which an in-process call would show as a user sees them.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -59,6 +60,14 @@ def test_a_run_prints_no_library_notices_and_keeps_them_in_run_log(quiet_run):
     log = (tmp_path / "runs" / "small" / "run.log").read_text()
     assert "flwr INFO: [ROUND" in log  # Flower's round lines
     assert "DeprecationWarning" in log  # Avalanche's (replay) and JAXopt's
+
+
+def test_the_summary_splits_the_commands_time_and_the_console_shows_it(quiet_run):
+    tmp_path, done = quiet_run
+    summary = json.loads((tmp_path / "runs" / "small" / "summary.json").read_text())
+    assert summary["startup_s"] > 0 and summary["rounds_s"] > 0 and summary["end_s"] > 0
+    assert summary["startup_s"] > summary["rounds_s"]  # imports and data for 2 rounds of 2 tiny clients
+    assert "start-up" in done.stdout and "end of run" in done.stdout
 
 
 def test_run_log_holds_each_warning_once(quiet_run):
