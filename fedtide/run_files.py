@@ -437,9 +437,9 @@ class RunSummary(_Record):
     average_forgetting: float
     bwt: float
     clients_failed: int
-    # The server's clock from building its model and test data to the end of the last round (a
-    # resumed run: up to its checkpoint plus the resumed part); not Ray's start, not the imports,
-    # not the final audits. The whole command is `startup_s + rounds_s + end_s`.
+    # The server's clock from building its model and test data through the rounds, the final
+    # model's save and the canary audit (a resumed run: up to its checkpoint plus the resumed
+    # part); not the imports, nor Ray's start. The whole command is `startup_s + rounds_s + end_s`.
     wall_time_s: float
     ray_nodes: list[str]
     privacy: PrivacySummary | None = None  # only under sample-level DP
