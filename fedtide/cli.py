@@ -204,7 +204,6 @@ def sweep(
     _verbose(verbose)
     plan = load_sweep(scenario_file, set_ or [], output)
     console.print(f"sweep folder: [bold]{plan.folder}[/bold] ({len(plan.points)} runs)")
-    plan.folder.mkdir(parents=True, exist_ok=True)
     with _stops_with(lambda: _SWEEP_STOPPED), notices_kept_in(plan.folder), SweepProgress(plan, console) as view:
         outcome = run_sweep(plan, view.on_point, workers, refresh=view.refresh)
     console.print(

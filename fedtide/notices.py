@@ -52,21 +52,24 @@ class _NoticeSink(logging.Handler):
             print(f"warning: {record.getMessage()}", file=sys.stderr)
         elif self.verbose and source != "flwr":  # Flower's console handler prints its own
             print(line, file=sys.stderr)
-        if self.path is None:
-            self.held = [*self.held, line][-_HELD_AT_MOST:]
-        else:
-            self._write([line])
+        self._write([line])
 
     def keep_in(self, path: Path | None) -> None:
         self.path = path
         self.warned = set()
-        self._write(self.held)
-        self.held = [] if path is not None else self.held
+        self._write([])
 
     def _write(self, lines: list[str]) -> None:
-        if lines and self.path is not None and self.path.parent.is_dir():  # check-plugin deletes its folder
+        """Append what is held and `lines` to the log; hold them while there is none, or its folder
+        is not made yet (a sweep's) or is gone (check-plugin's)."""
+        waiting = [*self.held, *lines]
+        if self.path is None or not self.path.parent.is_dir():
+            self.held = waiting[-_HELD_AT_MOST:]
+            return
+        self.held = []
+        if waiting:
             with self.path.open("a") as stream:
-                stream.write("".join(line + "\n" for line in lines))
+                stream.write("".join(line + "\n" for line in waiting))
 
 
 _SINK = _NoticeSink()

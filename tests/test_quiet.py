@@ -91,3 +91,23 @@ def test_a_sweep_of_side_by_side_points_prints_only_fedtide_lines(tmp_path):
     assert len(done.stdout.splitlines()) <= 5  # folder, the view's last state, counts, report
     for point in ("seed-0", "seed-1"):
         assert "flwr INFO: [ROUND" in (tmp_path / "runs" / "small" / point / "run.log").read_text()
+
+
+def test_fedtides_own_warnings_print_and_notices_before_the_folder_exists_are_kept(tmp_path, capsys):
+    import logging
+
+    from fedtide.notices import notices_kept_in, route_notices
+
+    route_notices()
+    logging.getLogger("flwr").warning("a Flower round line")
+    logging.getLogger("fedtide.privacy.opacus_model").warning("model adapted for Opacus")
+    err = capsys.readouterr().err
+    assert "warning: model adapted for Opacus" in err and "Flower round line" not in err
+    folder = tmp_path / "sweep"  # made only once the sweep has validated its points
+    with notices_kept_in(folder) as log:
+        logging.getLogger("flwr").warning("another")
+        folder.mkdir()
+        logging.getLogger("flwr").warning("and a third")
+    assert [line.split(": ", 1)[1] for line in log.read_text().splitlines()] == [
+        "a Flower round line", "model adapted for Opacus", "another", "and a third",
+    ]  # fmt: skip
