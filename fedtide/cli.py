@@ -2,8 +2,9 @@
 
 User errors (`ScenarioError`) print one line and exit with code 2; nothing is
 written for a scenario that fails validation. The libraries' log lines and warnings go to
-the run's run.log, not the console, unless `--verbose` (`fedtide.notices`). Ctrl-C (SIGINT) or SIGTERM stops a
-run, resume or sweep cleanly with one line and exit code 130 or 143.
+the run's run.log, not the console, unless `--verbose` (`fedtide.notices`). Ctrl-C
+(SIGINT) or SIGTERM stops a run, resume or sweep cleanly with one line and exit code 130
+or 143.
 """
 
 from __future__ import annotations
