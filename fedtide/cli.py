@@ -1,14 +1,16 @@
 """The `fedtide` command: run, resume, sweep, report, validate, list and check-plugin.
 
 User errors (`ScenarioError`) print one line and exit with code 2; nothing is
-written for a scenario that fails validation. Ctrl-C (SIGINT) or SIGTERM stops a
-run, resume or sweep cleanly with one line and exit code 130 or 143.
+written for a scenario that fails validation. The libraries' log lines and warnings go to
+the run's run.log, not the console, unless `--verbose` (`fedtide.notices`). Ctrl-C
+(SIGINT) or SIGTERM stops a run, resume or sweep cleanly with one line and exit code 130
+or 143.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +35,7 @@ cli = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+STARTED = time.time()  # the command's start (this module is imported first): the origin of a run's start-up time
 
 
 
@@ -46,6 +49,9 @@ def _importable_folder(scenario_file: Path) -> Path:
 
 ScenarioArg = Annotated[Path, typer.Argument(help="Scenario YAML file.", callback=_importable_folder)]
 OutputOption = Annotated[Path | None, typer.Option(help="Folder for runs (default: the scenario's output, runs/).")]
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Also print the libraries' log lines and warnings (else in run.log).")
+]
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="Override a field: --set federation.strategy.name=fedprox")
 ]
@@ -60,7 +66,9 @@ class PrivacyUnit(StrEnum):
 
 def main() -> None:
     """Entry point: turn user errors into one line and exit code 2."""
-    _quiet_libraries()
+    from fedtide.notices import route_notices
+
+    route_notices()
     try:
         code = cli(standalone_mode=False)  # click returns a command's typer.Exit code here
     except ScenarioError as error:
@@ -87,11 +95,13 @@ def run(
     scenario_file: ScenarioArg,
     set_: SetOption = None,
     output: OutputOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run a scenario; writes runs/<name>/ (scenario.yaml, metrics.jsonl, model.pt, summary.json, report.html).
 
     Refuses (exit 2) when the folder holds an unfinished run of the same scenario: resume it instead.
     """
+    _verbose(verbose)
     scenario = _load_checked(scenario_file, set_)
     from fedtide.registry import plugin_folders
     from fedtide.run_files import create_run_folder, unfinished_run
@@ -112,12 +122,14 @@ def run(
 @cli.command()
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="The folder of an unfinished run, e.g. runs/quickstart.")],
+    verbose: VerboseOption = False,
 ) -> None:
     """Continue a stopped or killed run from its last checkpoint; the rounds it holds are not run again.
 
     Its plugins are imported from the folders the run made importable (its import_path.json), whatever
     the working folder now: the resume's own working folder and the scenario's are not added.
     """
+    _verbose(verbose)
     from fedtide.registry import PluginNotFound, make_importable
     from fedtide.run_files import SUMMARY_FILE, checkpoint_round, read_import_path, read_run_scenario
     from fedtide.validation import check_runnable
@@ -161,7 +173,7 @@ def _run_to_the_end(scenario, run_dir: Path, done: int) -> None:
             progress.update(task, completed=record.round, status=round_status(record))
 
         try:
-            run_scenario(scenario, run_dir, observer=on_round)
+            run_scenario(scenario, run_dir, observer=on_round, started_at=STARTED)
         except FederationError:
             progress.update(task, status="[red]failed[/red] (below)")
             raise
@@ -197,14 +209,17 @@ def sweep(
         int | None,
         typer.Option(help="Most points at a time (default: one per core in-process, as Ray's resources allow).", min=1),
     ] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run the grid in the file's `sweep:` section; a re-run skips the runs already finished."""
+    from fedtide.notices import notices_kept_in
     from fedtide.progress import SweepProgress
     from fedtide.sweep import load_sweep, run_sweep
 
+    _verbose(verbose)
     plan = load_sweep(scenario_file, set_ or [], output)
     console.print(f"sweep folder: [bold]{plan.folder}[/bold] ({len(plan.points)} runs)")
-    with _stops_with(lambda: _SWEEP_STOPPED), SweepProgress(plan, console) as view:
+    with _stops_with(lambda: _SWEEP_STOPPED), notices_kept_in(plan.folder), SweepProgress(plan, console) as view:
         outcome = run_sweep(plan, view.on_point, workers, refresh=view.refresh)
     console.print(
         f"{len(outcome.ran)} ran, {len(outcome.skipped)} skipped (finished before), {len(outcome.failed)} failed"
@@ -352,20 +367,8 @@ def _load_checked(scenario_file: Path, overrides: list[str] | None):
     return scenario
 
 
-def _flower_record_shown(record: logging.LogRecord) -> bool:
-    from fedtide.stopping import stop_requested
+def _verbose(verbose: bool) -> None:
+    """`--verbose`: the libraries' notices are printed as well as kept in run.log."""
+    from fedtide.notices import route_notices
 
-    return record.levelno >= logging.ERROR and not stop_requested()
-
-
-def _quiet_libraries() -> None:
-    """Flower logs every round at INFO and warns about client-side evaluation being off.
-
-    The progress bar and the run files say all of that, so only Flower's errors show, and
-    none once a run is being stopped (its engine then reports the client calls cut short).
-    """
-    logging.getLogger("flwr").addFilter(_flower_record_shown)
-    # Ray's notice about a future change to GPU visibility; fedtide relies on today's behaviour
-    # (clients with num_gpus_per_client: 0 do not see the GPU).
-    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
-    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
+    route_notices(verbose)

@@ -120,7 +120,7 @@ def plugin_kind(name: str) -> str:
 def check_scenario(
     name: str, kind: str, params: dict[str, Any], clients: int = 2, overrides: list[str] | tuple[str, ...] = ()
 ) -> Scenario:
-    """The tiny scenario the checks run: 2 experiences x 1 round, `clients` IID digits clients."""
+    """The tiny scenario the checks run: 2 experiences x 1 round, `clients` IID digits clients, batches of 128."""
     from fedtide.data.loading import apply_overrides, parse_scenario
 
     raw: dict[str, Any] = {
@@ -129,6 +129,9 @@ def check_scenario(
         "stream": {"n_experiences": 2},
         "partition": {"kind": "iid", "num_clients": clients},
         "federation": {"rounds_per_experience": 1},
+        # 3 steps a round rather than 12: the checks need rounds, not training, and a step's
+        # cost is mostly fixed on so small a model (docs/benchmarks.md: check-plugin's time)
+        "client": {"batch_size": 128},
         "continual": {"method": "naive"},
         "resources": {"device": "cpu"},
     }

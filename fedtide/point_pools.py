@@ -28,6 +28,7 @@ from pathlib import Path
 
 from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
+from fedtide.notices import route_notices, verbosity
 from fedtide.stopping import RunStopped
 
 Submit = Callable[[Scenario, Path], "Future[str | None]"]
@@ -50,9 +51,12 @@ def local_processes(workers: int) -> Iterator[Submit]:
 
     A stopped sweep (Ctrl-C, SIGTERM) starts no more points and passes the signal on to
     the running ones, which stop as a run does and keep their checkpoints: running the
-    sweep again resumes them.
+    sweep again resumes them. The workers keep the libraries' notices in each point's
+    run.log, as this process does (`fedtide.notices`).
     """
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    routed = {} if verbosity() is None else {"initializer": route_notices, "initargs": (verbosity(),)}
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=spawn, **routed) as pool:
         try:
             yield lambda scenario, folder: pool.submit(run_point, scenario, folder)
         except RunStopped as stop:
@@ -67,16 +71,18 @@ def ray_tasks(address: str | None) -> Iterator[Submit]:
     """Ray started (or joined) once for the sweep, and shut down (or left) whatever happens.
 
     Each task asks for what one of the point's clients asks for: the clients run one
-    after another inside it, with that many torch threads.
+    after another inside it, with that many torch threads. The workers' output reaches
+    this console only if the command is verbose; their notices go to each point's run.log.
     """
     import ray
 
+    verbose = verbosity()
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}}  # plugins beside the scenario
     ray.init(
         address=address or "local",
         runtime_env=runtime_env,
-        logging_level=logging.ERROR,
-        log_to_driver=False,
+        logging_level=logging.INFO if verbose else logging.ERROR,
+        log_to_driver=bool(verbose),
         include_dashboard=False,
     )
     try:
@@ -85,13 +91,15 @@ def ray_tasks(address: str | None) -> Iterator[Submit]:
         def submit(scenario: Scenario, folder: Path) -> Future[str | None]:
             resources = scenario.resources
             task = remote.options(num_cpus=resources.num_cpus_per_client, num_gpus=resources.num_gpus_per_client)
-            return task.remote(scenario.model_dump_json(), str(folder)).future()
+            return task.remote(scenario.model_dump_json(), str(folder), verbose).future()
 
         yield submit
     finally:
         ray.shutdown()
 
 
-def _run_point_task(scenario_json: str, folder: str) -> str | None:
+def _run_point_task(scenario_json: str, folder: str, verbose: bool | None) -> str | None:
     """The Ray task: the scenario travels as JSON, the folder as a path (shared with the driver)."""
+    if verbose is not None:
+        route_notices(verbose)
     return run_point(Scenario.model_validate_json(scenario_json), Path(folder))

@@ -38,6 +38,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"  # the final global weights (a torch state_dict), written by the server
 LOG_FILE = "errors.log"  # every failure in full (tracebacks), where the console and metrics have one line
+NOTICES_FILE = "run.log"  # the libraries' log lines and warnings, kept off the console (`fedtide.notices`)
 CHECKPOINT_DIR = "checkpoint"  # the latest checkpoint of an unfinished run, deleted when it finishes
 _CHECKPOINT_NAME = re.compile(r"round-(\d+)\.pkl")
 SWEEP_FILE = "sweep.yaml"  # in a sweep's folder: its grid, and the report options its file gave
@@ -425,7 +426,10 @@ class AuditSummary(_Record):
 class RunSummary(_Record):
     """summary.json: what a finished run measured."""
 
-    _OPTIONAL = ("privacy", "client_level", "epsilons", "audit", "faults", "strategy_metrics", "method_metrics")
+    _OPTIONAL = (
+        "privacy", "client_level", "epsilons", "audit", "faults", "strategy_metrics", "method_metrics",
+        "startup_s", "rounds_s", "end_s",
+    )  # fmt: skip
 
     name: str
     seed: int
@@ -440,6 +444,9 @@ class RunSummary(_Record):
     average_forgetting: float
     bwt: float
     clients_failed: int
+    # The server's clock from building its model and test data through the rounds, the final
+    # model's save and the canary audit (a resumed run: up to its checkpoint plus the resumed
+    # part); not the imports, nor Ray's start. The whole command is `startup_s + rounds_s + end_s`.
     wall_time_s: float
     ray_nodes: list[str]
     privacy: PrivacySummary | None = None  # only under sample-level DP
@@ -451,6 +458,10 @@ class RunSummary(_Record):
     faults: FaultSummary | None = None  # only when the scenario simulates faults
     strategy_metrics: dict[str, float | list[float]] | None = None  # the last round's, if the strategy had any
     method_metrics: dict[str, float] | None = None  # the last round's aggregate, if the method had any
+    # The session that finished the run (`RunTimes`), absent from runs written before they existed:
+    startup_s: float | None = None  # from the command's start (imports, Ray, data, model) to the first round
+    rounds_s: float | None = None  # the rounds this session ran, evaluations and checkpoints included
+    end_s: float | None = None  # after the last round: final model, audits, summary.json
 
     def __post_init__(self) -> None:
         _set(self, "privacy", _typed(self.privacy, PrivacySummary))

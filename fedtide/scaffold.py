@@ -106,18 +106,38 @@ class $cls(SupervisedPlugin):
 ''')
 
 SCENARIO = Template('''# A first run of $name (written by `fedtide new $kind $name`): fedtide run $name.yaml
-# "$name:$cls" is found next to this file: a scenario's folder is importable.
+# The quickstart's data, federation and training (scenarios/quickstart.yaml), so its numbers
+# compare with the quickstart's final average accuracy (62% with FedAvg + replay).
+$note
 name: $name
 seed: 0
 dataset: {name: digits}
-stream: {n_experiences: 3}
-partition: {kind: dirichlet, alpha: 0.5, num_clients: 5}
+model: {name: mlp}
+stream: {n_experiences: 5}
+partition: {kind: dirichlet, alpha: 0.5, num_clients: 10}
 federation:
   strategy: $strategy
-  rounds_per_experience: 2
+  rounds_per_experience: 3
+  fraction_train: 1.0
+  fraction_evaluate: 0.0
+client: {epochs: 2, batch_size: 32, optimizer: sgd, lr: 0.1}
 continual: $continual
 resources: {backend: in_process}   # no Ray start-up for a first try; remove to run on Ray
 ''')
+
+# What the scenario pairs the plugin with, and what to expect of it.
+NOTES = {
+    "strategy": (
+        "# Replay (the quickstart's method) keeps the earlier classes, so the strategy's effect shows\n"
+        "# on top of it: compare with --set 'federation.strategy={name: fedavg}'."
+    ),
+    "method": (
+        "# A method that only pulls parameters back (as this template's does) ends near naive's 20% in\n"
+        "# class-incremental learning, as EWC does (van de Ven et al. 2022): only a method that\n"
+        "# rehearses past data goes far above. Compare: --set 'continual={method: naive}' or\n"
+        "# --set 'continual={method: replay, mem_size: 200}'."
+    ),
+}
 
 
 def class_name(name: str) -> str:
@@ -137,13 +157,13 @@ def write_plugin(kind: str, name: str, folder: Path) -> tuple[Path, Path]:
     cls = class_name(name)
     plugin = f'"{name}:{cls}"'
     sections = {
-        "strategy": (f"{{name: {plugin}, trim: 1}}", "{method: naive}"),
+        "strategy": (f"{{name: {plugin}, trim: 1}}", "{method: replay, mem_size: 200}"),
         "method": ("{name: fedavg}", f"{{method: {plugin}, strength: 1.0}}"),
     }
     strategy, continual = sections[kind]
     folder.mkdir(parents=True, exist_ok=True)
     module.write_text((STRATEGY if kind == "strategy" else METHOD).substitute(name=name, cls=cls))
     scenario.write_text(
-        SCENARIO.substitute(name=name, cls=cls, kind=kind, strategy=strategy, continual=continual)
+        SCENARIO.substitute(name=name, kind=kind, strategy=strategy, continual=continual, note=NOTES[kind])
     )
     return module, scenario

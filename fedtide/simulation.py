@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import warnings
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +12,7 @@ from flwr.simulation import run_simulation
 
 from fedtide.client.app import app as client_app
 from fedtide.data.schema import Scenario
+from fedtide.notices import notices_kept_in, verbosity
 from fedtide.ray_orphans import end_orphaned_ray_processes
 from fedtide.run_files import RunSummary
 from fedtide.server.app import make_server_app
@@ -33,8 +34,10 @@ def backend_config(scenario: Scenario) -> dict:
     "local" when no cluster is asked for, because a bare `ray.init()` silently joins any
     cluster it finds (`RAY_ADDRESS`, `/tmp/ray/ray_current_cluster`). The other init args
     are legal when joining a cluster (Ray refuses num_cpus/num_gpus/resources/
-    object_store_memory there; fedtide passes none of them).
+    object_store_memory there; fedtide passes none of them). The workers' output stays in
+    Ray's session logs unless the command is verbose (`fedtide.notices`).
     """
+    verbose = bool(verbosity())
     return {
         "client_resources": {
             "num_cpus": scenario.resources.num_cpus_per_client,
@@ -42,40 +45,52 @@ def backend_config(scenario: Scenario) -> dict:
         },
         "init_args": {
             "address": scenario.resources.ray_address or "local",
-            "logging_level": logging.ERROR,
-            "log_to_driver": False,
+            "logging_level": logging.INFO if verbose else logging.ERROR,
+            "log_to_driver": verbose,
             "include_dashboard": False,
         },
     }
 
 
-def run_scenario(scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> None:
-    """Run the scenario to completion on its `resources.backend`; metrics and summary land in `run_dir`."""
+def run_scenario(
+    scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None, started_at: float | None = None
+) -> None:
+    """Run the scenario to completion on its `resources.backend`; metrics and summary land in `run_dir`.
+
+    `started_at` (a `time.time()`, default now): when the command began, the origin of the
+    summary's `startup_s`.
+    """
     if scenario.resources.backend == "in_process":
-        simulate_in_process(scenario, run_dir, observer)
+        simulate_in_process(scenario, run_dir, observer, started_at)
     else:
-        simulate(scenario, run_dir, observer)
+        simulate(scenario, run_dir, observer, started_at)
 
 
-def simulate(scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> None:
+def simulate(
+    scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None, started_at: float | None = None
+) -> None:
     """Run the scenario on Flower's Ray simulation; metrics and summary land in `run_dir`.
 
     Ray processes left without their raylet are ended before (a killed run's) and after
     (workers still busy when Ray shut down outlive it by seconds): `fedtide.ray_orphans`.
     """
+    started_at = time.time() if started_at is None else started_at  # Ray's start-up is part of start-up
     end_orphaned_ray_processes()
     try:
-        run_simulation(
-            server_app=make_server_app(scenario, run_dir, observer),
-            client_app=client_app,
-            num_supernodes=scenario.partition.num_clients,
-            backend_config=backend_config(scenario),
-        )
+        with notices_kept_in(run_dir):
+            run_simulation(
+                server_app=make_server_app(scenario, run_dir, observer, started_at),
+                client_app=client_app,
+                num_supernodes=scenario.partition.num_clients,
+                backend_config=backend_config(scenario),
+            )
     finally:
         end_orphaned_ray_processes()
 
 
-def simulate_in_process(scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None) -> RunSummary:
+def simulate_in_process(
+    scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None, started_at: float | None = None
+) -> RunSummary:
     """The same run with every client called in this process, one after another: no Ray start-up.
 
     The numbers are those of `simulate` (clients seed themselves per round and the
@@ -86,12 +101,12 @@ def simulate_in_process(scenario: Scenario, run_dir: Path, observer: RoundObserv
     """
     from fedtide.server.federation import run_federation
 
+    started_at = time.time() if started_at is None else started_at
     grid = InProcessGrid(scenario.partition.num_clients)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(scenario.resources.num_cpus_per_client)))
     try:
-        with warnings.catch_warnings():  # what Ray's workers keep from the console (log_to_driver off)
-            warnings.filterwarnings("ignore", module=r"(avalanche|opacus|jaxopt)(\.|$)")  # jaxopt: via Avalanche
-            return run_federation(grid, scenario, run_dir, observer)
+        with notices_kept_in(run_dir):
+            return run_federation(grid, scenario, run_dir, observer, started_at)
     finally:
         torch.set_num_threads(threads)

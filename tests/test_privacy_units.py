@@ -119,8 +119,8 @@ def test_a_report_places_each_run_at_the_epsilon_of_the_chosen_unit(runs_dir, ru
         assert placed["none"].epsilon is None and placed["none"].placed  # ∞: at "no DP"
         markdown = (out / "report.md").read_text()
         assert f"Runs are compared at ε ({unit}); runs with no {unit}-level ε" in markdown
-        assert f"| naive both-level DP | {unit} | 1 | {one['both'].epsilon_of(unit):.2f} ± 0.00 |" in markdown
-        assert f"| naive {unit}-level DP | {unit} | 1 | {one[unit].epsilon_of(unit):.2f} ± 0.00 |" in markdown
+        assert f"| naive both-level DP | {unit} | 1 | {one['both'].epsilon_of(unit):.2f} ± n/a |" in markdown
+        assert f"| naive {unit}-level DP | {unit} | 1 | {one[unit].epsilon_of(unit):.2f} ± n/a |" in markdown
         assert f"| naive {other}-level DP | {unit} | – | no {unit} ε |" in markdown
         assert "| naive | – | – | ∞ |" in markdown
         assert f"| naive {other}-level DP | no {unit} ε |" in markdown  # the comparison table

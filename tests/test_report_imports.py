@@ -8,6 +8,7 @@ client first sampled in round 2) without torch ever being needed to produce it.
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -247,3 +248,26 @@ def test_flwr_datasets_plotting_is_still_there_for_whoever_imports_it():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["flwr_datasets.visualization.label_distribution", "True"]
+
+
+def test_a_point_of_one_run_shows_its_spread_as_n_a_not_zero(tmp_path, run_cli):
+    write_plain_run(tmp_path / "sweep" / "naive-0", {"method": "naive"}, 0, 0.30)
+    write_plain_run(tmp_path / "sweep" / "replay-0", {"method": "replay", "mem_size": 50}, 0, 0.60)
+    code, _, err = run_cli("report", str(tmp_path / "sweep"))
+    assert code == 0, err
+    report = (tmp_path / "sweep" / "report.md").read_text()
+    assert "| naive | none | 30.00 ± n/a |" in report and "| replay | none | 60.00 ± n/a |" in report
+    assert "± 0.00" not in report
+
+
+def test_the_wall_time_is_split_into_start_up_rounds_and_end_of_run(tmp_path):
+    from fedtide.report.console import wall_time_row
+
+    write_plain_run(tmp_path / "old", {"method": "naive"}, 0, 0.5)
+    old = read_summary(tmp_path / "old")  # written before the split: wall_time_s only, labelled as the rounds'
+    assert old.startup_s is None and wall_time_row(old) == ("wall time (rounds)", "1.0 s")
+    split = replace(old, startup_s=8.14, rounds_s=2.4, end_s=0.36)
+    write_summary(tmp_path / "old", split)
+    assert read_summary(tmp_path / "old") == split
+    assert json.loads((tmp_path / "old" / SUMMARY_FILE).read_text())["startup_s"] == 8.14
+    assert wall_time_row(split) == ("wall time", "10.9 s: start-up 8.1 s, rounds 2.4 s, end of run 0.4 s")

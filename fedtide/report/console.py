@@ -54,5 +54,18 @@ def summary_view(summary: RunSummary) -> Group:
     for section, metrics in (("strategy", summary.strategy_metrics), ("method", summary.method_metrics)):
         for name, value in (metrics or {}).items():  # the last round's: the run's final value
             headline.add_row(f"{section}.{name} (last round)", metric_text(value))
-    headline.add_row("wall time", f"{summary.wall_time_s:.1f} s")
+    headline.add_row(*wall_time_row(summary))
     return Group(grid, headline)
+
+
+def wall_time_row(summary: RunSummary) -> tuple[str, str]:
+    """The command's time split into start-up, rounds and end of run; a run written before the
+    split existed has only `wall_time_s`, which is mostly its rounds, and is labelled so."""
+    if summary.startup_s is None or summary.rounds_s is None or summary.end_s is None:
+        return "wall time (rounds)", f"{summary.wall_time_s:.1f} s"
+    total = summary.startup_s + summary.rounds_s + summary.end_s
+    return (
+        "wall time",
+        f"{total:.1f} s: start-up {summary.startup_s:.1f} s, rounds {summary.rounds_s:.1f} s, "
+        f"end of run {summary.end_s:.1f} s",
+    )

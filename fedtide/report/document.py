@@ -239,7 +239,7 @@ def _comparison(points: list[SeedGroup]) -> list[Block]:
     ]
     return [
         Heading("Comparison"),
-        Text("Each row pools the runs that differ only in their seed: mean ± standard deviation."),
+        Text("Each row pools the runs that differ only in their seed: mean ± standard deviation (n/a for one run)."),
         Image("comparison.png", "Final average accuracy and forgetting per series, mean ± std over seeds", _png(
             figures.comparison_figure(points))),
         TableBlock(columns, rows),
@@ -278,7 +278,7 @@ def _privacy_utility(points: list[SeedGroup]) -> list[Block]:
         )
     return [
         Heading("Privacy-utility"),
-        Text("Each point pools the runs that differ only in their seed: mean ± standard deviation."),
+        Text("Each point pools the runs that differ only in their seed: mean ± standard deviation (n/a for one run)."),
         Image("utility_vs_epsilon.png", "Final average accuracy and forgetting against ε", _png(
             figures.utility_figure(points))),
         TableBlock(columns, rows),
@@ -515,8 +515,10 @@ def _epsilon(value: float | None) -> str:
 
 
 def _mean_std(point: SeedGroup, value: str, scale: float, form: str) -> str:
+    """`61.75 ± 1.20` over seeds; `61.75 ± n/a` for one run, whose spread is unknown rather than 0."""
     mean, std = point.mean_std(value)
-    return f"{form.format(scale * mean)} ± {form.format(scale * std)}"
+    spread = form.format(scale * std) if point.spread_known(value) else "n/a"
+    return f"{form.format(scale * mean)} ± {spread}"
 
 
 _CSS = (

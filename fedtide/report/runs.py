@@ -277,10 +277,19 @@ class SeedGroup:
     runs: list[RunResult]
 
     def mean_std(self, value: str) -> tuple[float, float]:
-        values = [float(v) for v in (_value(run, value) for run in self.runs) if v is not None]
+        """Over the runs that have `value`; the std of one run is 0.0 here (a figure draws no bar),
+        which the tables show as "n/a" (`spread_known`)."""
+        values = self._values(value)
         if not values:
             return float("nan"), float("nan")
         return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+    def spread_known(self, value: str) -> bool:
+        """Whether `value` varies over at least two runs: one run has no spread to show, not a spread of 0."""
+        return len(self._values(value)) > 1
+
+    def _values(self, value: str) -> list[float]:
+        return [float(v) for v in (_value(run, value) for run in self.runs) if v is not None]
 
     @property
     def private(self) -> bool:

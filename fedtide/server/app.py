@@ -33,9 +33,15 @@ APP_ROOT = Path(__file__).resolve().parents[2]  # the project folder that `flwr 
 
 
 def make_server_app(
-    scenario: Scenario | None = None, run_dir: Path | None = None, observer: RoundObserver | None = None
+    scenario: Scenario | None = None,
+    run_dir: Path | None = None,
+    observer: RoundObserver | None = None,
+    started_at: float | None = None,
 ) -> ServerApp:
-    """A ServerApp for a given scenario and run folder, or one that reads them from the run config."""
+    """A ServerApp for a given scenario and run folder, or one that reads them from the run config.
+
+    `started_at` (a `time.time()`): when the command began, for the summary's `startup_s`.
+    """
     server_app = ServerApp()
 
     @server_app.main()
@@ -45,7 +51,7 @@ def make_server_app(
 
         try:
             if scenario is not None:
-                run_federation(grid, scenario, run_dir or create_run_folder(scenario), observer)
+                run_federation(grid, scenario, run_dir or create_run_folder(scenario), observer, started_at)
             elif resume := str(context.run_config.get("resume", "")):
                 run_federation(grid, read_run_scenario(Path(resume)), Path(resume))
             else:

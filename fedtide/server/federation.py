@@ -19,6 +19,7 @@ import random
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -206,12 +207,19 @@ class _RunRecorder:
 
 
 def run_federation(
-    grid: Grid, scenario: Scenario, run_dir: Path, observer: RoundObserver | None = None
+    grid: Grid,
+    scenario: Scenario,
+    run_dir: Path,
+    observer: RoundObserver | None = None,
+    started_at: float | None = None,
 ) -> RunSummary:
     """Run every experience and round of `scenario`, writing metrics, checkpoints and the summary to `run_dir`.
 
     When `run_dir` holds a checkpoint (an interrupted run: `fedtide resume`), go on from it.
+    `started_at` (a `time.time()`) is when the command began, the origin of the summary's
+    `startup_s`; default: now.
     """
+    started_at = time.time() if started_at is None else started_at
     num_clients = scenario.partition.num_clients
     rounds = scenario.federation.rounds_per_experience
     ordered = PartitionOrderedGrid(grid)
@@ -239,6 +247,7 @@ def run_federation(
         restore_rng(checkpoint.rng)  # last: building the model and the data above draws from them
 
     first, ran = divmod(done, rounds)
+    rounds_began = time.time()
     try:
         for experience in range(first, scenario.stream.n_experiences):
             done_here = ran if experience == first else 0
@@ -256,9 +265,15 @@ def run_federation(
         log = append_log(run_dir, "".join(traceback.format_exception(error)))
         raise FederationError(f"{error}; full log: {log}") from error
 
+    rounds_ended = time.time()
     recorder.model.load_state_dict(arrays.to_torch_state_dict())
     torch.save(recorder.model.state_dict(), run_dir / MODEL_FILE)  # to evaluate or audit the run again later
-    summary = _run_summary(scenario, recorder, federation)
+    summary = replace(
+        _run_summary(scenario, recorder, federation),
+        startup_s=round(rounds_began - started_at, 3),
+        rounds_s=round(rounds_ended - rounds_began, 3),
+        end_s=round(time.time() - rounds_ended, 3),
+    )
     write_summary(run_dir, summary)
     remove_checkpoints(run_dir)
     return summary
