@@ -11,9 +11,10 @@ $(VENV)/.installed: pyproject.toml examples/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test]'
+	# PYTHONWARNINGS: setuptools' editable-install banner (a warning of its build backend) stays quiet
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e '.[test]'
 	# the example plugins, registered under fedtide's entry-point groups (the tests use them)
-	$(PY) -m pip install -q -e examples
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e examples
 	touch $@
 
 install: $(VENV)/.installed
