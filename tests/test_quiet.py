@@ -108,6 +108,6 @@ def test_fedtides_own_warnings_print_and_notices_before_the_folder_exists_are_ke
         logging.getLogger("flwr").warning("another")
         folder.mkdir()
         logging.getLogger("flwr").warning("and a third")
-    assert [line.split(": ", 1)[1] for line in log.read_text().splitlines()] == [
-        "a Flower round line", "model adapted for Opacus", "another", "and a third",
-    ]  # fmt: skip
+    kept = [line.split(": ", 1)[1] for line in log.read_text().splitlines()]
+    # the last four: earlier tests in this process may have left notices of their own before them
+    assert kept[-4:] == ["a Flower round line", "model adapted for Opacus", "another", "and a third"]
