@@ -24,9 +24,11 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from fedtide.run_files import checkpoint_round
 
@@ -113,11 +115,14 @@ def stop_on_signals() -> Iterator[None]:
     """
     _request.event.clear()
     previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = partial(_unraisable, previous_hook)
     _request.install()
     _request.active = True
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         _request.active = False
         if _request.deadline is not None:  # the cleanup is over: nothing to force
             _request.deadline.cancel()
@@ -125,6 +130,14 @@ def stop_on_signals() -> Iterator[None]:
             _bound_exit(128 + _request.signum)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _unraisable(previous: Callable[[Any], None], unraisable: Any) -> None:
+    """Keep quiet about a stop raised where Python cannot raise (the signal came during a gc callback,
+    e.g. JAX's, or a finaliser): Python would print it as "Exception ignored ... Traceback". The request
+    is recorded all the same, and the run's next check (`raise_if_stopped`) acts on it."""
+    if not isinstance(unraisable.exc_value, RunStopped):
+        previous(unraisable)
 
 
 def _bound_exit(code: int) -> None:
