@@ -41,6 +41,15 @@ def running(pid: int) -> bool:
         return False
 
 
+def kill_all(pids: list[int]) -> None:
+    """End the stand-ins a test started, whichever of them are still running."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def wait_until_holding(pid: int, path) -> None:
     deadline = time.monotonic() + 30
     while not holds(pid, path):
@@ -84,11 +93,7 @@ def test_only_ray_processes_whose_raylet_is_gone_in_this_temp_folder_are_ended(t
         assert not running(agent)
         assert running(stranger) and running(worker.pid) and running(loader)
     finally:
-        for pid in started:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(started)
         if worker:
             worker.wait(10)
 
@@ -132,8 +137,4 @@ def test_an_agent_that_kept_pythons_command_line_is_ended_once_its_parent_is_gon
         assert end_orphaned_ray_processes() == [started[0]]
         assert not running(started[0]) and running(started[2])
     finally:
-        for pid in started:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(started)
