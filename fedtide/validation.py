@@ -25,7 +25,7 @@ def check_runnable(scenario: Scenario) -> None:
     """Raise `ScenarioError` for anything that would make the run fail at start."""
     build_strategy(scenario.federation, scenario.partition.num_clients)
     method = build_method(scenario.continual)
-    check_hooks(scenario.continual.method)
+    check_hooks(method, scenario.continual.method)
     if scenario.privacy.private:
         require_dp_compatible(method, scenario.continual.method)
     data = load_dataset(scenario.dataset.name, scenario.dataset.root)

@@ -42,6 +42,15 @@ class BackwardsHook(SupervisedPlugin):
         return 0.0
 
 
+class BringsBackwardsHook(Naive):
+    """A user's own ContinualMethod whose plugin misspells a hook."""
+
+    name = "brings_backwards_hook"
+
+    def plugins(self):
+        return [BackwardsHook()]
+
+
 class _ForgetsStrategy(SupervisedPlugin):
     def before_backward(self):  # Avalanche calls before_backward(strategy)
         pass

@@ -449,6 +449,13 @@ def test_validate_refuses_a_misspelt_hook_in_one_line_naming_the_hook_meant(run_
     assert "which is not an Avalanche hook and would never be called (did you mean before_backward?)" in message
     assert "penalty" not in message
 
+    # the same plugin brought by a user's ContinualMethod from its plugins()
+    code, _, err = run_cli(
+        "validate", "scenarios/quickstart.yaml", "--set", "continual.method=tests.broken_method:BringsBackwardsHook"
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "defines BackwardsHook.before_backwards, which is not an Avalanche hook" in " ".join(err.split())
+
 
 def test_check_plugin_fails_a_misspelt_hook_and_passes_correct_ones():
     report = check_plugin("tests.broken_method:BackwardsHook")

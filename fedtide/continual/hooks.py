@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from typing import TYPE_CHECKING
 
 from fedtide.errors import ScenarioError
+
+if TYPE_CHECKING:
+    from fedtide.continual.base import ContinualMethod
 
 HOOK_PREFIXES = ("before_", "after_")
 PREFIXED_CUTOFF = 0.75
@@ -47,17 +51,28 @@ def misspelt_hooks(plugin_class: type) -> list[tuple[str, str]]:
     return misses
 
 
-def check_hooks(method_name: str) -> None:
-    """Refuse, before anything trains, a method whose Avalanche plugin misspells a hook (one line)."""
-    from fedtide.continual.methods import FIELD, method_class
+def user_plugin_classes(method: ContinualMethod) -> list[type]:
+    """The plugin classes a method brings that neither Avalanche nor fedtide wrote (theirs are right)."""
+    if type(method).__module__.startswith("fedtide.") and not hasattr(method, "plugin_class"):
+        return []  # a built-in method: its plugins are Avalanche's and fedtide's
+    classes = dict.fromkeys(type(plugin) for plugin in method.plugins())
+    return [cls for cls in classes if not cls.__module__.startswith(("avalanche.", "fedtide."))]
 
-    plugin_class = getattr(method_class(method_name), "plugin_class", None)
-    misses = misspelt_hooks(plugin_class) if plugin_class else []
+
+def check_hooks(method: ContinualMethod, method_name: str) -> None:
+    """Refuse, before anything trains, a method whose Avalanche plugins misspell a hook (one line).
+
+    The plugins are those the built method returns from `plugins()`: a `SupervisedPlugin`
+    given as the method, or those a user's `ContinualMethod` brings.
+    """
+    from fedtide.continual.methods import FIELD
+
+    misses = [(cls, name, hook) for cls in user_plugin_classes(method) for name, hook in misspelt_hooks(cls)]
     if misses:
-        names = ", ".join(f"{plugin_class.__name__}.{name}" for name, _ in misses)
+        names = ", ".join(f"{cls.__name__}.{name}" for cls, name, _ in misses)
         which = "is not an Avalanche hook" if len(misses) == 1 else "are not Avalanche hooks"
         raise MisspeltHook(
             FIELD,
             f"'{method_name}' defines {names}, which {which} and would never be called",
-            f"did you mean {', '.join(hook for _, hook in misses)}?",
+            f"did you mean {', '.join(hook for _, _, hook in misses)}?",
         )

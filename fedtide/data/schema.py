@@ -77,12 +77,25 @@ class FederationConfig(Section):
     min_train_nodes: int = Field(1, ge=1)
 
 
+# A learning rate that trains when a scenario names none (docs/results.md, "Client defaults"):
+# Adam's optimizer state starts afresh every round, so it needs more than torch's 1e-3.
+DEFAULT_LR = {"sgd": 0.2, "adam": 3e-3}
+
+
 class ClientConfig(Section):
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(DEFAULT_LR["sgd"], gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lr_for_the_optimizer(cls, data: Any) -> Any:
+        """An unset lr follows the optimizer: SGD's default would make Adam diverge."""
+        if isinstance(data, dict) and "lr" not in data and data.get("optimizer") in DEFAULT_LR:
+            return {**data, "lr": DEFAULT_LR[data["optimizer"]]}
+        return data
 
 
 class ContinualConfig(NamedWithParams):
