@@ -16,11 +16,12 @@ import threading
 
 import pytest
 import yaml
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedtide.errors import FederationError, ScenarioError
 from fedtide.run_files import CHECKPOINT_DIR, checkpoint_round, create_run_folder, prepare_run_folder, read_metrics
-from fedtide.server.checkpoint import read_checkpoint, strategy_state, write_checkpoint
+from fedtide.server.checkpoint import Checkpoint, ClientStates, read_checkpoint, strategy_state, write_checkpoint
 from fedtide.simulation import simulate_in_process
 from fedtide.sweep import load_sweep, run_sweep
 from tests.conftest import small_scenario
@@ -171,10 +172,13 @@ def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path):
     with pytest.raises(Crash):
         simulate_in_process(scenario, folder, observer=crash_after(2))
     before = read_checkpoint(folder, scenario)
+    files = sorted(p.name for p in (folder / CHECKPOINT_DIR).iterdir())
+    assert files[-1] == "round-0002.pkl" and all(name.startswith("clients-") for name in files[:-1])
+    before.federation["client_states"].put(0, before.federation["client_states"][1])  # a state to write
     unpicklable = before.__class__(**{**before.__dict__, "round": 3, "totals": {"lock": threading.Lock()}})
     with pytest.raises(TypeError):
         write_checkpoint(folder, unpicklable)
-    assert [p.name for p in (folder / CHECKPOINT_DIR).iterdir()] == ["round-0002.pkl"]  # no partial file left
+    assert sorted(p.name for p in (folder / CHECKPOINT_DIR).iterdir()) == files  # no partial file left
     assert read_checkpoint(folder, scenario).round == 2
     with pytest.raises(ScenarioError, match="another scenario"):
         read_checkpoint(folder, small_scenario(seed=1))
@@ -248,3 +252,53 @@ def test_resume_refuses_a_folder_without_checkpoint(tmp_path, run_cli):
     assert code == 2 and "has no checkpoint to resume from" in err
     code, _, err = run_cli("resume", str(tmp_path / "nothing"))
     assert code == 2 and "is not a run folder" in err
+
+
+def test_a_checkpoint_writes_only_the_client_states_that_changed(tmp_path):
+    """Its cost follows the clients that trained since the last one, not the clients that exist."""
+    scenario = small_scenario()
+    states = ClientStates()
+
+    def checkpoint(global_round):
+        return Checkpoint(
+            round=global_round,
+            arrays=ArrayRecord(),
+            federation={"client_states": states},
+            totals={},
+            wall_time_s=0.0,
+            rng={},
+            metrics_length=0,
+            scenario=scenario.model_dump_json(),
+        )
+
+    def state(version):
+        return RecordDict({"progress": ConfigRecord({"version": version})})
+
+    def written(name):
+        with (tmp_path / CHECKPOINT_DIR / name).open("rb") as stream:
+            return pickle.load(stream)
+
+    for partition in range(200):
+        states.put(partition, state(0))
+    write_checkpoint(tmp_path, checkpoint(1))
+    for global_round in range(2, 40):
+        for partition in (global_round % 7, 10 + global_round % 7):  # 2 of 200 train each round
+            states.put(partition, state(global_round))
+        write_checkpoint(tmp_path, checkpoint(global_round))
+        name, count = states.chain[-1]
+        assert count == 2 and sorted(written(name)) == sorted({global_round % 7, 10 + global_round % 7})
+    on_disk = {p.name for p in (tmp_path / CHECKPOINT_DIR).iterdir()}
+    assert on_disk == {"round-0039.pkl", *(name for name, _ in states.chain)}
+    resumed = read_checkpoint(tmp_path, scenario).federation["client_states"]
+    assert len(resumed) == 200 and resumed.chain == states.chain
+    versions = {p: resumed[p]["progress"]["version"] for p in resumed}
+    assert versions == {p: max([0] + [r for r in range(2, 40) if p in (r % 7, 10 + r % 7)]) for p in range(200)}
+
+    rewritten = 0
+    for global_round in range(40, 300):  # the chain is rewritten whole once it holds twice the clients' states
+        states.put(global_round % 200, state(global_round))
+        write_checkpoint(tmp_path, checkpoint(global_round))
+        assert sum(count for _, count in states.chain) <= 2 * len(states)
+        rewritten += states.chain == [(states.chain[0][0], 200)]
+    assert rewritten == 1
+    assert len(list((tmp_path / CHECKPOINT_DIR).iterdir())) == len(states.chain) + 1

@@ -18,12 +18,14 @@ so the user's strategy sees plain Flower calls and nothing else has to know abou
   it draws the same numbers wherever and in whatever order the clients ran; it records every
   client's reply, drops the replies of clients that trained on nothing or failed (a
   failure is counted and its reason kept; a round in which every client that was sent
-  a message failed stops the run), checks the clients' and the strategy's arrays
-  against the model, and names the strategy when it raises; under checkpoints it
-  takes each client's `Context.state` out of its reply and keeps it. Of the MetricRecord
-  the strategy returns it records the strategy's own keys: a key the clients' replies
-  carried (`num-examples`, `train_loss`, `method.*`, the client-level weight) comes back
-  only averaged, and the run files have each client's value and fedtide's aggregate.
+  a message failed stops the run), checks that each reply comes from the partition its
+  node was taken to hold (the order nodes are sampled in rests on it), checks the clients'
+  and the strategy's arrays against the model, and names the strategy when it raises;
+  under checkpoints it takes each client's `Context.state` out of its reply and keeps
+  it. Of the MetricRecord the strategy returns it records the strategy's own keys: a key
+  the clients' replies carried (`num-examples`, `train_loss`, `method.*`, the
+  client-level weight) comes back only averaged, and the run files have each client's
+  value and fedtide's aggregate.
 
 Round numbers in every message are global (experience × rounds + round). A run resumed
 inside an experience calls `start()` for its remaining rounds only; the wrapper maps
@@ -50,7 +52,7 @@ from fedtide.protocol import CONTRACT_BROKEN, client_round, experience_end_key, 
 from fedtide.registry import defined_at
 from fedtide.run_files import ClientDrop, ClientFailure, ClientRoundRecord
 from fedtide.server.array_check import array_problem
-from fedtide.server.checkpoint import restore_strategy, strategy_state
+from fedtide.server.checkpoint import ClientStates, restore_strategy, strategy_state
 from fedtide.server.faults import FaultPlan
 
 Result = TypeVar("Result")
@@ -100,7 +102,7 @@ class ContinualStrategy(Strategy):
         self.experience_config = ConfigRecord()
         self.experience_ends: dict[int, ArrayRecord] = {}
         self.settled_through: dict[int, int] = {}  # node id -> experience of its last successful reply
-        self.client_states: dict[int, RecordDict] = {}  # partition id -> Context.state its last reply carried
+        self.client_states = ClientStates()  # partition id -> Context.state its last reply carried
         self.last_round = RoundOutcome(0)
 
     @property
@@ -142,7 +144,7 @@ class ContinualStrategy(Strategy):
             "strategy": strategy_state(self.strategy),
             "experience_ends": dict(self.experience_ends),
             "settled_through": {self.partition_of[node]: e for node, e in self.settled_through.items()},
-            "client_states": dict(self.client_states),
+            "client_states": self.client_states,  # a checkpoint writes those that changed since the last
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -151,7 +153,7 @@ class ContinualStrategy(Strategy):
         self.experience_ends = dict(state["experience_ends"])
         node_of = {partition: node for node, partition in self.partition_of.items()}
         self.settled_through = {node_of[p]: e for p, e in state["settled_through"].items()}
-        self.client_states = dict(state["client_states"])
+        self.client_states = state["client_states"]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -209,13 +211,18 @@ class ContinualStrategy(Strategy):
                 continue
             state = take_client_state(reply.content)  # the client kept it even if its arrays are unusable
             if state is not None:
-                self.client_states[partition] = state
+                self.client_states.put(partition, state)
             problem = array_problem(reply.content["arrays"], self.reference)
             if problem:
                 reason = f"client {partition} returned unusable weights in round {outcome.global_round}: {problem}"
                 outcome.failures.append(ClientFailure(partition_id=partition, reason=reason))
                 continue
             report = client_round(reply.content)
+            if report.partition_id != partition:  # the node order, hence sampling, rested on a wrong partition
+                raise FederationError(
+                    f"node {reply.metadata.src_node_id} holds partition {report.partition_id}, not the "
+                    f"{partition} the server took it to hold (`fedtide.server.grid.registered_partitions`)"
+                )
             outcome.reports.append(report)
             self.settled_through[reply.metadata.src_node_id] = self.experience
             if report.num_examples > 0:  # a client with no data, or out of budget, replied the global model

@@ -3,10 +3,17 @@
 Flower's simulation gives nodes random ids and returns replies as they arrive, so
 both sampling (`random.sample` over node ids) and aggregation (a floating-point
 sum over replies) would depend on the run and on Ray's scheduling. This wrapper
-asks every node for its data partition once, then lists nodes and replies in
-partition order; it does nothing else (what a round's replies mean is
-`ContinualStrategy`'s business), except give up waiting for replies when the run is
-asked to stop (`fedtide.stopping`): Flower's own wait would go on until its timeout.
+lists nodes and replies in the order of the data partition each node holds; it does
+nothing else (what a round's replies mean is `ContinualStrategy`'s business), except
+give up waiting for replies when the run is asked to stop (`fedtide.stopping`): Flower's
+own wait would go on until its timeout.
+
+Which partition a node holds is read from the runtime wherever it already knows
+(`registered_partitions`: Flower's simulation and fedtide's in-process grid), so that
+start-up does not grow with the clients that exist: asking each node costs one message
+per node before round 1 (4 minutes for 10,000 nodes on Ray, docs/benchmarks.md). Only a
+deployment's SuperNodes, each configured on its own machine, are asked. A node's reply
+names its partition, and `ContinualStrategy` checks it against the one read here.
 """
 
 from __future__ import annotations
@@ -15,10 +22,13 @@ import time
 from collections.abc import Iterable
 
 from flwr.app import Message, MessageType, RecordDict
+from flwr.server.superlink.linkstate import InMemoryLinkState
 from flwr.serverapp import Grid
+from flwr.superlink.grid import InMemoryGrid
 
 from fedtide.errors import ScenarioError
-from fedtide.stopping import raise_if_stopped
+from fedtide.server.local_grid import InProcessGrid
+from fedtide.stopping import raise_if_stopped, reclaim_signals
 
 # Seconds between looks for replies: those of Flower's in-memory grid, the simulation's (under `flwr run`
 # Flower's own grid looks every 3 s; a quicker look costs the SuperLink one more small request).
@@ -37,9 +47,14 @@ class PartitionOrderedGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self.partition_of: dict[int, int] = {}
+        self._replied = False  # whether any node has replied yet: then the backend (Ray) is up
 
     def discover(self, num_clients: int, timeout: float = 600.0, batch: int = DISCOVERY_BATCH) -> None:
-        """Wait for `num_clients` nodes and learn which partition each one holds, asking `batch` nodes at a time."""
+        """Wait for `num_clients` nodes and learn which partition each one holds.
+
+        From the runtime where it knows (`registered_partitions`), else by asking the
+        nodes, `batch` at a time.
+        """
         deadline = time.monotonic() + timeout
         while len(node_ids := list(self._grid.get_node_ids())) < num_clients:
             raise_if_stopped()
@@ -50,6 +65,21 @@ class PartitionOrderedGrid(Grid):
                     "start as many SuperNodes as partition.num_clients",
                 )
             time.sleep(1)
+        known = registered_partitions(self._grid)
+        if known is None:
+            self._ask_partitions(node_ids, batch, deadline)
+        else:
+            self.partition_of = known
+        partitions = sorted(self.partition_of.values())
+        if partitions != list(range(num_clients)):
+            raise ScenarioError(
+                "partition.num_clients",
+                f"nodes hold partitions {partitions}, expected 0..{num_clients - 1}",
+                "set each SuperNode's partition-id and num-partitions to match the scenario",
+            )
+
+    def _ask_partitions(self, node_ids: list[int], batch: int, deadline: float) -> None:
+        """Ask every node which partition it holds (the ClientApp's `describe` query)."""
         for start in range(0, len(node_ids), batch):
             queries = [
                 Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
@@ -61,13 +91,6 @@ class PartitionOrderedGrid(Grid):
                         f"node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}"
                     )
                 self.partition_of[reply.metadata.src_node_id] = int(reply.content["node"]["partition_id"])
-        partitions = sorted(self.partition_of.values())
-        if partitions != list(range(num_clients)):
-            raise ScenarioError(
-                "partition.num_clients",
-                f"nodes hold partitions {partitions}, expected 0..{num_clients - 1}",
-                "set each SuperNode's partition-id and num-partitions to match the scenario",
-            )
 
     def get_node_ids(self) -> Iterable[int]:
         return sorted(self._grid.get_node_ids(), key=lambda n: self.partition_of.get(n, n))
@@ -80,6 +103,9 @@ class PartitionOrderedGrid(Grid):
         while True:
             raise_if_stopped()
             pulled = list(self._grid.pull_messages(waiting))
+            if pulled and not self._replied:
+                self._replied = True
+                reclaim_signals()  # a node answered, so a Ray backend is up, and ray.init took SIGTERM
             replies.extend(pulled)
             waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
@@ -106,3 +132,20 @@ class PartitionOrderedGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
+
+
+def registered_partitions(grid: Grid) -> dict[int, int] | None:
+    """Node id -> partition id as the runtime behind `grid` assigned them; None where only the nodes can tell.
+
+    - fedtide's `InProcessGrid` holds every node's `Context`, partition-id in its node_config;
+    - Flower's simulation (`run_simulation`, and `flwr run` on the simulation runtime)
+      registers its nodes one after another in its in-memory LinkState, the i-th with
+      partition-id i (`vce_api._register_nodes`), and the LinkState lists its nodes in the
+      order they registered. tests/test_discovery.py holds Flower to both;
+    - a deployment's SuperNodes are each given a partition on their own machine.
+    """
+    if isinstance(grid, InProcessGrid):
+        return {node: int(context.node_config["partition-id"]) for node, context in grid.contexts.items()}
+    if isinstance(grid, InMemoryGrid) and isinstance(grid.state, InMemoryLinkState):
+        return {node.node_id: partition for partition, node in enumerate(grid.state.get_node_info())}
+    return None
