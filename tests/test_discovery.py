@@ -55,11 +55,11 @@ def test_default_batch_keeps_a_large_federation_in_bounded_pushes():
     assert len(grid.partition_of) == 2 * DISCOVERY_BATCH + 1
 
 
-def test_the_in_process_grid_is_read_not_asked():
+def test_the_in_process_grid_is_read_and_one_node_asked():
     inner = RecordingGrid(1000)
     grid = PartitionOrderedGrid(inner)
     grid.discover(1000)
-    assert inner.pushes == []  # no message before round 1, however many clients exist
+    assert inner.pushes == [1]  # one message before round 1 (the backend is up), however many clients exist
     assert grid.partition_of == {node: context.node_config["partition-id"] for node, context in inner.contexts.items()}
     assert [grid.partition_of[node] for node in grid.get_node_ids()] == list(range(1000))
 
@@ -75,17 +75,27 @@ def test_flowers_simulation_gives_the_ith_registered_node_partition_i_and_lists_
     grid = InMemoryGrid(state_factory=factory)
     grid.set_run(run)
     assert registered_partitions(grid) == given
-    ordered = PartitionOrderedGrid(grid)
-    ordered.discover(300)
-    assert ordered.partition_of == given
+
+
+def misread(monkeypatch, grid: InProcessGrid, first: int, second: int) -> None:
+    """Make `registered_partitions` swap the partitions of two of the grid's nodes."""
+    truth = registered_partitions(grid)
+    nodes = sorted(truth, key=truth.get)
+    swapped = {**truth, nodes[first]: second, nodes[second]: first}
+    monkeypatch.setattr(fedtide.server.grid, "registered_partitions", lambda inner: swapped)
+
+
+def test_a_node_that_answers_for_another_partition_before_round_1_stops_the_run(tmp_path, monkeypatch):
+    scenario = small_scenario()
+    grid = InProcessGrid(scenario.partition.num_clients)
+    misread(monkeypatch, grid, 0, 1)
+    with pytest.raises(FederationError, match="holds partition 1, not the 0 its runtime registered it with"):
+        run_federation(grid, scenario, create_run_folder(scenario, tmp_path))
 
 
 def test_a_node_that_replies_for_another_partition_stops_the_run(tmp_path, monkeypatch):
     scenario = small_scenario()
     grid = InProcessGrid(scenario.partition.num_clients)
-    truth = registered_partitions(grid)
-    nodes = sorted(truth, key=truth.get)
-    swapped = {**truth, nodes[0]: 1, nodes[1]: 0}
-    monkeypatch.setattr(fedtide.server.grid, "registered_partitions", lambda inner: swapped)
-    with pytest.raises(FederationError, match="holds partition 1, not the 0 the server took it to hold"):
+    misread(monkeypatch, grid, 2, 3)  # node 0, the one asked before round 1, is read right
+    with pytest.raises(FederationError, match="holds partition 3, not the 2 the server took it to hold"):
         run_federation(grid, scenario, create_run_folder(scenario, tmp_path))

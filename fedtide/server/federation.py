@@ -72,6 +72,7 @@ from fedtide.server.continual_strategy import ContinualStrategy, RoundOutcome
 from fedtide.server.faults import FaultPlan
 from fedtide.server.grid import PartitionOrderedGrid
 from fedtide.server.method_metrics import aggregate_method_metrics
+from fedtide.stopping import reclaim_signals
 
 RoundObserver = Callable[[RoundRecord], None]
 
@@ -225,6 +226,7 @@ def run_federation(
     recorder = _RunRecorder(scenario, run_dir, observer)
     arrays = ArrayRecord(recorder.model.state_dict())
     ordered.discover(num_clients)
+    reclaim_signals()  # the nodes answered, so a Ray backend is up, and ray.init took SIGTERM
     client_private = scenario.privacy.client_private
     strategy = federation_strategy(scenario, recorder.client_level.noise_multiplier if client_private else None)
     faults = FaultPlan(scenario.faults, scenario.seed) if scenario.faults.active else None

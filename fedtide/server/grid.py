@@ -12,8 +12,9 @@ Which partition a node holds is read from the runtime wherever it already knows
 (`registered_partitions`: Flower's simulation and fedtide's in-process grid), so that
 start-up does not grow with the clients that exist: asking each node costs one message
 per node before round 1 (4 minutes for 10,000 nodes on Ray, docs/benchmarks.md). Only a
-deployment's SuperNodes, each configured on its own machine, are asked. A node's reply
-names its partition, and `ContinualStrategy` checks it against the one read here.
+deployment's SuperNodes, each configured on its own machine, are all asked; elsewhere one
+node is, to know that the backend is up. Every train reply names its partition, and
+`ContinualStrategy` checks it against the one read here.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from flwr.server.superlink.linkstate import InMemoryLinkState
 from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 
-from fedtide.errors import ScenarioError
+from fedtide.errors import FederationError, ScenarioError
 from fedtide.server.local_grid import InProcessGrid
-from fedtide.stopping import raise_if_stopped, reclaim_signals
+from fedtide.stopping import raise_if_stopped
 
 # Seconds between looks for replies: those of Flower's in-memory grid, the simulation's (under `flwr run`
 # Flower's own grid looks every 3 s; a quicker look costs the SuperLink one more small request).
@@ -47,13 +48,15 @@ class PartitionOrderedGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self.partition_of: dict[int, int] = {}
-        self._replied = False  # whether any node has replied yet: then the backend (Ray) is up
 
     def discover(self, num_clients: int, timeout: float = 600.0, batch: int = DISCOVERY_BATCH) -> None:
-        """Wait for `num_clients` nodes and learn which partition each one holds.
+        """Wait for `num_clients` nodes, learn which partition each one holds, and for a node's reply.
 
         From the runtime where it knows (`registered_partitions`), else by asking the
-        nodes, `batch` at a time.
+        nodes, `batch` at a time. Where the runtime knows, one node is asked all the
+        same: its reply says that the backend is up (Ray's start-up draws from Python's
+        `random`, with which Flower samples nodes, so no round may start before it ends)
+        and checks the reading.
         """
         deadline = time.monotonic() + timeout
         while len(node_ids := list(self._grid.get_node_ids())) < num_clients:
@@ -67,9 +70,15 @@ class PartitionOrderedGrid(Grid):
             time.sleep(1)
         known = registered_partitions(self._grid)
         if known is None:
-            self._ask_partitions(node_ids, batch, deadline)
+            self.partition_of = self._ask_partitions(node_ids, batch, deadline)
         else:
             self.partition_of = known
+            first = min(known, key=known.__getitem__)
+            if (answer := self._ask_partitions([first], batch, deadline)[first]) != known[first]:
+                raise FederationError(
+                    f"node {first} holds partition {answer}, not the {known[first]} its runtime registered it with "
+                    "(`fedtide.server.grid.registered_partitions`)"
+                )
         partitions = sorted(self.partition_of.values())
         if partitions != list(range(num_clients)):
             raise ScenarioError(
@@ -78,8 +87,9 @@ class PartitionOrderedGrid(Grid):
                 "set each SuperNode's partition-id and num-partitions to match the scenario",
             )
 
-    def _ask_partitions(self, node_ids: list[int], batch: int, deadline: float) -> None:
-        """Ask every node which partition it holds (the ClientApp's `describe` query)."""
+    def _ask_partitions(self, node_ids: list[int], batch: int, deadline: float) -> dict[int, int]:
+        """Ask these nodes which partition each holds (the ClientApp's `describe` query)."""
+        answers = {}
         for start in range(0, len(node_ids), batch):
             queries = [
                 Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
@@ -90,7 +100,8 @@ class PartitionOrderedGrid(Grid):
                     raise RuntimeError(
                         f"node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}"
                     )
-                self.partition_of[reply.metadata.src_node_id] = int(reply.content["node"]["partition_id"])
+                answers[reply.metadata.src_node_id] = int(reply.content["node"]["partition_id"])
+        return answers
 
     def get_node_ids(self) -> Iterable[int]:
         return sorted(self._grid.get_node_ids(), key=lambda n: self.partition_of.get(n, n))
@@ -103,9 +114,6 @@ class PartitionOrderedGrid(Grid):
         while True:
             raise_if_stopped()
             pulled = list(self._grid.pull_messages(waiting))
-            if pulled and not self._replied:
-                self._replied = True
-                reclaim_signals()  # a node answered, so a Ray backend is up, and ray.init took SIGTERM
             replies.extend(pulled)
             waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
