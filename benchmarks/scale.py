@@ -2,12 +2,13 @@
 
 The work (issue 11, "Scale"): Fashion-MNIST, MLP, Replay (mem_size 200), 2 experiences of
 3 rounds, 1 local epoch, 10 clients sampled per round (`federation.fraction_train` =
-10/N, `min_train_nodes` 10), no checkpoints, with N = 100 and N = 1,000 clients in all.
+10/N, `min_train_nodes` 10), no checkpoints, with N = 100 and N = 1,000 clients in all
+(issue 21 adds 10,000: `--clients 100 1000 10000`).
 Each run is its own `fedtide run` process; from its `metrics.jsonl` (`wall_time_s` is
 cumulative from the run's start):
 
 - start-up: from the process's start to the first line of its metrics.jsonl (seen by a
-  0.2 s poll), less one round (the median below): imports, data, node discovery, workers;
+  0.2 s poll), less one round (the median below): imports, data, Ray and its workers;
 - per round: the median of the differences between consecutive rounds, leaving out the
   first round of each experience (it also carries consolidation and the first calls of
   the experience's workers);

@@ -4,11 +4,11 @@ scenario.yaml (the resolved scenario), import_path.json (the folders the run mad
 importable for its "module:Class" plugins, so that a resume imports them as it did),
 metrics.jsonl (a `RoundRecord` per round and an `ExperienceRecord` per experience, written
 as the run goes), model.pt, summary.json (a `RunSummary`), and while the run is unfinished
-checkpoint/round-NNNN.pkl (its latest checkpoint, `fedtide.server.checkpoint`). A run
-never writes into an existing folder: a second run of the same name gets a numbered
-sibling; only `fedtide resume` continues one. summary.json appears only, and whole, when
-the run has finished. Readers (the report, the CLI) use the records, never torch: this
-module imports none.
+checkpoint/ (its latest checkpoint, round-NNNN.pkl, and the clients-*.pkl files of client
+states it names: `fedtide.server.checkpoint`). A run never writes into an existing
+folder: a second run of the same name gets a numbered sibling; only `fedtide resume`
+continues one. summary.json appears only, and whole, when the run has finished. Readers
+(the report, the CLI) use the records, never torch: this module imports none.
 
 A record's `to_dict()` is exactly the JSON the file holds (same keys, same order, an
 optional section left out when absent), so run folders written before the records

@@ -300,7 +300,8 @@ class CheckpointConfig(Section):
     """How often a run saves what it needs to continue after an interruption (`fedtide resume`).
 
     `every: k` writes `checkpoint/round-NNNN.pkl` in the run folder after every k-th
-    global round and after the last one, replacing the previous checkpoint; 0 turns
+    global round and after the last one, replacing the previous checkpoint (with the
+    client states that changed since, in a file of their own); 0 turns
     checkpoints off (clients then stop sending their state with their replies).
     """
 
