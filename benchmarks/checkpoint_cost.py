@@ -104,7 +104,8 @@ def main() -> None:
             for kind in ("whole", "changed"):
                 run_dir = Path(folder) / f"{kind}{clients}"
                 run_dir.mkdir()
-                every = {partition: state for partition in range(clients)}
+                blob = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+                every = {partition: pickle.loads(blob) for partition in range(clients)}  # one object each, as in a run
                 states = ClientStates(every) if kind == "changed" else every
                 write_checkpoint(run_dir, _checkpoint(scenario, states, 1))  # every client has trained before
                 row.append(time_rounds(run_dir, scenario, states, clients, args.rounds))
