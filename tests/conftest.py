@@ -29,6 +29,8 @@ def small_scenario(**sections):
         "partition": {"kind": "dirichlet", "alpha": 0.5, "num_clients": 4},
         "federation": {"rounds_per_experience": 2},
         "continual": {"method": "replay", "mem_size": 60},
+        # half the default local training (2 epochs at lr 0.1): enough for every behaviour tested
+        "client": {"epochs": 1, "lr": 0.05},
     }
     raw.update(sections)
     return parse_scenario(raw)

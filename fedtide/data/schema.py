@@ -77,13 +77,13 @@ class FederationConfig(Section):
     min_train_nodes: int = Field(1, ge=1)
 
 
-# A learning rate that trains when a scenario names none (docs/results.md, "Client defaults"):
-# Adam's optimizer state starts afresh every round, so it needs more than torch's 1e-3.
-DEFAULT_LR = {"sgd": 0.2, "adam": 3e-3}
+# Local training that learns when a scenario names none: the quickstart's (docs/results.md,
+# "Client defaults"). Adam's state starts afresh every round, so it needs more than torch's 1e-3.
+DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3}
 
 
 class ClientConfig(Section):
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(DEFAULT_LR["sgd"], gt=0)
