@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import yaml
 from flwr.app import Array, ArrayRecord, RecordDict
-from flwr.serverapp.strategy import Strategy
 
 from fedtide.continual.hooks import MisspeltHook
 from fedtide.data.schema import Scenario
@@ -92,29 +91,12 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 
 
 def plugin_kind(name: str) -> str:
-    """Whether `name` is an aggregation strategy or a continual method (by its base class)."""
-    from avalanche.training.plugins import SupervisedPlugin
+    """Whether `name` is an aggregation strategy or a continual method (by its base class, or where it is known)."""
+    from fedtide import aggregation
+    from fedtide.continual import methods
+    from fedtide.registry import kind_of
 
-    from fedtide.aggregation import STRATEGIES
-    from fedtide.continual.base import ContinualMethod
-    from fedtide.continual.methods import all_methods
-    from fedtide.registry import (
-        CONTINUAL_GROUP,
-        STRATEGY_GROUP,
-        is_plugin_path,
-        load_plugin,
-        plugin_entry_points,
-    )
-
-    if is_plugin_path(name):
-        found = load_plugin(name, "plugin", (Strategy, ContinualMethod, SupervisedPlugin))
-        return STRATEGY if issubclass(found, Strategy) else METHOD
-    lower = name.lower()
-    if lower in STRATEGIES or lower in plugin_entry_points(STRATEGY_GROUP):
-        return STRATEGY
-    if lower in all_methods() or lower in plugin_entry_points(CONTINUAL_GROUP):
-        return METHOD
-    raise ScenarioError("plugin", f"'{name}' is neither a strategy nor a continual method fedtide knows")
+    return STRATEGY if kind_of(name, (aggregation.STRATEGY, methods.METHOD)) is aggregation.STRATEGY else METHOD
 
 
 def check_scenario(

@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtide import aggregation
+from fedtide import registry
 from fedtide.aggregation import build_strategy, strategy_class
 from fedtide.client.schedule import train_schedule
 from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY
@@ -84,7 +84,7 @@ def test_built_in_names_win_over_entry_points_and_broken_entry_points_name_thems
         "gone": EntryPoint("gone", "no_such_module:Thing", group),
         "wrong": EntryPoint("wrong", "tests.broken_strategy:NotAStrategy", group),
     }
-    monkeypatch.setattr(aggregation, "plugin_entry_points", lambda _: points)
+    monkeypatch.setattr(registry, "plugin_entry_points", lambda _: points)
     assert strategy_class("fedavg") is FedAvg
     assert strategy_class("nan") is NaNStrategy
     with pytest.raises(ScenarioError) as gone:
