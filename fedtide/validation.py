@@ -33,7 +33,7 @@ def check_runnable(scenario: Scenario) -> None:
     if scenario.privacy.private:
         from fedtide.privacy.accounting import check_privacy  # Opacus, only for a private run
 
-        check_privacy(scenario, method.private_footprint())
+        check_privacy(scenario, method)
     if scenario.privacy.client_private:
         from fedtide.privacy.client_level import check_client_level  # Opacus's accountant
         from fedtide.privacy.dp_fedavg import require_accountable

@@ -40,6 +40,7 @@ STORAGES = ("experience", "class")
 class Naive(ContinualMethod):
     name = "naive"
     dp_compatible = True
+    adds_loss_term = False
     description = "fine-tuning, no protection against forgetting (lower bound)"
 
     def plugins(self) -> list[SupervisedPlugin]:
@@ -71,6 +72,7 @@ class Replay(ContinualMethod):
 
     name = "replay"
     dp_compatible = True
+    adds_loss_term = False  # replayed samples join the data loss, each clipped as a sample
     description = "experience replay: Avalanche ReplayPlugin, buffer balanced by experience or class"
 
     def __init__(self, mem_size: int = 200, storage: str = "experience") -> None:

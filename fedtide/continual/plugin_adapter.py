@@ -138,6 +138,7 @@ def plugin_method(
         "name": name,
         "description": description or (doc[0] if doc else plugin_class.__name__),
         "dp_compatible": getattr(plugin_class, "dp_compatible", False) if dp_compatible is None else dp_compatible,
+        "adds_loss_term": getattr(plugin_class, "adds_loss_term", True),
         "metric_aggregation": getattr(plugin_class, "metric_aggregation", {}),
         "__module__": __name__,
     }
