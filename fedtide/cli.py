@@ -282,8 +282,8 @@ def list_components() -> None:
     """Show the built-in strategies, continual methods, datasets, models and partitioners."""
     from fedtide.aggregation import STRATEGIES, STRATEGY
     from fedtide.continual.methods import METHOD, all_methods
+    from fedtide.data.datasets import DATASETS
     from fedtide.data.partition import PARTITIONERS
-    from fedtide.data.schema import NUM_CLASSES
     from fedtide.models import MODELS
     from fedtide.registry import installed_plugins
 
@@ -295,7 +295,10 @@ def list_components() -> None:
     sections = {
         "federation.strategy.name": strategies | installed_plugins(STRATEGY),
         "continual.method": methods,
-        "dataset.name": {n: f"{k} classes" for n, k in NUM_CLASSES.items()},
+        "dataset.name": {
+            n: f"{d.description}: {d.num_classes} classes, {'x'.join(map(str, d.input_shape))}"
+            for n, d in DATASETS.items()
+        },
         "model.name": MODELS,
         "partition.kind": PARTITIONERS,
     }

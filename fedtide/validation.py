@@ -28,7 +28,7 @@ def check_runnable(scenario: Scenario) -> None:
     check_hooks(method, scenario.continual.method)
     if scenario.privacy.private:
         require_dp_compatible(method, scenario.continual.method)
-    data = load_dataset(scenario.dataset.name, scenario.dataset.root)
+    load_dataset(scenario.dataset.name, scenario.dataset.root)  # found, readable, and as registered
     experience_partitions(scenario)
     if scenario.privacy.private:
         from fedtide.privacy.accounting import check_privacy  # Opacus, only for a private run
@@ -42,7 +42,7 @@ def check_runnable(scenario: Scenario) -> None:
         require_accountable(build_strategy(scenario.federation, scenario.partition.num_clients), scenario)
     if scenario.privacy.secure_rng and scenario.privacy.private:
         check_secure_mode()
-    build_scenario_model(scenario, data.input_shape)
+    build_scenario_model(scenario)
     check_resources(scenario)
 
 
