@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from fedtide.continual.hooks import MisspeltHook
 from fedtide.data.schema import Scenario
@@ -80,13 +79,11 @@ class PluginReport:
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` strings, values read as YAML (`--set strength=0.5`)."""
+    """`key=value` strings (`--set strength=0.5`), read as `fedtide run --set` reads a scenario's."""
+    from fedtide.data.loading import apply_overrides
+
     params: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ScenarioError("--set", f"'{pair}' is not key=value")
-        params[key.strip()] = yaml.safe_load(value)
+    apply_overrides(params, pairs)
     return params
 
 
@@ -307,12 +304,11 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _fedavg(replies: list[RecordDict]) -> ArrayRecord:
-    weights = np.array([max(int(r["metrics"]["num-examples"]), 0) for r in replies], dtype=float)
-    weights = weights / weights.sum() if weights.sum() else np.full(len(replies), 1 / len(replies))
-    stacks = [r["arrays"].to_numpy_ndarrays() for r in replies]
-    mean = [sum(w * arrays[i] for w, arrays in zip(weights, stacks)) for i in range(len(stacks[0]))]
-    keys = list(replies[0]["arrays"].keys())
-    return ArrayRecord({k: Array.from_numpy_ndarray(m.astype(a.dtype)) for k, m, a in zip(keys, mean, stacks[0])})
+    """Flower's FedAvg of the replies' arrays, weighted by their examples (what `FedAvg.aggregate_train` does)."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    own = [RecordDict({"arrays": r["arrays"], "metrics": r["metrics"]}) for r in replies]
+    return aggregate_arrayrecords(own, "num-examples")
 
 
 # --- strategies, in-process ---------------------------------------------------------------

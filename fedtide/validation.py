@@ -84,7 +84,7 @@ def check_resources(scenario: Scenario) -> None:
         )
     if resources.ray_address is not None:
         return
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = available_cores()
     if resources.num_cpus_per_client > cpus:
         raise ScenarioError(
             "resources.num_cpus_per_client",
@@ -98,3 +98,8 @@ def check_resources(scenario: Scenario) -> None:
             f"{resources.num_gpus_per_client:g} GPU per client, but this machine has {gpus} CUDA GPU(s)",
             "set it to 0 to train on the CPU, or join a Ray cluster with GPUs with resources.ray_address",
         )
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
