@@ -159,7 +159,7 @@ def test_every_method_trains_on_its_client_s_canaries(method):
     canaries = experience_canaries(scenario)
     arrays, report, _ = run_rounds(scenario, 0, [(0, 1), (1, 2)])
     assert report.num_examples == len(client_experiences(scenario, 0)[1])
-    model = build_scenario_model(scenario, (1, 8, 8))
+    model = build_scenario_model(scenario)
     model.load_state_dict(arrays.to_torch_state_dict())
     images = load_dataset("digits").test_x[torch.from_numpy(canaries.image)]
     scores = sample_losses(model, images, torch.from_numpy(canaries.true_class)) - sample_losses(

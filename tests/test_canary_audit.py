@@ -92,7 +92,7 @@ def test_a_non_private_run_with_many_local_epochs_gives_a_clear_lower_bound(swee
     assert audit["correct"] / audit["guesses"] > 0.9
     assert audit["epsilon_ceiling"] == audit_ceiling(CANARIES, audit["delta"], 0.95) >= audit["epsilon_lower"]
     # the record is what the saved final model gives
-    model = build_scenario_model(scenario, (1, 8, 8))
+    model = build_scenario_model(scenario)
     model.load_state_dict(torch.load(run_dir / MODEL_FILE))
     images = load_dataset("digits").test_x[torch.from_numpy(canaries.image)]
     scores = canary_scores(model, canaries, images)

@@ -41,7 +41,7 @@ def sparse(method: dict):
 
 
 def model_of(scenario):
-    return build_scenario_model(scenario, build_stream(scenario).data.input_shape, scenario.seed)
+    return build_scenario_model(scenario, seed=scenario.seed)
 
 
 def drive(scenario, partition_id, schedule=SCHEDULE):

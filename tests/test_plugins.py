@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtide import aggregation
+from fedtide import registry
 from fedtide.aggregation import build_strategy, strategy_class
 from fedtide.client.schedule import train_schedule
 from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY
@@ -84,7 +84,7 @@ def test_built_in_names_win_over_entry_points_and_broken_entry_points_name_thems
         "gone": EntryPoint("gone", "no_such_module:Thing", group),
         "wrong": EntryPoint("wrong", "tests.broken_strategy:NotAStrategy", group),
     }
-    monkeypatch.setattr(aggregation, "plugin_entry_points", lambda _: points)
+    monkeypatch.setattr(registry, "plugin_entry_points", lambda _: points)
     assert strategy_class("fedavg") is FedAvg
     assert strategy_class("nan") is NaNStrategy
     with pytest.raises(ScenarioError) as gone:
@@ -95,6 +95,24 @@ def test_built_in_names_win_over_entry_points_and_broken_entry_points_name_thems
         strategy_class("wrong")
     assert "entry point 'wrong'" in str(wrong.value)
     assert "is not a subclass of flwr.serverapp.strategy.strategy.Strategy" in str(wrong.value)
+
+
+def test_one_resolver_names_every_kind_and_tells_check_plugin_which_kind_a_name_is():
+    """Strategies and methods resolve through `registry.resolve` in one order; built-ins are plugin-backed."""
+    from fedtide.aggregation import STRATEGY
+    from fedtide.continual.methods import METHOD
+
+    kinds = (STRATEGY, METHOD)
+    assert registry.resolve(STRATEGY, "FedAvg") is FedAvg
+    assert registry.resolve(METHOD, "l2_anchor").plugin_class is L2Anchor
+    named = ["fedavg", "experience_momentum", "fedtide_examples.strategy:ExperienceMomentum", "ewc", "mas", "l2_anchor"]
+    named.append("fedtide_examples.method:L2Anchor")
+    assert [registry.kind_of(name, kinds) for name in named] == [STRATEGY] * 3 + [METHOD] * 4
+    with pytest.raises(ScenarioError, match="'nope' is no strategy and no method fedtide knows"):
+        registry.kind_of("nope", kinds)
+    with pytest.raises(ScenarioError, match="unknown method 'nope'.*one of naive, replay, ewc, lwf, mas"):
+        registry.resolve(METHOD, "nope")
+    assert all(issubclass(all_methods()[name], PluginMethod) for name in ("replay", "ewc", "lwf"))
 
 
 @pytest.mark.parametrize(

@@ -88,12 +88,12 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
     own_data = client_experiences(scenario, task.partition_id)
     sizes = [len(d) for d in own_data]
     experiences = benchmark_from_datasets(train=own_data).train_stream
-    stream = build_stream(scenario)
-    # Seeded only now: building the process's data caches draws from the global RNGs the
-    # first time, and which client a Ray worker serves first must not change its numbers.
+    build_stream(scenario)
+    # Seeded only now: building the process's data caches (above) draws from the global RNGs
+    # the first time, and which client a Ray worker serves first must not change its numbers.
     seed_everything(scenario.seed, task.partition_id, task.global_round)
 
-    model = build_scenario_model(scenario, stream.data.input_shape)
+    model = build_scenario_model(scenario)
     _load_weights(model, global_arrays)
     state = ClientState(records, scenario.stream.n_experiences)
     name = scenario.continual.method

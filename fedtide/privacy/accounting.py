@@ -13,6 +13,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Protocol
 
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
@@ -24,20 +25,27 @@ from fedtide.errors import ScenarioError
 from fedtide.privacy.footprint import PrivateFootprint
 from fedtide.privacy.history import History
 
-GHOST_METHODS = ("naive", "replay")  # the built-in methods that add nothing to the training loss
 MODE_FIELD = "privacy.grad_sample_mode"
 
 
-def check_grad_sample_mode(scenario: Scenario) -> None:
+class PrivateMethod(Protocol):
+    """What the checks here need of a continual method, handed to them (privacy never imports the methods)."""
+
+    adds_loss_term: bool
+
+    def private_footprint(self) -> PrivateFootprint: ...
+
+
+def check_grad_sample_mode(scenario: Scenario, method: PrivateMethod) -> None:
     """Refuse ghost clipping where a term joins the loss: it would be scaled per sample as if it were data."""
     if scenario.privacy.grad_sample_mode != "ghost":
         return
-    method = scenario.continual.method
-    if method.lower() not in GHOST_METHODS:
+    if method.adds_loss_term:
         raise ScenarioError(
             MODE_FIELD,
-            f"ghost clipping clips the data loss alone, and method '{method}' may add its own term to it",
-            f"use grad_sample_mode: hooks, or method {' or '.join(GHOST_METHODS)}",
+            f"ghost clipping clips the data loss alone, and method '{scenario.continual.method}' "
+            "may add its own term to it",
+            "use grad_sample_mode: hooks, or a method whose class says adds_loss_term = False",
         )
     if scenario.federation.strategy.name.lower() == "fedprox":
         raise ScenarioError(
@@ -87,12 +95,13 @@ def steps_and_rate(num_samples: int, batch_size: int) -> tuple[int, float]:
     return steps, 1.0 / steps
 
 
-def check_privacy(scenario: Scenario, footprint: PrivateFootprint) -> None:
+def check_privacy(scenario: Scenario, method: PrivateMethod) -> None:
     """Refuse DP settings that cannot hold before any training: δ too large, target out of reach,
     a grad sample mode that cannot clip what the method adds to the loss."""
     if not scenario.privacy.private:
         return
-    check_grad_sample_mode(scenario)
+    check_grad_sample_mode(scenario, method)
+    footprint = method.private_footprint()
     largest = largest_client_dataset(scenario)
     delta = client_delta(scenario)
     if delta >= 1.0 / largest:

@@ -91,7 +91,7 @@ class _RunRecorder:
         key = split_key(scenario)
         self.classes = [sorted(group) for group in experience_classes(key)]
         self.test_sets = [(data.test_x[ids], data.test_y[ids]) for ids in evaluation_samples(scenario)]
-        self.model = build_scenario_model(scenario, data.input_shape, scenario.seed)
+        self.model = build_scenario_model(scenario, seed=scenario.seed)
         self.run_dir = run_dir
         self.rounds = scenario.federation.rounds_per_experience
         self.total_rounds = scenario.total_rounds
