@@ -194,11 +194,12 @@ SCHEDULE = [(0, 1), (1, 2), (1, 3)]
 def _check_method(scenario: Scenario, report: PluginReport, folder: Path) -> None:
     from fedtide.client.schedule import ScheduledClient
     from fedtide.continual.state_check import LostState
-    from fedtide.data.stream import build_stream
+    from fedtide.data.datasets import load_dataset
     from fedtide.models import build_scenario_model
     from fedtide.server.array_check import array_problem
 
-    model = build_scenario_model(scenario, build_stream(scenario).data.input_shape, scenario.seed)
+    shape = load_dataset(scenario.dataset.name, scenario.dataset.root).input_shape
+    model = build_scenario_model(scenario, shape, scenario.seed)
     global_arrays = ArrayRecord(model.state_dict())
     clients = [ScheduledClient(scenario, partition) for partition in range(scenario.partition.num_clients)]
     after_consolidation: list[RecordDict] = []
@@ -245,7 +246,7 @@ def _check_private(scenario: Scenario, report: PluginReport, folder: Path) -> No
     its model computing on the DP batches alone (`fedtide.privacy.dp_sgd.UnaccountedData`)."""
     from fedtide.client.schedule import train_schedule
     from fedtide.continual.methods import method_class
-    from fedtide.data.stream import build_stream
+    from fedtide.data.datasets import load_dataset
     from fedtide.models import build_scenario_model
     from fedtide.privacy.dp_sgd import UnaccountedData
     from fedtide.server.array_check import array_problem
@@ -255,7 +256,8 @@ def _check_private(scenario: Scenario, report: PluginReport, folder: Path) -> No
         return
     private = scenario.model_copy(update={"privacy": scenario.privacy.model_copy(update={"enabled": True})})
     private.privacy.noise_multiplier = 1.0
-    model = build_scenario_model(private, build_stream(private).data.input_shape, private.seed)
+    shape = load_dataset(private.dataset.name, private.dataset.root).input_shape
+    model = build_scenario_model(private, shape, private.seed)
     try:
         reply = train_schedule(private, 0, SCHEDULE[:2], ArrayRecord(model.state_dict()))[-1].reply
     except UnaccountedData as error:  # the claim is false: the message says why and the fix
@@ -281,16 +283,16 @@ def _check_state(
     from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY, ClientState
     from fedtide.continual.methods import build_method
     from fedtide.continual.state_codec import encode
-    from fedtide.data.stream import build_stream
+    from fedtide.data.datasets import load_dataset
+    from fedtide.data.stream import training_pool
     from fedtide.models import build_scenario_model
 
     stored = after_consolidation[0]
     arrays = {k: v.numpy() for k, v in stored[METHOD_ARRAYS_KEY].items()}
     layout = json.loads(str(stored[METHOD_LAYOUT_KEY]["layout"]))
-    stream = build_stream(scenario)
-    model = build_scenario_model(scenario, stream.data.input_shape)
+    model = build_scenario_model(scenario, load_dataset(scenario.dataset.name, scenario.dataset.root).input_shape)
     method = build_method(scenario.continual)
-    method.bind(model, stream.full_train)
+    method.bind(model, training_pool(scenario))
     try:
         ClientState(stored, scenario.stream.n_experiences).restore_method(method, model)
         again_arrays, again_layout = encode(method.state_dict())

@@ -100,9 +100,9 @@ def stored_method_state(records, scenario=None) -> dict:
     """
     from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY
     from fedtide.continual.state_codec import decode
-    from fedtide.data.stream import build_stream
+    from fedtide.data.datasets import load_dataset
     from fedtide.models import build_scenario_model
 
     scenario = scenario or small_scenario()
-    model = build_scenario_model(scenario, build_stream(scenario).data.input_shape)
+    model = build_scenario_model(scenario, load_dataset(scenario.dataset.name).input_shape)
     return decode(records[METHOD_ARRAYS_KEY], records[METHOD_LAYOUT_KEY], model)
