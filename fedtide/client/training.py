@@ -97,7 +97,7 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
 
     model = build_scenario_model(scenario, load_dataset(scenario.dataset.name, scenario.dataset.root).input_shape)
     _load_weights(model, global_arrays)
-    state = ClientState(records, scenario.stream.n_experiences)
+    state = ClientState(records, len(own.experiences))
     name = scenario.continual.method
     with method_phase(name, "construction"):
         method = build_method(scenario.continual)
