@@ -27,18 +27,24 @@ Dataset = TaskAwareSupervisedClassificationDataset
 
 def training_pool(scenario: Scenario) -> Dataset:
     """Every sample a client may train on, by sample id (`pool.subset(ids)`); cached per process."""
-    return _pool(PlanInputs.of(scenario))
+    inputs = PlanInputs.of(scenario)
+    return _with_canaries(inputs) if inputs.canaries else _training_set(inputs.dataset, inputs.root)
 
 
 @lru_cache(maxsize=4)
-def _pool(inputs: PlanInputs) -> Dataset:
+def _training_set(name: str, root: str | None) -> Dataset:
+    data = load_dataset(name, root)
+    return _with_sample_ids(data.train_x, data.train_y)
+
+
+@lru_cache(maxsize=4)
+def _with_canaries(inputs: PlanInputs) -> Dataset:
+    """The training set, then one row per canary of the plan (drawn for its clients and classes)."""
     data = load_dataset(inputs.dataset, inputs.root)
-    pool = _with_sample_ids(data.train_x, data.train_y)
     canaries = build_plan(inputs).canaries
-    if canaries is None:
-        return pool
     images = data.test_x[torch.from_numpy(canaries.image)]
-    return pool.concat(_with_sample_ids(images, torch.from_numpy(canaries.label), first_id=len(data.train_y)))
+    rows = _with_sample_ids(images, torch.from_numpy(canaries.label), first_id=len(data.train_y))
+    return _training_set(inputs.dataset, inputs.root).concat(rows)
 
 
 def _with_sample_ids(x: torch.Tensor, y: torch.Tensor, first_id: int = 0) -> Dataset:

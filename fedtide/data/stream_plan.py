@@ -149,6 +149,7 @@ def stream_plan(scenario: Scenario) -> StreamPlan:
 
 @lru_cache(maxsize=4)
 def build_plan(inputs: PlanInputs) -> StreamPlan:
+    """The plan of `inputs` (`stream_plan` for a scenario); cached, as every consumer asks for it."""
     data = load_dataset(inputs.dataset, inputs.root)
     train_labels, test_labels = data.train_y.numpy(), data.test_y.numpy()
     classes = experience_classes(int(train_labels.max()) + 1, inputs.n_experiences, inputs.class_order, inputs.seed)

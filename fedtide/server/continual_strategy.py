@@ -191,7 +191,8 @@ class ContinualStrategy(Strategy):
         """
         node = message.metadata.dst_node_id
         client = self.plan.client(self._partition(node))
-        owed = client.to_consolidate(self.settled_through.get(node, 0), self.experience)
+        now = client.at_round(self.global_round(server_round))
+        owed = client.to_consolidate(self.settled_through.get(node, 0), now.experience)
         extra = {experience_end_key(e): self.experience_ends[e] for e in owed}
         if server_round == 1:
             extra.pop(experience_end_key(self.experience - 1), None)
