@@ -7,10 +7,11 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedtide.data import stream
 from fedtide.data.datasets import load_dataset
 from fedtide.data.stream import client_experiences
 from fedtide.data.stream_plan import classes_per_experience, stream_plan
-from fedtide.metrics import canary_audit
+from fedtide.metrics import audit, canary_audit
 from fedtide.models import build_scenario_model
 from fedtide.privacy import accounting
 from fedtide.privacy.footprint import PrivateFootprint
@@ -109,20 +110,34 @@ def test_the_server_sends_the_ends_of_the_experiences_the_plan_has_a_client_cons
     assert sent == {106: [1], 104: [0, 1]}  # client 6 has nothing of experience 0 to consolidate
 
 
-def test_client_datasets_are_the_planned_samples():
-    scenario = small_scenario()
-    for c, own in enumerate(stream_plan(scenario).clients):
-        datasets = client_experiences(scenario, c)
-        assert [list(d.sample_id) for d in datasets] == [exp.train.tolist() for exp in own.experiences]
-        assert [list(d.targets) for d in datasets] == [TRAIN_LABELS[exp.train].tolist() for exp in own.experiences]
-
-
 def shrunk(plan, client: int, keep: int):
     """`plan` with `client` keeping only the first `keep` samples of each experience."""
     own = plan.client(client)
     experiences = tuple(replace(exp, train=exp.train[:keep]) for exp in own.experiences)
     clients = tuple(replace(own, experiences=experiences) if c == client else p for c, p in enumerate(plan.clients))
     return replace(plan, clients=clients)
+
+
+def test_client_datasets_are_the_planned_samples(monkeypatch):
+    scenario = small_scenario()
+    for c, own in enumerate(stream_plan(scenario).clients):
+        datasets = client_experiences(scenario, c)
+        assert [list(d.sample_id) for d in datasets] == [exp.train.tolist() for exp in own.experiences]
+        assert [list(d.targets) for d in datasets] == [TRAIN_LABELS[exp.train].tolist() for exp in own.experiences]
+    monkeypatch.setattr(stream, "stream_plan", lambda _: shrunk(stream_plan(scenario), 2, keep=5))
+    assert [len(d) for d in client_experiences(scenario, 2)] == [5, 5, 5]
+
+
+def test_the_membership_audit_s_members_are_the_plan_s_training_samples(monkeypatch):
+    scenario = small_scenario()
+    model = build_scenario_model(scenario, (1, 8, 8))
+    plan = stream_plan(scenario)
+    before = audit.audit_clients(scenario, model)["per_client"]
+    assert all(0 < before[str(c)]["members"] <= own.total for c, own in enumerate(plan.clients))
+    monkeypatch.setattr(audit, "stream_plan", lambda _: shrunk(plan, 1, keep=4))
+    after = audit.audit_clients(scenario, model)["per_client"]
+    assert after["1"]["members"] == after["1"]["nonmembers"] == 12  # 4 a class at most: all class-matched
+    assert after["0"] == before["0"]
 
 
 def test_planned_dp_steps_and_the_largest_client_dataset_read_the_plan(monkeypatch):
