@@ -99,10 +99,6 @@ class StreamPlan:
     held_out: np.ndarray  # test indices that no client trains on: all but canary images
     canaries: Canaries | None  # the canary audit's draws; None without one
 
-    @property
-    def n_experiences(self) -> int:
-        return len(self.classes)
-
     def client(self, client: int) -> ClientPlan:
         return self.clients[client]
 
