@@ -258,16 +258,15 @@ def _check_state(
     from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY, ClientState
     from fedtide.continual.methods import build_method
     from fedtide.continual.state_codec import encode
-    from fedtide.data.stream import build_stream
+    from fedtide.data.stream import training_pool
     from fedtide.models import build_scenario_model
 
     stored = after_consolidation[0]
     arrays = {k: v.numpy() for k, v in stored[METHOD_ARRAYS_KEY].items()}
     layout = json.loads(str(stored[METHOD_LAYOUT_KEY]["layout"]))
-    stream = build_stream(scenario)
     model = build_scenario_model(scenario)
     method = build_method(scenario.continual)
-    method.bind(model, stream.full_train)
+    method.bind(model, training_pool(scenario))
     try:
         ClientState(stored, scenario.stream.n_experiences).restore_method(method, model)
         again_arrays, again_layout = encode(method.state_dict())

@@ -16,7 +16,7 @@ from fedtide.continual.hooks import check_hooks
 from fedtide.continual.methods import build_method, require_dp_compatible
 from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
-from fedtide.data.split import experience_partitions
+from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError
 from fedtide.models import build_scenario_model
 
@@ -29,7 +29,7 @@ def check_runnable(scenario: Scenario) -> None:
     if scenario.privacy.private:
         require_dp_compatible(method, scenario.continual.method)
     load_dataset(scenario.dataset.name, scenario.dataset.root)  # found, readable, and as registered
-    experience_partitions(scenario)
+    stream_plan(scenario)  # the data can serve the clients (and canaries) asked for
     if scenario.privacy.private:
         from fedtide.privacy.accounting import check_privacy  # Opacus, only for a private run
 

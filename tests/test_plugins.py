@@ -34,8 +34,7 @@ from fedtide.continual.plugin_adapter import PluginMethod
 from fedtide.continual.state_check import LostState
 from fedtide.continual.state_codec import encode
 from fedtide.data.loading import parse_scenario
-from fedtide.data.split import experience_partitions
-from fedtide.data.stream import build_stream
+from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError, SignatureError, failure_line
 from fedtide.plugin_check import check_plugin
 from fedtide.server.federation import train_config
@@ -291,13 +290,12 @@ def test_gem_and_agem_memories_are_sample_ids_of_each_past_experience_and_shape_
     scenario = small_scenario(continual=continual)
     rounds = drive(scenario, 3)
     assert [int(r["client"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
-    stream = build_stream(scenario)
-    own = experience_partitions(scenario)
+    own = stream_plan(scenario).client(3).experiences
     state = method_state(rounds[-1][2])
     table = "memory_ids" if continual["method"] == "gem" else "buffer_ids"
     assert sorted(state) == [f"{table}.0", f"{table}.1"]
     for e in (0, 1):
-        mine = set(np.asarray(stream.train[e].sample_id)[own[e][3]].tolist())
+        mine = set(own[e].train.tolist())
         ids = state[f"{table}.{e}"]
         assert len(ids) == min(16, len(mine)) and set(ids.tolist()) <= mine
     # the memory of experience 0 is drawn once and restored unchanged in the next round
@@ -380,7 +378,7 @@ def test_a_run_stops_at_the_first_round_that_would_lose_state_even_if_an_empty_c
         continual={"method": f"{LOST}:ListBuffer"},
         resources={"backend": "in_process"},
     )
-    assert len(experience_partitions(scenario)[0][6]) == 0
+    assert stream_plan(scenario).client(6).sizes[0] == 0
     path = tmp_path / "lost.yaml"
     path.write_text(yaml.safe_dump(scenario.model_dump(mode="json")))
     code, out, err = run_cli("run", str(path), "--output", str(tmp_path / "runs"))

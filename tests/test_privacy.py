@@ -15,7 +15,7 @@ from fedtide.client.training import MethodFailed
 from fedtide.continual.base import ContinualMethod
 from fedtide.continual.methods import build_method
 from fedtide.data.schema import PrivacyConfig
-from fedtide.data.split import experience_partitions
+from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError, raised_at
 from fedtide.models import build_model
 from fedtide.privacy.accounting import check_privacy, client_delta, noise_multiplier
@@ -59,7 +59,7 @@ def test_epsilon_is_cumulative_and_recomputed_by_opacus():
         accountant.history = history(reply)
         assert accountant.get_epsilon(delta=client_delta(scenario)) == pytest.approx(epsilon, rel=1e-9)
     # the steps on record are every Poisson step of every round, counted from the data sizes
-    sizes = [len(exp[0]) for exp in experience_partitions(scenario)]
+    sizes = stream_plan(scenario).client(0).sizes
     expected_steps = sum(math.ceil(sizes[e] / scenario.client.batch_size) for e, _ in SCHEDULE)
     assert sum(steps for _, _, steps in history(replies[-1])) == expected_steps
     expected_rates = {1 / math.ceil(sizes[e] / scenario.client.batch_size) for e, _ in SCHEDULE}
@@ -172,7 +172,7 @@ def test_ewc_fisher_pass_under_dp_is_charged_to_the_accountant():
     _, ewc = run_private(private_scenario("ewc", noise_multiplier=1.0), schedule=SCHEDULE[:3])
     naive_steps = sum(s for *_, s in history(naive[-1]))
     ewc_steps = sum(s for *_, s in history(ewc[-1]))
-    experience_0 = len(experience_partitions(private_scenario())[0][0])
+    experience_0 = stream_plan(private_scenario()).client(0).sizes[0]
     assert ewc_steps - naive_steps == math.ceil(experience_0 / 32)  # one Poisson pass over experience 0
     assert ewc[-1]["client"]["epsilon"] > naive[-1]["client"]["epsilon"]
 
@@ -184,7 +184,7 @@ def test_replay_buffer_is_inside_the_poisson_sampled_dataset():
         privacy={"enabled": True, "noise_multiplier": 1.0},
     )
     _, replies = run_private(scenario, schedule=[(0, 1), (1, 3)])
-    size_1 = len(experience_partitions(scenario)[1][0])
+    size_1 = stream_plan(scenario).client(0).sizes[1]
     rate_with_buffer = 1 / math.ceil((size_1 + 40) / 32)
     assert history(replies[-1])[-1][1] == pytest.approx(rate_with_buffer)
 

@@ -20,7 +20,7 @@ from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from fedtide.data.schema import Scenario
-from fedtide.data.split import experience_partitions
+from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError
 from fedtide.privacy.footprint import PrivateFootprint
 from fedtide.privacy.history import History
@@ -120,8 +120,7 @@ def client_delta(scenario: Scenario) -> float:
 
 
 def largest_client_dataset(scenario: Scenario) -> int:
-    shares = experience_partitions(scenario)
-    return max(sum(len(exp[c]) for exp in shares) for c in range(scenario.partition.num_clients))
+    return stream_plan(scenario).largest_client_dataset()
 
 
 def noise_multiplier(scenario: Scenario, partition_id: int, footprint: PrivateFootprint) -> float:
@@ -149,7 +148,7 @@ def planned_steps(scenario: Scenario, partition_id: int, footprint: PrivateFootp
     client's e data plus, for replay, its buffer. EWC adds one Fisher pass per past
     experience it consolidates.
     """
-    sizes = [len(exp[partition_id]) for exp in experience_partitions(scenario)]
+    sizes = stream_plan(scenario).client(partition_id).sizes
     batch, rounds, epochs = (
         scenario.client.batch_size,
         scenario.federation.rounds_per_experience,
