@@ -3,7 +3,8 @@
 Every built-in is Flower's own class from `flwr.serverapp.strategy`; fedtide adds
 nothing to aggregation. A user strategy is any subclass of `Strategy`, named as
 "pkg.module:Name" or by a short name registered under the entry-point group
-`fedtide.strategies` (built-in names win over entry points). See docs/extending.md.
+`fedtide.strategies`, resolved as every kind is (`fedtide.registry.resolve`: built-in
+names win over entry points). See docs/extending.md.
 """
 
 from __future__ import annotations
@@ -27,16 +28,7 @@ from flwr.serverapp.strategy import (
 from fedtide.data.schema import FederationConfig, Scenario
 from fedtide.errors import ScenarioError
 from fedtide.privacy.client_clipping import CLIENT_WEIGHT_KEY
-from fedtide.registry import (
-    STRATEGY_GROUP,
-    check_hook_signatures,
-    check_parameters,
-    constructor_parameters,
-    is_plugin_path,
-    load_entry_point,
-    load_plugin,
-    plugin_entry_points,
-)
+from fedtide.registry import Kind, check_hook_signatures, check_parameters, constructor_parameters, resolve
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -54,21 +46,14 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 FIELD = "federation.strategy"
+STRATEGY = Kind("strategy", f"{FIELD}.name", "fedtide.strategies", (lambda: STRATEGIES,), lambda: (Strategy,))
 # What fedtide's `ContinualStrategy` calls on a strategy, with the positional arguments of Flower's defs.
 STRATEGY_HOOKS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate", "summary")
 
 
 def strategy_class(name: str) -> type[Strategy]:
-    """Resolve a built-in name, an installed entry point's name or a "pkg.module:Name" path."""
-    if is_plugin_path(name):
-        return load_plugin(name, f"{FIELD}.name", Strategy)
-    if name.lower() in STRATEGIES:
-        return STRATEGIES[name.lower()]
-    installed = plugin_entry_points(STRATEGY_GROUP)
-    if name.lower() in installed:
-        return load_entry_point(installed[name.lower()], f"{FIELD}.name", Strategy)
-    known = ", ".join([*STRATEGIES, *installed])
-    raise ScenarioError(f"{FIELD}.name", f"unknown strategy '{name}'", f"one of {known}, or a 'pkg.module:Name'")
+    """A built-in name, an installed entry point's name or a "pkg.module:Name" path, as `resolve` orders them."""
+    return resolve(STRATEGY, name)
 
 
 def build_strategy(federation: FederationConfig, num_clients: int, weighted_by: str | None = None) -> Strategy:

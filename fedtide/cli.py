@@ -280,10 +280,10 @@ def validate(scenario_file: ScenarioArg, set_: SetOption = None) -> None:
 @cli.command("list")
 def list_components() -> None:
     """Show the built-in strategies, continual methods, datasets, models and partitioners."""
-    from fedtide.aggregation import STRATEGIES
-    from fedtide.continual.methods import all_methods
+    from fedtide.aggregation import STRATEGIES, STRATEGY
+    from fedtide.continual.methods import METHOD, all_methods
+    from fedtide.data.datasets import DATASETS
     from fedtide.data.partition import PARTITIONERS
-    from fedtide.data.schema import NUM_CLASSES
     from fedtide.models import MODELS
     from fedtide.registry import installed_plugins
 
@@ -291,11 +291,14 @@ def list_components() -> None:
     # continual methods get a third column: whether they may run under DP-SGD
     known = all_methods()
     methods = {n: (m.description, "yes" if m.dp_compatible else "no") for n, m in known.items()}
-    methods |= {n: (what, "see check-plugin") for n, what in installed_plugins("continual", known).items()}
+    methods |= {n: (what, "see check-plugin") for n, what in installed_plugins(METHOD).items()}
     sections = {
-        "federation.strategy.name": strategies | installed_plugins("strategies", STRATEGIES),
+        "federation.strategy.name": strategies | installed_plugins(STRATEGY),
         "continual.method": methods,
-        "dataset.name": {n: f"{k} classes" for n, k in NUM_CLASSES.items()},
+        "dataset.name": {
+            n: f"{d.description}: {d.num_classes} classes, {'x'.join(map(str, d.input_shape))}"
+            for n, d in DATASETS.items()
+        },
         "model.name": MODELS,
         "partition.kind": PARTITIONERS,
     }

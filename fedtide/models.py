@@ -23,9 +23,13 @@ MODELS = {
 }
 
 
-def build_scenario_model(scenario: Scenario, input_shape: tuple[int, int, int], seed: int | None = None) -> nn.Module:
-    """The scenario's model, as server and clients must both build it (Opacus-fixed under DP)."""
-    model = build_model(scenario.model.name, input_shape, scenario.num_classes, seed)
+def build_scenario_model(scenario: Scenario, *, seed: int | None = None) -> nn.Module:
+    """The scenario's model, as server and clients must both build it (Opacus-fixed under DP).
+
+    Its input layer and head are sized from the dataset's registry entry
+    (`fedtide.data.datasets.DATASETS`), so no data is loaded to build it.
+    """
+    model = build_model(scenario.model.name, scenario.input_shape, scenario.num_classes, seed)
     if scenario.privacy.private:
         from fedtide.privacy.opacus_model import opacus_ready
 

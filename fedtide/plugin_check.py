@@ -32,9 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-from flwr.app import Array, ArrayRecord, RecordDict
-from flwr.serverapp.strategy import Strategy
+from flwr.app import ArrayRecord, RecordDict
 
 from fedtide.continual.hooks import MisspeltHook
 from fedtide.data.schema import Scenario
@@ -81,40 +79,21 @@ class PluginReport:
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` strings, values read as YAML (`--set strength=0.5`)."""
+    """`key=value` strings (`--set strength=0.5`), read as `fedtide run --set` reads a scenario's."""
+    from fedtide.data.loading import apply_overrides
+
     params: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ScenarioError("--set", f"'{pair}' is not key=value")
-        params[key.strip()] = yaml.safe_load(value)
+    apply_overrides(params, pairs)
     return params
 
 
 def plugin_kind(name: str) -> str:
-    """Whether `name` is an aggregation strategy or a continual method (by its base class)."""
-    from avalanche.training.plugins import SupervisedPlugin
+    """Whether `name` is an aggregation strategy or a continual method (by its base class, or where it is known)."""
+    from fedtide import aggregation
+    from fedtide.continual import methods
+    from fedtide.registry import kind_of
 
-    from fedtide.aggregation import STRATEGIES
-    from fedtide.continual.base import ContinualMethod
-    from fedtide.continual.methods import all_methods
-    from fedtide.registry import (
-        CONTINUAL_GROUP,
-        STRATEGY_GROUP,
-        is_plugin_path,
-        load_plugin,
-        plugin_entry_points,
-    )
-
-    if is_plugin_path(name):
-        found = load_plugin(name, "plugin", (Strategy, ContinualMethod, SupervisedPlugin))
-        return STRATEGY if issubclass(found, Strategy) else METHOD
-    lower = name.lower()
-    if lower in STRATEGIES or lower in plugin_entry_points(STRATEGY_GROUP):
-        return STRATEGY
-    if lower in all_methods() or lower in plugin_entry_points(CONTINUAL_GROUP):
-        return METHOD
-    raise ScenarioError("plugin", f"'{name}' is neither a strategy nor a continual method fedtide knows")
+    return STRATEGY if kind_of(name, (aggregation.STRATEGY, methods.METHOD)) is aggregation.STRATEGY else METHOD
 
 
 def check_scenario(
@@ -194,11 +173,10 @@ SCHEDULE = [(0, 1), (1, 2), (1, 3)]
 def _check_method(scenario: Scenario, report: PluginReport, folder: Path) -> None:
     from fedtide.client.schedule import ScheduledClient
     from fedtide.continual.state_check import LostState
-    from fedtide.data.stream import build_stream
     from fedtide.models import build_scenario_model
     from fedtide.server.array_check import array_problem
 
-    model = build_scenario_model(scenario, build_stream(scenario).data.input_shape, scenario.seed)
+    model = build_scenario_model(scenario, seed=scenario.seed)
     global_arrays = ArrayRecord(model.state_dict())
     clients = [ScheduledClient(scenario, partition) for partition in range(scenario.partition.num_clients)]
     after_consolidation: list[RecordDict] = []
@@ -245,7 +223,6 @@ def _check_private(scenario: Scenario, report: PluginReport, folder: Path) -> No
     its model computing on the DP batches alone (`fedtide.privacy.dp_sgd.UnaccountedData`)."""
     from fedtide.client.schedule import train_schedule
     from fedtide.continual.methods import method_class
-    from fedtide.data.stream import build_stream
     from fedtide.models import build_scenario_model
     from fedtide.privacy.dp_sgd import UnaccountedData
     from fedtide.server.array_check import array_problem
@@ -255,7 +232,7 @@ def _check_private(scenario: Scenario, report: PluginReport, folder: Path) -> No
         return
     private = scenario.model_copy(update={"privacy": scenario.privacy.model_copy(update={"enabled": True})})
     private.privacy.noise_multiplier = 1.0
-    model = build_scenario_model(private, build_stream(private).data.input_shape, private.seed)
+    model = build_scenario_model(private, seed=private.seed)
     try:
         reply = train_schedule(private, 0, SCHEDULE[:2], ArrayRecord(model.state_dict()))[-1].reply
     except UnaccountedData as error:  # the claim is false: the message says why and the fix
@@ -281,16 +258,15 @@ def _check_state(
     from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY, ClientState
     from fedtide.continual.methods import build_method
     from fedtide.continual.state_codec import encode
-    from fedtide.data.stream import build_stream
+    from fedtide.data.stream import training_pool
     from fedtide.models import build_scenario_model
 
     stored = after_consolidation[0]
     arrays = {k: v.numpy() for k, v in stored[METHOD_ARRAYS_KEY].items()}
     layout = json.loads(str(stored[METHOD_LAYOUT_KEY]["layout"]))
-    stream = build_stream(scenario)
-    model = build_scenario_model(scenario, stream.data.input_shape)
+    model = build_scenario_model(scenario)
     method = build_method(scenario.continual)
-    method.bind(model, stream.full_train)
+    method.bind(model, training_pool(scenario))
     try:
         ClientState(stored, scenario.stream.n_experiences).restore_method(method, model)
         again_arrays, again_layout = encode(method.state_dict())
@@ -327,12 +303,11 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _fedavg(replies: list[RecordDict]) -> ArrayRecord:
-    weights = np.array([max(int(r["metrics"]["num-examples"]), 0) for r in replies], dtype=float)
-    weights = weights / weights.sum() if weights.sum() else np.full(len(replies), 1 / len(replies))
-    stacks = [r["arrays"].to_numpy_ndarrays() for r in replies]
-    mean = [sum(w * arrays[i] for w, arrays in zip(weights, stacks)) for i in range(len(stacks[0]))]
-    keys = list(replies[0]["arrays"].keys())
-    return ArrayRecord({k: Array.from_numpy_ndarray(m.astype(a.dtype)) for k, m, a in zip(keys, mean, stacks[0])})
+    """Flower's FedAvg of the replies' arrays, weighted by their examples (what `FedAvg.aggregate_train` does)."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    own = [RecordDict({"arrays": r["arrays"], "metrics": r["metrics"]}) for r in replies]
+    return aggregate_arrayrecords(own, "num-examples")
 
 
 # --- strategies, in-process ---------------------------------------------------------------

@@ -5,7 +5,7 @@ Ray ties its head processes (GCS, raylet, monitors) to the driver with the kerne
 parent-death signal, so a driver killed with SIGKILL takes them along, and the workers
 die with their raylet. The raylet's own children do not: the dashboard agent and the
 runtime-env agent notice that the raylet is gone, then try to report it to the dead GCS
-and stay up for a minute or more (seen here: about 90 s; ray-project/ray#52385).
+and stay up long after it (ray-project/ray#52385; docs/benchmarks.md, "Ray's orphans").
 
 Ray's own test for such a process (`ray._private.process_watcher`) is that its parent
 is no longer its raylet; this module applies the same test at once: a `ray::` process

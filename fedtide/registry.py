@@ -1,9 +1,16 @@
-"""Finding a user's class: a "pkg.module:Name" path or a short name from an entry point.
+"""Naming a component: one resolver (`resolve`) for every kind a scenario names by string.
 
-Both registries (aggregation strategies and continual methods) accept either form
-wherever they accept a built-in name, so users extend fedtide without forking it.
-Short names are looked up after the built-ins: a plugin cannot shadow a built-in
-name (the built-in wins, and `fedtide list` says that the entry point is shadowed).
+A kind (an aggregation strategy, a continual method) is a `Kind`: its built-ins, its
+entry-point group, the base classes a user's class must subclass. A name resolves in
+one documented order (docs/extending.md), the same for every kind:
+
+1. a name with a colon is a "pkg.module:Name" path, imported as it says;
+2. otherwise fedtide's built-ins (for methods, the stock Avalanche plugins after them),
+   case-insensitively;
+3. then the installed entry points of the kind's group.
+
+So a plugin cannot shadow a built-in name (the built-in wins, and `fedtide list` says
+that the entry point is shadowed), and users extend fedtide without forking it.
 """
 
 from __future__ import annotations
@@ -11,16 +18,65 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
 from fedtide.errors import ScenarioError, SignatureError
 
-STRATEGY_GROUP = "fedtide.strategies"
-CONTINUAL_GROUP = "fedtide.continual"
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of component a scenario names, and where its names come from.
+
+    Built-ins and bases are given as functions, so that defining a kind imports nothing:
+    `built_ins` is searched tier by tier, and a later tier (the stock Avalanche plugins)
+    is loaded only for a name the earlier ones do not hold.
+    """
+
+    noun: str  # how errors call one: "unknown method 'x'"
+    field: str  # the scenario field errors name
+    group: str  # the entry-point group
+    built_ins: tuple[Callable[[], Mapping[str, type]], ...]
+    bases: Callable[[], tuple[type, ...]]  # what a path or an entry point must subclass
+    # What a class found by path or entry point becomes (an Avalanche plugin: a method)
+    adapt: Callable[[type, str], type] = lambda found, name: found
+
+    def built_in_names(self) -> dict[str, type]:
+        """Every built-in, all tiers loaded (for listings and error messages)."""
+        return {name: cls for tier in self.built_ins for name, cls in tier().items()}
+
+
+def resolve(kind: Kind, name: str) -> type:
+    """The class `name` stands for, in the module docstring's order; an unknown name lists the known ones."""
+    if is_plugin_path(name):
+        return kind.adapt(load_plugin(name, kind.field, kind.bases()), name)
+    lower = name.lower()
+    for tier in kind.built_ins:
+        if lower in (found := tier()):
+            return found[lower]
+    installed = plugin_entry_points(kind.group)
+    if lower in installed:
+        return kind.adapt(load_entry_point(installed[lower], kind.field, kind.bases()), name)
+    known = ", ".join([*kind.built_in_names(), *installed])
+    raise ScenarioError(kind.field, f"unknown {kind.noun} '{name}'", f"one of {known}, or a 'pkg.module:Name'")
+
+
+def kind_of(name: str, kinds: Iterable[Kind]) -> Kind:
+    """Which of `kinds` a name or path belongs to, in the order given (the first that knows the name)."""
+    kinds = list(kinds)
+    if is_plugin_path(name):
+        found = load_plugin(name, "plugin", tuple(base for kind in kinds for base in kind.bases()))
+        return next(kind for kind in kinds if issubclass(found, kind.bases()))
+    for kind in kinds:
+        if name.lower() in kind.built_in_names() or name.lower() in plugin_entry_points(kind.group):
+            return kind
+    nouns = " and no ".join(kind.noun for kind in kinds)
+    raise ScenarioError("plugin", f"'{name}' is no {nouns} fedtide knows", "or give a 'pkg.module:Name'")
 
 
 class PluginNotFound(ScenarioError):
@@ -125,10 +181,11 @@ def check_parameters(cls: type, params: dict[str, Any], field: str) -> None:
         )
 
 
-def installed_plugins(kind: str, built_ins: dict) -> dict[str, str]:
-    """Entry points of `fedtide.<kind>` for `fedtide list`: name -> target and package (or why unused)."""
+def installed_plugins(kind: Kind) -> dict[str, str]:
+    """The kind's entry points for `fedtide list`: name -> target and package (or why unused)."""
     listed = {}
-    for name, point in plugin_entry_points(f"fedtide.{kind}").items():
+    built_ins = kind.built_in_names()
+    for name, point in plugin_entry_points(kind.group).items():
         package = point.dist.name if point.dist else "unknown package"
         note = " [shadowed by the built-in name]" if name in built_ins else ""
         listed[name] = f"{point.value} (entry point of {package}){note}"

@@ -130,7 +130,7 @@ class $cls(SupervisedPlugin):
 
 SCENARIO = Template('''# A first run of $name (written by `fedtide new $kind $name`): fedtide run $name.yaml
 # The quickstart's data, federation and training (scenarios/quickstart.yaml), so its numbers
-# compare with the quickstart's final average accuracy (62% with FedAvg + replay).
+# compare with the quickstart's final average accuracy with FedAvg + replay (docs/results.md).
 $note
 name: $name
 seed: 0

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -59,7 +58,7 @@ from fedtide.run_files import (
     prepare_run_folder,
     read_import_path,
 )
-from fedtide.validation import check_runnable
+from fedtide.validation import available_cores, check_runnable
 
 SWEEP_KEY = "sweep"
 SEEDS_KEY = "seeds"
@@ -223,7 +222,7 @@ def run_sweep(
             shutil.rmtree(folder)  # an interrupted run of this very scenario (checked above) with nothing to resume
         pending.append((point, folder))
     on_ray = any(point.scenario.resources.backend == "ray" for point, _ in pending)
-    side_by_side = min(workers or _cores(), len(pending))
+    side_by_side = min(workers or available_cores(), len(pending))
     if runner is None and not on_ray and side_by_side > 1:
         with local_processes(side_by_side) as submit:
             _run_pooled(pending, submit, side_by_side, outcome, notify, tick, sweep.import_path)
@@ -309,10 +308,6 @@ def _record(outcome: SweepOutcome, notify: Callable, point: SweepPoint, failure:
     else:
         outcome.failed[point.name] = failure
         notify(point, "failed")
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _check_folders(sweep: Sweep) -> None:

@@ -16,7 +16,7 @@ from fedtide.continual.hooks import check_hooks
 from fedtide.continual.methods import build_method, require_dp_compatible
 from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
-from fedtide.data.split import experience_partitions
+from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError
 from fedtide.models import build_scenario_model
 
@@ -28,12 +28,12 @@ def check_runnable(scenario: Scenario) -> None:
     check_hooks(method, scenario.continual.method)
     if scenario.privacy.private:
         require_dp_compatible(method, scenario.continual.method)
-    data = load_dataset(scenario.dataset.name, scenario.dataset.root)
-    experience_partitions(scenario)
+    load_dataset(scenario.dataset.name, scenario.dataset.root)  # found, readable, and as registered
+    stream_plan(scenario)  # the data can serve the clients (and canaries) asked for
     if scenario.privacy.private:
         from fedtide.privacy.accounting import check_privacy  # Opacus, only for a private run
 
-        check_privacy(scenario, method.private_footprint())
+        check_privacy(scenario, method)
     if scenario.privacy.client_private:
         from fedtide.privacy.client_level import check_client_level  # Opacus's accountant
         from fedtide.privacy.dp_fedavg import require_accountable
@@ -42,7 +42,7 @@ def check_runnable(scenario: Scenario) -> None:
         require_accountable(build_strategy(scenario.federation, scenario.partition.num_clients), scenario)
     if scenario.privacy.secure_rng and scenario.privacy.private:
         check_secure_mode()
-    build_scenario_model(scenario, data.input_shape)
+    build_scenario_model(scenario)
     check_resources(scenario)
 
 
@@ -84,7 +84,7 @@ def check_resources(scenario: Scenario) -> None:
         )
     if resources.ray_address is not None:
         return
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = available_cores()
     if resources.num_cpus_per_client > cpus:
         raise ScenarioError(
             "resources.num_cpus_per_client",
@@ -98,3 +98,8 @@ def check_resources(scenario: Scenario) -> None:
             f"{resources.num_gpus_per_client:g} GPU per client, but this machine has {gpus} CUDA GPU(s)",
             "set it to 0 to train on the CPU, or join a Ray cluster with GPUs with resources.ray_address",
         )
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -4,8 +4,10 @@
 
 Every summary.json under BEFORE_DIR is matched by its relative path under AFTER_DIR;
 the accuracy matrix, averages, forgetting, BWT, failures, classes, the privacy section
-(σ, ε per client, δ) and the audit must be equal to the bit. Wall times are not compared.
-Exits 1 when any run differs or is missing, printing what differs.
+(σ, ε per client, δ) and the audit must be equal to the bit. So must every line of the
+run's metrics.jsonl, all but what differs between two runs of the same scenario
+anyway: wall times (`wall_time_s` wherever it stands) and Ray's node ids (new in every
+Ray run). Exits 1 when any run differs or is missing, printing what differs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 COMPARED = (
     "classes_per_experience",
@@ -24,11 +27,39 @@ COMPARED = (
     "privacy",
     "audit",
 )
+# Keys of metrics.jsonl that two runs of the same scenario need not share.
+NOT_COMPARED = {"wall_time_s", "ray_node_id"}
 
 
 def numbers(path: Path) -> dict:
     summary = json.loads(path.read_text())
     return {key: summary.get(key) for key in COMPARED}
+
+
+def without_times(value: Any) -> Any:
+    """`value` (a parsed JSON line) less the keys in `NOT_COMPARED`, at any depth."""
+    if isinstance(value, dict):
+        return {key: without_times(item) for key, item in value.items() if key not in NOT_COMPARED}
+    if isinstance(value, list):
+        return [without_times(item) for item in value]
+    return value
+
+
+def metrics_difference(before: Path, after: Path) -> str | None:
+    """Where two metrics.jsonl files differ (the first line, and its keys that differ); None when they agree."""
+    if not before.is_file():
+        return None  # a run folder made before metrics.jsonl existed has nothing to compare
+    if not after.is_file():
+        return "metrics.jsonl missing"
+    old = [without_times(json.loads(line)) for line in before.read_text().splitlines() if line.strip()]
+    new = [without_times(json.loads(line)) for line in after.read_text().splitlines() if line.strip()]
+    for number, (a, b) in enumerate(zip(old, new), start=1):
+        if a != b:
+            keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            return f"metrics.jsonl line {number} ({a.get('type')}): {', '.join(keys)}"
+    if len(old) != len(new):
+        return f"metrics.jsonl has {len(old)} lines before, {len(new)} after"
+    return None
 
 
 def main(before: Path, after: Path) -> int:
@@ -39,11 +70,16 @@ def main(before: Path, after: Path) -> int:
             print(f"missing: {relative}")
             continue
         old, new = numbers(before / relative), numbers(after / relative)
-        if old == new:
-            same += 1
+        differences = [k for k in COMPARED if old[k] != new[k]]
+        folder = relative.parent
+        metrics = metrics_difference(before / folder / "metrics.jsonl", after / folder / "metrics.jsonl")
+        if metrics:
+            differences.append(metrics)
+        if differences:
+            print(f"differs: {relative}: {', '.join(differences)}")
         else:
-            print(f"differs: {relative}: {', '.join(k for k in COMPARED if old[k] != new[k])}")
-    print(f"{same}/{len(paths)} runs have identical numbers")
+            same += 1
+    print(f"{same}/{len(paths)} runs have identical numbers (summary.json and metrics.jsonl)")
     return 0 if same == len(paths) else 1
 
 

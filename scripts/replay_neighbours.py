@@ -25,22 +25,20 @@ from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datas
 from fedtide.client.training import seed_everything
 from fedtide.continual.methods import build_method
 from fedtide.data.loading import load_scenario
-from fedtide.data.split import experience_partitions
-from fedtide.data.stream import build_stream, training_data
+from fedtide.data.stream import training_pool
+from fedtide.data.stream_plan import stream_plan
 from fedtide.privacy.coins import SampleCoins
 from fedtide.privacy.footprint import PrivateFootprint
 
 
 def client_ids(scenario, client: int) -> list[list[int]]:
     """Sample ids of the client's data in each experience, in the client's order."""
-    stream = build_stream(scenario)
-    shares = experience_partitions(scenario)
-    return [np.asarray(exp.sample_id)[shares[e][client]].tolist() for e, exp in enumerate(stream.train)]
+    return [exp.train.tolist() for exp in stream_plan(scenario).client(client).experiences]
 
 
 def final_buffer(scenario, client: int, ids: list[list[int]], private: bool, sizes: list[int]) -> set[int]:
     """The buffer after consolidating every experience before the last, as the client's rounds do."""
-    pool = training_data(scenario).pool
+    pool = training_pool(scenario)
     method = build_method(scenario.continual)
     method.bind(None, pool)
     if private:

@@ -29,6 +29,8 @@ def small_scenario(**sections):
         "partition": {"kind": "dirichlet", "alpha": 0.5, "num_clients": 4},
         "federation": {"rounds_per_experience": 2},
         "continual": {"method": "replay", "mem_size": 60},
+        # half the default local training (2 epochs at lr 0.1): enough for every behaviour tested
+        "client": {"epochs": 1, "lr": 0.05},
     }
     raw.update(sections)
     return parse_scenario(raw)
@@ -100,9 +102,8 @@ def stored_method_state(records, scenario=None) -> dict:
     """
     from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY
     from fedtide.continual.state_codec import decode
-    from fedtide.data.stream import build_stream
     from fedtide.models import build_scenario_model
 
     scenario = scenario or small_scenario()
-    model = build_scenario_model(scenario, build_stream(scenario).data.input_shape)
+    model = build_scenario_model(scenario)
     return decode(records[METHOD_ARRAYS_KEY], records[METHOD_LAYOUT_KEY], model)

@@ -8,17 +8,8 @@ import torch
 
 from fedtide.data.canaries import canary_capacity, draw_canaries
 from fedtide.data.datasets import load_dataset
-from fedtide.data.split import (
-    evaluation_samples,
-    experience_canaries,
-    experience_classes,
-    experience_partitions,
-    experience_samples,
-    held_out_test_samples,
-    regular_partitions,
-    split_key,
-)
-from fedtide.data.stream import build_stream, client_experiences, training_data
+from fedtide.data.stream import client_experiences, training_pool
+from fedtide.data.stream_plan import experience_classes, stream_plan
 from fedtide.errors import ScenarioError
 from fedtide.metrics.audit import sample_losses
 from fedtide.models import build_scenario_model
@@ -33,9 +24,9 @@ def audited(canaries=200, **sections):
 
 def test_canaries_are_seeded_held_out_images_with_a_wrong_label_of_their_experience():
     scenario = audited()
-    canaries = experience_canaries(scenario)
+    canaries = stream_plan(scenario).canaries
     test_y = load_dataset("digits").test_y.numpy()
-    classes = experience_classes(split_key(scenario))
+    classes = experience_classes(10, 3, None, seed=0)  # in stream order, as the plan draws them
     assert len(canaries) == 200 and len(set(canaries.image.tolist())) == 200
     assert np.array_equal(canaries.true_class, test_y[canaries.image])
     assert np.all(canaries.label != canaries.true_class)
@@ -65,8 +56,8 @@ def test_more_canaries_than_half_the_test_data_is_a_one_line_error(tmp_path, run
     capacity = canary_capacity(test_y)
     assert capacity == sum(n // 2 for n in np.bincount(test_y)) == 222  # 44-46 test images per digit class
     with pytest.raises(ScenarioError, match=r"audit\.canaries: 223 canaries, .*\(use at most 222 canaries\)"):
-        experience_partitions(audited(223))
-    experience_partitions(audited(222))
+        stream_plan(audited(223))
+    stream_plan(audited(222))
     (tmp_path / "s.yaml").write_text("name: s\naudit: {canaries: 500}\n")
     code, _, err = run_cli("validate", str(tmp_path / "s.yaml"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "use at most 222 canaries" in err
@@ -78,19 +69,20 @@ def test_more_canaries_than_half_the_test_data_is_a_one_line_error(tmp_path, run
 
 def test_included_canaries_join_exactly_their_client_s_data_of_their_experience():
     scenario = audited()
-    canaries = experience_canaries(scenario)
+    plan = stream_plan(scenario)
+    canaries = plan.canaries
     data = load_dataset("digits")
     first_id = len(data.train_y)
-    regular = experience_partitions(small_scenario())
-    assert [[s.tolist() for s in e] for e in regular_partitions(scenario)] == [[s.tolist() for s in e] for e in regular]
-    for e, shares in enumerate(experience_partitions(scenario)):
-        for client, share in enumerate(shares):
-            assert np.array_equal(share[: len(regular[e][client])], regular[e][client])  # the regular share, as is
+    regular = stream_plan(small_scenario())
+    for client in range(4):
+        for e, planned in enumerate(plan.client(client).experiences):
+            plain = regular.client(client).experiences[e].train
+            assert np.array_equal(planned.train[: len(plain)], plain)  # the regular samples, as without canaries
             mine = canaries.joining(e)[canaries.client[canaries.joining(e)] == client]
+            assert np.array_equal(planned.train[len(plain) :] - first_id, mine)  # then its canaries
             dataset = client_experiences(scenario, client)[e]
             ids = np.asarray(list(dataset.sample_id))
-            assert len(dataset) == len(share) == len(regular[e][client]) + len(mine)
-            assert np.array_equal(ids[ids >= first_id] - first_id, mine)
+            assert ids.tolist() == planned.train.tolist()
             assert np.all(canaries.included[mine]) and np.all(canaries.experience[mine] == e)
             canary_rows = [dataset[i] for i in np.flatnonzero(ids >= first_id)]
             assert [int(y) for _, y, _ in canary_rows] == canaries.label[mine].tolist()
@@ -101,31 +93,26 @@ def test_included_canaries_join_exactly_their_client_s_data_of_their_experience(
 
 
 def test_canary_images_leave_the_test_data_that_measures_accuracy_and_the_attack_s_non_members():
-    scenario = audited()
-    canaries = experience_canaries(scenario)
-    plain = experience_samples(split_key(scenario), "test")
-    kept = evaluation_samples(scenario)
-    for full, evaluated in zip(plain, kept):
+    plan = stream_plan(audited())
+    canaries = plan.canaries
+    for full, evaluated in zip(stream_plan(small_scenario()).test, plan.test):
         assert np.array_equal(evaluated, full[~np.isin(full, canaries.image)]) and len(evaluated) > len(full) / 2
-    held_out = held_out_test_samples(scenario)
-    assert len(held_out) == 450 - 200 and not np.isin(canaries.image, held_out).any()
+    assert len(plan.held_out) == 450 - 200 and not np.isin(canaries.image, plan.held_out).any()
 
 
-def test_without_canaries_every_split_is_the_one_before_the_audit_existed():
+def test_without_canaries_the_plan_and_the_pool_hold_none():
     scenario = small_scenario()
-    assert experience_canaries(scenario) is None
-    assert experience_partitions(scenario) is regular_partitions(scenario)
-    assert evaluation_samples(scenario)[0].tolist() == experience_samples(split_key(scenario), "test")[0].tolist()
-    assert held_out_test_samples(scenario).tolist() == list(range(450))
-    stream = build_stream(scenario)
-    assert training_data(scenario).pool is stream.full_train and training_data(scenario).experiences is stream.train
+    plan = stream_plan(scenario)
+    assert plan.canaries is None and plan.held_out.tolist() == list(range(450))
+    assert sum(len(ids) for ids in plan.test) == 450
+    assert list(training_pool(scenario).sample_id) == list(range(1347))
+    assert list(training_pool(audited()).sample_id) == list(range(1347 + 200))
 
 
 def test_included_canaries_are_counted_in_the_privacy_accounting():
     scenario = audited(privacy={"enabled": True, "noise_multiplier": 1.0})
     sizes = [len(d) for d in client_experiences(scenario, 1)]
-    regular = [len(e[1]) for e in regular_partitions(scenario)]
-    assert sizes != regular
+    assert sizes == stream_plan(scenario).client(1).sizes != stream_plan(small_scenario()).client(1).sizes
     batch = scenario.client.batch_size
     assert planned_steps(scenario, 1, PrivateFootprint()) == [
         (1 / math.ceil(n / batch), math.ceil(n / batch) * scenario.federation.rounds_per_experience) for n in sizes
@@ -139,14 +126,14 @@ def test_included_canaries_are_counted_in_the_privacy_accounting():
 
 def test_a_replay_buffer_keeps_canaries_by_sample_id_and_gets_them_back():
     scenario = audited(continual={"method": "replay", "mem_size": 1000})  # room for all of experience 0
-    canaries = experience_canaries(scenario)
+    canaries = stream_plan(scenario).canaries
     client = int(canaries.client[canaries.joining(0)][0])
     mine = canaries.joining(0)[canaries.client[canaries.joining(0)] == client]
     _, _, state = run_rounds(scenario, client, [(0, 1), (1, 3)])
     ids = np.asarray(stored_method_state(state, scenario)["groups"][0]["ids"])
     first_id = len(load_dataset("digits").train_y)
     assert sorted(ids[ids >= first_id] - first_id) == mine.tolist()
-    restored = training_data(scenario).pool.subset(ids.tolist())
+    restored = training_pool(scenario).subset(ids.tolist())
     pairs = [(int(y), i - first_id) for y, i in zip(restored.targets, ids) if i >= first_id]
     assert [y for y, _ in pairs] == canaries.label[[j for _, j in pairs]].tolist()
 
@@ -156,10 +143,10 @@ def test_a_replay_buffer_keeps_canaries_by_sample_id_and_gets_them_back():
 def test_every_method_trains_on_its_client_s_canaries(method):
     """One client holding everything, trained hard on experience 1: its canaries there are learnt, the others not."""
     scenario = audited(partition={"kind": "iid", "num_clients": 1}, continual=method, client={"epochs": 40, "lr": 0.1})
-    canaries = experience_canaries(scenario)
+    canaries = stream_plan(scenario).canaries
     arrays, report, _ = run_rounds(scenario, 0, [(0, 1), (1, 2)])
     assert report.num_examples == len(client_experiences(scenario, 0)[1])
-    model = build_scenario_model(scenario, (1, 8, 8))
+    model = build_scenario_model(scenario)
     model.load_state_dict(arrays.to_torch_state_dict())
     images = load_dataset("digits").test_x[torch.from_numpy(canaries.image)]
     scores = sample_losses(model, images, torch.from_numpy(canaries.true_class)) - sample_losses(

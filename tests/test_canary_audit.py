@@ -28,7 +28,7 @@ from rich.console import Console
 
 from fedtide.data.datasets import load_dataset
 from fedtide.data.loading import parse_scenario
-from fedtide.data.split import experience_canaries
+from fedtide.data.stream_plan import stream_plan
 from fedtide.metrics.canary_audit import audit_ceiling, bound_from_scores, canary_scores
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta
@@ -85,14 +85,14 @@ def test_a_non_private_run_with_many_local_epochs_gives_a_clear_lower_bound(swee
     _, runs = sweep
     scenario, run_dir, summary = runs["plain"]
     audit = summary["audit"]["canaries"]
-    canaries = experience_canaries(scenario)
+    canaries = stream_plan(scenario).canaries
     assert audit["canaries"] == CANARIES and audit["included"] == int(canaries.included.sum())
     assert audit["confidence"] == 0.95 and audit["delta"] == client_delta(scenario)  # the δ DP would use
     assert audit["epsilon_lower"] >= 1.0, audit
     assert audit["correct"] / audit["guesses"] > 0.9
     assert audit["epsilon_ceiling"] == audit_ceiling(CANARIES, audit["delta"], 0.95) >= audit["epsilon_lower"]
     # the record is what the saved final model gives
-    model = build_scenario_model(scenario, (1, 8, 8))
+    model = build_scenario_model(scenario)
     model.load_state_dict(torch.load(run_dir / MODEL_FILE))
     images = load_dataset("digits").test_x[torch.from_numpy(canaries.image)]
     scores = canary_scores(model, canaries, images)

@@ -7,8 +7,8 @@ from flwr.serverapp.strategy import FedProx
 
 from fedtide.aggregation import build_strategy
 from fedtide.client.schedule import train_schedule
-from fedtide.data.split import experience_partitions
-from fedtide.data.stream import build_stream
+from fedtide.data.datasets import load_dataset
+from fedtide.data.stream_plan import stream_plan
 from fedtide.models import build_model
 from fedtide.protocol import client_round
 from tests.conftest import small_scenario, stored_method_state
@@ -16,8 +16,8 @@ from tests.conftest import small_scenario, stored_method_state
 
 def initial_arrays(scenario) -> ArrayRecord:
     torch.manual_seed(0)
-    stream = build_stream(scenario)
-    return ArrayRecord(build_model(scenario.model.name, stream.data.input_shape, scenario.num_classes).state_dict())
+    shape = load_dataset(scenario.dataset.name).input_shape
+    return ArrayRecord(build_model(scenario.model.name, shape, scenario.num_classes).state_dict())
 
 
 def flat(arrays: ArrayRecord) -> np.ndarray:
@@ -71,9 +71,7 @@ def test_replay_buffer_survives_the_context_as_sample_ids():
     scenario = small_scenario(continual={"method": "replay", "mem_size": 30})
     _, _, state = run_rounds(scenario, 3, [(0, 1), (1, 3)])
     ids = np.asarray(stored_method_state(state, scenario)["groups"][0]["ids"])
-    own_first = experience_partitions(scenario)[0][3]
-    stream = build_stream(scenario)
-    first_experience_ids = set(np.asarray(stream.train[0].sample_id)[own_first].tolist())
+    first_experience_ids = set(stream_plan(scenario).client(3).experiences[0].train.tolist())
     assert 0 < len(ids) <= 30
     assert set(ids.tolist()) <= first_experience_ids
     # the restored buffer is used: training continues from it and keeps the same ids
@@ -90,8 +88,8 @@ def test_ewc_penalty_changes_training_after_consolidation():
 
 def test_client_without_data_in_an_experience_reports_it():
     scenario = small_scenario(partition={"kind": "dirichlet", "alpha": 0.05, "num_clients": 20})
-    sizes = [[len(c) for c in shares] for shares in experience_partitions(scenario)]
-    empty = [(e, c) for e, row in enumerate(sizes) for c, n in enumerate(row) if n == 0]
+    sizes = [own.sizes for own in stream_plan(scenario).clients]
+    empty = [(e, c) for c, row in enumerate(sizes) for e, n in enumerate(row) if n == 0]
     assert empty, "Dirichlet(0.05) over 20 clients leaves some client without data"
     experience, client = empty[0]
     arrays, report, _ = run_rounds(scenario, client, [(experience, 1)])

@@ -12,6 +12,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedtide.aggregation import build_strategy, federation_strategy
+from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError
 from fedtide.privacy.client_clipping import CLIENT_WEIGHT_KEY, prepare_reply
 from fedtide.privacy.client_level import client_level_delta, client_level_mechanism, client_noise_multiplier
@@ -182,7 +183,7 @@ def test_clients_are_averaged_with_equal_weights_under_client_level_dp():
     assert isinstance(wrapped, DPFedAvg) and isinstance(wrapped.strategy, FedAvg)
     assert wrapped.strategy.weighted_by_key == CLIENT_WEIGHT_KEY
     assert wrapped.strategy.fraction_train == 1.0  # asked for every client; DPFedAvg's coins sample them
-    named = ContinualStrategy(wrapped, reference=ArrayRecord(), partition_of={})
+    named = ContinualStrategy(wrapped, reference=ArrayRecord(), partition_of={}, plan=stream_plan(scenario))
     assert named.name == "flwr.serverapp.strategy.fedavg.FedAvg"  # errors name the user's strategy
     assert isinstance(build_strategy(scenario.federation, CLIENTS), FedAvg)
 

@@ -19,8 +19,8 @@ from fedtide.client.training import RoundTask, run_training_round
 from fedtide.continual.builtin import EWC
 from fedtide.continual.methods import all_methods
 from fedtide.continual.state_codec import UnstorableState, decode, encode
-from fedtide.data.split import experience_partitions
-from fedtide.data.stream import build_stream
+from fedtide.data.stream import training_pool
+from fedtide.data.stream_plan import stream_plan
 from fedtide.models import build_scenario_model
 from fedtide.protocol import client_round
 from tests.conftest import small_scenario
@@ -41,7 +41,7 @@ def sparse(method: dict):
 
 
 def model_of(scenario):
-    return build_scenario_model(scenario, build_stream(scenario).data.input_shape, scenario.seed)
+    return build_scenario_model(scenario, seed=scenario.seed)
 
 
 def drive(scenario, partition_id, schedule=SCHEDULE):
@@ -91,13 +91,13 @@ def test_every_method_runs_a_client_with_no_data_in_the_first_experience(name):
     if name == "gem":
         pytest.importorskip("quadprog")
     scenario = sparse({"method": name})
-    assert [len(exp[6]) for exp in experience_partitions(scenario)] == [0, 5, 2]
+    assert stream_plan(scenario).client(6).sizes == [0, 5, 2]
     replies, state = drive(scenario, 6)
     report = client_round(replies[-1])
     assert report.consolidation_counts == [0, 1, 0]  # experience 0 held nothing; 1 consolidated once
     assert report.num_examples == 2 and np.isfinite(report.train_loss)
     method = all_methods()[name]()
-    method.bind(model_of(scenario), build_stream(scenario).full_train)
+    method.bind(model_of(scenario), training_pool(scenario))
     ClientState(state, 3).restore_method(method, model_of(scenario))  # the stored state loads back
 
 

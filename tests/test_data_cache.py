@@ -9,7 +9,7 @@ import torch
 
 from fedtide.data import datasets, partition
 from fedtide.data.schema import PartitionConfig
-from fedtide.data.split import experience_samples, split_key
+from fedtide.data.stream_plan import experience_classes, stream_order
 from fedtide.errors import ScenarioError
 from tests.conftest import small_scenario
 
@@ -45,7 +45,8 @@ def test_an_unwritable_cache_folder_only_means_no_cache(tmp_path, monkeypatch):
 
 def experience_labels(scenario) -> list[np.ndarray]:
     labels = datasets.load_dataset("digits").train_y.numpy()
-    return [labels[samples] for samples in experience_samples(split_key(scenario), "train")]
+    classes = experience_classes(10, scenario.stream.n_experiences, None, scenario.seed)
+    return [labels[stream_order(labels, group)] for group in classes]
 
 
 @pytest.mark.parametrize("kind", ["iid", "dirichlet", "pathological", "shard"])

@@ -152,3 +152,22 @@ def test_as_many_clients_as_the_smallest_experience_has_samples_is_fine(run_cli)
     )
     assert code == 0, err
     assert "264 clients" in " ".join(out.split())
+
+
+def test_a_dataset_is_added_in_one_place_and_a_copy_unlike_its_entry_is_refused(monkeypatch):
+    """The registry entry alone makes a name valid, sizes the model and is checked against what loads."""
+    from fedtide.data import datasets
+    from fedtide.data.loading import parse_scenario
+    from fedtide.errors import ScenarioError
+    from fedtide.models import build_scenario_model
+
+    digits = datasets.DATASETS["digits"]
+    monkeypatch.setitem(datasets.DATASETS, "tiny", datasets.DatasetSpec(digits.loader, (1, 8, 8), 12, "digits again"))
+    scenario = parse_scenario({"dataset": {"name": "tiny"}, "stream": {"n_experiences": 12}})
+    assert build_scenario_model(scenario)[-1].out_features == 12  # the head: every class of the entry
+    assert load_dataset("tiny").input_shape == (1, 8, 8)
+    monkeypatch.setitem(datasets.DATASETS, "wrong", datasets.DatasetSpec(digits.loader, (1, 28, 28), 10, "not so"))
+    with pytest.raises(ScenarioError, match=r"dataset.root: the wrong found holds images of shape \(1, 8, 8\)"):
+        load_dataset("wrong")
+    with pytest.raises(ScenarioError, match="unknown dataset 'imagenet'; use one of digits, fashion_mnist"):
+        parse_scenario({"dataset": {"name": "imagenet"}})

@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtide import aggregation
+from fedtide import registry
 from fedtide.aggregation import build_strategy, strategy_class
 from fedtide.client.schedule import train_schedule
 from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY
@@ -34,8 +34,7 @@ from fedtide.continual.plugin_adapter import PluginMethod
 from fedtide.continual.state_check import LostState
 from fedtide.continual.state_codec import encode
 from fedtide.data.loading import parse_scenario
-from fedtide.data.split import experience_partitions
-from fedtide.data.stream import build_stream
+from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError, SignatureError, failure_line
 from fedtide.plugin_check import check_plugin
 from fedtide.server.federation import train_config
@@ -84,7 +83,7 @@ def test_built_in_names_win_over_entry_points_and_broken_entry_points_name_thems
         "gone": EntryPoint("gone", "no_such_module:Thing", group),
         "wrong": EntryPoint("wrong", "tests.broken_strategy:NotAStrategy", group),
     }
-    monkeypatch.setattr(aggregation, "plugin_entry_points", lambda _: points)
+    monkeypatch.setattr(registry, "plugin_entry_points", lambda _: points)
     assert strategy_class("fedavg") is FedAvg
     assert strategy_class("nan") is NaNStrategy
     with pytest.raises(ScenarioError) as gone:
@@ -95,6 +94,24 @@ def test_built_in_names_win_over_entry_points_and_broken_entry_points_name_thems
         strategy_class("wrong")
     assert "entry point 'wrong'" in str(wrong.value)
     assert "is not a subclass of flwr.serverapp.strategy.strategy.Strategy" in str(wrong.value)
+
+
+def test_one_resolver_names_every_kind_and_tells_check_plugin_which_kind_a_name_is():
+    """Strategies and methods resolve through `registry.resolve` in one order; built-ins are plugin-backed."""
+    from fedtide.aggregation import STRATEGY
+    from fedtide.continual.methods import METHOD
+
+    kinds = (STRATEGY, METHOD)
+    assert registry.resolve(STRATEGY, "FedAvg") is FedAvg
+    assert registry.resolve(METHOD, "l2_anchor").plugin_class is L2Anchor
+    named = ["fedavg", "experience_momentum", "fedtide_examples.strategy:ExperienceMomentum", "ewc", "mas", "l2_anchor"]
+    named.append("fedtide_examples.method:L2Anchor")
+    assert [registry.kind_of(name, kinds) for name in named] == [STRATEGY] * 3 + [METHOD] * 4
+    with pytest.raises(ScenarioError, match="'nope' is no strategy and no method fedtide knows"):
+        registry.kind_of("nope", kinds)
+    with pytest.raises(ScenarioError, match="unknown method 'nope'.*one of naive, replay, ewc, lwf, mas"):
+        registry.resolve(METHOD, "nope")
+    assert all(issubclass(all_methods()[name], PluginMethod) for name in ("replay", "ewc", "lwf"))
 
 
 @pytest.mark.parametrize(
@@ -273,13 +290,12 @@ def test_gem_and_agem_memories_are_sample_ids_of_each_past_experience_and_shape_
     scenario = small_scenario(continual=continual)
     rounds = drive(scenario, 3)
     assert [int(r["client"]["consolidated"]) for _, r, _ in rounds] == [0, 0, 1, 0, 1, 0]
-    stream = build_stream(scenario)
-    own = experience_partitions(scenario)
+    own = stream_plan(scenario).client(3).experiences
     state = method_state(rounds[-1][2])
     table = "memory_ids" if continual["method"] == "gem" else "buffer_ids"
     assert sorted(state) == [f"{table}.0", f"{table}.1"]
     for e in (0, 1):
-        mine = set(np.asarray(stream.train[e].sample_id)[own[e][3]].tolist())
+        mine = set(own[e].train.tolist())
         ids = state[f"{table}.{e}"]
         assert len(ids) == min(16, len(mine)) and set(ids.tolist()) <= mine
     # the memory of experience 0 is drawn once and restored unchanged in the next round
@@ -362,7 +378,7 @@ def test_a_run_stops_at_the_first_round_that_would_lose_state_even_if_an_empty_c
         continual={"method": f"{LOST}:ListBuffer"},
         resources={"backend": "in_process"},
     )
-    assert len(experience_partitions(scenario)[0][6]) == 0
+    assert stream_plan(scenario).client(6).sizes[0] == 0
     path = tmp_path / "lost.yaml"
     path.write_text(yaml.safe_dump(scenario.model_dump(mode="json")))
     code, out, err = run_cli("run", str(path), "--output", str(tmp_path / "runs"))

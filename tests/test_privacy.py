@@ -12,12 +12,13 @@ from torch.utils.data import TensorDataset
 
 from fedtide.client.schedule import train_schedule
 from fedtide.client.training import MethodFailed
+from fedtide.continual.base import ContinualMethod
 from fedtide.continual.methods import build_method
 from fedtide.data.schema import PrivacyConfig
-from fedtide.data.split import experience_partitions
+from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError, raised_at
 from fedtide.models import build_model
-from fedtide.privacy.accounting import PrivateFootprint, check_privacy, client_delta, noise_multiplier
+from fedtide.privacy.accounting import check_privacy, client_delta, noise_multiplier
 from fedtide.privacy.dp_sgd import ClientPrivacy, UnaccountedData, _DPBatchOnly
 from fedtide.privacy.opacus_model import opacus_ready
 from fedtide.run_files import create_run_folder, read_rounds
@@ -58,7 +59,7 @@ def test_epsilon_is_cumulative_and_recomputed_by_opacus():
         accountant.history = history(reply)
         assert accountant.get_epsilon(delta=client_delta(scenario)) == pytest.approx(epsilon, rel=1e-9)
     # the steps on record are every Poisson step of every round, counted from the data sizes
-    sizes = [len(exp[0]) for exp in experience_partitions(scenario)]
+    sizes = stream_plan(scenario).client(0).sizes
     expected_steps = sum(math.ceil(sizes[e] / scenario.client.batch_size) for e, _ in SCHEDULE)
     assert sum(steps for _, _, steps in history(replies[-1])) == expected_steps
     expected_rates = {1 / math.ceil(sizes[e] / scenario.client.batch_size) for e, _ in SCHEDULE}
@@ -171,7 +172,7 @@ def test_ewc_fisher_pass_under_dp_is_charged_to_the_accountant():
     _, ewc = run_private(private_scenario("ewc", noise_multiplier=1.0), schedule=SCHEDULE[:3])
     naive_steps = sum(s for *_, s in history(naive[-1]))
     ewc_steps = sum(s for *_, s in history(ewc[-1]))
-    experience_0 = len(experience_partitions(private_scenario())[0][0])
+    experience_0 = stream_plan(private_scenario()).client(0).sizes[0]
     assert ewc_steps - naive_steps == math.ceil(experience_0 / 32)  # one Poisson pass over experience 0
     assert ewc[-1]["client"]["epsilon"] > naive[-1]["client"]["epsilon"]
 
@@ -183,7 +184,7 @@ def test_replay_buffer_is_inside_the_poisson_sampled_dataset():
         privacy={"enabled": True, "noise_multiplier": 1.0},
     )
     _, replies = run_private(scenario, schedule=[(0, 1), (1, 3)])
-    size_1 = len(experience_partitions(scenario)[1][0])
+    size_1 = stream_plan(scenario).client(0).sizes[1]
     rate_with_buffer = 1 / math.ceil((size_1 + 40) / 32)
     assert history(replies[-1])[-1][1] == pytest.approx(rate_with_buffer)
 
@@ -271,19 +272,43 @@ def test_grad_sample_modes_spend_the_same_epsilon_and_train_alike():
         np.testing.assert_allclose(weights, hooks_weights, rtol=0, atol=1e-6)  # float rounding only
 
 
+class LossTerm(ContinualMethod):
+    """A user's method that says nothing of its loss: it may add a term to it."""
+
+    name = "loss_term"
+    dp_compatible = True
+
+    def plugins(self) -> list:
+        return []
+
+    def consolidate(self, learner) -> None:
+        """Nothing to remember."""
+
+
+class NoLossTerm(LossTerm):
+    """The same, saying that it adds nothing to the loss."""
+
+    adds_loss_term = False
+
+
 def test_ghost_clipping_is_refused_where_a_term_joins_the_loss():
-    footprint = PrivateFootprint()
-    check_privacy(private_scenario("replay", noise_multiplier=1.0, grad_sample_mode="ghost"), footprint)
-    for method in ("ewc", "lwf", "si"):
+    """By the method's `adds_loss_term`, not its name: a user's method that says it adds none passes too."""
+
+    def check(scenario) -> None:
+        check_privacy(scenario, build_method(scenario.continual))
+
+    for method in ("naive", "replay", "tests.test_privacy:NoLossTerm"):
+        check(private_scenario(method, noise_multiplier=1.0, grad_sample_mode="ghost"))
+    for method in ("ewc", "lwf", "si", "tests.test_privacy:LossTerm"):
         with pytest.raises(ScenarioError, match=f"grad_sample_mode: .*method '{method}'"):
-            check_privacy(private_scenario(method, noise_multiplier=1.0, grad_sample_mode="ghost"), footprint)
+            check(private_scenario(method, noise_multiplier=1.0, grad_sample_mode="ghost"))
     fedprox = small_scenario(
         federation={"strategy": {"name": "fedprox", "proximal_mu": 0.1}},
         continual={"method": "naive"},
         privacy={"enabled": True, "noise_multiplier": 1.0, "grad_sample_mode": "ghost"},
     )
     with pytest.raises(ScenarioError, match="FedProx adds its proximal term"):
-        check_privacy(fedprox, footprint)
+        check(fedprox)
     # a term the scenario does not show (here a proximal mu a strategy sends) stops the round
     with pytest.raises(MethodFailed, match="a plugin added a term to the loss"):
         run_private(private_scenario(noise_multiplier=1.0, grad_sample_mode="ghost"), schedule=[(0, 1)], mu=5.0)

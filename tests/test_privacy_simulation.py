@@ -2,7 +2,7 @@
 
 import json
 
-from fedtide.data.split import experience_partitions
+from fedtide.data.stream_plan import stream_plan
 from fedtide.privacy.accounting import client_delta, epsilon_spent, steps_and_rate
 from fedtide.run_files import create_run_folder
 from fedtide.simulation import simulate_in_process
@@ -31,7 +31,7 @@ def run(scenario, tmp_path) -> dict:
 def test_accuracy_falls_as_noise_rises_and_budget_stops_are_reported(tmp_path):
     noisy = scenario_with({"enabled": True, "noise_multiplier": 4.0})
     # a budget that three of the four rounds fit in: every client stops before the last round
-    steps, rate = steps_and_rate(max(len(p) for p in experience_partitions(noisy)[0]), 32)
+    steps, rate = steps_and_rate(max(own.sizes[0] for own in stream_plan(noisy).clients), 32)
     three_rounds = epsilon_spent([(4.0, rate, 3 * steps)], client_delta(noisy), "rdp")
     budgeted = scenario_with({"enabled": True, "noise_multiplier": 4.0, "target_epsilon": three_rounds * 1.01})
 

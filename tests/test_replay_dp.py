@@ -14,8 +14,8 @@ from fedtide.client.schedule import train_schedule
 from fedtide.client.training import seed_everything
 from fedtide.continual.builtin import Replay
 from fedtide.data.schema import PrivacyConfig
-from fedtide.data.split import experience_partitions
-from fedtide.data.stream import build_stream, training_data
+from fedtide.data.stream import training_pool
+from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError
 from fedtide.privacy.coins import SampleCoins
 from fedtide.privacy.dp_sgd import ClientPrivacy
@@ -30,8 +30,7 @@ CLIENT = 1  # 97, 240 and 150 samples in the three experiences
 
 def own_ids(scenario, client: int) -> list[list[int]]:
     """Sample ids of the client's data in each experience, in the client's order."""
-    shares = experience_partitions(scenario)
-    return [np.asarray(exp.sample_id)[shares[e][client]].tolist() for e, exp in enumerate(build_stream(scenario).train)]
+    return [exp.train.tolist() for exp in stream_plan(scenario).client(client).experiences]
 
 
 def buffer_after(ids: list[list[int]], mem_size: int, seed: int, private: bool, sizes=None) -> set[int]:
@@ -41,7 +40,7 @@ def buffer_after(ids: list[list[int]], mem_size: int, seed: int, private: bool, 
     neighbouring datasets are compared at the same public sizes, as the accountant compares them
     at the same sample rate.
     """
-    pool = training_data(SCENARIO).pool
+    pool = training_pool(SCENARIO)
     method = Replay(mem_size)
     method.bind(None, pool)
     if private:

@@ -198,7 +198,7 @@ def test_the_recorded_audit_is_the_saved_model_attacked_again(sweep_dir):
     _, _, folder, _ = sweep_dir
     run = folder / NAMES[2]
     scenario = parse_scenario(yaml.safe_load((run / "scenario.yaml").read_text()))
-    model = build_scenario_model(scenario, (1, 8, 8))
+    model = build_scenario_model(scenario)
     model.load_state_dict(torch.load(run / "model.pt"))
     recorded = json.loads((run / "summary.json").read_text())["audit"]
     assert audit_clients(scenario, model) == recorded

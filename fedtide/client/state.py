@@ -31,14 +31,12 @@ class Progress:
 
     `done_through` = e means experiences below e are settled: consolidated, or held no
     data for this client. `counts[e]` is how often e was consolidated (tests hold it to 1).
+    Which experiences are still to consolidate is the plan's answer
+    (`fedtide.data.stream_plan.ClientPlan.to_consolidate`).
     """
 
     done_through: int
     counts: list[int]
-
-    def pending(self, experience: int, sizes: list[int]) -> list[int]:
-        """Past experiences to consolidate before training `experience`: those with data, in order."""
-        return [past for past in range(self.done_through, experience) if sizes[past] > 0]
 
 
 class ClientState:

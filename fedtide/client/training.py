@@ -25,7 +25,8 @@ from fedtide.continual.base import ContinualMethod
 from fedtide.continual.methods import build_method, require_dp_compatible
 from fedtide.continual.state_check import refuse_lost_state, state_fingerprints
 from fedtide.data.schema import Scenario
-from fedtide.data.stream import Dataset, build_stream, client_experiences, training_data
+from fedtide.data.stream import Dataset, client_experiences, training_pool
+from fedtide.data.stream_plan import ClientPlan, stream_plan
 from fedtide.errors import RoundFailed
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta, epsilon_spent, noise_multiplier
@@ -69,8 +70,10 @@ class RoundPlan:
         return self.examples + self.replay_extra
 
 
-def plan_round(task: RoundTask, progress: Progress, sizes: list[int], footprint: PrivateFootprint) -> RoundPlan:
-    pending = progress.pending(task.experience, sizes)
+def plan_round(task: RoundTask, progress: Progress, own: ClientPlan, footprint: PrivateFootprint) -> RoundPlan:
+    """This round's work from the client's plan: the experiences it still has to settle, the sizes DP plans with."""
+    sizes = own.sizes
+    pending = own.to_consolidate(progress.done_through, task.experience)
     return RoundPlan(
         pending=pending,
         examples=sizes[task.experience],
@@ -85,46 +88,35 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
     The reply's records are described in `fedtide.protocol`.
     """
     scenario = task.scenario
-    own_data = client_experiences(scenario, task.partition_id)
-    sizes = [len(d) for d in own_data]
-    experiences = benchmark_from_datasets(train=own_data).train_stream
-    stream = build_stream(scenario)
+    own = stream_plan(scenario).client(task.partition_id)
+    experiences = benchmark_from_datasets(train=client_experiences(scenario, task.partition_id)).train_stream
     # Seeded only now: building the process's data caches draws from the global RNGs the
     # first time, and which client a Ray worker serves first must not change its numbers.
     seed_everything(scenario.seed, task.partition_id, task.global_round)
 
-    model = build_scenario_model(scenario, stream.data.input_shape)
+    model = build_scenario_model(scenario)
     _load_weights(model, global_arrays)
-    state = ClientState(records, scenario.stream.n_experiences)
+    state = ClientState(records, len(own.experiences))
     name = scenario.continual.method
     with method_phase(name, "construction"):
         method = build_method(scenario.continual)
-    pool = training_data(scenario).pool
+    pool = training_pool(scenario)
     method.bind(model, pool)  # sample ids index it, canaries' too
-    privacy = _client_privacy(task, state, method, sizes)
+    privacy = _client_privacy(task, state, method, own.sizes)
     if privacy:  # before the method's state is loaded: replay's buffer policy depends on it
         method.use_privacy(privacy)
     with method_phase(name, "load"):
         state.restore_method(method, model)
 
     progress = state.progress
-    plan = plan_round(task, progress, sizes, method.private_footprint())
+    plan = plan_round(task, progress, own, method.private_footprint())
     learner = _learner(task, model, method, privacy, plan.private_training)
     start = state_fingerprints(method)  # what the round starts from: any change must reach state_dict()
     guard = BudgetGuard(scenario, privacy, client_delta(scenario)) if privacy else None
     if plan.examples and guard and not guard.allows(plan.private_training, plan.consolidation_passes):
         return reply_content(_report(task, progress, privacy, guard, empty=False), global_arrays)
 
-    ends = {past: task.experience_ends[past] for past in plan.pending if past in task.experience_ends}
-    for past in plan.pending:
-        if ends:  # at the weights that ended `past`: the server's, or this round's for the last one
-            _load_weights(model, ends.get(past, global_arrays))
-        with method_phase(name, f"consolidation of experience {past}"):
-            learner.consolidate(experiences[past], past)
-        progress.counts[past] += 1
-    if ends:
-        _load_weights(model, global_arrays)  # training starts from this round's weights
-    progress.done_through = max(progress.done_through, task.experience)
+    _consolidate(task, plan.pending, learner, model, experiences, global_arrays, progress)
 
     examples, loss = plan.examples, 0.0
     if examples and (guard is None or guard.allows(plan.private_training)):  # the sizes the DP loader samples by
@@ -142,10 +134,31 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
         state.privacy_history = privacy.history
     with method_phase(name, "metrics"):
         reported = {key: float(value) for key, value in method.metrics().items()} if examples else None
-    report = _report(
-        task, progress, privacy, guard, sizes[task.experience] == 0, examples, loss, len(plan.pending), reported
-    )
+    empty = own.sizes[task.experience] == 0
+    report = _report(task, progress, privacy, guard, empty, examples, loss, len(plan.pending), reported)
     return reply_content(report, ArrayRecord(model.cpu().state_dict()))
+
+
+def _consolidate(
+    task: RoundTask,
+    pending: list[int],
+    learner: RoundLearner,
+    model: torch.nn.Module,
+    experiences: list,
+    global_arrays: ArrayRecord,
+    progress: Progress,
+) -> None:
+    """Consolidate each of the `pending` past experiences once, at the global weights that ended it."""
+    ends = {past: task.experience_ends[past] for past in pending if past in task.experience_ends}
+    for past in pending:
+        if ends:  # at the weights that ended `past`: the server's, or this round's for the last one
+            _load_weights(model, ends.get(past, global_arrays))
+        with method_phase(task.scenario.continual.method, f"consolidation of experience {past}"):
+            learner.consolidate(experiences[past], past)
+        progress.counts[past] += 1
+    if ends:
+        _load_weights(model, global_arrays)  # training starts from this round's weights
+    progress.done_through = max(progress.done_through, task.experience)
 
 
 def _load_weights(model: torch.nn.Module, arrays: ArrayRecord) -> None:

@@ -53,6 +53,10 @@ class ContinualMethod(ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
     dp_compatible: ClassVar[bool] = False
+    # Whether the method may add its own term to the training loss (a penalty, a distillation
+    # loss). Opacus's ghost clipping clips the data loss alone, so it is refused for one that does;
+    # True unless a method says otherwise, since a term it adds silently would be scaled as data.
+    adds_loss_term: ClassVar[bool] = True
     # Attributes every round recomputes before reading them: scratch, not memory (never checked).
     rebuilt_each_round: ClassVar[tuple[str, ...]] = ()
     # How each metric of `metrics()` aggregates over a round's clients (`METRIC_AGGREGATIONS`),

@@ -1,16 +1,19 @@
 """fedtide's own continual methods: naive, replay, EWC and LwF, each Avalanche's plugin consolidated once.
 
-Avalanche consolidates in `after_training_exp`, which its templates call at the end
-of every `train()`. A federated client calls `train()` once per *round*, many times
-per experience, so each method here separates the two parts of an Avalanche plugin:
+Replay, EWC and LwF are `PluginMethod`s (`fedtide.continual.plugin_adapter`), as a user's
+Avalanche plugin is: the plugin's per-minibatch hooks run while a round trains (EWC's
+penalty, LwF's distillation, Replay's mixed dataloader), and its `after_training_exp`
+is the consolidation, which the client calls exactly once per past experience, at the
+global weights that ended it. What the adapter cannot guess they say themselves:
 
-- `plugins()`: the plugins active while a round trains (their per-minibatch hooks:
-  EWC's penalty, LwF's distillation, Replay's mixed dataloader);
-- `consolidate(learner)`: the plugin's end-of-experience step, which the client
-  calls exactly once per past experience, at the global weights that ended it.
-
-Their state goes to `Context.state` through `state_dict()` / `load_state_dict()`
-(`fedtide.continual.state_codec`); a replay buffer is kept as sample ids.
+- their own parameters, checked when the method is built, and their plugin built on
+  first use (a `cached_property`), so that naming and checking a built-in loads no
+  Avalanche, and so that Replay can pick its buffer after `use_privacy`;
+- their state, named in `state_dict()` / `load_state_dict()`
+  (`fedtide.continual.state_codec`): a replay buffer as sample ids, EWC's anchors and
+  importances, LwF's teacher, rather than every attribute of the plugin;
+- under DP, how their private passes are routed and charged (`use_privacy`,
+  `private_footprint`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from fedtide.continual.base import ContinualMethod, StateDict
+from fedtide.continual.plugin_adapter import PluginMethod
 from fedtide.errors import ScenarioError
 from fedtide.privacy.footprint import PrivateFootprint
 
@@ -40,6 +44,7 @@ STORAGES = ("experience", "class")
 class Naive(ContinualMethod):
     name = "naive"
     dp_compatible = True
+    adds_loss_term = False
     description = "fine-tuning, no protection against forgetting (lower bound)"
 
     def plugins(self) -> list[SupervisedPlugin]:
@@ -49,7 +54,7 @@ class Naive(ContinualMethod):
         """Nothing to remember."""
 
 
-class Replay(ContinualMethod):
+class Replay(PluginMethod):
     """Experience replay with Avalanche's `ReplayPlugin` and a buffer balanced by experience or class.
 
     Without DP the buffer is Avalanche's own (`ExperienceBalancedBuffer` or
@@ -71,9 +76,11 @@ class Replay(ContinualMethod):
 
     name = "replay"
     dp_compatible = True
+    adds_loss_term = False  # replayed samples join the data loss, each clipped as a sample
     description = "experience replay: Avalanche ReplayPlugin, buffer balanced by experience or class"
 
     def __init__(self, mem_size: int = 200, storage: str = "experience") -> None:
+        """Checks the parameters; the plugin is built on first use (`plugin`), after `use_privacy`."""
         if mem_size < 1:
             raise ScenarioError("continual.mem_size", f"must be >= 1, got {mem_size}")
         if storage not in STORAGES:
@@ -102,7 +109,7 @@ class Replay(ContinualMethod):
 
     def plugins(self) -> list[SupervisedPlugin]:
         """Avalanche's replay dataloader, except under DP where the buffer joins the sampled dataset."""
-        return [] if self.private else [self.plugin]
+        return [] if self.private else super().plugins()
 
     def check_dp(self) -> None:
         if self.storage_kind != "experience":
@@ -126,9 +133,6 @@ class Replay(ContinualMethod):
 
     def private_footprint(self) -> PrivateFootprint:
         return PrivateFootprint(replay_capacity=self.mem_size)
-
-    def consolidate(self, learner: SupervisedTemplate) -> None:
-        self.plugin.after_training_exp(learner)
 
     def state_dict(self) -> StateDict:
         """The buffer as sample ids per group (never tensors: Ray copies the Context each call)."""
@@ -170,12 +174,13 @@ class Replay(ContinualMethod):
             self.storage.seen_classes = set(state["seen_classes"])
 
 
-class EWC(ContinualMethod):
+class EWC(PluginMethod):
     name = "ewc"
     dp_compatible = True
     description = "elastic weight consolidation: Avalanche EWCPlugin (separate or online); DP Fisher under DP"
 
     def __init__(self, ewc_lambda: float = 10.0, mode: str = "separate", decay_factor: float | None = None) -> None:
+        """Checks the parameters; the plugin is built on first use (`plugin`)."""
         if mode not in ("separate", "online") or (mode == "online") != (decay_factor is not None):
             raise ScenarioError("continual.mode", "use mode: separate, or mode: online with a decay_factor")
         self.ewc_lambda, self.mode, self.decay_factor = ewc_lambda, mode, decay_factor
@@ -185,12 +190,6 @@ class EWC(ContinualMethod):
         from fedtide.continual.ewc_plugin import FederatedEWCPlugin
 
         return FederatedEWCPlugin(ewc_lambda=self.ewc_lambda, mode=self.mode, decay_factor=self.decay_factor)
-
-    def plugins(self) -> list[SupervisedPlugin]:
-        return [self.plugin]
-
-    def consolidate(self, learner: SupervisedTemplate) -> None:
-        self.plugin.after_training_exp(learner)
 
     def use_privacy(self, privacy: ClientPrivacy) -> None:
         self.plugin.fisher_pass = privacy.fisher_importances
@@ -211,12 +210,13 @@ class EWC(ContinualMethod):
         self.plugin.importances.update(state["importance"])
 
 
-class LwF(ContinualMethod):
+class LwF(PluginMethod):
     name = "lwf"
     dp_compatible = True
     description = "learning without forgetting: Avalanche LwFPlugin, teacher = global model"
 
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0) -> None:
+        """Keeps the parameters; the plugin is built on first use (`plugin`)."""
         self.alpha, self.temperature = alpha, temperature
 
     @cached_property
@@ -224,12 +224,6 @@ class LwF(ContinualMethod):
         from avalanche.training.plugins import LwFPlugin
 
         return LwFPlugin(alpha=self.alpha, temperature=self.temperature)
-
-    def plugins(self) -> list[SupervisedPlugin]:
-        return [self.plugin]
-
-    def consolidate(self, learner: SupervisedTemplate) -> None:
-        self.plugin.after_training_exp(learner)
 
     def state_dict(self) -> StateDict:
         """The teacher (the global model that ended the last consolidated experience) and its classes."""

@@ -1,10 +1,11 @@
 """Continual methods by name: built-ins, stock Avalanche plugins, entry points, "pkg.module:Name" paths.
 
-Names resolve in that order, so a plugin can never shadow a built-in. A path or an
-entry point may name a `ContinualMethod` or an Avalanche `SupervisedPlugin`; the
-latter is adapted by `plugin_method` (consolidated once per experience). Only a
-built-in is resolved without importing Avalanche (which `fedtide validate` and the
-server then never load for one).
+Names resolve as every kind does (`fedtide.registry.resolve`), so a plugin can never
+shadow a built-in. A path or an entry point may name a `ContinualMethod` or an
+Avalanche `SupervisedPlugin`; the latter is adapted by `plugin_method` (consolidated
+once per experience). Only a built-in is resolved without importing Avalanche (which
+`fedtide validate` and the server then never load for one): the stock plugins are the
+second tier of built-ins, loaded only for a name the first does not hold.
 """
 
 from __future__ import annotations
@@ -13,15 +14,7 @@ from fedtide.continual.base import ContinualMethod, check_metric_aggregation
 from fedtide.continual.builtin import BUILT_INS
 from fedtide.data.schema import ContinualConfig
 from fedtide.errors import ScenarioError
-from fedtide.registry import (
-    CONTINUAL_GROUP,
-    check_hook_signatures,
-    check_parameters,
-    is_plugin_path,
-    load_entry_point,
-    load_plugin,
-    plugin_entry_points,
-)
+from fedtide.registry import Kind, check_hook_signatures, check_parameters, resolve
 
 FIELD = "continual.method"
 # What fedtide's client calls on a method, each with the positional arguments of `ContinualMethod`'s def.
@@ -41,39 +34,38 @@ METHOD_HOOKS = (
 )
 
 
-def all_methods() -> dict[str, type[ContinualMethod]]:
-    """Built-ins and the stock Avalanche plugins adapted to rounds, by name."""
+def _stock_plugins() -> dict[str, type[ContinualMethod]]:
     from fedtide.continual.stock_plugins import STOCK_PLUGINS
 
-    return BUILT_INS | STOCK_PLUGINS
+    return STOCK_PLUGINS
 
 
-def method_class(name: str) -> type[ContinualMethod]:
-    """Resolve a method name: built-in or stock Avalanche plugin, then entry point, or a path.
-
-    A path or entry point may name a `ContinualMethod` or an Avalanche `SupervisedPlugin`
-    subclass; the latter is wrapped by `plugin_method` (consolidated once per experience).
-    """
-    if name.lower() in BUILT_INS:
-        return BUILT_INS[name.lower()]
+def _bases() -> tuple[type, ...]:
     from avalanche.training.plugins import SupervisedPlugin
 
+    return ContinualMethod, SupervisedPlugin
+
+
+def _adapt(found: type, name: str) -> type[ContinualMethod]:
+    """A user's class as a method: an Avalanche plugin adapted to rounds, its metric aggregation checked."""
     from fedtide.continual.plugin_adapter import plugin_method
 
-    bases = (ContinualMethod, SupervisedPlugin)
-    methods = all_methods()
-    if is_plugin_path(name):
-        found = load_plugin(name, FIELD, bases)
-    elif name.lower() in methods:
-        return methods[name.lower()]
-    elif name.lower() in (installed := plugin_entry_points(CONTINUAL_GROUP)):
-        found = load_entry_point(installed[name.lower()], FIELD, bases)
-    else:
-        known = ", ".join([*methods, *installed])
-        raise ScenarioError(FIELD, f"unknown method '{name}'", f"one of {known}, or a 'pkg.module:Name'")
     method = found if issubclass(found, ContinualMethod) else plugin_method(found, name=name)
     check_metric_aggregation(method, FIELD)
     return method
+
+
+METHOD = Kind("method", FIELD, "fedtide.continual", (lambda: BUILT_INS, _stock_plugins), _bases, _adapt)
+
+
+def all_methods() -> dict[str, type[ContinualMethod]]:
+    """Built-ins and the stock Avalanche plugins adapted to rounds, by name."""
+    return METHOD.built_in_names()
+
+
+def method_class(name: str) -> type[ContinualMethod]:
+    """A built-in or stock Avalanche plugin, an entry point or a path, as `resolve` orders them."""
+    return resolve(METHOD, name)
 
 
 def build_method(config: ContinualConfig) -> ContinualMethod:

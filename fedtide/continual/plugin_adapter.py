@@ -25,25 +25,25 @@ parameter-only penalties or per-sample losses, and must read no private data out
 the DP-SGD step (no importance pass, no reference gradients). While it trains, a
 model run on anything but the DP batch, or a `p.grad` changed after backward, stops
 the round (`fedtide.privacy.dp_sgd`).
+
+fedtide's built-ins (`fedtide.continual.builtin`) are `PluginMethod`s too, over Avalanche's
+plugins, each with its own parameters and state: so this module imports no Avalanche
+until a plugin is built, and naming or checking a built-in loads none.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-import torch
-from avalanche.training.plugins import SupervisedPlugin
-from avalanche.training.templates import SupervisedTemplate
-from avalanche.training.utils import ParamData
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedtide.continual.base import ContinualMethod, StateDict
-from fedtide.continual.state_check import rebuilt_each_round
-from fedtide.continual.state_codec import Tensorish, is_storable
+from fedtide.continual.hooks import avalanche_hooks
 from fedtide.registry import check_hook_signatures
 
+if TYPE_CHECKING:
+    from avalanche.training.plugins import SupervisedPlugin
+    from avalanche.training.templates import SupervisedTemplate
+
 FIELD = "continual.method"
-# The hooks Avalanche's templates call on a plugin, as `hook(strategy, **kwargs)`.
-PLUGIN_HOOKS = tuple(name for name in dir(SupervisedPlugin) if name.startswith(("before_", "after_")))
 
 
 class PluginMethod(ContinualMethod):
@@ -57,13 +57,18 @@ class PluginMethod(ContinualMethod):
 
     def plugins(self) -> list[SupervisedPlugin]:
         """The plugin, after a helper that moves its restored (CPU) tensors to the learner's device."""
-        return [_StateToDevice(self.plugin), self.plugin]
+        from fedtide.continual.device_plugin import StateToDevice
+
+        return [StateToDevice(self.plugin), self.plugin]
 
     def consolidate(self, learner: SupervisedTemplate) -> None:
         self.plugin.after_training_exp(learner)
 
     def state_dict(self) -> StateDict:
         """The plugin's own `state_dict()` if it has one, else its storable attributes."""
+        from fedtide.continual.state_check import rebuilt_each_round
+        from fedtide.continual.state_codec import is_storable
+
         if _has_own_state(self.plugin):
             return dict(self.plugin.state_dict())
         skipped = rebuilt_each_round(self.plugin)
@@ -90,39 +95,13 @@ class PluginMethod(ContinualMethod):
 
 def check_plugin_signatures(plugin: SupervisedPlugin) -> None:
     """Refuse a hook def that Avalanche's call `hook(strategy)` would fail on, naming the def (file:line)."""
-    check_hook_signatures(plugin, SupervisedPlugin, PLUGIN_HOOKS, FIELD)
+    from avalanche.training.plugins import SupervisedPlugin
+
+    check_hook_signatures(plugin, SupervisedPlugin, avalanche_hooks(), FIELD)
 
 
 def _has_own_state(plugin: SupervisedPlugin) -> bool:
     return callable(getattr(plugin, "state_dict", None)) and callable(getattr(plugin, "load_state_dict", None))
-
-
-class _StateToDevice(SupervisedPlugin):
-    """Moves a plugin's tensors, `ParamData` and modules to the learner's device when a round starts."""
-
-    def __init__(self, target: SupervisedPlugin) -> None:
-        super().__init__()
-        self.target = target
-
-    def before_training(self, strategy, **kwargs) -> None:
-        device = torch.device(strategy.device)
-        for attr, value in vars(self.target).items():
-            if isinstance(value, dict) and value and all(isinstance(v, Tensorish) for v in value.values()):
-                setattr(self.target, attr, {k: _to_device(v, device) for k, v in value.items()})
-            elif isinstance(value, torch.Tensor | ParamData | torch.nn.Module):
-                setattr(self.target, attr, _to_device(value, device))
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, ParamData):
-        return (
-            value
-            if value.data.device == device
-            else ParamData(value.name, init_tensor=value.data.to(device), device=device)
-        )
-    if isinstance(value, torch.Tensor | torch.nn.Module):
-        return value.to(device)
-    return value
 
 
 def plugin_method(
@@ -138,6 +117,7 @@ def plugin_method(
         "name": name,
         "description": description or (doc[0] if doc else plugin_class.__name__),
         "dp_compatible": getattr(plugin_class, "dp_compatible", False) if dp_compatible is None else dp_compatible,
+        "adds_loss_term": getattr(plugin_class, "adds_loss_term", True),
         "metric_aggregation": getattr(plugin_class, "metric_aggregation", {}),
         "__module__": __name__,
     }

@@ -178,9 +178,9 @@ class SI(SynapticIntelligencePlugin):
     """
 
     def __init__(self, si_lambda: float | Sequence[float] = 1000.0, eps: float = 1e-7) -> None:
-        """`si_lambda` is large because Avalanche caps each importance at 0.001. On the quickstart
-        (2026-11-22) average forgetting was 96.4% at 100 (as naive), 90.7% at 1000, 81.3% at 3000,
-        and 10000 stopped learning new experiences."""
+        """`si_lambda` is large because Avalanche caps each importance at 0.001: at Avalanche's 1 the
+        penalty does nothing. 1000 is where it lowers forgetting without stopping the learning of
+        new experiences on the quickstart (docs/results.md, "SI's strength")."""
         super().__init__(si_lambda=si_lambda, eps=eps)
 
     def before_training_exp(self, strategy, **kwargs) -> None:

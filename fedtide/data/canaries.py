@@ -10,8 +10,8 @@ its class, so the model gives it that label only if it saw and memorised it. Eac
 drawn, from the scenario seed alone, an experience, an image of one of its classes, a
 label among its other classes, and a client; its coin decides whether it joins that
 client's training data of that experience. This module only draws them (numpy, no data loading):
-`fedtide.data.split` places the included ones in the partitions and `fedtide.data.stream`
-in the clients' datasets.
+`fedtide.data.stream_plan` places the included ones in their clients' planned samples and
+`fedtide.data.stream` in the training pool.
 """
 
 from __future__ import annotations

@@ -1,5 +1,11 @@
 """Image datasets as in-memory tensors, found on disk without a network where possible.
 
+`DATASETS` is the one place a dataset is added: its name, its loader, and what a
+scenario must know without loading it (input shape, number of classes), which the
+schema's name check, the models' input layer and `fedtide list` read. A loaded dataset
+that disagrees with its entry is refused, so the entry stays true. The module imports
+no torch until a dataset is loaded: the schema, which the report reads, imports it.
+
 A simulation reads each dataset once per process (server and every Ray worker), so
 the loaded tensors are cached; they are read-only and never part of client state.
 The digits' train/test split is also kept on disk (`fedtide.data.cache`), so that
@@ -11,15 +17,21 @@ from __future__ import annotations
 import gzip
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from fedtide.data.cache import cache_file, read_arrays, write_arrays
 from fedtide.errors import ScenarioError
+
+if TYPE_CHECKING:
+    import torch
+
+    Loader = Callable[[str | None], tuple[torch.Tensor, ...]]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_UBYTE = 0x08  # the idx type code of unsigned bytes, the only one the MNIST family uses
@@ -41,6 +53,23 @@ class ImageData:
         return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset fedtide knows: how to load it, and what a scenario knows of it before loading it."""
+
+    loader: Loader  # root (or None) -> train images, train labels, test images, test labels
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+    description: str  # for `fedtide list`
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The registered dataset `name`; an unknown name is a `ScenarioError` listing the known ones."""
+    if name not in DATASETS:
+        raise ScenarioError("dataset.name", f"unknown dataset '{name}'", f"one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
 def load_dataset(name: str, root: str | None = None) -> ImageData:
     """Load a dataset by scenario name; a missing one is a `ScenarioError` saying where we looked."""
     return _load_cached(name, str(root) if root is not None else None)
@@ -48,18 +77,19 @@ def load_dataset(name: str, root: str | None = None) -> ImageData:
 
 @lru_cache(maxsize=4)
 def _load_cached(name: str, root: str | None) -> ImageData:
-    loaders = {
-        "digits": _digits,
-        "fashion_mnist": _fashion_mnist,
-        "mnist": _torchvision("MNIST"),
-        "cifar10": _torchvision("CIFAR10"),
-        "cifar100": _torchvision("CIFAR100"),
-    }
-    if name not in loaders:
-        raise ScenarioError("dataset.name", f"unknown dataset '{name}'", f"one of {sorted(loaders)}")
-    train_x, train_y, test_x, test_y = loaders[name](root)
+    spec = dataset_spec(name)
+    train_x, train_y, test_x, test_y = spec.loader(root)
     mean, std = train_x.mean(), train_x.std()
-    return ImageData((train_x - mean) / std, train_y, (test_x - mean) / std, test_y)
+    data = ImageData((train_x - mean) / std, train_y, (test_x - mean) / std, test_y)
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    if data.input_shape != spec.input_shape or classes > spec.num_classes:
+        raise ScenarioError(
+            "dataset.root",
+            f"the {name} found holds images of shape {data.input_shape} in {classes} classes, "
+            f"where {name} has {spec.input_shape} in {spec.num_classes}",
+            f"point dataset.root at a copy of {name} itself",
+        )
+    return data
 
 
 def _digits(root: str | None) -> tuple[torch.Tensor, ...]:
@@ -206,9 +236,21 @@ def _as_arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tensors(x_train, y_train, x_test, y_test) -> tuple[torch.Tensor, ...]:
+    import torch
+
     return (
         torch.as_tensor(np.ascontiguousarray(x_train), dtype=torch.float32),
         torch.from_numpy(np.array(y_train, dtype=np.int64)),  # a copy: idx labels are read-only buffers
         torch.as_tensor(np.ascontiguousarray(x_test), dtype=torch.float32),
         torch.from_numpy(np.array(y_test, dtype=np.int64)),
     )
+
+
+# The one place a dataset is added (see the module docstring).
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec(_digits, (1, 8, 8), 10, "scikit-learn's digits, bundled"),
+    "fashion_mnist": DatasetSpec(_fashion_mnist, (1, 28, 28), 10, "Fashion-MNIST (idx files)"),
+    "mnist": DatasetSpec(_torchvision("MNIST"), (1, 28, 28), 10, "torchvision's MNIST"),
+    "cifar10": DatasetSpec(_torchvision("CIFAR10"), (3, 32, 32), 10, "torchvision's CIFAR-10"),
+    "cifar100": DatasetSpec(_torchvision("CIFAR100"), (3, 32, 32), 100, "torchvision's CIFAR-100"),
+}

@@ -55,9 +55,9 @@ def flwr_partitioners() -> types.ModuleType:
     """`flwr_datasets.partitioner`, imported without the plotting helpers partitioning never uses.
 
     `flwr_datasets/__init__.py` imports its `visualization` subpackage, and with it seaborn,
-    scipy.stats and matplotlib.pyplot: about 1.3 s, more than half an `import torch`, on
-    every `fedtide validate` and run. While the package is first imported, an empty module
-    stands in for that one subpackage; it is removed afterwards, so a later
+    scipy.stats and matplotlib.pyplot, on every `fedtide validate` and run: a large part of
+    a validate's time (docs/benchmarks.md, "No plotting for partitioning"). While the package
+    is first imported, an empty module stands in for that one subpackage; it is removed afterwards, so a later
     `import flwr_datasets.visualization` (or `from flwr_datasets import visualization`)
     imports the real one. Nothing of flwr-datasets itself is replaced.
     """

@@ -12,19 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DatasetName = Literal["digits", "fashion_mnist", "mnist", "cifar10", "cifar100"]
+from fedtide.data.datasets import DATASETS
+
 ModelName = Literal["mlp", "cnn", "resnet"]
 PartitionKind = Literal["iid", "dirichlet", "pathological", "shard"]
-
-# Known without loading any data, so a scenario can be checked before a run starts.
-NUM_CLASSES: dict[str, int] = {
-    "digits": 10,
-    "fashion_mnist": 10,
-    "mnist": 10,
-    "cifar10": 10,
-    "cifar100": 100,
-}
-
 
 class Section(BaseModel):
     """A scenario section: unknown keys are errors, values are checked on assignment."""
@@ -43,8 +34,15 @@ class NamedWithParams(BaseModel):
 
 
 class DatasetConfig(Section):
-    name: DatasetName = "digits"
+    name: str = "digits"  # a name of `fedtide.data.datasets.DATASETS`
     root: Path | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset '{name}'; use one of {', '.join(DATASETS)}")
+        return name
 
 
 class ModelConfig(Section):
@@ -77,13 +75,13 @@ class FederationConfig(Section):
     min_train_nodes: int = Field(1, ge=1)
 
 
-# A learning rate that trains when a scenario names none (docs/results.md, "Client defaults"):
-# Adam's optimizer state starts afresh every round, so it needs more than torch's 1e-3.
-DEFAULT_LR = {"sgd": 0.2, "adam": 3e-3}
+# Local training that learns when a scenario names none: the quickstart's (docs/results.md,
+# "Client defaults"). Adam's state starts afresh every round, so it needs more than torch's 1e-3.
+DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3}
 
 
 class ClientConfig(Section):
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(DEFAULT_LR["sgd"], gt=0)
@@ -348,7 +346,12 @@ class Scenario(Section):
 
     @property
     def num_classes(self) -> int:
-        return NUM_CLASSES[self.dataset.name]
+        return DATASETS[self.dataset.name].num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the dataset's images, known without loading them."""
+        return DATASETS[self.dataset.name].input_shape
 
     @property
     def total_rounds(self) -> int:

@@ -21,7 +21,7 @@ from torch.nn.functional import cross_entropy
 
 from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
-from fedtide.data.split import experience_samples, held_out_test_samples, regular_partitions, split_key
+from fedtide.data.stream_plan import stream_plan
 from fedtide.run_files import LOW_FPR, ClientAudit
 
 
@@ -80,15 +80,13 @@ def audit_clients(scenario: Scenario, model: torch.nn.Module) -> dict:
     the scenario seed and the client, so an audit is reproducible.
     """
     data = load_dataset(scenario.dataset.name, scenario.dataset.root)
-    experiences = experience_samples(split_key(scenario), "train")
-    shares = regular_partitions(scenario)
+    plan = stream_plan(scenario)
     model = model.cpu()
-    pool = held_out_test_samples(scenario)
-    test_losses = sample_losses(model, data.test_x, data.test_y)[pool]
-    test_labels = data.test_y.numpy()[pool]
+    test_losses = sample_losses(model, data.test_x, data.test_y)[plan.held_out]
+    test_labels = data.test_y.numpy()[plan.held_out]
     per_client: dict[str, dict] = {}
     for client in range(scenario.partition.num_clients):
-        ids = np.concatenate([samples[share[client]] for samples, share in zip(experiences, shares)])
+        ids = plan.client(client).training_set_ids()
         if len(ids) == 0:
             continue
         rng = np.random.default_rng([scenario.seed, client])

@@ -55,7 +55,7 @@ from scipy.stats import binom
 from fedtide.data.canaries import Canaries
 from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
-from fedtide.data.split import experience_canaries
+from fedtide.data.stream_plan import stream_plan
 from fedtide.metrics.audit import sample_losses
 from fedtide.privacy.accounting import client_delta
 from fedtide.privacy.client_level import client_level_delta
@@ -183,7 +183,7 @@ def audit_canaries(
     scenario: Scenario, model: torch.nn.Module, sample_epsilon: float | None, client_epsilon: float | None
 ) -> CanaryAudit | None:
     """The canary audit of the final model against the run's ε's; None when the scenario has no canaries."""
-    canaries = experience_canaries(scenario)
+    canaries = stream_plan(scenario).canaries
     if canaries is None:
         return None
     data = load_dataset(scenario.dataset.name, scenario.dataset.root)

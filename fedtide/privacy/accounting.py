@@ -13,31 +13,39 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Protocol
 
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from fedtide.data.schema import Scenario
-from fedtide.data.split import experience_partitions
+from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError
 from fedtide.privacy.footprint import PrivateFootprint
 from fedtide.privacy.history import History
 
-GHOST_METHODS = ("naive", "replay")  # the built-in methods that add nothing to the training loss
 MODE_FIELD = "privacy.grad_sample_mode"
 
 
-def check_grad_sample_mode(scenario: Scenario) -> None:
+class PrivateMethod(Protocol):
+    """What the checks here need of a continual method, handed to them (privacy never imports the methods)."""
+
+    adds_loss_term: bool
+
+    def private_footprint(self) -> PrivateFootprint: ...
+
+
+def check_grad_sample_mode(scenario: Scenario, method: PrivateMethod) -> None:
     """Refuse ghost clipping where a term joins the loss: it would be scaled per sample as if it were data."""
     if scenario.privacy.grad_sample_mode != "ghost":
         return
-    method = scenario.continual.method
-    if method.lower() not in GHOST_METHODS:
+    if method.adds_loss_term:
         raise ScenarioError(
             MODE_FIELD,
-            f"ghost clipping clips the data loss alone, and method '{method}' may add its own term to it",
-            f"use grad_sample_mode: hooks, or method {' or '.join(GHOST_METHODS)}",
+            f"ghost clipping clips the data loss alone, and method '{scenario.continual.method}' "
+            "may add its own term to it",
+            "use grad_sample_mode: hooks, or a method whose class says adds_loss_term = False",
         )
     if scenario.federation.strategy.name.lower() == "fedprox":
         raise ScenarioError(
@@ -87,12 +95,13 @@ def steps_and_rate(num_samples: int, batch_size: int) -> tuple[int, float]:
     return steps, 1.0 / steps
 
 
-def check_privacy(scenario: Scenario, footprint: PrivateFootprint) -> None:
+def check_privacy(scenario: Scenario, method: PrivateMethod) -> None:
     """Refuse DP settings that cannot hold before any training: δ too large, target out of reach,
     a grad sample mode that cannot clip what the method adds to the loss."""
     if not scenario.privacy.private:
         return
-    check_grad_sample_mode(scenario)
+    check_grad_sample_mode(scenario, method)
+    footprint = method.private_footprint()
     largest = largest_client_dataset(scenario)
     delta = client_delta(scenario)
     if delta >= 1.0 / largest:
@@ -111,8 +120,7 @@ def client_delta(scenario: Scenario) -> float:
 
 
 def largest_client_dataset(scenario: Scenario) -> int:
-    shares = experience_partitions(scenario)
-    return max(sum(len(exp[c]) for exp in shares) for c in range(scenario.partition.num_clients))
+    return stream_plan(scenario).largest_client_dataset()
 
 
 def noise_multiplier(scenario: Scenario, partition_id: int, footprint: PrivateFootprint) -> float:
@@ -140,7 +148,7 @@ def planned_steps(scenario: Scenario, partition_id: int, footprint: PrivateFootp
     client's e data plus, for replay, its buffer. EWC adds one Fisher pass per past
     experience it consolidates.
     """
-    sizes = [len(exp[partition_id]) for exp in experience_partitions(scenario)]
+    sizes = stream_plan(scenario).client(partition_id).sizes
     batch, rounds, epochs = (
         scenario.client.batch_size,
         scenario.federation.rounds_per_experience,

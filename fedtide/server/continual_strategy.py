@@ -6,7 +6,8 @@ so the user's strategy sees plain Flower calls and nothing else has to know abou
 
 - `configure_train` adds the experience's config to the strategy's messages, and the
   global weights that ended past experiences to clients that still have to
-  consolidate them (a client first sampled late consolidates at the right weights);
+  consolidate them, as the run's `StreamPlan` says (a client first sampled late
+  consolidates at the right weights);
   under simulated faults it withholds the messages of the sampled clients that fail
   this round (`FaultPlan`), as if they had gone offline: they train nothing, their
   state and privacy budget stay as they were, and the strategy aggregates the other
@@ -46,6 +47,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedtide.data.stream_plan import StreamPlan
 from fedtide.errors import FederationError, raised_at
 from fedtide.privacy.dp_fedavg import current_clipping_norm, unwrapped
 from fedtide.protocol import CONTRACT_BROKEN, client_round, experience_end_key, take_client_state
@@ -88,6 +90,7 @@ class ContinualStrategy(Strategy):
         strategy: Strategy,
         reference: ArrayRecord,
         partition_of: dict[int, int],
+        plan: StreamPlan,
         faults: FaultPlan | None = None,
         seed: int | None = 0,
     ) -> None:
@@ -95,6 +98,7 @@ class ContinualStrategy(Strategy):
         self.seed = seed
         self.reference = reference  # arrays whose keys, shapes and dtypes every model must have
         self.partition_of = partition_of  # node id -> partition id
+        self.plan = plan  # which past experiences each client holds data in, and so consolidates
         self.faults = faults  # None: no simulated faults
         self.experience = 0
         self.round_offset = 0
@@ -181,13 +185,16 @@ class ContinualStrategy(Strategy):
         return self.partition_of.get(node_id, node_id)
 
     def _add_experience_ends(self, message: Message, server_round: int) -> None:
-        """Give the node the weights that ended each past experience it has not been seen to settle.
+        """Give the node the weights that ended each past experience it has not been seen to settle
+        and will consolidate: those its plan gives it data in.
 
         In round 1 of an experience the message's own arrays ended the previous one, so
         with every client sampled every round nothing extra is ever sent.
         """
         node = message.metadata.dst_node_id
-        owed = range(self.settled_through.get(node, 0), self.experience)
+        client = self.plan.client(self._partition(node))
+        now = client.at_round(self.global_round(server_round))
+        owed = client.to_consolidate(self.settled_through.get(node, 0), now.experience)
         extra = {experience_end_key(e): self.experience_ends[e] for e in owed}
         if server_round == 1:
             extra.pop(experience_end_key(self.experience - 1), None)

@@ -31,7 +31,7 @@ from fedtide.aggregation import federation_strategy
 from fedtide.continual.methods import build_method, method_class
 from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
-from fedtide.data.split import evaluation_samples, experience_classes, split_key
+from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import FederationError
 from fedtide.metrics.audit import audit_clients
 from fedtide.metrics.canary_audit import audit_canaries
@@ -88,10 +88,10 @@ class _RunRecorder:
 
     def __init__(self, scenario: Scenario, run_dir: Path, observer: RoundObserver | None) -> None:
         data = load_dataset(scenario.dataset.name, scenario.dataset.root)
-        key = split_key(scenario)
-        self.classes = [sorted(group) for group in experience_classes(key)]
-        self.test_sets = [(data.test_x[ids], data.test_y[ids]) for ids in evaluation_samples(scenario)]
-        self.model = build_scenario_model(scenario, data.input_shape, scenario.seed)
+        self.plan = stream_plan(scenario)
+        self.classes = [list(group) for group in self.plan.classes]
+        self.test_sets = [(data.test_x[ids], data.test_y[ids]) for ids in self.plan.test]
+        self.model = build_scenario_model(scenario, seed=scenario.seed)
         self.run_dir = run_dir
         self.rounds = scenario.federation.rounds_per_experience
         self.total_rounds = scenario.total_rounds
@@ -235,6 +235,7 @@ def run_federation(
         strategy,
         reference=arrays,
         partition_of=ordered.partition_of,
+        plan=recorder.plan,
         faults=faults,
         seed=None if secure else scenario.seed,
     )

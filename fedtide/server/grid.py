@@ -37,8 +37,8 @@ PULL_INTERVAL = 0.1
 # Partition queries in flight at once during discovery. Flower's simulation hands messages to its workers by
 # asking its LinkState, node by node every 0.1 s, for that node's undelivered messages, and each ask scans every
 # message held (`vce_api.add_messages_to_queue`, `InMemoryLinkState.get_message_ins`): with all N queries in
-# flight a pass costs N x N checks (1,000 nodes: 29 s of discovery on 2 cores). A few at a time keeps a pass at
-# N x DISCOVERY_BATCH and the workers busy.
+# flight a pass costs N x N checks, which dominates discovery at a thousand nodes (docs/benchmarks.md, "node
+# discovery"). A few at a time keeps a pass at N x DISCOVERY_BATCH and the workers busy.
 DISCOVERY_BATCH = 50
 
 

@@ -1,0 +1,223 @@
+"""The StreamPlan: who trains on which samples of which classes, and from which round, decided once.
+
+The scenario is turned into a plan before anything runs, and every consumer reads it:
+the clients' datasets (`fedtide.data.stream`), DP planned steps and δ
+(`fedtide.privacy.accounting`), consolidation on both sides (the client's `Progress`,
+the server's experience ends), the server's evaluation and the report's classes, and
+both audits. Nothing else derives a client's data.
+
+A plan holds plain index arrays (numpy; no Avalanche), so checking a scenario and the
+server's bookkeeping read it without the training stack. A client's training samples
+are *sample ids* into the training pool: the training set (ids 0..N-1), then under a
+canary audit one row per canary (id N + j for canary j, `fedtide.data.canaries`).
+
+Today's plan is one class-incremental stream in lockstep: E experiences of disjoint
+classes (the given order, else the permutation Avalanche's `class_incremental_benchmark`
+draws from the seed), R rounds each, experience e starting at global round e·R + 1; each
+experience's training data is partitioned across clients on its own. An experience's
+samples are listed class by class, its last class first, each class in dataset order:
+the order Avalanche's benchmark gave them, which the partitions (and so every number of
+a run) were computed over. Under a canary audit an experience's included canaries follow
+its client's regular samples, which stay exactly as without canaries, and canary images
+leave the test data accuracy is measured on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from fedtide.data.canaries import Canaries, draw_canaries
+from fedtide.data.datasets import load_dataset
+from fedtide.data.partition import check_num_clients, partition_experiences
+from fedtide.data.schema import PartitionConfig, Scenario
+
+
+@dataclass(frozen=True, eq=False)
+class ClientExperience:
+    """One experience of one client: the samples it trains on, their classes, and when it starts."""
+
+    experience: int  # which of the stream's experiences (whose test data measures it)
+    classes: tuple[int, ...]  # the experience's classes; the client's own samples may hold fewer
+    train: np.ndarray  # sample ids into the training pool, in training order (canaries last)
+    start_round: int  # the global round (from 1) of its first round
+    rounds: int
+
+    @property
+    def size(self) -> int:
+        return len(self.train)
+
+    @property
+    def end_round(self) -> int:
+        """Its last global round."""
+        return self.start_round + self.rounds - 1
+
+
+@dataclass(frozen=True, eq=False)
+class ClientPlan:
+    """Everything one client will train on, experience by experience."""
+
+    client: int
+    experiences: tuple[ClientExperience, ...]
+    first_canary: int  # sample ids from here on are canaries, not training-set samples
+
+    @property
+    def sizes(self) -> list[int]:
+        """Its number of samples in each experience (0 where it holds none), canaries included."""
+        return [exp.size for exp in self.experiences]
+
+    @property
+    def total(self) -> int:
+        """Its whole dataset over the run: what sample-level DP protects."""
+        return sum(self.sizes)
+
+    def at_round(self, global_round: int) -> ClientExperience | None:
+        """The experience it trains in at `global_round`; None outside the run."""
+        return next((exp for exp in self.experiences if exp.start_round <= global_round <= exp.end_round), None)
+
+    def to_consolidate(self, settled_through: int, experience: int) -> list[int]:
+        """Its past experiences to consolidate before training `experience`, those below `settled_through`
+        being settled: each one it holds data in, in order (one without data has nothing to consolidate)."""
+        return [exp.experience for exp in self.experiences[settled_through:experience] if exp.size]
+
+    def training_set_ids(self) -> np.ndarray:
+        """Its samples of the training set over every experience, in order, canaries left out."""
+        ids = np.concatenate([exp.train for exp in self.experiences])
+        return ids[ids < self.first_canary]
+
+
+@dataclass(frozen=True, eq=False)
+class StreamPlan:
+    """The run's data over time: each client's experiences, and each experience's test data."""
+
+    classes: tuple[tuple[int, ...], ...]  # each experience's classes, sorted
+    test: tuple[np.ndarray, ...]  # each experience's test indices that measure accuracy (no canary image)
+    clients: tuple[ClientPlan, ...]
+    held_out: np.ndarray  # test indices that no client trains on: all but canary images
+    canaries: Canaries | None  # the canary audit's draws; None without one
+
+    def client(self, client: int) -> ClientPlan:
+        return self.clients[client]
+
+    def largest_client_dataset(self) -> int:
+        return max(plan.total for plan in self.clients)
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """The scenario fields a plan depends on, and nothing else: its cache key."""
+
+    dataset: str
+    root: str | None
+    n_experiences: int
+    class_order: tuple[int, ...] | None
+    partition: str  # the partition section as JSON
+    canaries: int
+    rounds_per_experience: int
+    seed: int
+
+    @classmethod
+    def of(cls, scenario: Scenario) -> PlanInputs:
+        order = scenario.stream.class_order
+        return cls(
+            dataset=scenario.dataset.name,
+            root=str(scenario.dataset.root) if scenario.dataset.root else None,
+            n_experiences=scenario.stream.n_experiences,
+            class_order=tuple(order) if order else None,
+            partition=scenario.partition.model_dump_json(),
+            canaries=scenario.audit.canaries,
+            rounds_per_experience=scenario.federation.rounds_per_experience,
+            seed=scenario.seed,
+        )
+
+
+def stream_plan(scenario: Scenario) -> StreamPlan:
+    """The scenario's plan, built once per process (a Ray worker rebuilds clients every round, not plans).
+
+    A scenario the data cannot serve (more clients than an experience has samples, more
+    canaries than the test data can give) is a `ScenarioError` naming the field.
+    """
+    return build_plan(PlanInputs.of(scenario))
+
+
+@lru_cache(maxsize=4)
+def build_plan(inputs: PlanInputs) -> StreamPlan:
+    """The plan of `inputs` (`stream_plan` for a scenario); cached, as every consumer asks for it."""
+    data = load_dataset(inputs.dataset, inputs.root)
+    train_labels, test_labels = data.train_y.numpy(), data.test_y.numpy()
+    classes = experience_classes(int(train_labels.max()) + 1, inputs.n_experiences, inputs.class_order, inputs.seed)
+    train = [stream_order(train_labels, group) for group in classes]
+    test = [stream_order(test_labels, group) for group in classes]
+    config = PartitionConfig.model_validate_json(inputs.partition)
+    check_num_clients([len(samples) for samples in train], config)
+    shares = partition_experiences([train_labels[samples] for samples in train], config, seed=inputs.seed)
+    canaries = None
+    if inputs.canaries:
+        canaries = draw_canaries(inputs.canaries, test_labels, classes, config.num_clients, seed=inputs.seed)
+    first_canary, rounds = len(train_labels), inputs.rounds_per_experience
+    clients = []
+    for client in range(config.num_clients):
+        experiences = [
+            ClientExperience(
+                experience=e,
+                classes=tuple(sorted(group)),
+                train=_client_samples(train[e][shares[e][client]], canaries, e, client, first_canary),
+                start_round=e * rounds + 1,
+                rounds=rounds,
+            )
+            for e, group in enumerate(classes)
+        ]
+        clients.append(ClientPlan(client, tuple(experiences), first_canary))
+    held_out = np.arange(len(test_labels))
+    if canaries is not None:
+        test = [ids[~np.isin(ids, canaries.image)] for ids in test]
+        held_out = np.setdiff1d(held_out, canaries.image)
+    return StreamPlan(
+        classes=tuple(tuple(sorted(group)) for group in classes),
+        test=tuple(test),
+        clients=tuple(clients),
+        held_out=held_out,
+        canaries=canaries,
+    )
+
+
+def _client_samples(
+    regular: np.ndarray, canaries: Canaries | None, experience: int, client: int, first_canary: int
+) -> np.ndarray:
+    """The client's regular samples of `experience`, then the canaries its coins put there."""
+    if canaries is None:
+        return regular
+    joining = canaries.joining(experience)
+    return np.concatenate([regular, first_canary + joining[canaries.client[joining] == client]])
+
+
+def classes_per_experience(num_classes: int, n_experiences: int) -> list[int]:
+    """How many classes each experience gets: as equal as possible, earlier ones take the rest.
+
+    Every class is used: 10 classes in 3 experiences give 4, 3, 3 (Avalanche's
+    `nc_benchmark` would refuse or drop classes instead).
+    """
+    base, extra = divmod(num_classes, n_experiences)
+    return [base + (1 if e < extra else 0) for e in range(n_experiences)]
+
+
+def experience_classes(
+    num_classes: int, n_experiences: int, order: tuple[int, ...] | None, seed: int
+) -> list[list[int]]:
+    """The classes of each experience, in stream order: the given order, else Avalanche's seeded permutation.
+
+    Avalanche's `class_incremental_benchmark` draws `torch.randperm` after seeding; the same
+    draw comes here from a generator of its own, so no global RNG moves.
+    """
+    if order is None:
+        order = tuple(torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist())
+    starts = np.cumsum([0, *classes_per_experience(num_classes, n_experiences)])
+    return [list(order[starts[e] : starts[e + 1]]) for e in range(n_experiences)]
+
+
+def stream_order(labels: np.ndarray, classes: list[int]) -> np.ndarray:
+    """Indices of the samples of `classes`, class by class from the last, each in dataset order."""
+    return np.concatenate([np.flatnonzero(labels == c) for c in reversed(classes)])
