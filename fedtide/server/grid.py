@@ -74,7 +74,10 @@ class PartitionOrderedGrid(Grid):
         else:
             self.partition_of = known
             first = min(known, key=known.__getitem__)
-            if (answer := self._ask_partitions([first], batch, deadline)[first]) != known[first]:
+            answer = self._ask_partitions([first], batch, deadline).get(first)
+            if answer is None:
+                raise FederationError(f"node {first} did not answer within the {timeout:g} s that nodes have to start")
+            if answer != known[first]:
                 raise FederationError(
                     f"node {first} holds partition {answer}, not the {known[first]} its runtime registered it with "
                     "(`fedtide.server.grid.registered_partitions`)"
