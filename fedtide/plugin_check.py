@@ -179,7 +179,7 @@ def check_plugin(
 
 def _failed(error: BaseException, folder: Path) -> str:
     """The failure's line, naming the plugin's file:line as `fedtide run` does, and the log that keeps its traceback."""
-    from fedtide.run_files import append_log
+    from fedtide.records.run_folder import append_log
 
     return f"{failure_line(error)}; full log: {append_log(folder, failure_report(error))}"
 
@@ -339,7 +339,7 @@ def _fedavg(replies: list[RecordDict]) -> ArrayRecord:
 
 
 def _check_strategy(scenario: Scenario, report: PluginReport, folder: Path) -> None:
-    from fedtide.run_files import create_run_folder, read_metrics
+    from fedtide.records.run_folder import create_run_folder, read_metrics
     from fedtide.simulation import simulate_in_process
 
     run_dir = create_run_folder(scenario, folder)

@@ -20,7 +20,7 @@ from fedtide.models import build_model
 from fedtide.privacy.accounting import PrivateFootprint, check_privacy, client_delta, noise_multiplier
 from fedtide.privacy.dp_sgd import ClientPrivacy, UnaccountedData, _DPBatchOnly
 from fedtide.privacy.opacus_model import opacus_ready
-from fedtide.run_files import create_run_folder, read_rounds
+from fedtide.records.run_folder import create_run_folder, read_rounds
 from fedtide.simulation import simulate_in_process
 from tests.conftest import small_scenario, stored_method_state
 from tests.test_client import flat, initial_arrays

@@ -19,7 +19,8 @@ import yaml
 from flwr.serverapp.strategy import FedAvg
 
 from fedtide.errors import FederationError, ScenarioError
-from fedtide.run_files import CHECKPOINT_DIR, checkpoint_round, create_run_folder, prepare_run_folder, read_metrics
+from fedtide.records.checkpoint_files import CHECKPOINT_DIR, checkpoint_round
+from fedtide.records.run_folder import create_run_folder, prepare_run_folder, read_metrics
 from fedtide.server.checkpoint import read_checkpoint, strategy_state, write_checkpoint
 from fedtide.simulation import simulate_in_process
 from fedtide.sweep import load_sweep, run_sweep

@@ -22,6 +22,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
+from fedtide.records.summary import CLIENT, PRIVACY_UNITS, SAMPLE
 from fedtide.report import figures
 from fedtide.report.runs import (
     RunResult,
@@ -32,7 +33,6 @@ from fedtide.report.runs import (
     seed_groups,
     series_labels,
 )
-from fedtide.run_files import CLIENT, PRIVACY_UNITS, SAMPLE
 
 HTML_FILE, MARKDOWN_FILE, CSV_FILE, FIGURES_DIR = "report.html", "report.md", "report.csv", "figures"
 # Each unit's σ, ε and δ side by side: a run with both levels has two guarantees, neither the run's.

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtide.data.loading import load_scenario
 from fedtide.data.schema import Scenario
-from fedtide.run_files import create_run_folder, read_run_scenario
+from fedtide.records.run_folder import create_run_folder, read_run_scenario
 from fedtide.stopping import RunStopped
 
 if TYPE_CHECKING:

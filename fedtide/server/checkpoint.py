@@ -43,7 +43,7 @@ from flwr.serverapp.strategy import Strategy
 from fedtide.data.loading import parse_scenario
 from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
-from fedtide.run_files import CHECKPOINT_DIR, checkpoint_file, checkpoint_round
+from fedtide.records.checkpoint_files import CHECKPOINT_DIR, checkpoint_file, checkpoint_round
 
 # Attributes of these kinds are a strategy's configuration (an aggregation function, a
 # lambda), rebuilt by constructing the strategy again; an unpicklable one is left out.

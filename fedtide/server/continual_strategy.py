@@ -47,8 +47,8 @@ from flwr.serverapp.strategy import Strategy
 from fedtide.errors import FederationError, raised_at
 from fedtide.privacy.dp_fedavg import current_clipping_norm, unwrapped
 from fedtide.protocol import CONTRACT_BROKEN, client_round, experience_end_key, take_client_state
+from fedtide.records.metrics import ClientDrop, ClientFailure, ClientRoundRecord
 from fedtide.registry import defined_at
-from fedtide.run_files import ClientDrop, ClientFailure, ClientRoundRecord
 from fedtide.server.array_check import array_problem
 from fedtide.server.checkpoint import restore_strategy, strategy_state
 from fedtide.server.faults import FaultPlan

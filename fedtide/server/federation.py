@@ -42,23 +42,22 @@ from fedtide.privacy.accounting import client_delta, noise_multiplier
 from fedtide.privacy.client_level import client_level_mechanism, client_noise_multiplier
 from fedtide.privacy.dp_fedavg import DPFedAvg
 from fedtide.protocol import RESTORE_STATE
-from fedtide.run_files import (
+from fedtide.records.metrics import ExperienceRecord, RoundClientLevel, RoundPrivacy, RoundRecord
+from fedtide.records.run_folder import (
     MODEL_FILE,
-    AuditSummary,
-    ClientLevelSummary,
-    ExperienceRecord,
-    FaultSummary,
-    PrivacySummary,
-    RoundClientLevel,
-    RoundPrivacy,
-    RoundRecord,
-    RunSummary,
     append_log,
     append_metrics,
     metrics_length,
-    privacy_guarantees,
     truncate_metrics,
     write_summary,
+)
+from fedtide.records.summary import (
+    AuditSummary,
+    ClientLevelSummary,
+    FaultSummary,
+    PrivacySummary,
+    RunSummary,
+    privacy_guarantees,
 )
 from fedtide.server.checkpoint import (
     Checkpoint,
