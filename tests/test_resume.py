@@ -163,7 +163,7 @@ def test_a_checkpoint_holds_every_clients_state_and_the_strategys(tmp_path):
         assert "fedtide.method.arrays" in state
     assert pickle.loads(checkpoint.federation["strategy"]["momentum_vector"]) is not None
     assert sorted(checkpoint.federation["experience_ends"]) == [0]
-    assert checkpoint.totals["matrix"] == [r["accuracy"] for r in read_metrics(folder) if r["type"] == "experience"]
+    assert checkpoint.totals.matrix == [r["accuracy"] for r in read_metrics(folder) if r["type"] == "experience"]
 
 
 def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path):
