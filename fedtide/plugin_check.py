@@ -242,12 +242,12 @@ def _check_method(scenario: Scenario, report: PluginReport, folder: Path) -> Non
 
 def _check_private(scenario: Scenario, report: PluginReport, folder: Path) -> None:
     """A method that claims `dp_compatible` must train and consolidate under DP-SGD (noise 1.0),
-    its model computing on the DP batches alone (`fedtide.privacy.dp_sgd.UnaccountedData`)."""
+    its model computing on the DP batches alone (`fedtide.privacy.dp_guards.UnaccountedData`)."""
     from fedtide.client.schedule import train_schedule
     from fedtide.continual.methods import method_class
     from fedtide.data.stream import build_stream
     from fedtide.models import build_scenario_model
-    from fedtide.privacy.dp_sgd import UnaccountedData
+    from fedtide.privacy.dp_guards import UnaccountedData
     from fedtide.server.array_check import array_problem
 
     if not method_class(scenario.continual.method).dp_compatible:

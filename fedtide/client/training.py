@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import random
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,16 +116,7 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
     if plan.examples and guard and not guard.allows(plan.private_training, plan.consolidation_passes):
         return reply_content(_report(task, progress, privacy, guard, empty=False), global_arrays)
 
-    ends = {past: task.experience_ends[past] for past in plan.pending if past in task.experience_ends}
-    for past in plan.pending:
-        if ends:  # at the weights that ended `past`: the server's, or this round's for the last one
-            _load_weights(model, ends.get(past, global_arrays))
-        with method_phase(name, f"consolidation of experience {past}"):
-            learner.consolidate(experiences[past], past)
-        progress.counts[past] += 1
-    if ends:
-        _load_weights(model, global_arrays)  # training starts from this round's weights
-    progress.done_through = max(progress.done_through, task.experience)
+    _consolidate(task, plan.pending, learner, model, experiences, progress, global_arrays)
 
     examples, loss = plan.examples, 0.0
     if examples and (guard is None or guard.allows(plan.private_training)):  # the sizes the DP loader samples by
@@ -146,6 +138,29 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
         task, progress, privacy, guard, sizes[task.experience] == 0, examples, loss, len(plan.pending), reported
     )
     return reply_content(report, ArrayRecord(model.cpu().state_dict()))
+
+
+def _consolidate(
+    task: RoundTask,
+    pending: list[int],
+    learner: RoundLearner,
+    model: torch.nn.Module,
+    experiences: Sequence[Any],
+    progress: Progress,
+    global_arrays: ArrayRecord,
+) -> None:
+    """Consolidate each past experience in `pending` once, then count it in `progress`."""
+    name = task.scenario.continual.method
+    ends = {past: task.experience_ends[past] for past in pending if past in task.experience_ends}
+    for past in pending:
+        if ends:  # at the weights that ended `past`: the server's, or this round's for the last one
+            _load_weights(model, ends.get(past, global_arrays))
+        with method_phase(name, f"consolidation of experience {past}"):
+            learner.consolidate(experiences[past], past)
+        progress.counts[past] += 1
+    if ends:
+        _load_weights(model, global_arrays)  # training starts from this round's weights
+    progress.done_through = max(progress.done_through, task.experience)
 
 
 def _load_weights(model: torch.nn.Module, arrays: ArrayRecord) -> None:
