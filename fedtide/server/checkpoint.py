@@ -33,7 +33,7 @@ import types
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,9 +44,7 @@ from fedtide.data.loading import parse_scenario
 from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
 from fedtide.records.checkpoint_files import CHECKPOINT_DIR, checkpoint_file, checkpoint_round
-
-if TYPE_CHECKING:
-    from fedtide.server.recorder import RunTotals
+from fedtide.server.run_totals import RunTotals
 
 # Attributes of these kinds are a strategy's configuration (an aggregation function, a
 # lambda), rebuilt by constructing the strategy again; an unpicklable one is left out.
@@ -102,6 +100,8 @@ def read_checkpoint(run_dir: Path, scenario: Scenario) -> Checkpoint | None:
         raise ScenarioError(str(path), f"is not a readable checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(checkpoint, Checkpoint) or checkpoint.round != done:
         raise ScenarioError(str(path), "is not a fedtide checkpoint of this round")
+    if not isinstance(checkpoint.totals, RunTotals):
+        raise ScenarioError(str(path), "was written by an earlier fedtide", "start the run afresh")
     if parse_scenario(json.loads(checkpoint.scenario)) != scenario:
         raise ScenarioError(
             str(path), "was taken for another scenario than the folder's scenario.yaml", "start the run afresh"

@@ -9,7 +9,6 @@ stores and a resumed run takes back.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import ArrayRecord
@@ -27,6 +26,7 @@ from fedtide.records.run_folder import append_log, append_metrics, truncate_metr
 from fedtide.records.summary import FaultSummary
 from fedtide.server.continual_strategy import RoundOutcome
 from fedtide.server.method_metrics import aggregate_method_metrics
+from fedtide.server.run_totals import RunTotals
 
 
 class Evaluation:
@@ -42,25 +42,6 @@ class Evaluation:
     def accuracies(self, arrays: ArrayRecord, experience: int) -> list[float]:
         """The accuracy of `arrays` on the test data of experiences 0..`experience`."""
         return experience_accuracies(self.model, arrays, self.test_sets[: experience + 1])
-
-
-@dataclass
-class RunTotals:
-    """The running totals the summary is made of: a checkpoint stores this object, and a resumed run takes it back."""
-
-    dropped: dict[int, int]  # per client, over rounds: how often a simulated fault kept it out
-    matrix: list[list[float]] = field(default_factory=list)  # A[e][j], a row per finished experience
-    failures: int = 0
-    epsilon: dict[int, float] = field(default_factory=dict)  # latest cumulative sample-level ε per client
-    stopped: set[int] = field(default_factory=set)  # clients that hit their privacy budget
-    ray_nodes: set[str] = field(default_factory=set)  # Ray nodes that ran a client
-    strategy_metrics: dict[str, float | list[float]] | None = None  # the last round's that had any
-    method_metrics: dict[str, float] | None = None  # the last round's aggregate that had any
-    aggregated: list[int] = field(default_factory=list)  # client-level DP: the clipped updates each round summed
-
-    @classmethod
-    def start(cls, num_clients: int) -> RunTotals:
-        return cls(dropped=dict.fromkeys(range(num_clients), 0))
 
 
 class RunRecorder:
