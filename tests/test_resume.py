@@ -179,6 +179,10 @@ def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path):
     assert read_checkpoint(folder, scenario).round == 2
     with pytest.raises(ScenarioError, match="another scenario"):
         read_checkpoint(folder, small_scenario(seed=1))
+    totals_as_a_dict = before.__class__(**{**before.__dict__, "round": 3, "totals": {"matrix": []}})
+    write_checkpoint(folder, totals_as_a_dict)  # as an earlier fedtide wrote its totals
+    with pytest.raises(ScenarioError, match="written by an earlier fedtide"):
+        read_checkpoint(folder, scenario)
 
 
 def test_a_strategys_state_is_its_attributes_less_unpicklable_functions():
