@@ -29,8 +29,10 @@ import psutil
 from flwr.app import ArrayRecord
 
 from fedtide.data.loading import parse_scenario
-from fedtide.run_files import CHECKPOINT_DIR, create_run_folder
+from fedtide.records.checkpoint_files import CHECKPOINT_DIR
+from fedtide.records.run_folder import create_run_folder
 from fedtide.server.checkpoint import Checkpoint, ClientStates, read_checkpoint, write_checkpoint
+from fedtide.server.run_totals import RunTotals
 from fedtide.simulation import simulate_in_process
 
 PER_ROUND = 10
@@ -121,7 +123,7 @@ def _checkpoint(scenario, states, global_round: int) -> Checkpoint:
         round=global_round,
         arrays=ArrayRecord(),
         federation={"client_states": states},
-        totals={},
+        totals=RunTotals.start(0),
         wall_time_s=0.0,
         rng={},
         metrics_length=0,

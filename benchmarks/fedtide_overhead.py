@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedtide.data.datasets import load_dataset
 from fedtide.data.loading import parse_scenario
 from fedtide.models import build_model
-from fedtide.run_files import create_run_folder, read_metrics
+from fedtide.records.run_folder import create_run_folder, read_metrics
 from fedtide.simulation import simulate
 
 

@@ -9,6 +9,10 @@ names win over entry points). See docs/extending.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
+
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -86,18 +90,53 @@ def build_strategy(federation: FederationConfig, num_clients: int, weighted_by: 
     return strategy
 
 
+# One layer fedtide puts around the scenario's strategy, as Flower's DP wrappers do: strategy in, strategy out.
+Wrapper = Callable[[Strategy], Strategy]
+Layer = TypeVar("Layer", bound=Strategy)
+
+
+def strategy_wrappers(scenario: Scenario, client_sigma: float | None) -> list[Wrapper]:
+    """The layers around the scenario's strategy, innermost first: a new one is added here, nowhere else.
+
+    Client-level DP (`DPFedAvg` at noise `client_sigma`) is the only one today.
+    """
+    wrappers: list[Wrapper] = []
+    if client_sigma is not None:
+        from fedtide.privacy.dp_fedavg import wrap_strategy  # Opacus's accountant: only for a client-level DP run
+
+        wrappers.append(partial(wrap_strategy, scenario=scenario, sigma=client_sigma))
+    return wrappers
+
+
 def federation_strategy(scenario: Scenario, client_sigma: float | None) -> Strategy:
-    """The scenario's strategy, inside DP-FedAvg at noise `client_sigma` under client-level DP.
+    """The scenario's strategy inside `strategy_wrappers` (DP-FedAvg at noise `client_sigma` under client-level DP).
 
     Under client-level DP every client weighs the same (`CLIENT_WEIGHT_KEY`), and under
     Poisson sampling the strategy is asked for every client: `DPFedAvg` keeps each by its own coin.
     """
     num_clients = scenario.partition.num_clients
-    if client_sigma is None:
-        return build_strategy(scenario.federation, num_clients)
-    from fedtide.privacy.dp_fedavg import wrap_strategy  # Opacus's accountant: only for a client-level DP run
+    federation, weighted_by = scenario.federation, None
+    if client_sigma is not None:
+        weighted_by = CLIENT_WEIGHT_KEY
+        if scenario.privacy.client_level.sampling == "poisson":
+            federation = federation.model_copy(update={"fraction_train": 1.0, "min_train_nodes": num_clients})
+    strategy = build_strategy(federation, num_clients, weighted_by)
+    for wrap in strategy_wrappers(scenario, client_sigma):
+        strategy = wrap(strategy)
+    return strategy
 
-    federation = scenario.federation
-    if scenario.privacy.client_level.sampling == "poisson":
-        federation = federation.model_copy(update={"fraction_train": 1.0, "min_train_nodes": num_clients})
-    return wrap_strategy(build_strategy(federation, num_clients, CLIENT_WEIGHT_KEY), scenario, client_sigma)
+
+def layer_of(strategy: Strategy, kind: type[Layer]) -> Layer | None:
+    """The layer of `kind` around the scenario's strategy (each wrapper holds the next one as `.strategy`)."""
+    while not isinstance(strategy, kind):
+        strategy = getattr(strategy, "strategy", None)
+        if not isinstance(strategy, Strategy):
+            return None
+    return strategy
+
+
+def innermost(strategy: Strategy) -> Strategy:
+    """The strategy inside every wrapper (fedtide's and Flower's hold it as `.strategy`): the one a user names."""
+    while isinstance(inner := getattr(strategy, "strategy", None), Strategy):
+        strategy = inner
+    return strategy

@@ -25,7 +25,7 @@ from rich.table import Table
 from fedtide.errors import FederationError, ScenarioError
 
 if TYPE_CHECKING:
-    from fedtide.run_files import RoundRecord
+    from fedtide.records.metrics import RoundRecord
 
 cli = typer.Typer(
     add_completion=False,
@@ -103,8 +103,8 @@ def run(
     """
     _verbose(verbose)
     scenario = _load_checked(scenario_file, set_)
+    from fedtide.records.run_folder import create_run_folder, unfinished_run
     from fedtide.registry import plugin_folders
-    from fedtide.run_files import create_run_folder, unfinished_run
 
     if found := unfinished_run(scenario, output):
         folder, done = found
@@ -130,8 +130,9 @@ def resume(
     the working folder now: the resume's own working folder and the scenario's are not added.
     """
     _verbose(verbose)
+    from fedtide.records.checkpoint_files import checkpoint_round
+    from fedtide.records.run_folder import SUMMARY_FILE, read_import_path, read_run_scenario
     from fedtide.registry import PluginNotFound, make_importable
-    from fedtide.run_files import SUMMARY_FILE, checkpoint_round, read_import_path, read_run_scenario
     from fedtide.validation import check_runnable
 
     scenario = read_run_scenario(run_dir)
@@ -160,8 +161,8 @@ def resume(
 def _run_to_the_end(scenario, run_dir: Path, done: int) -> None:
     """Run (or go on running) `scenario` in `run_dir` under a progress bar, then show its summary and report."""
     from fedtide.progress import round_status, run_progress
+    from fedtide.records.run_folder import read_summary
     from fedtide.report.console import summary_view
-    from fedtide.run_files import read_summary
     from fedtide.simulation import run_scenario
     from fedtide.stopping import stopped_message
 

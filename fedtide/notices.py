@@ -4,7 +4,7 @@ Flower logs every round at INFO, Avalanche warns about its own deprecated calls 
 replay round, JAXopt warns when it is imported, and Opacus's import turns on the root
 logger's console handler (`logging.basicConfig`), which printed Flower's lines a second
 time. None of it is about the user's run, so by default it lands in `RUN_DIR/run.log`
-(`fedtide.run_files.NOTICES_FILE`); the console keeps fedtide's own lines: the progress
+(`fedtide.records.run_folder.NOTICES_FILE`); the console keeps fedtide's own lines: the progress
 view, the summary, one-line errors. With `--verbose` every notice is printed too.
 
 Each distinct warning is written once per log. Notices from before the run folder exists
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedtide.run_files import NOTICES_FILE
+from fedtide.records.run_folder import NOTICES_FILE
 
 _FORMAT = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
 _HELD_AT_MOST = 1000  # notices kept while no run folder is known (a command that never makes one)

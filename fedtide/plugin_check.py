@@ -158,7 +158,7 @@ def check_plugin(
 
 def _failed(error: BaseException, folder: Path) -> str:
     """The failure's line, naming the plugin's file:line as `fedtide run` does, and the log that keeps its traceback."""
-    from fedtide.run_files import append_log
+    from fedtide.records.run_folder import append_log
 
     return f"{failure_line(error)}; full log: {append_log(folder, failure_report(error))}"
 
@@ -220,11 +220,11 @@ def _check_method(scenario: Scenario, report: PluginReport, folder: Path) -> Non
 
 def _check_private(scenario: Scenario, report: PluginReport, folder: Path) -> None:
     """A method that claims `dp_compatible` must train and consolidate under DP-SGD (noise 1.0),
-    its model computing on the DP batches alone (`fedtide.privacy.dp_sgd.UnaccountedData`)."""
+    its model computing on the DP batches alone (`fedtide.privacy.dp_guards.UnaccountedData`)."""
     from fedtide.client.schedule import train_schedule
     from fedtide.continual.methods import method_class
     from fedtide.models import build_scenario_model
-    from fedtide.privacy.dp_sgd import UnaccountedData
+    from fedtide.privacy.dp_guards import UnaccountedData
     from fedtide.server.array_check import array_problem
 
     if not method_class(scenario.continual.method).dp_compatible:
@@ -314,7 +314,7 @@ def _fedavg(replies: list[RecordDict]) -> ArrayRecord:
 
 
 def _check_strategy(scenario: Scenario, report: PluginReport, folder: Path) -> None:
-    from fedtide.run_files import create_run_folder, read_metrics
+    from fedtide.records.run_folder import create_run_folder, read_metrics
     from fedtide.simulation import simulate_in_process
 
     run_dir = create_run_folder(scenario, folder)

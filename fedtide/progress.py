@@ -21,10 +21,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from fedtide.run_files import rounds_done
+from fedtide.records.run_folder import rounds_done
 
 if TYPE_CHECKING:
-    from fedtide.run_files import RoundRecord
+    from fedtide.records.metrics import RoundRecord
     from fedtide.sweep import Sweep, SweepPoint
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtide.privacy.history import history_from_record, history_record
-from fedtide.run_files import ClientRoundRecord
+from fedtide.records.metrics import ClientRoundRecord
 
 EXPERIENCE_END_PREFIX = "experience-end."
 METHOD_METRIC_PREFIX = "method."  # a continual method's metric `loss` is `method.loss` in the reply

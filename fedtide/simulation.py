@@ -14,7 +14,7 @@ from fedtide.client.app import app as client_app
 from fedtide.data.schema import Scenario
 from fedtide.notices import notices_kept_in, verbosity
 from fedtide.ray_orphans import end_orphaned_ray_processes
-from fedtide.run_files import RunSummary
+from fedtide.records.summary import RunSummary
 from fedtide.server.app import make_server_app
 from fedtide.server.local_grid import InProcessGrid
 

@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fedtide.run_files import checkpoint_round
+from fedtide.records.checkpoint_files import checkpoint_round
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # How long a stop may take to clean up before the process ends without it. Seen: Ray's

@@ -46,18 +46,10 @@ from fedtide.data.loading import apply_overrides, parse_scenario, read_yaml, set
 from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
 from fedtide.point_pools import Submit, local_processes, ray_tasks
+from fedtide.records.checkpoint_files import checkpoint_round
+from fedtide.records.report_options import REPORT_KEY, SWEEP_FILE, ReportOptions, parse_report_options
+from fedtide.records.run_folder import SCENARIO_FILE, SUMMARY_FILE, prepare_run_folder, read_import_path
 from fedtide.registry import make_importable, plugin_folders
-from fedtide.run_files import (
-    REPORT_KEY,
-    SCENARIO_FILE,
-    SUMMARY_FILE,
-    SWEEP_FILE,
-    ReportOptions,
-    checkpoint_round,
-    parse_report_options,
-    prepare_run_folder,
-    read_import_path,
-)
 from fedtide.validation import available_cores, check_runnable
 
 SWEEP_KEY = "sweep"

@@ -33,10 +33,11 @@ from fedtide.metrics.canary_audit import audit_ceiling, bound_from_scores, canar
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta
 from fedtide.privacy.client_level import client_level_delta
+from fedtide.records.run_folder import MODEL_FILE, create_run_folder, read_summary
+from fedtide.records.summary import RunSummary
 from fedtide.report.console import summary_view
 from fedtide.report.document import Text, build_blocks
 from fedtide.report.runs import find_runs
-from fedtide.run_files import MODEL_FILE, RunSummary, create_run_folder, read_summary
 from fedtide.simulation import simulate_in_process
 
 CANARIES = 200

@@ -14,7 +14,7 @@ from fedtide.metrics.canary_audit import (
     guesses,
     p_value,
 )
-from fedtide.run_files import CanaryAudit
+from fedtide.records.summary import CanaryAudit
 
 LEVEL = 0.05
 

@@ -17,7 +17,8 @@ from fedtide.errors import ScenarioError
 from fedtide.privacy.client_clipping import CLIENT_WEIGHT_KEY, prepare_reply
 from fedtide.privacy.client_level import client_level_delta, client_level_mechanism, client_noise_multiplier
 from fedtide.privacy.dp_fedavg import DPFedAvg
-from fedtide.run_files import RunSummary, create_run_folder, read_rounds
+from fedtide.records.run_folder import create_run_folder, read_rounds
+from fedtide.records.summary import RunSummary
 from fedtide.server.continual_strategy import ContinualStrategy
 from fedtide.server.federation import run_federation
 from fedtide.validation import check_runnable

@@ -8,7 +8,7 @@ from flwr.app import Message
 
 from fedtide.errors import FederationError
 from fedtide.protocol import experience_end_key
-from fedtide.run_files import create_run_folder, read_metrics
+from fedtide.records.run_folder import create_run_folder, read_metrics
 from fedtide.server.federation import run_federation
 from fedtide.server.local_grid import InProcessGrid
 from tests.broken_strategy import ReadsConfigLr, ReadsLoss, ReturnsArraysOnly, ReturnsNumpyDict

@@ -17,8 +17,8 @@ from fedtide.client.app import describe
 from fedtide.client.app import train as fedtide_train
 from fedtide.data.loading import parse_scenario
 from fedtide.errors import FederationError
+from fedtide.records.run_folder import create_run_folder, read_metrics, read_summary
 from fedtide.report.runs import find_runs
-from fedtide.run_files import create_run_folder, read_metrics, read_summary
 from fedtide.server.faults import DROPOUT, UNAVAILABLE, FaultPlan
 from fedtide.server.federation import run_federation
 from fedtide.server.local_grid import InProcessGrid

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtide.run_files import create_run_folder, read_metrics
+from fedtide.records.run_folder import create_run_folder, read_metrics
 from fedtide.simulation import simulate_in_process
 from tests.conftest import small_scenario
 

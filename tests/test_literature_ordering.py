@@ -8,7 +8,7 @@ in class-IL; replay is far above. The shipped `scenarios/centralized_split.yaml`
 import json
 
 from fedtide.data.loading import load_scenario
-from fedtide.run_files import create_run_folder
+from fedtide.records.run_folder import create_run_folder
 from fedtide.simulation import simulate_in_process
 
 

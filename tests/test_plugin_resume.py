@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from fedtide.data.loading import load_scenario
-from fedtide.run_files import IMPORT_PATH_FILE, checkpoint_round, create_run_folder, read_import_path
+from fedtide.records.checkpoint_files import checkpoint_round
+from fedtide.records.run_folder import IMPORT_PATH_FILE, create_run_folder, read_import_path
 from fedtide.simulation import simulate_in_process
 from fedtide.sweep import load_sweep, run_sweep
 from tests.conftest import small_scenario

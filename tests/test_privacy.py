@@ -19,9 +19,10 @@ from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError, raised_at
 from fedtide.models import build_model
 from fedtide.privacy.accounting import check_privacy, client_delta, noise_multiplier
-from fedtide.privacy.dp_sgd import ClientPrivacy, UnaccountedData, _DPBatchOnly
+from fedtide.privacy.dp_guards import DPBatchOnly, UnaccountedData
+from fedtide.privacy.dp_sgd import ClientPrivacy
 from fedtide.privacy.opacus_model import opacus_ready
-from fedtide.run_files import create_run_folder, read_rounds
+from fedtide.records.run_folder import create_run_folder, read_rounds
 from fedtide.simulation import simulate_in_process
 from tests.conftest import small_scenario, stored_method_state
 from tests.test_client import flat, initial_arrays
@@ -135,7 +136,7 @@ def test_dp_batch_rule_covers_the_model_its_modules_and_ends_with_the_round():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
     batch, other = torch.randn(5, 4), torch.randn(5, 4)
     strategy = SimpleNamespace(model=model, mbatch=None)
-    guard = _DPBatchOnly(strategy, "mine")
+    guard = DPBatchOnly(strategy, "mine")
     with pytest.raises(UnaccountedData, match="ran the model on inputs other than the DP batch"):
         model(batch)  # before any DP batch is drawn
     strategy.mbatch = [batch, torch.zeros(5)]

@@ -13,17 +13,12 @@ import yaml
 from rich.console import Console
 
 from fedtide.privacy.accounting import epsilon_spent
+from fedtide.records.report_options import ReportOptions, read_report_options
+from fedtide.records.run_folder import SUMMARY_FILE, create_run_folder, read_summary
+from fedtide.records.summary import RunSummary
 from fedtide.report.console import summary_view
 from fedtide.report.document import build_blocks
 from fedtide.report.runs import find_runs, place_runs, seed_groups
-from fedtide.run_files import (
-    SUMMARY_FILE,
-    ReportOptions,
-    RunSummary,
-    create_run_folder,
-    read_report_options,
-    read_summary,
-)
 from fedtide.server.federation import run_federation
 from fedtide.server.local_grid import InProcessGrid
 from fedtide.sweep import load_sweep, run_sweep

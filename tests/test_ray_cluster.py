@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedtide.run_files import create_run_folder, read_metrics
+from fedtide.records.run_folder import create_run_folder, read_metrics
 from fedtide.simulation import backend_config, simulate
 from fedtide.sweep import load_sweep, run_sweep
 from tests.conftest import small_scenario

@@ -21,7 +21,7 @@ from fedtide.data.loading import parse_scenario
 from fedtide.metrics.audit import audit_clients
 from fedtide.models import build_scenario_model
 from fedtide.progress import SweepProgress
-from fedtide.run_files import read_summary
+from fedtide.records.run_folder import read_summary
 from fedtide.simulation import simulate_in_process
 from fedtide.sweep import load_sweep, run_sweep
 

@@ -13,24 +13,17 @@ from dataclasses import replace
 import pytest
 
 from fedtide.data.loading import parse_scenario
-from fedtide.run_files import (
+from fedtide.records.metrics import ClientFailure, ClientRoundRecord, ExperienceRecord, RoundPrivacy, RoundRecord
+from fedtide.records.run_folder import (
     METRICS_FILE,
     SUMMARY_FILE,
-    AuditSummary,
-    ClientAudit,
-    ClientFailure,
-    ClientRoundRecord,
-    ExperienceRecord,
-    PrivacySummary,
-    RoundPrivacy,
-    RoundRecord,
-    RunSummary,
     append_metrics,
     prepare_run_folder,
     read_rounds,
     read_summary,
     write_summary,
 )
+from fedtide.records.summary import AuditSummary, ClientAudit, PrivacySummary, RunSummary
 
 HEAVY = ("torch", "avalanche", "ray", "flwr", "opacus")
 
@@ -149,7 +142,7 @@ def test_the_report_and_help_load_no_training_stack(tmp_path, args):
     args = [str(tmp_path / "run") if a == "RUN" else a for a in args]
     code = (
         "import sys\n"
-        "import fedtide.report.document, fedtide.report.figures, fedtide.report.runs, fedtide.run_files\n"
+        "import fedtide.report.document, fedtide.report.figures, fedtide.report.runs, fedtide.records.run_folder\n"
         "from fedtide.cli import main\n"
         "sys.argv = ['fedtide', *sys.argv[1:]]\n"
         "try:\n    main()\nexcept SystemExit as done:\n    assert not done.code, done.code\n"

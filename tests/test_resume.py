@@ -20,8 +20,10 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedtide.errors import FederationError, ScenarioError
-from fedtide.run_files import CHECKPOINT_DIR, checkpoint_round, create_run_folder, prepare_run_folder, read_metrics
+from fedtide.records.checkpoint_files import CHECKPOINT_DIR, checkpoint_round
+from fedtide.records.run_folder import create_run_folder, prepare_run_folder, read_metrics
 from fedtide.server.checkpoint import Checkpoint, ClientStates, read_checkpoint, strategy_state, write_checkpoint
+from fedtide.server.run_totals import RunTotals
 from fedtide.simulation import simulate_in_process
 from fedtide.sweep import load_sweep, run_sweep
 from tests.conftest import small_scenario
@@ -163,7 +165,7 @@ def test_a_checkpoint_holds_every_clients_state_and_the_strategys(tmp_path):
         assert "fedtide.method.arrays" in state
     assert pickle.loads(checkpoint.federation["strategy"]["momentum_vector"]) is not None
     assert sorted(checkpoint.federation["experience_ends"]) == [0]
-    assert checkpoint.totals["matrix"] == [r["accuracy"] for r in read_metrics(folder) if r["type"] == "experience"]
+    assert checkpoint.totals.matrix == [r["accuracy"] for r in read_metrics(folder) if r["type"] == "experience"]
 
 
 def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path):
@@ -182,6 +184,10 @@ def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path):
     assert read_checkpoint(folder, scenario).round == 2
     with pytest.raises(ScenarioError, match="another scenario"):
         read_checkpoint(folder, small_scenario(seed=1))
+    totals_as_a_dict = before.__class__(**{**before.__dict__, "round": 3, "totals": {"matrix": []}})
+    write_checkpoint(folder, totals_as_a_dict)  # as an earlier fedtide wrote its totals
+    with pytest.raises(ScenarioError, match="written by an earlier fedtide"):
+        read_checkpoint(folder, scenario)
 
 
 def test_a_strategys_state_is_its_attributes_less_unpicklable_functions():
@@ -264,7 +270,7 @@ def test_a_checkpoint_writes_only_the_client_states_that_changed(tmp_path):
             round=global_round,
             arrays=ArrayRecord(),
             federation={"client_states": states},
-            totals={},
+            totals=RunTotals.start(0),
             wall_time_s=0.0,
             rng={},
             metrics_length=0,

@@ -14,7 +14,7 @@ import yaml
 
 from fedtide.data.loading import parse_scenario
 from fedtide.metrics.forgetting import average_forgetting, backward_transfer
-from fedtide.run_files import create_run_folder, read_metrics
+from fedtide.records.run_folder import create_run_folder, read_metrics
 from fedtide.simulation import simulate, simulate_in_process
 from tests.conftest import small_scenario
 

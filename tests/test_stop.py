@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from fedtide.ray_orphans import ray_temp_dir
-from fedtide.run_files import checkpoint_round, create_run_folder, read_metrics, read_run_scenario
+from fedtide.records.checkpoint_files import checkpoint_round
+from fedtide.records.run_folder import create_run_folder, read_metrics, read_run_scenario
 from fedtide.server.checkpoint import read_checkpoint
 from fedtide.simulation import simulate_in_process
 from fedtide.stopping import STOP_GRACE_S, RunStopped, stop_on_signals

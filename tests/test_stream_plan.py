@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtide.data import stream
@@ -99,7 +100,7 @@ def test_the_server_sends_the_ends_of_the_experiences_the_plan_has_a_client_cons
     sparse = small_scenario(seed=1, partition={"kind": "dirichlet", "alpha": 0.05, "num_clients": 20})
     model = build_scenario_model(sparse)
     arrays = ArrayRecord(model.state_dict())
-    strategy = ContinualStrategy(None, reference=arrays, partition_of={106: 6, 104: 4}, plan=stream_plan(sparse))
+    strategy = ContinualStrategy(FedAvg(), reference=arrays, partition_of={106: 6, 104: 4}, plan=stream_plan(sparse))
     strategy.begin_experience(1, arrays, ConfigRecord(), rounds=2)
     strategy.begin_experience(2, arrays, ConfigRecord(), rounds=2)
     sent = {}

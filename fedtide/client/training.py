@@ -35,7 +35,7 @@ from fedtide.privacy.coins import SampleCoins
 from fedtide.privacy.dp_sgd import ClientPrivacy
 from fedtide.privacy.footprint import PrivateFootprint
 from fedtide.protocol import reply_content
-from fedtide.run_files import ClientRoundRecord
+from fedtide.records.metrics import ClientRoundRecord
 
 
 @dataclass(frozen=True)

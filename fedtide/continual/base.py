@@ -47,7 +47,7 @@ class ContinualMethod(ABC):
     private data goes through `use_privacy`'s engine or is per-sample inside the
     DP-SGD step. It defaults to False, so a method must claim it explicitly, and the
     claim is checked: a round whose model computes on anything but the DP batch, or whose
-    `p.grad` changes after backward, stops (`fedtide.privacy.dp_sgd.UnaccountedData`).
+    `p.grad` changes after backward, stops (`fedtide.privacy.dp_guards.UnaccountedData`).
     """
 
     name: ClassVar[str]

@@ -22,7 +22,7 @@ from torch.nn.functional import cross_entropy
 from fedtide.data.datasets import load_dataset
 from fedtide.data.schema import Scenario
 from fedtide.data.stream_plan import stream_plan
-from fedtide.run_files import LOW_FPR, ClientAudit
+from fedtide.records.summary import LOW_FPR, ClientAudit
 
 
 @torch.no_grad()

@@ -59,7 +59,7 @@ from fedtide.data.stream_plan import stream_plan
 from fedtide.metrics.audit import sample_losses
 from fedtide.privacy.accounting import client_delta
 from fedtide.privacy.client_level import client_level_delta
-from fedtide.run_files import CanaryAudit
+from fedtide.records.summary import CanaryAudit
 
 # Fractions of the m canaries guessed on, as (in, out): guess few or many, both ways or "in" only.
 # "in"-only guesses keep their power when early experiences are forgotten (canaries in and

@@ -238,12 +238,3 @@ def wrap_strategy(strategy: Strategy, scenario: Scenario, sigma: float) -> DPFed
         secure_rng=scenario.privacy.secure_rng,
     )
 
-
-def unwrapped(strategy: Strategy) -> Strategy:
-    """The strategy inside `DPFedAvg` (itself when not wrapped): the one a user names."""
-    return strategy.strategy if isinstance(strategy, DPFedAvg) else strategy
-
-
-def current_clipping_norm(strategy: Strategy) -> float | None:
-    """The norm the round being configured clips at (adaptive clipping moves it); None when not wrapped."""
-    return float(strategy.round_clipping_norm) if isinstance(strategy, DPFedAvg) else None

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Group
 from rich.table import Table
 
+from fedtide.records.summary import CLIENT, SAMPLE, RunSummary
 from fedtide.report.runs import metric_text
-from fedtide.run_files import CLIENT, SAMPLE, RunSummary
 
 _EPSILON_ROW = {SAMPLE: "ε, unit sample (max over clients)", CLIENT: "ε, unit client"}
 

@@ -1,76 +1,42 @@
 """A report over finished runs: report.html (self-contained), report.md, report.csv, figures/*.png.
 
-The report is built once as a list of blocks (headings, text, tables, figures) and
-rendered twice, so the HTML and the Markdown always say the same thing. The HTML
-embeds its PNGs as data URIs and links nothing outside itself: it can be mailed or
-attached to a paper's supplement and opens offline.
+This module says what the report holds, section by section, as a list of blocks; the
+blocks and their HTML and Markdown renderings are `fedtide.report.blocks`, the runs
+table (also report.csv) is `fedtide.report.runs_table`.
 """
 
 from __future__ import annotations
 
-import base64
-import csv
-import html
-import io
 import math
-import os
 import re
-from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-from matplotlib.figure import Figure
-
+from fedtide.records.summary import CLIENT, PRIVACY_UNITS, SAMPLE
 from fedtide.report import figures
+from fedtide.report.blocks import (
+    FIGURES_DIR,
+    Block,
+    Heading,
+    Image,
+    TableBlock,
+    Text,
+    png,
+    render_html,
+    render_markdown,
+    write_atomic,
+)
 from fedtide.report.runs import (
     RunResult,
     SeedGroup,
     metric_names,
-    metric_text,
     place_runs,
     seed_groups,
     series_labels,
 )
-from fedtide.run_files import CLIENT, PRIVACY_UNITS, SAMPLE
+from fedtide.report.runs_table import epsilon_cell, number, pct, runs_csv, runs_table
 
-HTML_FILE, MARKDOWN_FILE, CSV_FILE, FIGURES_DIR = "report.html", "report.md", "report.csv", "figures"
-# Each unit's σ, ε and δ side by side: a run with both levels has two guarantees, neither the run's.
-UNIT_COLUMNS = {unit: (f"σ ({unit})", f"ε ({unit})", f"δ ({unit})") for unit in PRIVACY_UNITS}
-RUN_COLUMNS = [
-    "run", "method", "strategy", "DP level", *UNIT_COLUMNS["sample"], *UNIT_COLUMNS["client"], "ε lower",
-    "final accuracy %", "forgetting %", "BWT %", "attack AUC", "TPR@1%FPR %", "clients dropped", "wall time s",
-]  # fmt: skip
-PRIVACY_COLUMNS = ("DP level",)  # shown only when some run is private; a unit's columns when some run has it
-FAULT_COLUMNS = ("clients dropped",)  # shown only when some run simulated faults
-CANARY_COLUMNS = ("ε lower",)  # shown only when some run has a canary audit
-
-
-@dataclass(frozen=True)
-class Heading:
-    text: str
-    level: int = 2
-
-
-@dataclass(frozen=True)
-class Text:
-    text: str
-
-
-@dataclass(frozen=True)
-class TableBlock:
-    columns: list[str]
-    rows: list[list[str]]
-
-
-@dataclass(frozen=True)
-class Image:
-    name: str
-    caption: str
-    png: bytes
-
-
-Block = Heading | Text | TableBlock | Image
+HTML_FILE, MARKDOWN_FILE, CSV_FILE = "report.html", "report.md", "report.csv"
 
 
 def write_report(
@@ -83,10 +49,10 @@ def write_report(
     (output / FIGURES_DIR).mkdir(exist_ok=True)
     for block in blocks:
         if isinstance(block, Image):
-            _write_atomic(output / FIGURES_DIR / block.name, block.png)
-    _write_atomic(output / MARKDOWN_FILE, render_markdown(blocks).encode())
-    _write_atomic(output / CSV_FILE, _csv(runs).encode())
-    _write_atomic(output / HTML_FILE, render_html(blocks).encode())
+            write_atomic(output / FIGURES_DIR / block.name, block.png)
+    write_atomic(output / MARKDOWN_FILE, render_markdown(blocks).encode())
+    write_atomic(output / CSV_FILE, runs_csv(runs).encode())
+    write_atomic(output / HTML_FILE, render_html(blocks).encode())
     return output / HTML_FILE
 
 
@@ -96,7 +62,7 @@ def build_blocks(runs: list[RunResult], unfinished: list[Path] = (), privacy_uni
     Runs are compared at ε of `privacy_unit`, else as `place_runs` places them."""
     runs = place_runs(runs, privacy_unit)
     blocks: list[Block] = [Heading(_title(runs), 1), Text(_preamble(runs, unfinished))]
-    blocks += [Heading("Runs"), _runs_table(runs)]
+    blocks += [Heading("Runs"), runs_table(runs)]
     points = seed_groups(runs)
     if len(points) > 1:
         blocks += _comparison(points)
@@ -110,58 +76,9 @@ def build_blocks(runs: list[RunResult], unfinished: list[Path] = (), privacy_uni
     return blocks
 
 
-def _runs_table(runs: list[RunResult]) -> TableBlock:
-    """The runs side by side, the user metrics' final values (`strategy.NAME`, `method.NAME`) last."""
-    columns, rows = _shown_columns(runs), [run_row(run) for run in runs]
-    keep = [i for i, column in enumerate(RUN_COLUMNS) if column in columns]
-    names = metric_names(runs)
-    return TableBlock(
-        columns + names,
-        [[row[i] for i in keep] + [metric_text(run.final_metrics.get(name)) for name in names]
-         for run, row in zip(runs, rows)],
-    )  # fmt: skip
-
-
 def _chosen_unit(runs: list[RunResult]) -> str | None:
     """The unit the report was asked to compare runs at (`place_runs` gave it to every run), else None."""
     return next((run.unit for run in runs if run.unit), None)
-
-
-def _shown_columns(runs: list[RunResult]) -> list[str]:
-    hidden = set() if any(run.private for run in runs) else set(PRIVACY_COLUMNS)
-    for unit, columns in UNIT_COLUMNS.items():
-        hidden |= set() if any(unit in run.summary.units for run in runs) else set(columns)
-    hidden |= set() if any(run.summary.faults for run in runs) else set(FAULT_COLUMNS)
-    hidden |= set() if any(run.canary_audit for run in runs) else set(CANARY_COLUMNS)
-    return [column for column in RUN_COLUMNS if column not in hidden]
-
-
-def run_row(run: RunResult) -> list[str]:
-    """One line of the runs table, as printed (percentages with two decimals)."""
-    summary, audit = run.summary, run.audit
-    return [
-        run.run_id,
-        summary.method,
-        summary.strategy,
-        summary.privacy_level or "–",
-        *(cell for unit in PRIVACY_UNITS for cell in _unit_cells(run, unit)),
-        _epsilon(run.canary_audit.epsilon_lower) if run.canary_audit else "–",
-        _pct(summary.final_average_accuracy),
-        _pct(summary.average_forgetting),
-        _pct(summary.bwt),
-        _number(audit.auc_max if audit else None),
-        _pct(audit.tpr_at_1pct_fpr_max if audit else None),
-        str(summary.faults.clients_dropped) if summary.faults else "–",
-        f"{summary.wall_time_s:.1f}",
-    ]
-
-
-def _unit_cells(run: RunResult, unit: str) -> list[str]:
-    """σ, ε and δ of `unit`: σ 0 and ε ∞ without DP; `no client ε` for a private run of another unit."""
-    guarantee = run.summary.guarantee(unit)
-    if guarantee is None:
-        return ["0" if not run.private else "–", run.epsilon_text(unit), "–"]
-    return [f"{run.noise_of(unit):.3g}", f"{guarantee.epsilon:.2f}", f"{guarantee.delta:.1e}"]
 
 
 def _title(runs: list[RunResult]) -> str:
@@ -240,7 +157,7 @@ def _comparison(points: list[SeedGroup]) -> list[Block]:
     return [
         Heading("Comparison"),
         Text("Each row pools the runs that differ only in their seed: mean ± standard deviation (n/a for one run)."),
-        Image("comparison.png", "Final average accuracy and forgetting per series, mean ± std over seeds", _png(
+        Image("comparison.png", "Final average accuracy and forgetting per series, mean ± std over seeds", png(
             figures.comparison_figure(points))),
         TableBlock(columns, rows),
     ]  # fmt: skip
@@ -279,7 +196,7 @@ def _privacy_utility(points: list[SeedGroup]) -> list[Block]:
     return [
         Heading("Privacy-utility"),
         Text("Each point pools the runs that differ only in their seed: mean ± standard deviation (n/a for one run)."),
-        Image("utility_vs_epsilon.png", "Final average accuracy and forgetting against ε", _png(
+        Image("utility_vs_epsilon.png", "Final average accuracy and forgetting against ε", png(
             figures.utility_figure(points))),
         TableBlock(columns, rows),
     ]
@@ -303,7 +220,7 @@ def _audit(runs: list[RunResult], points: list[SeedGroup]) -> list[Block]:
     placed = [run for run in private if run.placed]
     if len(points) > 1 and placed:
         delta = max((run.delta for run in placed if run.placed_unit == SAMPLE), default=0.0)  # the bound's
-        blocks.append(Image("audit_vs_epsilon.png", "Attack success against ε", _png(
+        blocks.append(Image("audit_vs_epsilon.png", "Attack success against ε", png(
             figures.audit_figure(points, delta))))
     if not private:  # without DP there is no bound to hold the attack against: the runs table has it
         blocks.append(Text("Each run's attack AUC and TPR (worst client) are in the runs table above."))
@@ -315,10 +232,10 @@ def _audit(runs: list[RunResult], points: list[SeedGroup]) -> list[Block]:
         epsilons = run.summary.privacy.epsilon_per_client if run.summary.privacy else {}
         for client, result in (run.audit.per_client if run.audit else {}).items():
             # a client that never trained spent nothing
-            epsilon = _epsilon(epsilons.get(client, 0.0)) if run.summary.privacy else run.epsilon_text(SAMPLE)
+            epsilon = epsilon_cell(epsilons.get(client, 0.0)) if run.summary.privacy else run.epsilon_text(SAMPLE)
             rows.append([
-                run.run_id, client, str(result.members), str(result.nonmembers), _number(result.auc),
-                _pct(result.tpr_at_1pct_fpr), epsilon,
+                run.run_id, client, str(result.members), str(result.nonmembers), number(result.auc),
+                pct(result.tpr_at_1pct_fpr), epsilon,
             ])  # fmt: skip
     if rows:
         blocks.append(TableBlock(columns, rows))
@@ -349,8 +266,9 @@ def _canary_audit(runs: list[RunResult]) -> list[Block]:
         [
             run.run_id, str(audit.canaries), str(audit.included), f"{audit.guesses_in}/{audit.guesses_out}",
             f"{audit.correct}/{audit.guesses}", f"{audit.confidence:.0%}", f"{audit.delta:.1e}",
-            _epsilon(audit.epsilon_lower), "–" if audit.epsilon_ceiling is None else _epsilon(audit.epsilon_ceiling),
-            "–" if audit.epsilon_audited is None else _epsilon(audit.epsilon_audited),
+            epsilon_cell(audit.epsilon_lower),
+            "–" if audit.epsilon_ceiling is None else epsilon_cell(audit.epsilon_ceiling),
+            "–" if audit.epsilon_audited is None else epsilon_cell(audit.epsilon_audited),
         ]  # fmt: skip
         for run in audited
         if (audit := run.canary_audit)
@@ -359,7 +277,7 @@ def _canary_audit(runs: list[RunResult]) -> list[Block]:
     if len(audited) > 1:
         labels = series_labels(runs)
         title = "ε lower bound (canary audit) against the ε that protects a canary"
-        blocks.append(Image("canary_epsilon.png", title, _png(figures.canary_figure(audited, labels))))
+        blocks.append(Image("canary_epsilon.png", title, png(figures.canary_figure(audited, labels))))
     blocks.append(TableBlock(columns, rows))
     blind = [run.run_id for run in audited if run.canary_audit.blind_at(run.canary_audit.epsilon_audited)]
     if blind:
@@ -385,86 +303,19 @@ def _run_details(run: RunResult) -> list[Block]:
         ),
         TableBlock(
             ["after", *(f"exp {j}" for j in range(len(matrix)))],
-            [[f"exp {e}", *(_pct(a) for a in row), *([""] * (len(matrix) - len(row)))] for e, row in
+            [[f"exp {e}", *(pct(a) for a in row), *([""] * (len(matrix) - len(row)))] for e, row in
              enumerate(matrix)],
         ),
-        Image(f"{stem}-accuracy_matrix.png", "Accuracy matrix", _png(figures.accuracy_matrix_figure(run))),
-        Image(f"{stem}-accuracy_rounds.png", "Accuracy per experience over rounds", _png(
+        Image(f"{stem}-accuracy_matrix.png", "Accuracy matrix", png(figures.accuracy_matrix_figure(run))),
+        Image(f"{stem}-accuracy_rounds.png", "Accuracy per experience over rounds", png(
             figures.accuracy_over_rounds_figure(run))),
     ]  # fmt: skip
     if run.private:
-        blocks.append(Image(f"{stem}-epsilon.png", "ε over rounds", _png(figures.epsilon_figure(run))))
+        blocks.append(Image(f"{stem}-epsilon.png", "ε over rounds", png(figures.epsilon_figure(run))))
     if any(run.metric_per_round(name) for name in run.final_metrics):
-        blocks.append(Image(f"{stem}-user_metrics.png", "The strategy's and the method's metrics over rounds", _png(
+        blocks.append(Image(f"{stem}-user_metrics.png", "The strategy's and the method's metrics over rounds", png(
             figures.user_metrics_figure(run))))
     return blocks
-
-
-def render_html(blocks: list[Block]) -> str:
-    body = []
-    for block in blocks:
-        if isinstance(block, Heading):
-            body.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
-        elif isinstance(block, Text):
-            body.append(f"<p>{html.escape(block.text)}</p>")
-        elif isinstance(block, TableBlock):
-            head = "".join(f"<th>{html.escape(c)}</th>" for c in block.columns)
-            rows = "".join(
-                "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in block.rows
-            )
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-        else:
-            data = base64.b64encode(block.png).decode()
-            caption = html.escape(block.caption)
-            body.append(
-                f'<figure><img alt="{caption}" src="data:image/png;base64,{data}"><figcaption>{caption}'
-                "</figcaption></figure>"
-            )
-    title = html.escape(next(b.text for b in blocks if isinstance(b, Heading)))
-    return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
-
-
-def render_markdown(blocks: list[Block]) -> str:
-    lines = []
-    for block in blocks:
-        if isinstance(block, Heading):
-            lines += ["#" * block.level + " " + block.text, ""]
-        elif isinstance(block, Text):
-            lines += [block.text, ""]
-        elif isinstance(block, TableBlock):
-            lines.append("| " + " | ".join(block.columns) + " |")
-            lines.append("|" + "---|" * len(block.columns))
-            lines += ["| " + " | ".join(row) + " |" for row in block.rows]
-            lines.append("")
-        else:
-            lines += [f"![{block.caption}]({FIGURES_DIR}/{block.name})", ""]
-    return "\n".join(lines)
-
-
-def _csv(runs: list[RunResult]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    table = _runs_table(runs)
-    writer.writerow(table.columns)
-    writer.writerows(table.rows)
-    return buffer.getvalue()
-
-
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` whole, so an interrupted report never leaves a half-written file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
 
 
 def _parameters(run: RunResult) -> str:
@@ -502,18 +353,6 @@ def _metric_mean_std(point: SeedGroup, name: str) -> str:
     return "–" if math.isnan(point.mean_std(name)[0]) else _mean_std(point, name, 1, "{:.4g}")
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.2f}"
-
-
-def _number(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
-def _epsilon(value: float | None) -> str:
-    return "∞" if value is None else f"{value:.2f}"
-
-
 def _mean_std(point: SeedGroup, value: str, scale: float, form: str) -> str:
     """`61.75 ± 1.20` over seeds; `61.75 ± n/a` for one run, whose spread is unknown rather than 0."""
     mean, std = point.mean_std(value)
@@ -521,11 +360,3 @@ def _mean_std(point: SeedGroup, value: str, scale: float, form: str) -> str:
     return f"{form.format(scale * mean)} ± {spread}"
 
 
-_CSS = (
-    "body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
-    "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
-    "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f0f0f0}"
-    "td:first-child,th:first-child{text-align:left}"
-    "figure{margin:1em 0}img{max-width:100%}figcaption{font-size:12px;color:#555}"
-    "h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;margin-top:1.6em}"
-)

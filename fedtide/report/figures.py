@@ -19,8 +19,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedtide.records.summary import LOW_FPR, SAMPLE  # noqa: E402
 from fedtide.report.runs import RunResult, SeedGroup  # noqa: E402
-from fedtide.run_files import LOW_FPR, SAMPLE  # noqa: E402
 
 _UNIT_AXIS = {SAMPLE: "sample: max over clients", "client": "client"}
 

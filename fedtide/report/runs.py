@@ -16,21 +16,17 @@ from typing import Any
 import yaml
 
 from fedtide.errors import ScenarioError
-from fedtide.run_files import (
+from fedtide.records.metrics import RoundRecord
+from fedtide.records.report_options import REPORT_KEY, read_report_options
+from fedtide.records.run_folder import SCENARIO_FILE, SUMMARY_FILE, read_rounds, read_summary
+from fedtide.records.summary import (
     CLIENT,
     PRIVACY_UNITS,
-    REPORT_KEY,
     SAMPLE,
-    SCENARIO_FILE,
-    SUMMARY_FILE,
     AuditSummary,
     CanaryAudit,
     PrivacyGuarantee,
-    RoundRecord,
     RunSummary,
-    read_report_options,
-    read_rounds,
-    read_summary,
 )
 
 # Fields that vary between runs without making them a different method or setting.

@@ -23,11 +23,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtide.data.loading import load_scenario
 from fedtide.data.schema import Scenario
-from fedtide.run_files import create_run_folder, read_run_scenario
+from fedtide.records.run_folder import create_run_folder, read_run_scenario
 from fedtide.stopping import RunStopped
 
 if TYPE_CHECKING:
-    from fedtide.server.federation import RoundObserver
+    from fedtide.server.run_parts import RoundObserver
 
 APP_ROOT = Path(__file__).resolve().parents[2]  # the project folder that `flwr run .` packaged
 

@@ -5,8 +5,9 @@ strategy's own attributes (FedAdam's moments, FedAvgM's momentum, a user strateg
 fields), `ContinualStrategy`'s bookkeeping (the weights that ended each experience,
 who has settled them), every client's `Context.state` as its last reply carried it
 (replay buffer ids, EWC anchors and importances, LwF teacher, DP accountant history,
-consolidation counts: everything in `ClientState`), the recorder's running totals,
-the server process's RNG states (Flower samples nodes with Python's `random`), and how
+consolidation counts: everything in `ClientState`), the strategy's own `random` stream
+(Flower's node sampling, `fedtide.server.sampling`), the recorder's running totals (the
+`RunTotals` object itself), the server process's numpy and torch RNG states, and how
 long metrics.jsonl was. Clients seed themselves from (seed, client, round), so nothing
 of theirs beyond `Context.state` is needed.
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
 import tempfile
 import types
 from collections.abc import Iterable, Iterator, Mapping
@@ -50,7 +50,8 @@ from flwr.serverapp.strategy import Strategy
 from fedtide.data.loading import parse_scenario
 from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
-from fedtide.run_files import CHECKPOINT_DIR, checkpoint_file, checkpoint_round
+from fedtide.records.checkpoint_files import CHECKPOINT_DIR, checkpoint_file, checkpoint_round
+from fedtide.server.run_totals import RunTotals
 
 # Attributes of these kinds are a strategy's configuration (an aggregation function, a
 # lambda), rebuilt by constructing the strategy again; an unpicklable one is left out.
@@ -63,10 +64,10 @@ class Checkpoint:
 
     round: int
     arrays: ArrayRecord  # the global model after `round`
-    federation: dict[str, Any]  # ContinualStrategy.checkpoint_state(): strategy, experience ends, clients' states
-    totals: dict[str, Any]  # the recorder's running totals (accuracy matrix rows, ε per client, failures...)
+    federation: dict[str, Any]  # ContinualStrategy.checkpoint_state(): strategy, its random, clients' states...
+    totals: RunTotals  # the recorder's running totals (accuracy matrix rows, ε per client, failures...)
     wall_time_s: float  # the run's wall time up to here; a resumed run goes on counting from it
-    rng: dict[str, Any]  # the server process's RNG states (`rng_state`)
+    rng: dict[str, Any]  # the server process's numpy and torch RNG states (`rng_state`)
     metrics_length: int  # bytes of metrics.jsonl that hold rounds 1..round
     scenario: str  # the scenario as JSON: a checkpoint is only ever resumed with its own
 
@@ -187,6 +188,8 @@ def read_checkpoint(run_dir: Path, scenario: Scenario) -> Checkpoint | None:
     checkpoint = _read_pickle(path)
     if not isinstance(checkpoint, Checkpoint) or checkpoint.round != done:
         raise ScenarioError(str(path), "is not a fedtide checkpoint of this round")
+    if not isinstance(checkpoint.totals, RunTotals):
+        raise ScenarioError(str(path), "was written by an earlier fedtide", "start the run afresh")
     if parse_scenario(json.loads(checkpoint.scenario)) != scenario:
         raise ScenarioError(
             str(path), "was taken for another scenario than the folder's scenario.yaml", "start the run afresh"
@@ -256,11 +259,10 @@ def restore_strategy(strategy: Strategy, state: dict[str, bytes]) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's global RNGs: Flower's node sampling (`random`), and numpy's and torch's for user code."""
-    return {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's numpy and torch RNGs, for user code; `random` is the strategy's own stream's business."""
+    return {"numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

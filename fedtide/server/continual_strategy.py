@@ -1,20 +1,23 @@
-"""The scenario's strategy, wrapped with what a federated continual-learning run adds around it.
+"""The scenario's strategy, driven round by round with what a federated continual-learning run adds around it.
 
 Flower adds behaviour around any strategy by wrapping it (its
 `DifferentialPrivacyServerSideFixedClipping(strategy)` does); fedtide does the same,
-so the user's strategy sees plain Flower calls and nothing else has to know about it:
+so the user's strategy sees plain Flower calls and nothing else has to know about it.
+`ContinualStrategy` holds the strategy (already inside any wrappers of fedtide's own,
+`fedtide.aggregation.federation_strategy`) and runs one round at a time, as Flower's
+`Strategy.start` loop does (`configure_train`, the replies, `aggregate_train`, then
+`configure_evaluate` and `aggregate_evaluate`; `summary` as each experience begins), and
+returns what happened in the round (`RoundOutcome`) with its arrays:
 
-- `configure_train` adds the experience's config to the strategy's messages, and the
-  global weights that ended past experiences to clients that still have to
-  consolidate them, as the run's `StreamPlan` says (a client first sampled late
-  consolidates at the right weights);
-  under simulated faults it withholds the messages of the sampled clients that fail
-  this round (`FaultPlan`), as if they had gone offline: they train nothing, their
-  state and privacy budget stay as they were, and the strategy aggregates the other
-  replies exactly as it does when a real client does not answer (Flower's FedAvg
-  averages whatever replies it gets, fewer than `min_train_nodes` included, and keeps
-  the current weights when there are none);
-- `aggregate_train` seeds numpy's global RNG from (seed, round) first (from the OS's
+- before `configure_train` it adds the experience's config, and after it the global
+  weights that ended past experiences to clients that still have to consolidate them (as the run's
+  `StreamPlan` says: a client first sampled late consolidates at the right weights); under simulated faults it
+  withholds the messages of the sampled clients that fail this round (`FaultPlan`), as if
+  they had gone offline: they train nothing, their state and privacy budget stay as they
+  were, and the strategy aggregates the other replies exactly as it does when a real
+  client does not answer (Flower's FedAvg averages whatever replies it gets, fewer than
+  `min_train_nodes` included, and keeps the current weights when there are none);
+- before `aggregate_train` it seeds numpy's global RNG from (seed, round) (from the OS's
   entropy when the seed is None: `privacy.secure_rng`), so a strategy that draws from
   it draws the same numbers wherever and in whatever order the clients ran; it records every
   client's reply, drops the replies of clients that trained on nothing or failed (a
@@ -26,12 +29,13 @@ so the user's strategy sees plain Flower calls and nothing else has to know abou
   it. Of the MetricRecord the strategy returns it records the strategy's own keys: a key
   the clients' replies carried (`num-examples`, `train_loss`, `method.*`, the
   client-level weight) comes back only averaged, and the run files have each client's
-  value and fedtide's aggregate.
+  value and fedtide's aggregate;
+- every hook draws from `random` through the strategy's own stream (`StrategyRandom`):
+  Flower's node sampling is the same in every run of a seed, and seeds nobody else's.
 
-Round numbers in every message are global (experience × rounds + round). A run resumed
-inside an experience calls `start()` for its remaining rounds only; the wrapper maps
-`start()`'s rounds back to the experience's, so the strategy and the clients see the
-round numbers of an uninterrupted run.
+The strategy is asked for the experience's rounds 1..R (`server-round`, restarting every
+experience; the global round is `round-offset` + that); a run resumed inside an
+experience runs its remaining rounds only, with the round numbers of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -47,18 +51,20 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedtide.aggregation import innermost
 from fedtide.data.stream_plan import StreamPlan
 from fedtide.errors import FederationError, raised_at
-from fedtide.privacy.dp_fedavg import current_clipping_norm, unwrapped
 from fedtide.protocol import CONTRACT_BROKEN, client_round, experience_end_key, take_client_state
+from fedtide.records.metrics import ClientDrop, ClientFailure, ClientRoundRecord
 from fedtide.registry import defined_at
-from fedtide.run_files import ClientDrop, ClientFailure, ClientRoundRecord
 from fedtide.server.array_check import array_problem
 from fedtide.server.checkpoint import ClientStates, restore_strategy, strategy_state
 from fedtide.server.faults import FaultPlan
+from fedtide.server.sampling import StrategyRandom
 
 Result = TypeVar("Result")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+REPLY_TIMEOUT = 3600.0  # seconds a round waits for its replies: Flower's `Strategy.start` default
 
 
 @dataclass
@@ -73,7 +79,6 @@ class RoundOutcome:
     failure_logs: list[str] = field(default_factory=list)  # each failure in full, for the run's log
     # what aggregate_train returned beyond the clients' own MetricRecord keys, which it only averaged
     strategy_metrics: dict[str, float | list[float]] | None = None
-    clipping_norm: float | None = None  # client-level DP: the norm the round's updates were clipped to
     aggregated: int = 0  # the replies handed to the strategy's aggregate_train
 
     @property
@@ -82,8 +87,16 @@ class RoundOutcome:
         return self.sampled - len(self.dropped)
 
 
-class ContinualStrategy(Strategy):
-    """Delegates aggregation to `strategy`; adds the experience loop's messages and checks."""
+class RoundAborted(FederationError):
+    """A round that stops the run; `failure_logs` are its clients' failures in full, for the run's log."""
+
+    def __init__(self, message: str, failure_logs: list[str]) -> None:
+        super().__init__(message)
+        self.failure_logs = failure_logs
+
+
+class ContinualStrategy:
+    """Runs `strategy`'s rounds, adding the experience loop's messages and checks."""
 
     def __init__(
         self,
@@ -100,21 +113,20 @@ class ContinualStrategy(Strategy):
         self.partition_of = partition_of  # node id -> partition id
         self.plan = plan  # which past experiences each client holds data in, and so consolidates
         self.faults = faults  # None: no simulated faults
+        self.random = StrategyRandom(seed)  # what the strategy's hooks draw from `random`
         self.experience = 0
         self.round_offset = 0
-        self.first_round = 1  # the experience's round that start()'s round 1 is (later when resumed inside it)
         self.experience_config = ConfigRecord()
         self.experience_ends: dict[int, ArrayRecord] = {}
         self.settled_through: dict[int, int] = {}  # node id -> experience of its last successful reply
         self.client_states = ClientStates()  # partition id -> Context.state its last reply carried
-        self.last_round = RoundOutcome(0)
 
     @property
     def name(self) -> str:
         """The wrapped strategy's class as a user finds it in their code: `my_pkg.agg.TrimmedMomentum`.
 
-        Under client-level DP that is the strategy inside the DP-FedAvg wrapper."""
-        strategy = type(unwrapped(self.strategy))
+        Under fedtide's own wrappers (client-level DP) that is the strategy inside them."""
+        strategy = type(innermost(self.strategy))
         return f"{strategy.__module__}.{strategy.__qualname__}"
 
     def begin_experience(
@@ -122,18 +134,17 @@ class ContinualStrategy(Strategy):
     ) -> None:
         """Enter `experience` with `done` of its rounds already run (a resumed run), starting from `arrays`.
 
-        With none done, `arrays` are the weights that ended the previous experience.
+        With none done, `arrays` are the weights that ended the previous experience, and the
+        strategy's `random` stream starts afresh (resumed, it goes on from the checkpoint's).
         """
-        if experience > 0 and done == 0:
-            self.experience_ends[experience - 1] = arrays
+        if done == 0:
+            self.random.begin_experience(experience)
+            if experience > 0:
+                self.experience_ends[experience - 1] = arrays
         self.experience = experience
         self.round_offset = experience * rounds
-        self.first_round = done + 1
         self.experience_config = config
-
-    def round_in_experience(self, server_round: int) -> int:
-        """The experience's round that `start()` calls `server_round` (the same, unless resumed inside it)."""
-        return server_round + self.first_round - 1
+        self._call(self.strategy.summary)  # as Flower's `start()` does when it begins
 
     def global_round(self, server_round: int) -> int:
         """The global round of the experience's round `server_round`."""
@@ -146,6 +157,7 @@ class ContinualStrategy(Strategy):
         """
         return {
             "strategy": strategy_state(self.strategy),
+            "random": self.random.getstate(),
             "experience_ends": dict(self.experience_ends),
             "settled_through": {self.partition_of[node]: e for node, e in self.settled_through.items()},
             "client_states": self.client_states,  # a checkpoint writes those that changed since the last
@@ -154,20 +166,35 @@ class ContinualStrategy(Strategy):
     def restore(self, state: dict[str, Any]) -> None:
         """Take back a `checkpoint_state()`, with `partition_of` already learned from this run's nodes."""
         restore_strategy(self.strategy, state["strategy"])
+        self.random.setstate(state["random"])
         self.experience_ends = dict(state["experience_ends"])
         node_of = {partition: node for node, partition in self.partition_of.items()}
         self.settled_through = {node_of[p]: e for p, e in state["settled_through"].items()}
         self.client_states = state["client_states"]
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        server_round = self.round_in_experience(server_round)
-        config = ConfigRecord({**dict(config), **dict(self.experience_config)})
+    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, RoundOutcome]:
+        """The experience's round `server_round` from `arrays`: the new global arrays, and what happened."""
+        outcome = RoundOutcome(self.global_round(server_round))
+        messages = self._configure_train(server_round, arrays, grid, outcome)
+        replies = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT)
+        try:
+            aggregated = self._aggregate_train(server_round, replies, outcome)
+        except FederationError as error:
+            raise RoundAborted(str(error), outcome.failure_logs) from error
+        return (arrays if aggregated is None else aggregated), outcome
+
+    def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """The strategy's federated evaluation of the round, as Flower's `start()` runs it (none by default)."""
+        messages = self._call(self.strategy.configure_evaluate, server_round, arrays, ConfigRecord(), grid)
+        replies = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT)
+        return self._call(self.strategy.aggregate_evaluate, server_round, replies)
+
+    def _configure_train(
+        self, server_round: int, arrays: ArrayRecord, grid: Grid, outcome: RoundOutcome
+    ) -> list[Message]:
+        config = ConfigRecord(dict(self.experience_config))
         messages = list(self._call(self.strategy.configure_train, server_round, arrays, config, grid))
-        outcome = RoundOutcome(
-            self.global_round(server_round), sampled=len(messages), clipping_norm=current_clipping_norm(self.strategy)
-        )
+        outcome.sampled = len(messages)
         delivered = []
         for message in messages:
             partition = self._partition(message.metadata.dst_node_id)
@@ -178,7 +205,6 @@ class ContinualStrategy(Strategy):
             self._add_experience_ends(message, server_round)
             delivered.append(message)
         outcome.dropped.sort(key=lambda drop: drop.partition_id)
-        self.last_round = outcome
         return delivered
 
     def _partition(self, node_id: int) -> int:
@@ -201,11 +227,34 @@ class ContinualStrategy(Strategy):
         if extra:
             message.content = RecordDict({**dict(message.content.items()), **extra})
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round = self.round_in_experience(server_round)
-        outcome = self.last_round
+    def _aggregate_train(
+        self, server_round: int, replies: Iterable[Message], outcome: RoundOutcome
+    ) -> ArrayRecord | None:
+        trained = self._take_replies(replies, outcome)
+        outcome.aggregated = len(trained)
+        round_key = f"{self.seed}/aggregate/{outcome.global_round}".encode()
+        np.random.seed(None if self.seed is None else zlib.crc32(round_key))
+        clients_keys = {key for reply in trained for key in reply.content["metrics"]}
+        result = self._call(self.strategy.aggregate_train, server_round, trained)
+        if problem := _result_problem(result):
+            got, fix = problem
+            raise FederationError(
+                f"strategy {self.name}.aggregate_train returned {got} in round {outcome.global_round}, expected "
+                f"(ArrayRecord | None, MetricRecord | None) ({defined_at(self.strategy.aggregate_train)}): {fix}"
+            )
+        arrays, metrics = result
+        if metrics:  # the strategy's own: its aggregate of the clients' keys is theirs (num-examples, method.*)
+            own = {key: _number(value) for key, value in metrics.items() if key not in clients_keys}
+            outcome.strategy_metrics = own or None
+        problem = None if arrays is None else array_problem(arrays, self.reference)
+        if problem:
+            raise FederationError(
+                f"strategy {self.name} returned malformed arrays in round {outcome.global_round}: {problem}"
+            )
+        return arrays
+
+    def _take_replies(self, replies: Iterable[Message], outcome: RoundOutcome) -> list[Message]:
+        """Record every reply in `outcome`; the ones the strategy aggregates: usable, from clients that trained."""
         trained: list[Message] = []
         for reply in replies:
             partition = self._partition(reply.metadata.src_node_id)
@@ -240,45 +289,14 @@ class ContinualStrategy(Strategy):
                 f"{outcome.global_round}; "
                 f"client {outcome.failures[0].partition_id} said: {outcome.failures[0].reason}"
             )
-        outcome.aggregated = len(trained)
-        round_key = f"{self.seed}/aggregate/{outcome.global_round}".encode()
-        np.random.seed(None if self.seed is None else zlib.crc32(round_key))
-        clients_keys = {key for reply in trained for key in reply.content["metrics"]}
-        result = self._call(self.strategy.aggregate_train, server_round, trained)
-        if problem := _result_problem(result):
-            got, fix = problem
-            raise FederationError(
-                f"strategy {self.name}.aggregate_train returned {got} in round {outcome.global_round}, expected "
-                f"(ArrayRecord | None, MetricRecord | None) ({defined_at(self.strategy.aggregate_train)}): {fix}"
-            )
-        arrays, metrics = result
-        if metrics:  # the strategy's own: its aggregate of the clients' keys is theirs (num-examples, method.*)
-            own = {key: _number(value) for key, value in metrics.items() if key not in clients_keys}
-            outcome.strategy_metrics = own or None
-        problem = None if arrays is None else array_problem(arrays, self.reference)
-        if problem:
-            raise FederationError(
-                f"strategy {self.name} returned malformed arrays in round {outcome.global_round}: {problem}"
-            )
-        return arrays, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self._call(
-            self.strategy.configure_evaluate, self.round_in_experience(server_round), arrays, config, grid
-        )
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self._call(self.strategy.aggregate_evaluate, self.round_in_experience(server_round), replies)
-
-    def summary(self) -> None:
-        self._call(self.strategy.summary)
+        return trained
 
     def _call(self, hook: Callable[..., Result], *args: Any) -> Result:
-        """Run one of the strategy's hooks; its exception becomes one line naming it, the round and where."""
+        """Run one of the strategy's hooks, drawing from the strategy's own `random` stream; its exception
+        becomes one line naming it, the round and where."""
         try:
-            return hook(*args)
+            with self.random.drawing():
+                return hook(*args)
         except FederationError:
             raise
         except Exception as error:

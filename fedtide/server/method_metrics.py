@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fedtide.run_files import ClientRoundRecord
+from fedtide.records.metrics import ClientRoundRecord
 
 Weighted = list[tuple[float, float]]  # (value, weight) of each client, by partition id
 
