@@ -3,18 +3,17 @@
 Tests and `fedtide check-plugin` drive a client through a schedule of (experience,
 global round) pairs without a federation around it. Each call goes through
 `run_training_round`, the function the ClientApp calls, on a copy of the client's
-stored state that replaces it only once the call has returned, as Ray hands each call
-a copy of the Context and stores what comes back; so a method whose state survives
-here survives the round trip through Ray.
+stored state that replaces it only once the call has returned, as Ray does
+(`fedtide.client.context_copy`).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import NamedTuple
 
 from flwr.app import ArrayRecord, RecordDict
 
+from fedtide.client.context_copy import call_on_a_copy
 from fedtide.client.training import RoundTask, run_training_round
 from fedtide.data.schema import Scenario
 
@@ -40,11 +39,9 @@ class ScheduledClient:
 
     def train(self, experience: int, global_round: int, arrays: ArrayRecord) -> ClientRound:
         """Train one round from `arrays`; an exception leaves the stored state as it was."""
-        state = copy.deepcopy(self.state)
         task = RoundTask(self.scenario, self.partition_id, experience, global_round, self.proximal_mu)
-        reply = run_training_round(task, arrays, state)
-        self.state = state  # never changed again: the next call works on a copy
-        return ClientRound(arrays, reply, state)
+        reply, self.state = call_on_a_copy(self.state, lambda state: run_training_round(task, arrays, state))
+        return ClientRound(arrays, reply, self.state)
 
 
 def train_schedule(

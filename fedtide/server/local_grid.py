@@ -40,6 +40,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtide.client.app import app as fedtide_client_app
+from fedtide.client.context_copy import call_on_a_copy
 
 RUN_ID = 1  # every InProcessGrid serves this run, so any number of them can be used in one process
 
@@ -124,16 +125,15 @@ class InProcessGrid(Grid):
     def _call(self, message: Message) -> Message | None:
         """The node's reply to `message`, or None where the SuperLink would drop a malformed one."""
         node_id = message.metadata.dst_node_id
-        context = copy.deepcopy(self.contexts[node_id])
         try:
             with _rngs_of_own_process():
-                reply = self.client_app(copy.deepcopy(message), context)
+                reply, self.contexts[node_id] = call_on_a_copy(
+                    self.contexts[node_id], lambda context: self.client_app(copy.deepcopy(message), context)
+                )
         except Exception as error:  # what ClientAppActor.run and the simulation's worker make of it
             wrapped = ClientAppException(str(error))
             reason = str(type(wrapped)) + ":<'" + str(wrapped) + "'>"
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
-        else:
-            self.contexts[node_id] = context
         if not isinstance(reply, Message):
             log(ERROR, "node %s: the ClientApp returned %s, not a Message; no reply", node_id, type(reply).__name__)
             return None
