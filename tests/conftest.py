@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import Message
 
 from fedtide.cli import main
 from fedtide.data.loading import parse_scenario
+from fedtide.server.local_grid import InProcessGrid
 
 # The suite's models are tiny and its 2 cores are shared with Ray workers and subprocesses:
 # a second intra-op thread gains nothing and, with another process busy, its waiting makes
@@ -32,6 +34,28 @@ def small_scenario(**sections):
     }
     raw.update(sections)
     return parse_scenario(raw)
+
+
+class RecordingGrid(InProcessGrid):
+    """The in-process grid, keeping every train message it delivered, every train reply, and how many
+    messages each push carried: what went over the wire, which the run files only summarise."""
+
+    def __init__(self, num_nodes: int) -> None:
+        super().__init__(num_nodes)
+        self.delivered: list[Message] = []
+        self.replies: list[Message] = []
+        self.pushes: list[int] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.delivered += [m for m in messages if m.metadata.message_type == "train"]
+        self.pushes.append(len(messages))
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        self.replies += [m for m in replies if m.metadata.message_type == "train"]
+        return replies
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:

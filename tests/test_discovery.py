@@ -5,7 +5,7 @@ Flower's simulation scans every message it holds once per node on every pass
 """
 
 from fedtide.server.grid import DISCOVERY_BATCH, PartitionOrderedGrid
-from tests.test_continual_strategy import RecordingGrid
+from tests.conftest import RecordingGrid
 
 
 def test_discovery_asks_a_batch_at_a_time_and_learns_every_partition():
