@@ -1,10 +1,15 @@
-"""Shared helpers: scenarios small enough for 2 CPU cores, and one CLI entry point."""
+"""Shared helpers: scenarios small enough for 2 CPU cores, a recording grid, the CLI in-process, and the
+`ray` marker kept honest (a test that starts a local Ray without it fails)."""
 
 from __future__ import annotations
 
 import gzip
+import io
 import os
+import shutil
 import sys
+import tempfile
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +25,40 @@ from fedtide.server.local_grid import InProcessGrid
 # a second intra-op thread gains nothing and, with another process busy, its waiting makes
 # in-process training 2-3 times slower. The numbers are the same either way.
 torch.set_num_threads(1)
+
+# Every local Ray the suite starts (in this process, a subprocess or a SuperLink's) keeps its session
+# folder here, so a test that started one is seen to, and the suite never meets another user's Ray.
+# Short, under /tmp: Ray's Unix sockets live in it (path length limit ~107).
+RAY_TMPDIR = Path(tempfile.mkdtemp(prefix="fedtide-suite-ray-", dir="/tmp"))
+
+
+def pytest_configure(config):
+    os.environ["RAY_TMPDIR"] = str(RAY_TMPDIR)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
+
+
+RAY_SESSIONS = pytest.StashKey[set[str]]()
+
+
+def ray_sessions() -> set[str]:
+    return {p.name for p in (RAY_TMPDIR / "ray").glob("session_2*")}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.stash[RAY_SESSIONS] = ray_sessions()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the test and the fixtures it ended (a module's shared run counts for its first test)."""
+    started = ray_sessions() - item.stash[RAY_SESSIONS]
+    if started and item.get_closest_marker("ray") is None:
+        pytest.fail(f"{item.nodeid} started Ray ({', '.join(sorted(started))}) but is not marked `ray`", pytrace=False)
+
 
 
 def small_scenario(**sections):
@@ -98,6 +137,22 @@ def fresh_cache(tmp_path_factory):
 def fashion_mnist_root(tmp_path_factory) -> Path:
     """A folder to give as `dataset.root` to Fashion-MNIST scenarios (see `write_fashion_mnist`)."""
     return write_fashion_mnist(tmp_path_factory.mktemp("fashion-mnist"))
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """Run `fedtide ARGS...` in-process; return (exit code, stdout, stderr). For module-scoped fixtures,
+    which cannot use `run_cli`'s function-scoped capsys."""
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["fedtide", *args]
+    code = 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+    except SystemExit as done:
+        code = done.code or 0
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture

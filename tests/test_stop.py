@@ -127,6 +127,7 @@ def test_sigint_stops_an_in_process_run_which_then_resumes_to_the_same_numbers(t
     assert {k: resumed[k] for k in NUMBERS} == {k: straight[k] for k in NUMBERS}
 
 
+@pytest.mark.ray
 def test_on_ray_sigterm_stops_cleanly_and_a_sigkilled_run_resumes_leaving_no_ray_process(tmp_path, straight):
     path = write_scenario(tmp_path)
     folder = tmp_path / "runs" / "small"
@@ -134,14 +135,17 @@ def test_on_ray_sigterm_stops_cleanly_and_a_sigkilled_run_resumes_leaving_no_ray
     run.wait_for_round(folder, 2)
     code, took = run.stop(signal.SIGTERM, timeout=STOP_GRACE_S + 30)
     first = checkpoint_round(folder)
-    assert code == 143
-    # Ray's own shutdown now and then hangs (seen under load, and once in a whole-suite run);
-    # the run then ends at the grace period with its one line, and the next run ends what
-    # Ray left (checked below). Otherwise it stops cleanly, leaving no Ray process.
-    hung = run.err.read_text().strip().splitlines()[-1] == HUNG_LINE
-    if not hung:
+    assert code == 143 and first >= 1
+    # Ray's own shutdown now and then hangs (seen under load, and once in a whole-suite run):
+    # the backstop then ends the run at the grace period with its own one line, and the next
+    # run ends what Ray left (checked below). Otherwise it stops cleanly, leaving no Ray process.
+    stderr = run.err.read_text()
+    if stderr.strip().splitlines()[-1] == HUNG_LINE:
+        assert STOP_GRACE_S <= took < STOP_GRACE_S + 30
+        assert stderr.count("stopped") == 1 and "Traceback" not in stderr
+    else:
         assert took < STOP_GRACE_S
-        assert_stopped_with_one_line(run.err.read_text(), Path("runs/small"), first)
+        assert_stopped_with_one_line(stderr, Path("runs/small"), first)
         assert ray_session_processes(run.process.pid) == []
 
     killed = Fedtide(tmp_path, "resume", "runs/small")
