@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import shutil
 import sys
 import tempfile
 from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,8 @@ from flwr.app import Message
 
 from fedtide.cli import main
 from fedtide.data.loading import parse_scenario
+from fedtide.data.schema import Scenario
+from fedtide.run_files import RoundRecord
 from fedtide.server.local_grid import InProcessGrid
 
 # The suite's models are tiny and its 2 cores are shared with Ray workers and subprocesses:
@@ -131,6 +135,29 @@ def fresh_cache(tmp_path_factory):
         del os.environ["FEDTIDE_CACHE_DIR"]
     else:
         os.environ["FEDTIDE_CACHE_DIR"] = before
+
+
+@dataclass(frozen=True)
+class SmallRun:
+    """`small_scenario()` run to the end in-process: the numbers its runs on any backend, stopped and
+    resumed or swept, must give. Read it, never write to it: it is shared by the whole session."""
+
+    scenario: Scenario
+    folder: Path
+    summary: dict
+    observed: list[RoundRecord]  # what the run's observer was handed, round by round
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> SmallRun:
+    from fedtide.run_files import create_run_folder
+    from fedtide.simulation import simulate_in_process
+
+    scenario = small_scenario()
+    folder = create_run_folder(scenario, tmp_path_factory.mktemp("small-run"))
+    observed: list[RoundRecord] = []
+    simulate_in_process(scenario, folder, observer=observed.append)
+    return SmallRun(scenario, folder, json.loads((folder / "summary.json").read_text()), observed)
 
 
 @pytest.fixture(scope="session")

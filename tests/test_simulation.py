@@ -28,11 +28,9 @@ def run(scenario, tmp_path_factory, observed=None, runner=simulate_in_process):
 
 
 @pytest.fixture(scope="module")
-def federated_run(tmp_path_factory):
-    scenario = small_scenario(continual={"method": "replay", "mem_size": 60})
-    observed: list[dict] = []
-    folder, summary = run(scenario, tmp_path_factory, observed)
-    return scenario, folder, summary, observed
+def federated_run(small_run):
+    assert small_run.scenario == small_scenario(continual={"method": "replay", "mem_size": 60})
+    return small_run.scenario, small_run.folder, small_run.summary, small_run.observed
 
 
 def test_run_folder_holds_resolved_scenario_metrics_and_summary(federated_run):

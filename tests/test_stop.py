@@ -19,9 +19,8 @@ import pytest
 import yaml
 
 from fedtide.ray_orphans import ray_temp_dir
-from fedtide.run_files import checkpoint_round, create_run_folder, read_metrics, read_run_scenario
+from fedtide.run_files import checkpoint_round, read_metrics, read_run_scenario
 from fedtide.server.checkpoint import read_checkpoint
-from fedtide.simulation import simulate_in_process
 from fedtide.stopping import STOP_GRACE_S, RunStopped, stop_on_signals
 from tests.conftest import small_scenario
 
@@ -31,12 +30,9 @@ NUMBERS = ("accuracy_matrix", "final_average_accuracy", "average_forgetting", "b
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(small_run):
     """The numbers of the scenario run in one go (in-process: the same numbers as on Ray)."""
-    scenario = small_scenario()
-    folder = create_run_folder(scenario, tmp_path_factory.mktemp("straight"))
-    simulate_in_process(scenario, folder)
-    return json.loads((folder / "summary.json").read_text())
+    return small_run.summary
 
 
 class Fedtide:
