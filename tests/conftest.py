@@ -1,5 +1,6 @@
-"""Shared helpers: scenarios small enough for 2 CPU cores, a recording grid, the CLI in-process, and the
-`ray` marker kept honest (a test that starts a local Ray without it fails)."""
+"""What the test modules share: scenarios small enough for 2 CPU cores, one in-process run of the small
+scenario per session, a recording grid, direct training calls, the CLI in-process or as a subprocess, and
+the `ray` marker kept honest (a test that starts a local Ray without it fails)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 
 from fedtide.cli import main
+from fedtide.client.schedule import train_schedule
 from fedtide.data.loading import parse_scenario
 from fedtide.data.schema import Scenario
-from fedtide.run_files import RoundRecord
+from fedtide.data.stream import build_stream
+from fedtide.models import build_model
+from fedtide.protocol import client_round
+from fedtide.run_files import RoundRecord, read_metrics
 from fedtide.server.local_grid import InProcessGrid
 
 # The suite's models are tiny and its 2 cores are shared with Ray workers and subprocesses:
@@ -49,6 +56,13 @@ RAY_SESSIONS = pytest.StashKey[set[str]]()
 
 def ray_sessions() -> set[str]:
     return {p.name for p in (RAY_TMPDIR / "ray").glob("session_2*")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that starts Ray is slow too: Ray's start alone takes seconds (`-m "not slow"` leaves it out)."""
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -99,6 +113,61 @@ class RecordingGrid(InProcessGrid):
         replies = list(super().pull_messages(message_ids))
         self.replies += [m for m in replies if m.metadata.message_type == "train"]
         return replies
+
+
+def initial_arrays(scenario) -> ArrayRecord:
+    """The scenario's model as every client of a direct training call starts from (seeded)."""
+    torch.manual_seed(0)
+    stream = build_stream(scenario)
+    return ArrayRecord(build_model(scenario.model.name, stream.data.input_shape, scenario.num_classes).state_dict())
+
+
+def flat(arrays: ArrayRecord) -> np.ndarray:
+    """Every weight in one vector, to measure how far training moved them."""
+    return np.concatenate([a.numpy().ravel() for a in arrays.values()])
+
+
+def run_rounds(scenario, partition_id, schedule, state=None, mu=0.0):
+    """Train through `schedule` = [(experience, global_round), ...]; return last arrays, report, state."""
+    last = train_schedule(scenario, partition_id, schedule, initial_arrays(scenario), state, mu)[-1]
+    return last.reply["arrays"], client_round(last.reply), last.state
+
+
+ROOT = Path(__file__).resolve().parents[1]
+FEDTIDE = [sys.executable, "-c", "from fedtide.cli import main; main()"]
+
+
+class Fedtide:
+    """A `fedtide` command running in a subprocess, its output in files."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        name = f"{args[0]}-{time.monotonic_ns()}"
+        self.out, self.err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        with self.out.open("w") as out, self.err.open("w") as err:
+            env = os.environ | {"PYTHONPATH": str(ROOT)}
+            self.process = subprocess.Popen([*FEDTIDE, *args], stdout=out, stderr=err, env=env, cwd=tmp_path)
+
+    def wait_for_round(self, folder: Path, global_round: int, timeout: float = 300) -> None:
+        """Until metrics.jsonl has `global_round` rounds (the run must still be going)."""
+        deadline = time.monotonic() + timeout
+        while rounds_written(folder) < global_round:
+            assert self.process.poll() is None, f"fedtide ended early: {self.err.read_text()}"
+            assert time.monotonic() < deadline, f"no round {global_round} after {timeout} s"
+            time.sleep(0.1)
+
+    def stop(self, signum: int, timeout: float = 60) -> tuple[int, float]:
+        """Send `signum`; the exit code and how long the process took to end."""
+        sent = time.monotonic()
+        self.process.send_signal(signum)
+        code = self.process.wait(timeout)
+        return code, time.monotonic() - sent
+
+
+def rounds_written(folder: Path) -> int:
+    """How many round lines a run has written to its metrics.jsonl so far."""
+    if not (folder / "metrics.jsonl").is_file():
+        return 0
+    return sum(1 for r in read_metrics(folder) if r["type"] == "round")
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:

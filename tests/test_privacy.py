@@ -22,8 +22,7 @@ from fedtide.privacy.dp_sgd import ClientPrivacy, UnaccountedData, _DPBatchOnly
 from fedtide.privacy.opacus_model import opacus_ready
 from fedtide.run_files import create_run_folder, read_rounds
 from fedtide.simulation import simulate_in_process
-from tests.conftest import small_scenario, stored_method_state
-from tests.test_client import flat, initial_arrays
+from tests.conftest import flat, initial_arrays, small_scenario, stored_method_state
 
 SCHEDULE = [(0, 1), (0, 2), (1, 3), (1, 4), (2, 5)]
 MODES = ["hooks", "functorch", "ghost"]

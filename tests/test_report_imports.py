@@ -173,6 +173,7 @@ NEVER_IN_VALIDATE = ("avalanche", "ray", "opacus", "seaborn", "matplotlib", "flw
 WATCHED = FIRST_CHECK_ONLY + NEVER_IN_VALIDATE
 
 
+@pytest.mark.slow
 def test_validate_loads_no_avalanche_ray_or_opacus(tmp_path, monkeypatch):
     """Checking a scenario with a built-in method reads data and builds the model, nothing more.
 

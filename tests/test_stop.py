@@ -19,13 +19,11 @@ import pytest
 import yaml
 
 from fedtide.ray_orphans import ray_temp_dir
-from fedtide.run_files import checkpoint_round, read_metrics, read_run_scenario
+from fedtide.run_files import checkpoint_round, read_run_scenario
 from fedtide.server.checkpoint import read_checkpoint
 from fedtide.stopping import STOP_GRACE_S, RunStopped, stop_on_signals
-from tests.conftest import small_scenario
+from tests.conftest import Fedtide, rounds_written, small_scenario
 
-ROOT = Path(__file__).resolve().parents[1]
-FEDTIDE = [sys.executable, "-c", "from fedtide.cli import main; main()"]
 NUMBERS = ("accuracy_matrix", "final_average_accuracy", "average_forgetting", "bwt", "clients_failed", "audit")
 
 
@@ -33,38 +31,6 @@ NUMBERS = ("accuracy_matrix", "final_average_accuracy", "average_forgetting", "b
 def straight(small_run):
     """The numbers of the scenario run in one go (in-process: the same numbers as on Ray)."""
     return small_run.summary
-
-
-class Fedtide:
-    """A `fedtide` command running in a subprocess, its output in files."""
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        name = f"{args[0]}-{time.monotonic_ns()}"
-        self.out, self.err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-        with self.out.open("w") as out, self.err.open("w") as err:
-            env = os.environ | {"PYTHONPATH": str(ROOT)}
-            self.process = subprocess.Popen([*FEDTIDE, *args], stdout=out, stderr=err, env=env, cwd=tmp_path)
-
-    def wait_for_round(self, folder: Path, global_round: int, timeout: float = 300) -> None:
-        """Until metrics.jsonl has `global_round` rounds (the run must still be going)."""
-        deadline = time.monotonic() + timeout
-        while rounds_written(folder) < global_round:
-            assert self.process.poll() is None, f"fedtide ended early: {self.err.read_text()}"
-            assert time.monotonic() < deadline, f"no round {global_round} after {timeout} s"
-            time.sleep(0.1)
-
-    def stop(self, signum: int, timeout: float = 60) -> tuple[int, float]:
-        """Send `signum`; the exit code and how long the process took to end."""
-        sent = time.monotonic()
-        self.process.send_signal(signum)
-        code = self.process.wait(timeout)
-        return code, time.monotonic() - sent
-
-
-def rounds_written(folder: Path) -> int:
-    if not (folder / "metrics.jsonl").is_file():
-        return 0
-    return sum(1 for r in read_metrics(folder) if r["type"] == "round")
 
 
 def write_scenario(tmp_path: Path, **sections) -> Path:
@@ -103,6 +69,7 @@ def assert_stopped_with_one_line(stderr: str, folder: Path, done: int) -> None:
     assert "Traceback" not in stderr and "ERROR" not in stderr and "SIGTERM received" not in stderr
 
 
+@pytest.mark.slow
 def test_sigint_stops_an_in_process_run_which_then_resumes_to_the_same_numbers(tmp_path, straight, run_cli):
     path = write_scenario(tmp_path, resources={"backend": "in_process"})
     folder = tmp_path / "runs" / "small"
@@ -162,6 +129,7 @@ def test_on_ray_sigterm_stops_cleanly_and_a_sigkilled_run_resumes_leaving_no_ray
     assert ray_session_processes(last.process.pid) == []
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_sweep_of_in_process_points_side_by_side_and_the_next_sweep_goes_on(tmp_path, run_cli):
     raw = small_scenario(resources={"backend": "in_process"}, federation={"rounds_per_experience": 4})
     path = tmp_path / "sweep.yaml"
