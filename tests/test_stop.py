@@ -149,6 +149,8 @@ def test_sigterm_stops_a_sweep_of_in_process_points_side_by_side_and_the_next_sw
     assert "seed-0" in kept and kept["seed-0"] >= 1
     if waiting:  # the point waiting for a worker was not started after the stop
         assert rounds_written(folder / "seed-2") == 0
+    else:  # it started only once a worker was free: seed-0 was still running, so seed-1 had ended
+        assert (folder / "seed-1" / "summary.json").is_file()
     before = {}  # the metrics lines each checkpoint holds
     for name, done in kept.items():
         if done:
