@@ -14,8 +14,7 @@ from fedtide.errors import ScenarioError
 from fedtide.metrics.audit import sample_losses
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import PrivateFootprint, largest_client_dataset, planned_steps
-from tests.conftest import small_scenario, stored_method_state
-from tests.test_client import run_rounds
+from tests.conftest import run_rounds, small_scenario, stored_method_state
 
 
 def audited(canaries=200, **sections):

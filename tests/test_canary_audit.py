@@ -82,6 +82,7 @@ def sweep(tmp_path_factory):
     return folder, runs
 
 
+@pytest.mark.slow
 def test_a_non_private_run_with_many_local_epochs_gives_a_clear_lower_bound(sweep):
     _, runs = sweep
     scenario, run_dir, summary = runs["plain"]
@@ -104,6 +105,7 @@ def test_a_non_private_run_with_many_local_epochs_gives_a_clear_lower_bound(swee
     assert np.mean(scores[canaries.included]) > np.mean(scores[~canaries.included]) + 2
 
 
+@pytest.mark.slow
 def test_under_dp_the_lower_bound_never_beats_the_accountant(sweep):
     _, runs = sweep
     _, _, plain = runs["plain"]
@@ -118,6 +120,7 @@ def test_under_dp_the_lower_bound_never_beats_the_accountant(sweep):
     assert plain["audit"]["canaries"]["epsilon_lower"] > epsilon + 0.3
 
 
+@pytest.mark.slow
 def test_under_client_level_dp_the_canaries_are_audited_against_the_client_level_guarantee(sweep):
     _, runs = sweep
     _, _, plain = runs["plain"]
@@ -133,6 +136,7 @@ def test_under_client_level_dp_the_canaries_are_audited_against_the_client_level
     assert plain["audit"]["canaries"]["epsilon_lower"] > level["epsilon"] + 0.3
 
 
+@pytest.mark.slow
 def test_at_the_default_client_level_delta_of_two_clients_the_audit_is_blind_and_says_so(sweep):
     """δ = 0.05: no outcome of 200 canaries rejects (ε, δ)-DP at any ε, so "ε lower ≤ ε" holds whatever leaked."""
     _, runs = sweep
@@ -148,6 +152,7 @@ def test_at_the_default_client_level_delta_of_two_clients_the_audit_is_blind_and
     assert f"{BLIND} {audit['epsilon_audited']:.3f}" in console.export_text()
 
 
+@pytest.mark.slow
 def test_the_report_and_the_console_put_the_bound_beside_the_accountant_s_epsilon(sweep, run_cli):
     folder, runs = sweep
     code, _, err = run_cli("report", str(folder))
@@ -189,6 +194,7 @@ def test_the_report_and_the_console_put_the_bound_beside_the_accountant_s_epsilo
         assert (BLIND in text) == (name == "client-dp-default-delta")
 
 
+@pytest.mark.slow
 def test_a_summary_written_before_the_ceiling_existed_reads_writes_back_and_shows_without_it(sweep):
     _, runs = sweep
     _, run_dir, summary = runs["client-dp-default-delta"]

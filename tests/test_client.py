@@ -1,33 +1,11 @@
 """One client's training call, run directly (the same function the ClientApp calls)."""
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedProx
 
 from fedtide.aggregation import build_strategy
-from fedtide.client.schedule import train_schedule
-from fedtide.data.datasets import load_dataset
 from fedtide.data.stream_plan import stream_plan
-from fedtide.models import build_model
-from fedtide.protocol import client_round
-from tests.conftest import small_scenario, stored_method_state
-
-
-def initial_arrays(scenario) -> ArrayRecord:
-    torch.manual_seed(0)
-    shape = load_dataset(scenario.dataset.name).input_shape
-    return ArrayRecord(build_model(scenario.model.name, shape, scenario.num_classes).state_dict())
-
-
-def flat(arrays: ArrayRecord) -> np.ndarray:
-    return np.concatenate([a.numpy().ravel() for a in arrays.values()])
-
-
-def run_rounds(scenario, partition_id, schedule, state=None, mu=0.0):
-    """Train through `schedule` = [(experience, global_round), ...]; return last arrays, report, state."""
-    last = train_schedule(scenario, partition_id, schedule, initial_arrays(scenario), state, mu)[-1]
-    return last.reply["arrays"], client_round(last.reply), last.state
+from tests.conftest import flat, initial_arrays, run_rounds, small_scenario, stored_method_state
 
 
 def test_fedprox_proximal_term_changes_the_update_on_dirichlet_clients():

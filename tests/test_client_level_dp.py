@@ -22,8 +22,7 @@ from fedtide.records.summary import RunSummary
 from fedtide.server.continual_strategy import ContinualStrategy
 from fedtide.server.federation import run_federation
 from fedtide.validation import check_runnable
-from tests.conftest import small_scenario
-from tests.test_continual_strategy import RecordingGrid
+from tests.conftest import RecordingGrid, small_scenario
 
 CLIENTS = 4
 MODES = [("poisson", "add_remove"), ("fixed", "add_remove"), ("fixed", "replace_one"), ("fixed", "zero_out")]

@@ -4,7 +4,6 @@ import csv
 
 import numpy as np
 import pytest
-from flwr.app import Message
 
 from fedtide.errors import FederationError
 from fedtide.protocol import experience_end_key
@@ -12,27 +11,12 @@ from fedtide.records.run_folder import create_run_folder, read_metrics
 from fedtide.server.federation import run_federation
 from fedtide.server.local_grid import InProcessGrid
 from tests.broken_strategy import ReadsConfigLr, ReadsLoss, ReturnsArraysOnly, ReturnsNumpyDict
-from tests.conftest import small_scenario
+from tests.conftest import RecordingGrid, small_scenario
 
 
 def def_line(strategy: type) -> str:
     """Where a strategy's aggregate_train is defined, as error lines name a user's def."""
     return f"broken_strategy.py:{strategy.aggregate_train.__code__.co_firstlineno}, in aggregate_train"
-
-
-class RecordingGrid(InProcessGrid):
-    """The in-process grid, keeping every train message it delivered and how many messages each push carried."""
-
-    def __init__(self, num_nodes: int) -> None:
-        super().__init__(num_nodes)
-        self.delivered: list[Message] = []
-        self.pushes: list[int] = []
-
-    def push_messages(self, messages):
-        messages = list(messages)
-        self.delivered += [m for m in messages if m.metadata.message_type == "train"]
-        self.pushes.append(len(messages))
-        return super().push_messages(messages)
 
 
 def run(scenario, tmp_path, grid=None):
@@ -68,13 +52,29 @@ def test_a_client_sampled_late_is_sent_the_weights_that_ended_the_experience(tmp
 def test_with_every_client_sampled_nothing_extra_is_sent(tmp_path):
     grid = RecordingGrid(4)
     run(small_scenario(continual={"method": "naive"}), tmp_path, grid)
+    assert len(grid.delivered) == 4 * 3 * 2  # every client, every round of the 3 experiences
     assert not any(k.startswith("experience-end") for m in grid.delivered for k in m.content.keys())
 
 
 def test_bookkeeping_is_not_averaged_into_the_strategys_metrics(tmp_path):
-    summary, _ = run(small_scenario(stream={"n_experiences": 2}), tmp_path)
+    """Each client's ε and consolidation counts travel beside its metrics, so FedAvg, which averages
+    every key of the replies' MetricRecords, never sees them; the run files keep each client's own."""
+    scenario = small_scenario(stream={"n_experiences": 2}, privacy={"enabled": True, "noise_multiplier": 1.0})
+    grid = RecordingGrid(4)
+    summary, _ = run(scenario, tmp_path, grid)
+    assert len(grid.replies) == 4 * 2 * 2
+    for reply in grid.replies:
+        assert set(reply.content["metrics"]) == {"num-examples", "train_loss"}
+        assert {"partition_id", "epsilon", "consolidation_counts"} <= set(reply.content["client"])
     rounds = [r for r in read_metrics(tmp_path / "small") if r["type"] == "round"]
+    assert all("strategy_metrics" not in r for r in rounds)  # FedAvg reported nothing but the clients' own
+    last = {int(m.content["client"]["partition_id"]): m.content["client"] for m in grid.replies[-4:]}
     assert [c["partition_id"] for c in rounds[-1]["per_client"]] == [0, 1, 2, 3]
+    for client in rounds[-1]["per_client"]:
+        own = last[client["partition_id"]]
+        assert client["epsilon"] == own["epsilon"] > 0
+        assert client["consolidation_counts"] == list(own["consolidation_counts"]) == [1, 0]
+    assert len({c["epsilon"] for c in rounds[-1]["per_client"]}) > 1  # an average would have made them one
     assert summary.clients_failed == 0
 
 

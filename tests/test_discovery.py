@@ -29,8 +29,7 @@ from fedtide.records.run_folder import create_run_folder
 from fedtide.server.federation import run_federation
 from fedtide.server.grid import DISCOVERY_BATCH, PartitionOrderedGrid, registered_partitions
 from fedtide.server.local_grid import InProcessGrid
-from tests.conftest import small_scenario
-from tests.test_continual_strategy import RecordingGrid
+from tests.conftest import RecordingGrid, small_scenario
 
 
 def remote(inner: Grid) -> Grid:

@@ -312,6 +312,7 @@ def test_a_bad_faults_field_is_one_line_naming_it_and_exit_2(tmp_path, run_cli, 
     assert "Traceback" not in out + err
 
 
+@pytest.mark.ray
 def test_ray_samples_and_drops_the_same_clients_as_in_process(half_sampled, tmp_path):
     """Two Ray workers run the clients in their own order; samples, drops and numbers are the in-process run's."""
     folder = half_sampled

@@ -41,8 +41,7 @@ from fedtide.server.federation import train_config
 from fedtide.validation import check_runnable
 from tests.broken_method import WrongPluginSignature, _Explodes, _ForgetsStrategy
 from tests.broken_strategy import ForgetsServerRound, NaNStrategy
-from tests.conftest import small_scenario, stored_method_state
-from tests.test_client import flat, initial_arrays
+from tests.conftest import flat, initial_arrays, small_scenario, stored_method_state
 
 SCHEDULE = [(e, 2 * e + k + 1) for e in range(3) for k in range(2)]  # 3 experiences x 2 rounds
 

@@ -24,8 +24,7 @@ from fedtide.privacy.dp_sgd import ClientPrivacy
 from fedtide.privacy.opacus_model import opacus_ready
 from fedtide.records.run_folder import create_run_folder, read_rounds
 from fedtide.simulation import simulate_in_process
-from tests.conftest import small_scenario, stored_method_state
-from tests.test_client import flat, initial_arrays
+from tests.conftest import flat, initial_arrays, small_scenario, stored_method_state
 
 SCHEDULE = [(0, 1), (0, 2), (1, 3), (1, 4), (2, 5)]
 MODES = ["hooks", "functorch", "ghost"]

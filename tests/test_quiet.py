@@ -53,6 +53,7 @@ def quiet_run(tmp_path_factory):
     return tmp_path, fedtide(tmp_path, "run", str(tiny(tmp_path)), "--output", "runs")
 
 
+@pytest.mark.slow
 def test_a_run_prints_no_library_notices_and_keeps_them_in_run_log(quiet_run):
     tmp_path, done = quiet_run
     assert noise(done.stdout + done.stderr) == []
@@ -62,6 +63,7 @@ def test_a_run_prints_no_library_notices_and_keeps_them_in_run_log(quiet_run):
     assert "DeprecationWarning" in log  # Avalanche's (replay) and JAXopt's
 
 
+@pytest.mark.slow
 def test_the_summary_splits_the_commands_time_and_the_console_shows_it(quiet_run):
     tmp_path, done = quiet_run
     summary = json.loads((tmp_path / "runs" / "small" / "summary.json").read_text())
@@ -70,6 +72,7 @@ def test_the_summary_splits_the_commands_time_and_the_console_shows_it(quiet_run
     assert "start-up" in done.stdout and "end of run" in done.stdout
 
 
+@pytest.mark.slow
 def test_run_log_holds_each_warning_once(quiet_run):
     tmp_path, _ = quiet_run
     log = (tmp_path / "runs" / "small" / "run.log").read_text()
@@ -77,6 +80,7 @@ def test_run_log_holds_each_warning_once(quiet_run):
     assert warned and len(warned) == len(set(line.split(" py.warnings ")[1] for line in warned))
 
 
+@pytest.mark.slow
 def test_verbose_prints_the_notices_too(tmp_path):
     done = fedtide(tmp_path, "run", str(tiny(tmp_path)), "--output", "runs", "--verbose")
     assert any("INFO" in line for line in done.stderr.splitlines())
@@ -84,6 +88,7 @@ def test_verbose_prints_the_notices_too(tmp_path):
     assert "DeprecationWarning" in (tmp_path / "runs" / "small" / "run.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_sweep_of_side_by_side_points_prints_only_fedtide_lines(tmp_path):
     path = tiny(tmp_path, sweep={"seeds": [0, 1]})
     done = fedtide(tmp_path, "sweep", str(path), "--output", "runs", "--workers", "2")

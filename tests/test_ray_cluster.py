@@ -167,6 +167,7 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
+@pytest.mark.ray
 @pytest.mark.skipif(not RAY.exists(), reason=f"no `ray` executable beside {sys.executable}")
 def test_scenario_runs_on_both_nodes_of_an_existing_cluster(tmp_path):
     cluster = RayCluster(workers=1, cpus_per_node=1)

@@ -21,8 +21,7 @@ from fedtide.privacy.coins import SampleCoins
 from fedtide.privacy.dp_sgd import ClientPrivacy
 from fedtide.privacy.footprint import PrivateFootprint
 from fedtide.validation import check_runnable
-from tests.conftest import small_scenario, stored_method_state
-from tests.test_client import flat, initial_arrays
+from tests.conftest import flat, initial_arrays, small_scenario, stored_method_state
 
 SCENARIO = small_scenario()  # digits, 3 experiences, 4 Dirichlet clients
 CLIENT = 1  # 97, 240 and 150 samples in the three experiences

@@ -10,6 +10,7 @@ import io
 import json
 import re
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from fedtide.progress import SweepProgress
 from fedtide.records.run_folder import read_summary
 from fedtide.simulation import simulate_in_process
 from fedtide.sweep import load_sweep, run_sweep
+from tests.conftest import cli
 
 SWEEP = {
     "name": "pu",
@@ -54,9 +56,23 @@ class Interrupted(Exception):
     pass
 
 
+@dataclass
+class SweepRun:
+    """The shared sweep: its files, and what each step of making it saw."""
+
+    base: Path
+    path: Path
+    folder: Path
+    started: list[str]  # the points the interrupted sweep started, in order
+    interrupted: dict[str, str | None]  # each point's summary.json when the interruption hit
+    resumed: tuple[int, str, str]  # `fedtide sweep` run again: exit code, stdout, stderr
+    again: tuple[int, str, str]  # and once more, everything done
+
+
 @pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory):
-    """Run two points, get 'interrupted' on the third, then resume with the CLI."""
+def sweep_dir(tmp_path_factory) -> SweepRun:
+    """Run two points in-process, get 'interrupted' on the third, then resume with the CLI (its points on
+    Ray), then run the CLI once more. Every test that reads the sweep's files gets them whole, in any order."""
     base = tmp_path_factory.mktemp("sweep")
     path = write(base, SWEEP)
     plan = load_sweep(path, output=base / "runs")
@@ -70,7 +86,11 @@ def sweep_dir(tmp_path_factory):
 
     with pytest.raises(Interrupted):
         run_sweep(plan, runner=interrupting_runner)
-    return base, path, plan.folder, started
+    summaries = {n: plan.folder / n / "summary.json" for n in NAMES}
+    interrupted = {n: file.read_text() if file.is_file() else None for n, file in summaries.items()}
+    resumed = cli("sweep", str(path), "--output", str(base / "runs"))
+    again = cli("sweep", str(path), "--output", str(base / "runs"))
+    return SweepRun(base, path, plan.folder, started, interrupted, resumed, again)
 
 
 def test_a_sweep_expands_any_field_paths_and_whole_sections(tmp_path):
@@ -123,24 +143,24 @@ def test_bad_sweeps_fail_before_anything_runs(tmp_path, run_cli):
     assert code == 2 and "fedtide sweep" in err
 
 
-def test_an_interrupted_sweep_keeps_finished_runs_and_resumes_only_the_rest(sweep_dir, run_cli):
-    base, path, folder, started = sweep_dir
-    assert started == NAMES[:3]
-    assert [(folder / n / "summary.json").is_file() for n in NAMES] == [True, True, False, False]
-    finished = {n: (folder / n / "summary.json").read_text() for n in NAMES[:2]}
-
-    code, out, err = run_cli("sweep", str(path), "--output", str(base / "runs"))
+@pytest.mark.ray
+def test_an_interrupted_sweep_keeps_finished_runs_and_resumes_only_the_rest(sweep_dir):
+    folder = sweep_dir.folder
+    assert sweep_dir.started == NAMES[:3]
+    assert [text is not None for text in sweep_dir.interrupted.values()] == [True, True, False, False]
+    code, out, err = sweep_dir.resumed
     assert code == 0, err
     assert "2 ran, 2 skipped" in out
     assert all((folder / n / "summary.json").is_file() for n in NAMES)
-    assert {n: (folder / n / "summary.json").read_text() for n in NAMES[:2]} == finished  # untouched
-
-    code, out, _ = run_cli("sweep", str(path), "--output", str(base / "runs"))
+    for name in NAMES[:2]:  # untouched
+        assert (folder / name / "summary.json").read_text() == sweep_dir.interrupted[name]
+    code, out, _ = sweep_dir.again
     assert code == 0 and "0 ran, 4 skipped" in out
 
 
+@pytest.mark.ray
 def test_a_sweep_never_overwrites_a_folder_holding_another_scenario(sweep_dir, run_cli):
-    base, _, folder, _ = sweep_dir
+    base, folder = sweep_dir.base, sweep_dir.folder
     other = write(base / "runs", dict(SWEEP, client={"epochs": 3, "lr": 0.1}))
     before = (folder / NAMES[0] / "summary.json").read_text()
     code, _, err = run_cli("sweep", str(other), "--output", str(base / "runs"))
@@ -148,8 +168,9 @@ def test_a_sweep_never_overwrites_a_folder_holding_another_scenario(sweep_dir, r
     assert (folder / NAMES[0] / "summary.json").read_text() == before
 
 
+@pytest.mark.ray
 def test_private_points_spend_epsilon_and_noise_zero_is_the_non_private_point(sweep_dir):
-    _, _, folder, _ = sweep_dir
+    folder = sweep_dir.folder
     summaries = {n: read_summary(folder / n) for n in NAMES}
     assert summaries[NAMES[0]].privacy is None
     private = summaries[NAMES[2]].privacy
@@ -157,8 +178,9 @@ def test_private_points_spend_epsilon_and_noise_zero_is_the_non_private_point(sw
     assert summaries[NAMES[0]].seed == 0 and summaries[NAMES[1]].seed == 1
 
 
+@pytest.mark.ray
 def test_report_tables_carry_the_runs_numbers(sweep_dir):
-    _, _, folder, _ = sweep_dir
+    folder = sweep_dir.folder
     summaries = {f"pu/{n}": read_summary(folder / n) for n in NAMES}
     rows = {row["run"]: row for row in csv.DictReader((folder / "report.csv").open())}
     assert set(rows) == set(summaries)
@@ -182,8 +204,9 @@ def test_report_tables_carry_the_runs_numbers(sweep_dir):
         assert (folder / image).stat().st_size > 5000
 
 
+@pytest.mark.ray
 def test_report_html_is_one_self_contained_file(sweep_dir):
-    _, _, folder, _ = sweep_dir
+    folder = sweep_dir.folder
     page = (folder / "report.html").read_text()
     assert not re.search(r"https?://", page)
     sources = re.findall(r'src="([^"]*)"', page)
@@ -194,8 +217,9 @@ def test_report_html_is_one_self_contained_file(sweep_dir):
         assert f"pu/{n}" in page
 
 
+@pytest.mark.ray
 def test_the_recorded_audit_is_the_saved_model_attacked_again(sweep_dir):
-    _, _, folder, _ = sweep_dir
+    folder = sweep_dir.folder
     run = folder / NAMES[2]
     scenario = parse_scenario(yaml.safe_load((run / "scenario.yaml").read_text()))
     model = build_scenario_model(scenario)
@@ -208,8 +232,9 @@ def test_the_recorded_audit_is_the_saved_model_attacked_again(sweep_dir):
         assert 0.3 < result["auc"] < 0.7  # DP-trained for 2 rounds: no real leak
 
 
+@pytest.mark.ray
 def test_report_of_one_run_and_of_several_folders(sweep_dir, run_cli):
-    base, _, folder, _ = sweep_dir
+    base, folder = sweep_dir.base, sweep_dir.folder
     code, out, err = run_cli("report", str(folder / NAMES[2]))
     assert code == 0, err
     single = (folder / NAMES[2] / "report.md").read_text()
@@ -221,10 +246,11 @@ def test_report_of_one_run_and_of_several_folders(sweep_dir, run_cli):
     assert code == 2 and "is not a folder" in err
 
 
+@pytest.mark.ray
 def test_in_process_points_side_by_side_give_each_points_numbers(sweep_dir, tmp_path):
     """Two points at a time, each in a worker process, in-process clients: the numbers of the
     points run here (the first two) and as Ray tasks (the last two, resumed by the CLI)."""
-    _, _, folder, _ = sweep_dir
+    folder = sweep_dir.folder
     path = write(tmp_path, dict(SWEEP, resources={"backend": "in_process"}))
     plan = load_sweep(path, output=tmp_path / "runs")
     events: list[str] = []
@@ -237,9 +263,9 @@ def test_in_process_points_side_by_side_give_each_points_numbers(sweep_dir, tmp_
         assert side_by_side.privacy == alone.privacy and side_by_side.audit == alone.audit
 
 
+@pytest.mark.ray
 def test_the_sweep_view_counts_rounds_over_the_points_it_runs(sweep_dir):
-    base, path, _, _ = sweep_dir
-    plan = load_sweep(path, output=base / "runs")
+    plan = load_sweep(sweep_dir.path, output=sweep_dir.base / "runs")
     with SweepProgress(plan, Console(file=io.StringIO())) as view:
         skipped, finished, running, _ = plan.points
         view.on_point(skipped, "skipped")

@@ -163,30 +163,34 @@ def test_the_report_and_help_load_no_training_stack(tmp_path, args):
 # Opacus, or flwr-datasets' plotting helpers (seaborn, matplotlib).
 FIRST_CHECK_ONLY = ("sklearn", "scipy", "pandas", "pyarrow", "datasets", "flwr_datasets")
 NEVER_IN_VALIDATE = ("avalanche", "ray", "opacus", "seaborn", "matplotlib", "flwr_datasets.visualization")
+WATCHED = FIRST_CHECK_ONLY + NEVER_IN_VALIDATE
 
 
-@pytest.mark.parametrize("method", ["replay", "ewc"])
-def test_validate_loads_no_avalanche_ray_or_opacus(method, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_validate_loads_no_avalanche_ray_or_opacus(tmp_path, monkeypatch):
     """Checking a scenario with a built-in method reads data and builds the model, nothing more.
 
     Checked again, with the digits split and the partitions kept on disk, it imports no data library.
+    Each interpreter checks replay, then EWC, listing what each check left loaded.
     """
     monkeypatch.setenv("FEDTIDE_CACHE_DIR", str(tmp_path))
     code = (
         "import json, sys\n"
         "from fedtide.cli import main\n"
-        f"sys.argv = ['fedtide', 'validate', 'scenarios/quickstart.yaml', '--set', 'continual.method={method}']\n"
-        "try:\n    main()\nexcept SystemExit as done:\n    assert not done.code, done.code\n"
-        f"print(json.dumps(sorted(m for m in {FIRST_CHECK_ONLY + NEVER_IN_VALIDATE!r} if m in sys.modules)))"
+        "for method in ('replay', 'ewc'):\n"
+        "    sys.argv = ['fedtide', 'validate', 'scenarios/quickstart.yaml', '--set', f'continual.method={method}']\n"
+        "    try:\n        main()\n    except SystemExit as done:\n        assert not done.code, done.code\n"
+        f"    print('loaded:', json.dumps(sorted(m for m in {WATCHED!r} if m in sys.modules)))"
     )
     loaded = []
     for _ in range(2):  # nothing kept, then the digits split and the partitions kept
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        assert "ok: 'quickstart'" in done.stdout
-        loaded.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    assert "sklearn" in loaded[0] and "flwr_datasets" in loaded[0]  # the split and partitions were made
-    assert not set(loaded[0]) & set(NEVER_IN_VALIDATE) and loaded[1] == []
+        assert done.stdout.count("ok: 'quickstart'") == 2
+        loaded.append([json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("loaded:")])
+    (replay, ewc), kept = loaded
+    assert "sklearn" in replay and "flwr_datasets" in replay  # the split and partitions were made
+    assert not (set(replay) | set(ewc)) & set(NEVER_IN_VALIDATE) and kept == [[], []]
 
 
 def write_plain_run(folder, continual: dict, seed: int, accuracy: float) -> None:

@@ -207,13 +207,13 @@ def test_checkpoint_every_0_writes_none_and_clients_send_no_state(tmp_path):
     assert checkpoint_round(folder) is None and not (folder / CHECKPOINT_DIR).exists()
 
 
-def test_a_sweep_resumes_its_interrupted_point_from_the_checkpoint(tmp_path):
+def test_a_sweep_resumes_its_interrupted_point_from_the_checkpoint(tmp_path, small_run):
     path = tmp_path / "sweep.yaml"
     raw = small_scenario().model_dump(mode="json") | {"resources": {"backend": "in_process"}, "sweep": {"seeds": [0]}}
     path.write_text(json.dumps(raw))  # JSON is YAML
     plan = load_sweep(path, output=tmp_path / "runs")
     point = plan.points[0]
-    alone = run_to_end(point.scenario, create_run_folder(point.scenario, tmp_path / "alone"))
+    alone = small_run.summary  # the same scenario run alone
 
     folder = prepare_run_folder(plan.folder / point.name, point.scenario)
     with pytest.raises(Crash):
@@ -227,11 +227,11 @@ def test_a_sweep_resumes_its_interrupted_point_from_the_checkpoint(tmp_path):
     assert {k: resumed.get(k) for k in SUMMARY_NUMBERS} == {k: alone.get(k) for k in SUMMARY_NUMBERS}
 
 
-def test_the_cli_refuses_to_run_over_an_unfinished_run_and_resumes_it(tmp_path, run_cli):
+def test_the_cli_refuses_to_run_over_an_unfinished_run_and_resumes_it(tmp_path, run_cli, small_run):
     scenario = small_scenario(resources={"backend": "in_process"})
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(scenario.model_dump(mode="json")))
-    expected = run_to_end(scenario, create_run_folder(scenario, tmp_path / "straight"))
+    expected = small_run.summary  # the same scenario run straight through
     folder = create_run_folder(scenario, tmp_path / "runs")
     with pytest.raises(Crash):
         simulate_in_process(scenario, folder, observer=crash_after(3))

@@ -86,10 +86,14 @@ def test_overrides_apply_and_switching_method_drops_old_parameters(tmp_path):
     assert scenario.federation.strategy.params == {"proximal_mu": 0.01}
 
 
-SHIPPED = sorted((Path(__file__).parent.parent / "scenarios").glob("*.yaml"))
+SHIPPED = [
+    # privacy_levels calibrates σ for each of its 32 points
+    pytest.param(path, id=path.stem, marks=[pytest.mark.slow] if path.stem == "privacy_levels" else [])
+    for path in sorted((Path(__file__).parent.parent / "scenarios").glob("*.yaml"))
+]
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.stem)
+@pytest.mark.parametrize("path", SHIPPED)
 def test_validate_accepts_shipped_scenarios(run_cli, fashion_mnist_root, path):
     """Fashion-MNIST scenarios validate against generated idx files, so no machine needs the real ones."""
     overrides = []

@@ -28,11 +28,9 @@ def run(scenario, tmp_path_factory, observed=None, runner=simulate_in_process):
 
 
 @pytest.fixture(scope="module")
-def federated_run(tmp_path_factory):
-    scenario = small_scenario(continual={"method": "replay", "mem_size": 60})
-    observed: list[dict] = []
-    folder, summary = run(scenario, tmp_path_factory, observed)
-    return scenario, folder, summary, observed
+def federated_run(small_run):
+    assert small_run.scenario == small_scenario(continual={"method": "replay", "mem_size": 60})
+    return small_run.scenario, small_run.folder, small_run.summary, small_run.observed
 
 
 def test_run_folder_holds_resolved_scenario_metrics_and_summary(federated_run):
@@ -72,6 +70,7 @@ def test_summary_forgetting_matches_the_recorded_matrix(federated_run):
     assert summary["final_average_accuracy"] == pytest.approx(sum(rows[-1]) / 3)
 
 
+@pytest.mark.ray
 def test_same_scenario_and_seed_give_identical_numbers_on_ray_whatever_the_worker_layout(
     federated_run, tmp_path_factory
 ):
@@ -93,6 +92,7 @@ def train_losses(folder) -> list[list[float]]:
     return [[c["train_loss"] for c in r["per_client"]] for r in rounds]
 
 
+@pytest.mark.ray
 def test_a_strategy_that_raises_stops_the_run_with_one_line_naming_it(tmp_path, run_cli):
     """End to end on Ray through the CLI: exit code 1, one line, the metrics so far kept."""
     scenario = tmp_path / "raises.yaml"
@@ -120,6 +120,7 @@ def test_a_strategy_that_raises_stops_the_run_with_one_line_naming_it(tmp_path, 
     assert not (folder / "summary.json").exists()
 
 
+@pytest.mark.ray
 def test_a_client_error_on_ray_is_one_line_naming_the_users_line_and_the_log(tmp_path, run_cli):
     """A user's plugin raising in every Ray worker: one line, no Ray or Flower traceback, the full one logged."""
     scenario = tmp_path / "broken.yaml"

@@ -20,56 +20,18 @@ import yaml
 
 from fedtide.ray_orphans import ray_temp_dir
 from fedtide.records.checkpoint_files import checkpoint_round
-from fedtide.records.run_folder import create_run_folder, read_metrics, read_run_scenario
+from fedtide.records.run_folder import read_run_scenario
 from fedtide.server.checkpoint import read_checkpoint
-from fedtide.simulation import simulate_in_process
 from fedtide.stopping import STOP_GRACE_S, RunStopped, stop_on_signals
-from tests.conftest import small_scenario
+from tests.conftest import Fedtide, rounds_written, small_scenario
 
-ROOT = Path(__file__).resolve().parents[1]
-FEDTIDE = [sys.executable, "-c", "from fedtide.cli import main; main()"]
 NUMBERS = ("accuracy_matrix", "final_average_accuracy", "average_forgetting", "bwt", "clients_failed", "audit")
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(small_run):
     """The numbers of the scenario run in one go (in-process: the same numbers as on Ray)."""
-    scenario = small_scenario()
-    folder = create_run_folder(scenario, tmp_path_factory.mktemp("straight"))
-    simulate_in_process(scenario, folder)
-    return json.loads((folder / "summary.json").read_text())
-
-
-class Fedtide:
-    """A `fedtide` command running in a subprocess, its output in files."""
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        name = f"{args[0]}-{time.monotonic_ns()}"
-        self.out, self.err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-        with self.out.open("w") as out, self.err.open("w") as err:
-            env = os.environ | {"PYTHONPATH": str(ROOT)}
-            self.process = subprocess.Popen([*FEDTIDE, *args], stdout=out, stderr=err, env=env, cwd=tmp_path)
-
-    def wait_for_round(self, folder: Path, global_round: int, timeout: float = 300) -> None:
-        """Until metrics.jsonl has `global_round` rounds (the run must still be going)."""
-        deadline = time.monotonic() + timeout
-        while rounds_written(folder) < global_round:
-            assert self.process.poll() is None, f"fedtide ended early: {self.err.read_text()}"
-            assert time.monotonic() < deadline, f"no round {global_round} after {timeout} s"
-            time.sleep(0.1)
-
-    def stop(self, signum: int, timeout: float = 60) -> tuple[int, float]:
-        """Send `signum`; the exit code and how long the process took to end."""
-        sent = time.monotonic()
-        self.process.send_signal(signum)
-        code = self.process.wait(timeout)
-        return code, time.monotonic() - sent
-
-
-def rounds_written(folder: Path) -> int:
-    if not (folder / "metrics.jsonl").is_file():
-        return 0
-    return sum(1 for r in read_metrics(folder) if r["type"] == "round")
+    return small_run.summary
 
 
 def write_scenario(tmp_path: Path, **sections) -> Path:
@@ -108,6 +70,7 @@ def assert_stopped_with_one_line(stderr: str, folder: Path, done: int) -> None:
     assert "Traceback" not in stderr and "ERROR" not in stderr and "SIGTERM received" not in stderr
 
 
+@pytest.mark.slow
 def test_sigint_stops_an_in_process_run_which_then_resumes_to_the_same_numbers(tmp_path, straight, run_cli):
     path = write_scenario(tmp_path, resources={"backend": "in_process"})
     folder = tmp_path / "runs" / "small"
@@ -128,6 +91,7 @@ def test_sigint_stops_an_in_process_run_which_then_resumes_to_the_same_numbers(t
     assert {k: resumed[k] for k in NUMBERS} == {k: straight[k] for k in NUMBERS}
 
 
+@pytest.mark.ray
 def test_on_ray_sigterm_stops_cleanly_and_a_sigkilled_run_resumes_leaving_no_ray_process(tmp_path, straight):
     path = write_scenario(tmp_path)
     folder = tmp_path / "runs" / "small"
@@ -135,14 +99,17 @@ def test_on_ray_sigterm_stops_cleanly_and_a_sigkilled_run_resumes_leaving_no_ray
     run.wait_for_round(folder, 2)
     code, took = run.stop(signal.SIGTERM, timeout=STOP_GRACE_S + 30)
     first = checkpoint_round(folder)
-    assert code == 143
-    # Ray's own shutdown now and then hangs (seen under load, and once in a whole-suite run);
-    # the run then ends at the grace period with its one line, and the next run ends what
-    # Ray left (checked below). Otherwise it stops cleanly, leaving no Ray process.
-    hung = run.err.read_text().strip().splitlines()[-1] == HUNG_LINE
-    if not hung:
+    assert code == 143 and first >= 1
+    # Ray's own shutdown now and then hangs (seen under load, and once in a whole-suite run):
+    # the backstop then ends the run at the grace period with its own one line, and the next
+    # run ends what Ray left (checked below). Otherwise it stops cleanly, leaving no Ray process.
+    stderr = run.err.read_text()
+    if stderr.strip().splitlines()[-1] == HUNG_LINE:
+        assert STOP_GRACE_S <= took < STOP_GRACE_S + 30
+        assert stderr.count("stopped") == 1 and "Traceback" not in stderr
+    else:
         assert took < STOP_GRACE_S
-        assert_stopped_with_one_line(run.err.read_text(), Path("runs/small"), first)
+        assert_stopped_with_one_line(stderr, Path("runs/small"), first)
         assert ray_session_processes(run.process.pid) == []
 
     killed = Fedtide(tmp_path, "resume", "runs/small")
@@ -163,6 +130,7 @@ def test_on_ray_sigterm_stops_cleanly_and_a_sigkilled_run_resumes_leaving_no_ray
     assert ray_session_processes(last.process.pid) == []
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_sweep_of_in_process_points_side_by_side_and_the_next_sweep_goes_on(tmp_path, run_cli):
     raw = small_scenario(resources={"backend": "in_process"}, federation={"rounds_per_experience": 4})
     path = tmp_path / "sweep.yaml"
@@ -182,6 +150,8 @@ def test_sigterm_stops_a_sweep_of_in_process_points_side_by_side_and_the_next_sw
     assert "seed-0" in kept and kept["seed-0"] >= 1
     if waiting:  # the point waiting for a worker was not started after the stop
         assert rounds_written(folder / "seed-2") == 0
+    else:  # it started only once a worker was free: seed-0 was still running, so seed-1 had ended
+        assert (folder / "seed-1" / "summary.json").is_file()
     before = {}  # the metrics lines each checkpoint holds
     for name, done in kept.items():
         if done:
