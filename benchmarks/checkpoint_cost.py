@@ -28,12 +28,12 @@ from pathlib import Path
 import psutil
 from flwr.app import ArrayRecord
 
-from fedtide.data.loading import parse_scenario
 from fedtide.records.checkpoint_files import CHECKPOINT_DIR
 from fedtide.records.run_folder import create_run_folder
+from fedtide.runner.simulation import simulate_in_process
+from fedtide.scenario.loading import parse_scenario
 from fedtide.server.checkpoint import Checkpoint, ClientStates, read_checkpoint, write_checkpoint
 from fedtide.server.run_totals import RunTotals
-from fedtide.simulation import simulate_in_process
 
 PER_ROUND = 10
 

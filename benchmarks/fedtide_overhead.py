@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtide.data.datasets import load_dataset
-from fedtide.data.loading import parse_scenario
 from fedtide.models import build_model
 from fedtide.records.run_folder import create_run_folder, read_metrics
-from fedtide.simulation import simulate
+from fedtide.runner.simulation import simulate
+from fedtide.scenario.loading import parse_scenario
 
 
 def bare_loop(rounds: int, batch_size: int, lr: float) -> float:

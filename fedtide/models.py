@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from fedtide.data.schema import Scenario
+    from fedtide.scenario.schema import Scenario
 
 MODELS = {
     "mlp": "two hidden layers of 128 units (digits, MNIST-family)",

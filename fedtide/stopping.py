@@ -35,7 +35,7 @@ from fedtide.records.checkpoint_files import checkpoint_round
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # How long a stop may take to clean up before the process ends without it. Seen: Ray's
 # shutdown hanging in the main thread on a machine loaded with two test suites; the next
-# run or resume ends what Ray leaves behind (`fedtide.ray_orphans`).
+# run or resume ends what Ray leaves behind (`fedtide.runner.ray_housekeeping`).
 STOP_GRACE_S = 60.0
 # How long a stopped process may wait, its cleanup done and its line printed, for threads
 # that keep it from exiting. Seen: Flower's simulation threads blocked for good in `ray.get`

@@ -24,11 +24,11 @@ from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datas
 
 from fedtide.client.training import seed_everything
 from fedtide.continual.methods import build_method
-from fedtide.data.loading import load_scenario
 from fedtide.data.stream import training_pool
 from fedtide.data.stream_plan import stream_plan
 from fedtide.privacy.coins import SampleCoins
 from fedtide.privacy.footprint import PrivateFootprint
+from fedtide.scenario.loading import load_scenario
 
 
 def client_ids(scenario, client: int) -> list[list[int]]:

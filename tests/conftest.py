@@ -22,15 +22,15 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedtide.cli import main
+from fedtide.cli.commands import main
 from fedtide.client.schedule import train_schedule
-from fedtide.data.loading import parse_scenario
-from fedtide.data.schema import Scenario
 from fedtide.models import build_model
-from fedtide.protocol import client_round
 from fedtide.records.metrics import RoundRecord
 from fedtide.records.run_folder import read_metrics
-from fedtide.server.local_grid import InProcessGrid
+from fedtide.records.wire import client_round
+from fedtide.runner.in_process_grid import InProcessGrid
+from fedtide.scenario.loading import parse_scenario
+from fedtide.scenario.schema import Scenario
 
 # The suite's models are tiny and its 2 cores are shared with Ray workers and subprocesses:
 # a second intra-op thread gains nothing and, with another process busy, its waiting makes
@@ -135,7 +135,7 @@ def run_rounds(scenario, partition_id, schedule, state=None, mu=0.0):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-FEDTIDE = [sys.executable, "-c", "from fedtide.cli import main; main()"]
+FEDTIDE = [sys.executable, "-c", "from fedtide.cli.commands import main; main()"]
 
 
 class Fedtide:
@@ -221,7 +221,7 @@ class SmallRun:
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory) -> SmallRun:
     from fedtide.records.run_folder import create_run_folder
-    from fedtide.simulation import simulate_in_process
+    from fedtide.runner.simulation import simulate_in_process
 
     scenario = small_scenario()
     folder = create_run_folder(scenario, tmp_path_factory.mktemp("small-run"))

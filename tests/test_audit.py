@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from fedtide.audit.membership import loss_threshold_attack, matched_by_class, sample_losses
 from fedtide.data.datasets import load_dataset
-from fedtide.metrics.audit import loss_threshold_attack, matched_by_class, sample_losses
 from fedtide.models import build_model
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from fedtide.audit.membership import sample_losses
 from fedtide.data.canaries import canary_capacity, draw_canaries
 from fedtide.data.datasets import load_dataset
 from fedtide.data.stream import client_experiences, training_pool
 from fedtide.data.stream_plan import experience_classes, stream_plan
 from fedtide.errors import ScenarioError
-from fedtide.metrics.audit import sample_losses
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import PrivateFootprint, largest_client_dataset, planned_steps
 from tests.conftest import run_rounds, small_scenario, stored_method_state

@@ -26,10 +26,9 @@ import pytest
 import torch
 from rich.console import Console
 
+from fedtide.audit.canaries import audit_ceiling, bound_from_scores, canary_scores
 from fedtide.data.datasets import load_dataset
-from fedtide.data.loading import parse_scenario
 from fedtide.data.stream_plan import stream_plan
-from fedtide.metrics.canary_audit import audit_ceiling, bound_from_scores, canary_scores
 from fedtide.models import build_scenario_model
 from fedtide.privacy.accounting import client_delta
 from fedtide.privacy.client_level import client_level_delta
@@ -38,7 +37,8 @@ from fedtide.records.summary import RunSummary
 from fedtide.report.console import summary_view
 from fedtide.report.document import Text, build_blocks
 from fedtide.report.runs import find_runs
-from fedtide.simulation import simulate_in_process
+from fedtide.runner.simulation import simulate_in_process
+from fedtide.scenario.loading import parse_scenario
 
 CANARIES = 200
 BLIND = "could not have detected a violation at ε"

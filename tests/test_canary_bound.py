@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from fedtide.metrics.canary_audit import (
+from fedtide.audit.canaries import (
     audit_ceiling,
     bound_from_scores,
     epsilon_lower_bound,

@@ -3,8 +3,8 @@
 import numpy as np
 from flwr.serverapp.strategy import FedProx
 
-from fedtide.aggregation import build_strategy
 from fedtide.data.stream_plan import stream_plan
+from fedtide.server.strategies import build_strategy
 from tests.conftest import flat, initial_arrays, run_rounds, small_scenario, stored_method_state
 
 

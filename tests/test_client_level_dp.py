@@ -11,7 +11,6 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedtide.aggregation import build_strategy, federation_strategy
 from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError
 from fedtide.privacy.client_clipping import CLIENT_WEIGHT_KEY, prepare_reply
@@ -19,9 +18,10 @@ from fedtide.privacy.client_level import client_level_delta, client_level_mechan
 from fedtide.privacy.dp_fedavg import DPFedAvg
 from fedtide.records.run_folder import create_run_folder, read_rounds
 from fedtide.records.summary import RunSummary
+from fedtide.runner.validation import check_runnable
 from fedtide.server.continual_strategy import ContinualStrategy
 from fedtide.server.federation import run_federation
-from fedtide.validation import check_runnable
+from fedtide.server.strategies import build_strategy, federation_strategy
 from tests.conftest import RecordingGrid, small_scenario
 
 CLIENTS = 4

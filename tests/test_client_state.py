@@ -22,7 +22,7 @@ from fedtide.continual.state_codec import UnstorableState, decode, encode
 from fedtide.data.stream import training_pool
 from fedtide.data.stream_plan import stream_plan
 from fedtide.models import build_scenario_model
-from fedtide.protocol import client_round
+from fedtide.records.wire import client_round
 from tests.conftest import small_scenario
 
 # The run: Dirichlet(0.05) over 20 clients, 3 experiences, seed 1. Client 6 holds

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from fedtide.errors import FederationError
-from fedtide.protocol import experience_end_key
 from fedtide.records.run_folder import create_run_folder, read_metrics
+from fedtide.records.wire import experience_end_key
+from fedtide.runner.in_process_grid import InProcessGrid
 from fedtide.server.federation import run_federation
-from fedtide.server.local_grid import InProcessGrid
 from tests.broken_strategy import ReadsConfigLr, ReadsLoss, ReturnsArraysOnly, ReturnsNumpyDict
 from tests.conftest import RecordingGrid, small_scenario
 

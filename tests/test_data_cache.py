@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fedtide.data import datasets, partition
-from fedtide.data.schema import PartitionConfig
 from fedtide.data.stream_plan import experience_classes, stream_order
 from fedtide.errors import ScenarioError
+from fedtide.scenario.schema import PartitionConfig
 from tests.conftest import small_scenario
 
 

@@ -157,9 +157,9 @@ def test_as_many_clients_as_the_smallest_experience_has_samples_is_fine(run_cli)
 def test_a_dataset_is_added_in_one_place_and_a_copy_unlike_its_entry_is_refused(monkeypatch):
     """The registry entry alone makes a name valid, sizes the model and is checked against what loads."""
     from fedtide.data import datasets
-    from fedtide.data.loading import parse_scenario
     from fedtide.errors import ScenarioError
     from fedtide.models import build_scenario_model
+    from fedtide.scenario.loading import parse_scenario
 
     digits = datasets.DATASETS["digits"]
     monkeypatch.setitem(datasets.DATASETS, "tiny", datasets.DatasetSpec(digits.loader, (1, 8, 8), 12, "digits again"))

@@ -26,9 +26,9 @@ from flwr.superlink.grid import InMemoryGrid
 import fedtide.server.grid
 from fedtide.errors import FederationError
 from fedtide.records.run_folder import create_run_folder
+from fedtide.runner.in_process_grid import InProcessGrid
 from fedtide.server.federation import run_federation
 from fedtide.server.grid import DISCOVERY_BATCH, PartitionOrderedGrid, registered_partitions
-from fedtide.server.local_grid import InProcessGrid
 from tests.conftest import RecordingGrid, small_scenario
 
 

@@ -10,8 +10,8 @@ import pytest
 from avalanche.training.plugins import SupervisedPlugin
 from flwr.serverapp.strategy import Strategy
 
+from fedtide.cli.check_plugin import check_plugin
 from fedtide.continual.base import ContinualMethod
-from fedtide.plugin_check import check_plugin
 
 DOC = Path(__file__).parents[1] / "docs" / "extending.md"
 BLOCK = re.compile(r"```python\n# file: (\w+)\.py\n(.*?)```", re.DOTALL)

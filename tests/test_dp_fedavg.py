@@ -15,13 +15,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAdam, FedAvg
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
-from fedtide.aggregation import federation_strategy
 from fedtide.errors import ScenarioError
 from fedtide.privacy.client_clipping import CLIENT_WEIGHT_KEY
 from fedtide.privacy.client_level import client_level_mechanism
 from fedtide.privacy.dp_fedavg import DPFedAvg, require_accountable
-from fedtide.server.local_grid import InProcessGrid
-from fedtide.validation import check_runnable
+from fedtide.runner.in_process_grid import InProcessGrid
+from fedtide.runner.validation import check_runnable
+from fedtide.server.strategies import federation_strategy
 from tests.conftest import small_scenario
 
 CLIENTS = 8

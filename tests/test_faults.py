@@ -15,14 +15,14 @@ from flwr.clientapp import ClientApp
 
 from fedtide.client.app import describe
 from fedtide.client.app import train as fedtide_train
-from fedtide.data.loading import parse_scenario
 from fedtide.errors import FederationError
 from fedtide.records.run_folder import create_run_folder, read_metrics, read_summary
 from fedtide.report.runs import find_runs
+from fedtide.runner.in_process_grid import InProcessGrid
+from fedtide.runner.simulation import simulate
+from fedtide.scenario.loading import parse_scenario
 from fedtide.server.faults import DROPOUT, UNAVAILABLE, FaultPlan
 from fedtide.server.federation import run_federation
-from fedtide.server.local_grid import InProcessGrid
-from fedtide.simulation import simulate
 from tests.conftest import small_scenario
 
 NUMBERS = ("accuracy_matrix", "final_average_accuracy", "average_forgetting", "bwt", "clients_failed", "privacy")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from fedtide.data.loading import load_scenario
 from fedtide.records.run_folder import create_run_folder, read_metrics
-from fedtide.simulation import simulate_in_process
+from fedtide.runner.simulation import simulate_in_process
+from fedtide.scenario.loading import load_scenario
 from tests.conftest import small_scenario
 
 pytestmark = pytest.mark.ray  # the SuperLink's simulation runtime runs the clients on Ray

@@ -7,9 +7,9 @@ in class-IL; replay is far above. The shipped `scenarios/centralized_split.yaml`
 
 import json
 
-from fedtide.data.loading import load_scenario
 from fedtide.records.run_folder import create_run_folder
-from fedtide.simulation import simulate_in_process
+from fedtide.runner.simulation import simulate_in_process
+from fedtide.scenario.loading import load_scenario
 
 
 def final_accuracy(method: str, tmp_path) -> float:

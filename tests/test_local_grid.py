@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp.strategy import FedAvg
 
-from fedtide.server.local_grid import InProcessGrid
+from fedtide.runner.in_process_grid import InProcessGrid
 
 toy = ClientApp()
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedtide.data.loading import load_scenario
 from fedtide.records.checkpoint_files import checkpoint_round
 from fedtide.records.run_folder import IMPORT_PATH_FILE, create_run_folder, read_import_path
-from fedtide.simulation import simulate_in_process
-from fedtide.sweep import load_sweep, run_sweep
+from fedtide.runner.simulation import simulate_in_process
+from fedtide.runner.sweep import load_sweep, run_sweep
+from fedtide.scenario.loading import load_scenario
 from tests.conftest import Fedtide, small_scenario
 
 METHOD_MODULE = '''

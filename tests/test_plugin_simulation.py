@@ -7,7 +7,7 @@ run with one line naming its class.
 import tempfile
 from pathlib import Path
 
-from fedtide.plugin_check import check_plugin
+from fedtide.cli.check_plugin import check_plugin
 from tests.broken_strategy import ReturnsNumpyDict
 
 

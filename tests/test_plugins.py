@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtide import registry
-from fedtide.aggregation import build_strategy, strategy_class
+from fedtide.cli.check_plugin import check_plugin
 from fedtide.client.schedule import train_schedule
 from fedtide.client.state import METHOD_ARRAYS_KEY, METHOD_LAYOUT_KEY
 from fedtide.client.training import RoundTask, run_training_round
@@ -33,12 +33,12 @@ from fedtide.continual.methods import all_methods, build_method, method_class
 from fedtide.continual.plugin_adapter import PluginMethod
 from fedtide.continual.state_check import LostState
 from fedtide.continual.state_codec import encode
-from fedtide.data.loading import parse_scenario
 from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError, SignatureError, failure_line
-from fedtide.plugin_check import check_plugin
+from fedtide.runner.validation import check_runnable
+from fedtide.scenario.loading import parse_scenario
 from fedtide.server.federation import train_config
-from fedtide.validation import check_runnable
+from fedtide.server.strategies import build_strategy, strategy_class
 from tests.broken_method import WrongPluginSignature, _Explodes, _ForgetsStrategy
 from tests.broken_strategy import ForgetsServerRound, NaNStrategy
 from tests.conftest import flat, initial_arrays, small_scenario, stored_method_state
@@ -97,8 +97,8 @@ def test_built_in_names_win_over_entry_points_and_broken_entry_points_name_thems
 
 def test_one_resolver_names_every_kind_and_tells_check_plugin_which_kind_a_name_is():
     """Strategies and methods resolve through `registry.resolve` in one order; built-ins are plugin-backed."""
-    from fedtide.aggregation import STRATEGY
     from fedtide.continual.methods import METHOD
+    from fedtide.server.strategies import STRATEGY
 
     kinds = (STRATEGY, METHOD)
     assert registry.resolve(STRATEGY, "FedAvg") is FedAvg

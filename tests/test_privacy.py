@@ -14,7 +14,6 @@ from fedtide.client.schedule import train_schedule
 from fedtide.client.training import MethodFailed
 from fedtide.continual.base import ContinualMethod
 from fedtide.continual.methods import build_method
-from fedtide.data.schema import PrivacyConfig
 from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError, raised_at
 from fedtide.models import build_model
@@ -23,7 +22,8 @@ from fedtide.privacy.dp_guards import DPBatchOnly, UnaccountedData
 from fedtide.privacy.dp_sgd import ClientPrivacy
 from fedtide.privacy.opacus_model import opacus_ready
 from fedtide.records.run_folder import create_run_folder, read_rounds
-from fedtide.simulation import simulate_in_process
+from fedtide.runner.simulation import simulate_in_process
+from fedtide.scenario.schema import PrivacyConfig
 from tests.conftest import flat, initial_arrays, small_scenario, stored_method_state
 
 SCHEDULE = [(0, 1), (0, 2), (1, 3), (1, 4), (2, 5)]

@@ -5,7 +5,7 @@ import json
 from fedtide.data.stream_plan import stream_plan
 from fedtide.privacy.accounting import client_delta, epsilon_spent, steps_and_rate
 from fedtide.records.run_folder import create_run_folder
-from fedtide.simulation import simulate_in_process
+from fedtide.runner.simulation import simulate_in_process
 from tests.conftest import small_scenario
 
 ROUNDS = 4

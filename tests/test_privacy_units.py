@@ -19,10 +19,10 @@ from fedtide.records.summary import RunSummary
 from fedtide.report.console import summary_view
 from fedtide.report.document import build_blocks
 from fedtide.report.runs import find_runs, place_runs, seed_groups
+from fedtide.runner.in_process_grid import InProcessGrid
+from fedtide.runner.sweep import load_sweep, run_sweep
+from fedtide.runner.validation import check_runnable
 from fedtide.server.federation import run_federation
-from fedtide.server.local_grid import InProcessGrid
-from fedtide.sweep import load_sweep, run_sweep
-from fedtide.validation import check_runnable
 from tests.conftest import small_scenario
 
 CLIENTS = 4

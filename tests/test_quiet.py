@@ -37,7 +37,7 @@ def tiny(tmp_path: Path, **sections) -> Path:
 
 def fedtide(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-c", "from fedtide.cli import main; main()", *args]
+    command = [sys.executable, "-c", "from fedtide.cli.commands import main; main()", *args]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     return done

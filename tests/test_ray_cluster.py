@@ -29,8 +29,8 @@ import pytest
 import yaml
 
 from fedtide.records.run_folder import create_run_folder, read_metrics
-from fedtide.simulation import backend_config, simulate
-from fedtide.sweep import load_sweep, run_sweep
+from fedtide.runner.simulation import backend_config, simulate
+from fedtide.runner.sweep import load_sweep, run_sweep
 from tests.conftest import small_scenario
 
 RAY = Path(sys.executable).parent / "ray"

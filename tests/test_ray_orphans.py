@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from fedtide.ray_orphans import end_orphaned_ray_processes
+from fedtide.runner.ray_housekeeping import end_orphaned_ray_processes
 
 HOLD = "import sys, time; log = open(sys.argv[1], 'a'); time.sleep(600)"
 # `python -c START PYTHON TITLE LOG` starts a `ray::TITLE` process holding LOG open and prints its pid;

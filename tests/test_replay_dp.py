@@ -13,14 +13,14 @@ from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datas
 from fedtide.client.schedule import train_schedule
 from fedtide.client.training import seed_everything
 from fedtide.continual.builtin import Replay
-from fedtide.data.schema import PrivacyConfig
 from fedtide.data.stream import training_pool
 from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError
 from fedtide.privacy.coins import SampleCoins
 from fedtide.privacy.dp_sgd import ClientPrivacy
 from fedtide.privacy.footprint import PrivateFootprint
-from fedtide.validation import check_runnable
+from fedtide.runner.validation import check_runnable
+from fedtide.scenario.schema import PrivacyConfig
 from tests.conftest import flat, initial_arrays, small_scenario, stored_method_state
 
 SCENARIO = small_scenario()  # digits, 3 experiences, 4 Dirichlet clients

@@ -18,13 +18,13 @@ import torch
 import yaml
 from rich.console import Console
 
-from fedtide.data.loading import parse_scenario
-from fedtide.metrics.audit import audit_clients
+from fedtide.audit.membership import audit_clients
+from fedtide.cli.progress import SweepProgress
 from fedtide.models import build_scenario_model
-from fedtide.progress import SweepProgress
 from fedtide.records.run_folder import read_summary
-from fedtide.simulation import simulate_in_process
-from fedtide.sweep import load_sweep, run_sweep
+from fedtide.runner.simulation import simulate_in_process
+from fedtide.runner.sweep import load_sweep, run_sweep
+from fedtide.scenario.loading import parse_scenario
 from tests.conftest import cli
 
 SWEEP = {

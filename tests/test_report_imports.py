@@ -12,7 +12,6 @@ from dataclasses import replace
 
 import pytest
 
-from fedtide.data.loading import parse_scenario
 from fedtide.records.metrics import ClientFailure, ClientRoundRecord, ExperienceRecord, RoundPrivacy, RoundRecord
 from fedtide.records.run_folder import (
     METRICS_FILE,
@@ -24,6 +23,7 @@ from fedtide.records.run_folder import (
     write_summary,
 )
 from fedtide.records.summary import AuditSummary, ClientAudit, PrivacySummary, RunSummary
+from fedtide.scenario.loading import parse_scenario
 
 HEAVY = ("torch", "avalanche", "ray", "flwr", "opacus")
 
@@ -143,7 +143,7 @@ def test_the_report_and_help_load_no_training_stack(tmp_path, args):
     code = (
         "import sys\n"
         "import fedtide.report.document, fedtide.report.figures, fedtide.report.runs, fedtide.records.run_folder\n"
-        "from fedtide.cli import main\n"
+        "from fedtide.cli.commands import main\n"
         "sys.argv = ['fedtide', *sys.argv[1:]]\n"
         "try:\n    main()\nexcept SystemExit as done:\n    assert not done.code, done.code\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
@@ -176,7 +176,7 @@ def test_validate_loads_no_avalanche_ray_or_opacus(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDTIDE_CACHE_DIR", str(tmp_path))
     code = (
         "import json, sys\n"
-        "from fedtide.cli import main\n"
+        "from fedtide.cli.commands import main\n"
         "for method in ('replay', 'ewc'):\n"
         "    sys.argv = ['fedtide', 'validate', 'scenarios/quickstart.yaml', '--set', f'continual.method={method}']\n"
         "    try:\n        main()\n    except SystemExit as done:\n        assert not done.code, done.code\n"

@@ -22,10 +22,10 @@ from flwr.serverapp.strategy import FedAvg
 from fedtide.errors import FederationError, ScenarioError
 from fedtide.records.checkpoint_files import CHECKPOINT_DIR, checkpoint_round
 from fedtide.records.run_folder import create_run_folder, prepare_run_folder, read_metrics
+from fedtide.runner.simulation import simulate_in_process
+from fedtide.runner.sweep import load_sweep, run_sweep
 from fedtide.server.checkpoint import Checkpoint, ClientStates, read_checkpoint, strategy_state, write_checkpoint
 from fedtide.server.run_totals import RunTotals
-from fedtide.simulation import simulate_in_process
-from fedtide.sweep import load_sweep, run_sweep
 from tests.conftest import small_scenario
 
 SUMMARY_NUMBERS = (
@@ -161,7 +161,7 @@ def test_a_checkpoint_holds_every_clients_state_and_the_strategys(tmp_path):
     states = checkpoint.federation["client_states"]
     assert sorted(states) == [0, 1, 2, 3]
     for state in states.values():  # replay's buffer ids and the consolidation counts, as ClientState keeps them
-        assert state["fedtide.progress"]["counts"] == [1, 0, 0]
+        assert state["fedtide.cli.progress"]["counts"] == [1, 0, 0]
         assert "fedtide.method.arrays" in state
     assert pickle.loads(checkpoint.federation["strategy"]["momentum_vector"]) is not None
     assert sorted(checkpoint.federation["experience_ends"]) == [0]

@@ -59,7 +59,7 @@ def test_a_new_plugin_runs_from_its_scenario_and_changes_the_numbers(elsewhere, 
 def test_a_new_scenario_validates_and_trains_as_the_quickstart_does(elsewhere, run_cli, kind):
     """The written scenario has the quickstart's data, federation and training, whose numbers
     are known (docs/results.md: 60.5% for the strategy's with replay, 84.4% for the rehearsing method's)."""
-    from fedtide.data.loading import load_scenario
+    from fedtide.scenario.loading import load_scenario
 
     plugins, name = elsewhere / "plugins", f"first_{kind}"  # a module name of its own: modules stay imported
     assert run_cli("new", kind, name, "--dir", str(plugins))[0] == 0

@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from fedtide.data.loading import load_scenario
-from fedtide.validation import check_resources
+from fedtide.runner.validation import check_resources
+from fedtide.scenario.loading import load_scenario
 from tests.conftest import small_scenario
 
 

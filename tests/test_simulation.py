@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from fedtide.data.loading import parse_scenario
 from fedtide.metrics.forgetting import average_forgetting, backward_transfer
 from fedtide.records.run_folder import create_run_folder, read_metrics
-from fedtide.simulation import simulate, simulate_in_process
+from fedtide.runner.simulation import simulate, simulate_in_process
+from fedtide.scenario.loading import parse_scenario
 from tests.conftest import small_scenario
 
 NUMBERS = ("accuracy_matrix", "final_average_accuracy", "average_forgetting", "bwt", "clients_failed")

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedtide.ray_orphans import ray_temp_dir
 from fedtide.records.checkpoint_files import checkpoint_round
 from fedtide.records.run_folder import read_run_scenario
+from fedtide.runner.ray_housekeeping import ray_temp_dir
 from fedtide.server.checkpoint import read_checkpoint
 from fedtide.stopping import STOP_GRACE_S, RunStopped, stop_on_signals
 from tests.conftest import Fedtide, rounds_written, small_scenario

@@ -16,7 +16,7 @@ from fedtide.metrics import audit, canary_audit
 from fedtide.models import build_scenario_model
 from fedtide.privacy import accounting
 from fedtide.privacy.footprint import PrivateFootprint
-from fedtide.protocol import experience_ends
+from fedtide.records.wire import experience_ends
 from fedtide.server.continual_strategy import ContinualStrategy
 from tests.conftest import small_scenario
 

@@ -17,8 +17,8 @@ import yaml
 from fedtide.continual.base import METRIC_AGGREGATIONS
 from fedtide.records.metrics import ClientRoundRecord
 from fedtide.records.run_folder import create_run_folder, read_metrics
+from fedtide.runner.in_process_grid import InProcessGrid
 from fedtide.server.federation import run_federation
-from fedtide.server.local_grid import InProcessGrid
 from fedtide.server.method_metrics import _AGGREGATE, aggregate_method_metrics
 from tests.conftest import small_scenario
 

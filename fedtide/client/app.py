@@ -15,9 +15,9 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedtide.data.loading import parse_scenario
 from fedtide.errors import ContractBroken, failure_report
-from fedtide.protocol import CONTRACT_BROKEN, RESTORE_STATE, attach_client_state, experience_ends
+from fedtide.records.wire import CONTRACT_BROKEN, RESTORE_STATE, attach_client_state, experience_ends
+from fedtide.scenario.loading import parse_scenario
 
 app = ClientApp()
 

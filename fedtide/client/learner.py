@@ -14,7 +14,7 @@ from avalanche.training.templates import SupervisedTemplate
 
 from fedtide.continual.base import ContinualMethod
 from fedtide.continual.plugin_adapter import check_plugin_signatures
-from fedtide.data.schema import ClientConfig
+from fedtide.scenario.schema import ClientConfig
 
 TRAIN_LOSS_KEY = "Loss_Epoch/train_phase/train_stream"
 

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedtide.client.context_copy import call_on_a_copy
 from fedtide.client.training import RoundTask, run_training_round
-from fedtide.data.schema import Scenario
+from fedtide.scenario.schema import Scenario
 
 
 class ClientRound(NamedTuple):

@@ -5,7 +5,7 @@ outlives a round — consolidation progress, the continual method's state, the D
 accountant's history — is read from and written to `Context.state` here and nowhere
 else. Checkpoints, resume and simulated faults have this one place to work on: a run
 that takes checkpoints has each client send its whole `Context.state` with its reply
-(`fedtide.protocol`), and a resumed run puts it back with `replace_state`.
+(`fedtide.records.wire`), and a resumed run puts it back with `replace_state`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from fedtide.continual.base import ContinualMethod
 from fedtide.continual.state_codec import decode, encode
 from fedtide.privacy.history import History, history_from_record, history_record
 
-PROGRESS_KEY = "fedtide.progress"
+PROGRESS_KEY = "fedtide.cli.progress"
 METHOD_ARRAYS_KEY = "fedtide.method.arrays"
 METHOD_LAYOUT_KEY = "fedtide.method.layout"
 PRIVACY_KEY = "fedtide.privacy.history"

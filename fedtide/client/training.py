@@ -24,7 +24,6 @@ from fedtide.client.state import ClientState, Progress
 from fedtide.continual.base import ContinualMethod
 from fedtide.continual.methods import build_method, require_dp_compatible
 from fedtide.continual.state_check import refuse_lost_state, state_fingerprints
-from fedtide.data.schema import Scenario
 from fedtide.data.stream import Dataset, client_experiences, training_pool
 from fedtide.data.stream_plan import ClientPlan, stream_plan
 from fedtide.errors import RoundFailed
@@ -34,8 +33,9 @@ from fedtide.privacy.budget import BudgetGuard
 from fedtide.privacy.coins import SampleCoins
 from fedtide.privacy.dp_sgd import ClientPrivacy
 from fedtide.privacy.footprint import PrivateFootprint
-from fedtide.protocol import reply_content
 from fedtide.records.metrics import ClientRoundRecord
+from fedtide.records.wire import reply_content
+from fedtide.scenario.schema import Scenario
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def plan_round(task: RoundTask, progress: Progress, own: ClientPlan, footprint: 
 def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: RecordDict) -> RecordDict:
     """Consolidate past experiences once each, train one round, and update `records` in place.
 
-    The reply's records are described in `fedtide.protocol`.
+    The reply's records are described in `fedtide.records.wire`.
     """
     scenario = task.scenario
     own = stream_plan(scenario).client(task.partition_id)

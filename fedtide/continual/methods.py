@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from fedtide.continual.base import ContinualMethod, check_metric_aggregation
 from fedtide.continual.builtin import BUILT_INS
-from fedtide.data.schema import ContinualConfig
 from fedtide.errors import ScenarioError
 from fedtide.registry import Kind, check_hook_signatures, check_parameters, resolve
+from fedtide.scenario.schema import ContinualConfig
 
 FIELD = "continual.method"
 # What fedtide's client calls on a method, each with the positional arguments of `ContinualMethod`'s def.

@@ -3,7 +3,7 @@
 Steinke, Nasr & Jagielski (2023, "Privacy auditing with one (1) training run") audit a
 DP training run with m canaries, each included in the training data independently with
 probability 1/2; an auditor who guesses the coin flips from the trained model can be
-right only so often under (ε, δ)-DP (`fedtide.metrics.canary_audit`).
+right only so often under (ε, δ)-DP (`fedtide.audit.canaries`).
 
 A canary here is a TEST image (never anyone's training data) with a label that is not
 its class, so the model gives it that label only if it saw and memorised it. Each is

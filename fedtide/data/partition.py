@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedtide.data.cache import cache_file, read_arrays, write_arrays
-from fedtide.data.schema import PartitionConfig
 from fedtide.errors import ScenarioError
+from fedtide.scenario.schema import PartitionConfig
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner

@@ -19,8 +19,8 @@ from avalanche.benchmarks.utils.classification_dataset import (
 )
 
 from fedtide.data.datasets import load_dataset
-from fedtide.data.schema import Scenario
 from fedtide.data.stream_plan import PlanInputs, build_plan, stream_plan
+from fedtide.scenario.schema import Scenario
 
 Dataset = TaskAwareSupervisedClassificationDataset
 

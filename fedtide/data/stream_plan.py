@@ -33,7 +33,7 @@ import torch
 from fedtide.data.canaries import Canaries, draw_canaries
 from fedtide.data.datasets import load_dataset
 from fedtide.data.partition import check_num_clients, partition_experiences
-from fedtide.data.schema import PartitionConfig, Scenario
+from fedtide.scenario.schema import PartitionConfig, Scenario
 
 
 @dataclass(frozen=True, eq=False)

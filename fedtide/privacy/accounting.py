@@ -19,11 +19,11 @@ import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-from fedtide.data.schema import Scenario
 from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError
 from fedtide.privacy.footprint import PrivateFootprint
 from fedtide.privacy.history import History
+from fedtide.scenario.schema import Scenario
 
 MODE_FIELD = "privacy.grad_sample_mode"
 

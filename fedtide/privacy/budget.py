@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fedtide.data.schema import Scenario
 from fedtide.privacy.accounting import epsilon_spent, steps_and_rate
 from fedtide.privacy.dp_sgd import ClientPrivacy
+from fedtide.scenario.schema import Scenario
 
 
 class BudgetGuard:

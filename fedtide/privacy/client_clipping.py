@@ -19,7 +19,7 @@ from flwr.supercore.differential_privacy import (
     compute_clip_model_update,
 )
 
-from fedtide.data.schema import Scenario
+from fedtide.scenario.schema import Scenario
 
 CLIENT_WEIGHT_KEY = "client-level-weight"  # every client's equal weight in the aggregate
 

@@ -36,9 +36,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from fedtide.data.schema import Scenario
 from fedtide.errors import ScenarioError
 from fedtide.privacy.accounting import DEFAULT_NOISE_MULTIPLIER, epsilon_spent, smallest_noise
+from fedtide.scenario.schema import Scenario
 
 FIELD = "privacy.client_level"
 

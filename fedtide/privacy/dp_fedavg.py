@@ -50,9 +50,9 @@ from flwr.supercore.differential_privacy import (
     get_norm,
 )
 
-from fedtide.data.schema import Scenario
 from fedtide.errors import ScenarioError
 from fedtide.privacy.client_level import adaptive_count_stddev, client_level_mechanism
+from fedtide.scenario.schema import Scenario
 
 # What the noise covers: an average (FedAvg's, inherited by FedProx), and server optimizers
 # that only post-process the average they are handed.

@@ -40,13 +40,13 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
 from torch.utils.data import DataLoader, Sampler
 
-from fedtide.data.schema import PrivacyConfig
 from fedtide.data.stream import Dataset
 from fedtide.errors import ScenarioError
 from fedtide.privacy.accounting import MODE_FIELD
 from fedtide.privacy.coins import SampleCoins
 from fedtide.privacy.dp_guards import BackwardOnly, DPBatchOnly
 from fedtide.privacy.history import History
+from fedtide.scenario.schema import PrivacyConfig
 
 
 class PrivateTraining(NamedTuple):

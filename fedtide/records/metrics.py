@@ -1,7 +1,7 @@
 """The lines of metrics.jsonl: a `RoundRecord` per global round, an `ExperienceRecord` per experience.
 
 A round's record holds each replying client's `ClientRoundRecord`, built by the client
-and read from its reply (`fedtide.protocol`), as the file keeps it.
+and read from its reply (`fedtide.records.wire`), as the file keeps it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from fedtide.records.record import Record, set_field, typed, typed_list
 
 @dataclass(frozen=True, kw_only=True)
 class ClientRoundRecord(Record):
-    """One replying client's round: built by the client, read from its reply (`fedtide.protocol`), written per round."""
+    """One replying client's round: built by the client, read from its reply (`records.wire`), written per round."""
 
     _OPTIONAL = ("ray_node_id", "hostname", "dp_history", "method_metrics")
 

@@ -23,12 +23,12 @@ from typing import Any
 
 import yaml
 
-from fedtide.data.loading import parse_scenario, scenario_to_yaml
-from fedtide.data.schema import Scenario
 from fedtide.errors import ScenarioError
 from fedtide.records.checkpoint_files import checkpoint_round
 from fedtide.records.metrics import ExperienceRecord, RoundRecord
 from fedtide.records.summary import RunSummary
+from fedtide.scenario.loading import parse_scenario, scenario_to_yaml
+from fedtide.scenario.schema import Scenario
 
 SCENARIO_FILE = "scenario.yaml"
 IMPORT_PATH_FILE = "import_path.json"  # {"folders": [...]}: absolute folders put on sys.path for plugins

@@ -166,7 +166,7 @@ class ClientAudit(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class CanaryAudit(Record):
-    """The canary audit (`fedtide.metrics.canary_audit`): ε_lower, and the guesses it rests on.
+    """The canary audit (`fedtide.audit.canaries`): ε_lower, and the guesses it rests on.
 
     Of `canaries` canaries, `included` were trained on (coin flips); the auditor guessed on
     `guesses` = `guesses_in` ("in") + `guesses_out` ("out") of them and was right `correct`

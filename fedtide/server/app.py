@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtide.data.loading import load_scenario
-from fedtide.data.schema import Scenario
 from fedtide.records.run_folder import create_run_folder, read_run_scenario
+from fedtide.scenario.loading import load_scenario
+from fedtide.scenario.schema import Scenario
 from fedtide.stopping import RunStopped
 
 if TYPE_CHECKING:

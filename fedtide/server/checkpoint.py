@@ -47,10 +47,10 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from fedtide.data.loading import parse_scenario
-from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
 from fedtide.records.checkpoint_files import CHECKPOINT_DIR, checkpoint_file, checkpoint_round
+from fedtide.scenario.loading import parse_scenario
+from fedtide.scenario.schema import Scenario
 from fedtide.server.run_totals import RunTotals
 
 # Attributes of these kinds are a strategy's configuration (an aggregation function, a

@@ -4,7 +4,7 @@ Flower adds behaviour around any strategy by wrapping it (its
 `DifferentialPrivacyServerSideFixedClipping(strategy)` does); fedtide does the same,
 so the user's strategy sees plain Flower calls and nothing else has to know about it.
 `ContinualStrategy` holds the strategy (already inside any wrappers of fedtide's own,
-`fedtide.aggregation.federation_strategy`) and runs one round at a time, as Flower's
+`fedtide.server.strategies.federation_strategy`) and runs one round at a time, as Flower's
 `Strategy.start` loop does (`configure_train`, the replies, `aggregate_train`, then
 `configure_evaluate` and `aggregate_evaluate`; `summary` as each experience begins), and
 returns what happened in the round (`RoundOutcome`) with its arrays:
@@ -51,16 +51,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedtide.aggregation import innermost
 from fedtide.data.stream_plan import StreamPlan
 from fedtide.errors import FederationError, raised_at
-from fedtide.protocol import CONTRACT_BROKEN, client_round, experience_end_key, take_client_state
 from fedtide.records.metrics import ClientDrop, ClientFailure, ClientRoundRecord
+from fedtide.records.wire import CONTRACT_BROKEN, client_round, experience_end_key, take_client_state
 from fedtide.registry import defined_at
 from fedtide.server.array_check import array_problem
 from fedtide.server.checkpoint import ClientStates, restore_strategy, strategy_state
 from fedtide.server.faults import FaultPlan
 from fedtide.server.sampling import StrategyRandom
+from fedtide.server.strategies import innermost
 
 Result = TypeVar("Result")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

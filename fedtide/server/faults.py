@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from fedtide.data.schema import FaultsConfig
+from fedtide.scenario.schema import FaultsConfig
 
 DROPOUT = "dropout"  # the reasons a `ClientDrop` records
 UNAVAILABLE = "unavailable"

@@ -21,10 +21,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError
 from fedtide.records.run_folder import MODEL_FILE, append_log, metrics_length, write_summary
 from fedtide.records.summary import RunSummary
+from fedtide.scenario.schema import Scenario
 from fedtide.server.checkpoint import Checkpoint, remove_checkpoints, rng_state, write_checkpoint
 from fedtide.server.continual_strategy import RoundAborted
 from fedtide.server.run_parts import RoundObserver, RunParts, set_up

@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 
 from fedtide.errors import FederationError, ScenarioError
-from fedtide.server.local_grid import InProcessGrid
+from fedtide.runner.in_process_grid import InProcessGrid
 from fedtide.stopping import raise_if_stopped
 
 # Seconds between looks for replies: those of Flower's in-memory grid, the simulation's (under `flwr run`

@@ -15,7 +15,6 @@ from flwr.app import ArrayRecord
 
 from fedtide.continual.methods import method_class
 from fedtide.data.datasets import load_dataset
-from fedtide.data.schema import Scenario
 from fedtide.data.stream_plan import StreamPlan, stream_plan
 from fedtide.metrics.evaluation import experience_accuracies
 from fedtide.models import build_scenario_model
@@ -24,6 +23,7 @@ from fedtide.privacy.dp_fedavg import DPFedAvg
 from fedtide.records.metrics import ExperienceRecord, RoundClientLevel, RoundPrivacy, RoundRecord
 from fedtide.records.run_folder import append_log, append_metrics, truncate_metrics
 from fedtide.records.summary import FaultSummary
+from fedtide.scenario.schema import Scenario
 from fedtide.server.continual_strategy import RoundOutcome
 from fedtide.server.method_metrics import aggregate_method_metrics
 from fedtide.server.run_totals import RunTotals

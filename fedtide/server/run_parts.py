@@ -1,7 +1,7 @@
 """The parts a run is made of, set up before its first round: grid, strategy, faults, recorder, restored state.
 
 `set_up` learns the nodes, builds the scenario's strategy inside its ordered wrappers
-(`fedtide.aggregation.strategy_wrappers`, then `ContinualStrategy` around them all) and
+(`fedtide.server.strategies.strategy_wrappers`, then `ContinualStrategy` around them all) and
 the fault plan, and when the run folder holds a checkpoint (an interrupted run:
 `fedtide resume`) takes back what it holds: the global model, the strategy and its
 `random` stream, the recorder's totals, every client's `Context.state`, the server's
@@ -19,18 +19,18 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedtide.aggregation import federation_strategy, layer_of
-from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError
 from fedtide.privacy.client_level import client_level_mechanism, client_noise_multiplier
 from fedtide.privacy.dp_fedavg import DPFedAvg
-from fedtide.protocol import RESTORE_STATE
 from fedtide.records.metrics import RoundRecord
+from fedtide.records.wire import RESTORE_STATE
+from fedtide.scenario.schema import Scenario
 from fedtide.server.checkpoint import read_checkpoint, restore_rng
 from fedtide.server.continual_strategy import ContinualStrategy
 from fedtide.server.faults import FaultPlan
 from fedtide.server.grid import PartitionOrderedGrid
 from fedtide.server.recorder import Evaluation, RunRecorder
+from fedtide.server.strategies import federation_strategy, layer_of
 from fedtide.stopping import reclaim_signals
 
 RoundObserver = Callable[[RoundRecord], None]

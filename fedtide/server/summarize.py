@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from fedtide.audit.canaries import audit_canaries
+from fedtide.audit.membership import audit_clients
 from fedtide.continual.methods import build_method
-from fedtide.data.schema import Scenario
-from fedtide.metrics.audit import audit_clients
-from fedtide.metrics.canary_audit import audit_canaries
 from fedtide.metrics.forgetting import average_accuracy, average_forgetting, backward_transfer
 from fedtide.privacy.accounting import client_delta, noise_multiplier
 from fedtide.records.summary import (
@@ -15,6 +14,7 @@ from fedtide.records.summary import (
     RunSummary,
     privacy_guarantees,
 )
+from fedtide.scenario.schema import Scenario
 from fedtide.server.recorder import RunRecorder
 
 

@@ -26,9 +26,9 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
 from fedtide.notices import route_notices, verbosity
+from fedtide.scenario.schema import Scenario
 from fedtide.stopping import RunStopped
 
 Submit = Callable[[Scenario, Path], "Future[str | None]"]
@@ -36,7 +36,7 @@ Submit = Callable[[Scenario, Path], "Future[str | None]"]
 
 def run_point(scenario: Scenario, folder: Path) -> str | None:
     """Run one point into its prepared folder; the reason it failed, or None."""
-    from fedtide.simulation import simulate_in_process
+    from fedtide.runner.simulation import simulate_in_process
 
     try:
         simulate_in_process(scenario, folder)

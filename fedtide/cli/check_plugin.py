@@ -2,7 +2,7 @@
 
 The same checks are a function for a user's own tests:
 
-    from fedtide.plugin_check import check_plugin
+    from fedtide.cli.check_plugin import check_plugin
     report = check_plugin("my_pkg.mod:MyMethod", {"strength": 0.5})
     assert report.ok, report.message
 
@@ -35,8 +35,8 @@ import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
 from fedtide.continual.hooks import MisspeltHook
-from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError, failure_line, failure_report
+from fedtide.scenario.schema import Scenario
 
 STRATEGY, METHOD = "strategy", "continual method"
 
@@ -80,7 +80,7 @@ class PluginReport:
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:
     """`key=value` strings (`--set strength=0.5`), read as `fedtide run --set` reads a scenario's."""
-    from fedtide.data.loading import apply_overrides
+    from fedtide.scenario.loading import apply_overrides
 
     params: dict[str, Any] = {}
     apply_overrides(params, pairs)
@@ -89,18 +89,18 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 
 def plugin_kind(name: str) -> str:
     """Whether `name` is an aggregation strategy or a continual method (by its base class, or where it is known)."""
-    from fedtide import aggregation
     from fedtide.continual import methods
     from fedtide.registry import kind_of
+    from fedtide.server import strategies
 
-    return STRATEGY if kind_of(name, (aggregation.STRATEGY, methods.METHOD)) is aggregation.STRATEGY else METHOD
+    return STRATEGY if kind_of(name, (strategies.STRATEGY, methods.METHOD)) is strategies.STRATEGY else METHOD
 
 
 def check_scenario(
     name: str, kind: str, params: dict[str, Any], clients: int = 2, overrides: list[str] | tuple[str, ...] = ()
 ) -> Scenario:
     """The tiny scenario the checks run: 2 experiences x 1 round, `clients` IID digits clients, batches of 128."""
-    from fedtide.data.loading import apply_overrides, parse_scenario
+    from fedtide.scenario.loading import apply_overrides, parse_scenario
 
     raw: dict[str, Any] = {
         "name": "check-plugin",
@@ -131,7 +131,7 @@ def check_plugin(
     try:
         report.kind = plugin_kind(name)
         scenario = check_scenario(name, report.kind, params, clients, overrides)
-        from fedtide.validation import check_runnable
+        from fedtide.runner.validation import check_runnable
 
         check_runnable(scenario)
     except MisspeltHook as error:
@@ -315,7 +315,7 @@ def _fedavg(replies: list[RecordDict]) -> ArrayRecord:
 
 def _check_strategy(scenario: Scenario, report: PluginReport, folder: Path) -> None:
     from fedtide.records.run_folder import create_run_folder, read_metrics
-    from fedtide.simulation import simulate_in_process
+    from fedtide.runner.simulation import simulate_in_process
 
     run_dir = create_run_folder(scenario, folder)
     try:

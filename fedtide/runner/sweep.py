@@ -20,7 +20,7 @@ where it stopped; an unfinished one resumes from its last checkpoint (as `fedtid
 does), or is started afresh if it stopped before its first. A folder that holds a
 *different* scenario under a point's name is never touched: the sweep refuses to start.
 
-Points run side by side where the machine or the cluster allows (`fedtide.point_pools`):
+Points run side by side where the machine or the cluster allows (`fedtide.runner.sweep_executors`):
 in worker processes when their clients run in-process (`resources.backend: in_process`),
 else as tasks on one Ray instance for the whole sweep. Every point's numbers are those
 it gives run alone (each run seeds itself), so only the order in which points finish
@@ -42,15 +42,15 @@ from typing import Any
 
 import yaml
 
-from fedtide.data.loading import apply_overrides, parse_scenario, read_yaml, set_field
-from fedtide.data.schema import Scenario
 from fedtide.errors import FederationError, ScenarioError
-from fedtide.point_pools import Submit, local_processes, ray_tasks
 from fedtide.records.checkpoint_files import checkpoint_round
 from fedtide.records.report_options import REPORT_KEY, SWEEP_FILE, ReportOptions, parse_report_options
 from fedtide.records.run_folder import SCENARIO_FILE, SUMMARY_FILE, prepare_run_folder, read_import_path
 from fedtide.registry import make_importable, plugin_folders
-from fedtide.validation import available_cores, check_runnable
+from fedtide.runner.sweep_executors import Submit, local_processes, ray_tasks
+from fedtide.runner.validation import available_cores, check_runnable
+from fedtide.scenario.loading import apply_overrides, parse_scenario, read_yaml, set_field
+from fedtide.scenario.schema import Scenario
 
 SWEEP_KEY = "sweep"
 SEEDS_KEY = "seeds"
@@ -231,7 +231,7 @@ def run_sweep(
 
 
 def _run_here(scenario: Scenario, folder: Path, refresh: Callable[[], None]) -> None:
-    from fedtide.simulation import simulate_in_process
+    from fedtide.runner.simulation import simulate_in_process
 
     simulate_in_process(scenario, folder, observer=lambda record: refresh())
 

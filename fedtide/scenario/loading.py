@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from fedtide.data.schema import Scenario
 from fedtide.errors import ScenarioError
+from fedtide.scenario.schema import Scenario
 
 
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:

@@ -11,12 +11,12 @@ import torch
 from flwr.simulation import run_simulation
 
 from fedtide.client.app import app as client_app
-from fedtide.data.schema import Scenario
 from fedtide.notices import notices_kept_in, verbosity
-from fedtide.ray_orphans import end_orphaned_ray_processes
 from fedtide.records.summary import RunSummary
+from fedtide.runner.in_process_grid import InProcessGrid
+from fedtide.runner.ray_housekeeping import end_orphaned_ray_processes
+from fedtide.scenario.schema import Scenario
 from fedtide.server.app import make_server_app
-from fedtide.server.local_grid import InProcessGrid
 
 if TYPE_CHECKING:
     from fedtide.server.federation import RoundObserver
@@ -72,7 +72,7 @@ def simulate(
     """Run the scenario on Flower's Ray simulation; metrics and summary land in `run_dir`.
 
     Ray processes left without their raylet are ended before (a killed run's) and after
-    (workers still busy when Ray shut down outlive it by seconds): `fedtide.ray_orphans`.
+    (workers still busy when Ray shut down outlive it by seconds): `fedtide.runner.ray_housekeeping`.
     """
     started_at = time.time() if started_at is None else started_at  # Ray's start-up is part of start-up
     end_orphaned_ray_processes()

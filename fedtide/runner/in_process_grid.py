@@ -2,7 +2,7 @@
 
 Flower's Ray backend costs seconds to start and a worker process per client, so
 tests and `fedtide check-plugin` run real Flower strategies and the real ClientApp
-through this Grid instead (`fedtide.simulation.simulate_in_process`); the numbers
+through this Grid instead (`fedtide.runner.simulation.simulate_in_process`); the numbers
 are those of a Ray run (tests/test_simulation.py compares them).
 
 It does what Flower's SuperLink and simulation runtime do wherever a strategy or a

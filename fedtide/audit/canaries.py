@@ -52,14 +52,14 @@ import numpy as np
 import torch
 from scipy.stats import binom
 
+from fedtide.audit.membership import sample_losses
 from fedtide.data.canaries import Canaries
 from fedtide.data.datasets import load_dataset
-from fedtide.data.schema import Scenario
 from fedtide.data.stream_plan import stream_plan
-from fedtide.metrics.audit import sample_losses
 from fedtide.privacy.accounting import client_delta
 from fedtide.privacy.client_level import client_level_delta
 from fedtide.records.summary import CanaryAudit
+from fedtide.scenario.schema import Scenario
 
 # Fractions of the m canaries guessed on, as (in, out): guess few or many, both ways or "in" only.
 # "in"-only guesses keep their power when early experiences are forgotten (canaries in and

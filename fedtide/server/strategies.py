@@ -29,10 +29,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedtide.data.schema import FederationConfig, Scenario
 from fedtide.errors import ScenarioError
 from fedtide.privacy.client_clipping import CLIENT_WEIGHT_KEY
 from fedtide.registry import Kind, check_hook_signatures, check_parameters, constructor_parameters, resolve
+from fedtide.scenario.schema import FederationConfig, Scenario
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,

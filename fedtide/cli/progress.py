@@ -25,7 +25,7 @@ from fedtide.records.run_folder import rounds_done
 
 if TYPE_CHECKING:
     from fedtide.records.metrics import RoundRecord
-    from fedtide.sweep import Sweep, SweepPoint
+    from fedtide.runner.sweep import Sweep, SweepPoint
 
 
 def run_progress(console: Console) -> Progress:

@@ -11,14 +11,14 @@ import os
 
 import torch
 
-from fedtide.aggregation import build_strategy
 from fedtide.continual.hooks import check_hooks
 from fedtide.continual.methods import build_method, require_dp_compatible
 from fedtide.data.datasets import load_dataset
-from fedtide.data.schema import Scenario
 from fedtide.data.stream_plan import stream_plan
 from fedtide.errors import ScenarioError
 from fedtide.models import build_scenario_model
+from fedtide.scenario.schema import Scenario
+from fedtide.server.strategies import build_strategy
 
 
 def check_runnable(scenario: Scenario) -> None:

@@ -316,7 +316,7 @@ class AuditConfig(Section):
     in replay buffers, counted in the DP sample rate, the planned steps and δ. After the run
     the final model scores every canary, guesses "in" for the highest scores and "out" for
     the lowest, and the right guesses give the largest ε whose (ε, δ)-DP the observation
-    rejects at `confidence` (`fedtide.metrics.canary_audit`): `epsilon_lower` in summary.json's
+    rejects at `confidence` (`fedtide.audit.canaries`): `epsilon_lower` in summary.json's
     audit, beside the accountant's ε. Canary images leave the test data that accuracy and the
     membership-inference audit use; every class keeps at least half of its test images, so m
     is at most half the test set (222 on digits), an error naming this field beyond. 0 (the

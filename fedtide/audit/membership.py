@@ -8,7 +8,7 @@ non-members are held-out test samples of the same classes, drawn per class in th
 same numbers, so the attack cannot win by telling classes apart. The ROC of the
 score -loss gives the AUC (0.5 = no leakage) and the true-positive rate at 1% false
 positives (what matters for confident attacks: Carlini et al. 2022). Under a canary audit
-the canaries are neither members nor non-members here (`fedtide.metrics.canary_audit`
+the canaries are neither members nor non-members here (`fedtide.audit.canaries`
 audits them).
 """
 
@@ -20,9 +20,9 @@ from sklearn.metrics import auc, roc_curve
 from torch.nn.functional import cross_entropy
 
 from fedtide.data.datasets import load_dataset
-from fedtide.data.schema import Scenario
 from fedtide.data.stream_plan import stream_plan
 from fedtide.records.summary import LOW_FPR, ClientAudit
+from fedtide.scenario.schema import Scenario
 
 
 @torch.no_grad()

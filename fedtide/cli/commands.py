@@ -133,7 +133,7 @@ def resume(
     from fedtide.records.checkpoint_files import checkpoint_round
     from fedtide.records.run_folder import SUMMARY_FILE, read_import_path, read_run_scenario
     from fedtide.registry import PluginNotFound, make_importable
-    from fedtide.validation import check_runnable
+    from fedtide.runner.validation import check_runnable
 
     scenario = read_run_scenario(run_dir)
     if (run_dir / SUMMARY_FILE).exists():
@@ -160,10 +160,10 @@ def resume(
 
 def _run_to_the_end(scenario, run_dir: Path, done: int) -> None:
     """Run (or go on running) `scenario` in `run_dir` under a progress bar, then show its summary and report."""
-    from fedtide.progress import round_status, run_progress
+    from fedtide.cli.progress import round_status, run_progress
     from fedtide.records.run_folder import read_summary
     from fedtide.report.console import summary_view
-    from fedtide.simulation import run_scenario
+    from fedtide.runner.simulation import run_scenario
     from fedtide.stopping import stopped_message
 
     with _stops_with(lambda: stopped_message(run_dir, scenario.total_rounds)), run_progress(console) as progress:
@@ -213,9 +213,9 @@ def sweep(
     verbose: VerboseOption = False,
 ) -> None:
     """Run the grid in the file's `sweep:` section; a re-run skips the runs already finished."""
+    from fedtide.cli.progress import SweepProgress
     from fedtide.notices import notices_kept_in
-    from fedtide.progress import SweepProgress
-    from fedtide.sweep import load_sweep, run_sweep
+    from fedtide.runner.sweep import load_sweep, run_sweep
 
     _verbose(verbose)
     plan = load_sweep(scenario_file, set_ or [], output)
@@ -263,8 +263,8 @@ def _write_report(folders: list[Path], target: Path, privacy_unit: str | None = 
 @cli.command()
 def validate(scenario_file: ScenarioArg, set_: SetOption = None) -> None:
     """Check a scenario (schema, names, dataset, partitioning), or every point of a sweep, without running."""
-    from fedtide.data.loading import read_yaml
-    from fedtide.sweep import SWEEP_KEY, load_sweep
+    from fedtide.runner.sweep import SWEEP_KEY, load_sweep
+    from fedtide.scenario.loading import read_yaml
 
     if SWEEP_KEY in read_yaml(scenario_file):
         plan = load_sweep(scenario_file, set_ or [])
@@ -281,12 +281,12 @@ def validate(scenario_file: ScenarioArg, set_: SetOption = None) -> None:
 @cli.command("list")
 def list_components() -> None:
     """Show the built-in strategies, continual methods, datasets, models and partitioners."""
-    from fedtide.aggregation import STRATEGIES, STRATEGY
     from fedtide.continual.methods import METHOD, all_methods
     from fedtide.data.datasets import DATASETS
     from fedtide.data.partition import PARTITIONERS
     from fedtide.models import MODELS
     from fedtide.registry import installed_plugins
+    from fedtide.server.strategies import STRATEGIES, STRATEGY
 
     strategies = {n: f"flwr.serverapp.strategy.{c.__name__}" for n, c in STRATEGIES.items()}
     # continual methods get a third column: whether they may run under DP-SGD
@@ -325,7 +325,7 @@ def new(
     folder: Annotated[Path, typer.Option("--dir", help="Where to write NAME.py and NAME.yaml.")] = Path("."),
 ) -> None:
     """Write a minimal, runnable, commented plugin (NAME.py) and a scenario using it (NAME.yaml)."""
-    from fedtide.scaffold import write_plugin
+    from fedtide.cli.new_plugin import write_plugin
 
     module, scenario = write_plugin(kind, name, folder)
     console.print(
@@ -343,8 +343,8 @@ def check_plugin(
     ] = None,
 ) -> None:
     """Run the plugin contract checks on digits clients x 2 experiences; exit 1 naming a failed check."""
-    from fedtide.plugin_check import check_plugin as run_checks
-    from fedtide.plugin_check import parse_params
+    from fedtide.cli.check_plugin import check_plugin as run_checks
+    from fedtide.cli.check_plugin import parse_params
     from fedtide.registry import make_importable
 
     make_importable(Path.cwd())
@@ -363,8 +363,8 @@ def check_plugin(
 
 
 def _load_checked(scenario_file: Path, overrides: list[str] | None):
-    from fedtide.data.loading import load_scenario
-    from fedtide.validation import check_runnable
+    from fedtide.runner.validation import check_runnable
+    from fedtide.scenario.loading import load_scenario
 
     scenario = load_scenario(scenario_file, overrides or [])
     check_runnable(scenario)

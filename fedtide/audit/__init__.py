@@ -1,0 +1,1 @@
+"""audit: see the module map in the README."""

@@ -1,0 +1,1 @@
+"""scenario: see the module map in the README."""
