@@ -114,7 +114,7 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
 def _flower_record_shown(record: logging.LogRecord) -> bool:
     """Flower's console handler prints only its errors (all, if verbose), and none while a run is being
     stopped; what it does not print goes to the sink here (what it prints reaches the sink by propagation)."""
-    from fedtide.stopping import stop_requested
+    from fedtide.stop_signals import stop_requested
 
     shown = (_SINK.verbose or record.levelno >= logging.ERROR) and not stop_requested()
     if not shown:

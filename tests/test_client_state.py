@@ -14,7 +14,7 @@ from avalanche.training.utils import ParamData
 from flwr.app import ArrayRecord, RecordDict
 
 from fedtide.client.schedule import train_schedule
-from fedtide.client.state import ClientState, Progress
+from fedtide.client.state import ClientState, ConsolidationProgress
 from fedtide.client.training import RoundTask, run_training_round
 from fedtide.continual.builtin import EWC
 from fedtide.continual.methods import all_methods
@@ -118,7 +118,9 @@ def test_ewc_caps_importances_at_the_stiffness_sgd_can_follow():
     state = RecordDict()
     ewc.plugin.saved_params[0], ewc.plugin.importances[0] = anchor, huge
     ClientState(state, 3).store_method(ewc)
-    ClientState(state, 3).progress = Progress(done_through=1, counts=[1, 0, 0])  # experience 0 consolidated
+    ClientState(state, 3).progress = ConsolidationProgress(
+        done_through=1, counts=[1, 0, 0]
+    )  # experience 0 consolidated
     reply = run_training_round(RoundTask(scenario, 16, 1, 3), ArrayRecord(model.state_dict()), state)
     report = client_round(reply)
     assert np.isfinite(report.train_loss) and report.train_loss < 20

@@ -22,7 +22,7 @@ from fedtide.records.checkpoint_files import checkpoint_round
 from fedtide.records.run_folder import read_run_scenario
 from fedtide.runner.ray_housekeeping import ray_temp_dir
 from fedtide.server.checkpoint import read_checkpoint
-from fedtide.stopping import STOP_GRACE_S, RunStopped, stop_on_signals
+from fedtide.stop_signals import STOP_GRACE_S, RunStopped, stop_on_signals
 from tests.conftest import Fedtide, rounds_written, small_scenario
 
 NUMBERS = ("accuracy_matrix", "final_average_accuracy", "average_forgetting", "bwt", "clients_failed", "audit")
@@ -170,7 +170,7 @@ def test_a_stopped_process_exits_though_a_thread_of_the_run_never_ends():
     wait for them forever at exit. The process ends with the signal's code and its one line."""
     script = (
         "import os, signal, sys, threading\n"
-        "from fedtide import stopping\n"
+        "from fedtide import stop_signals as stopping\n"
         "stopping.EXIT_GRACE_S = 1.0\n"
         "try:\n"
         "    with stopping.stop_on_signals():\n"
@@ -191,7 +191,7 @@ def test_a_stop_whose_cleanup_hangs_still_ends_the_process():
     """The backstop: past the grace period the process ends with the signal's code and one line."""
     script = (
         "import os, signal, threading\n"
-        "from fedtide import stopping\n"
+        "from fedtide import stop_signals as stopping\n"
         "stopping.STOP_GRACE_S = 1.0\n"
         "with stopping.stop_on_signals():\n"
         "    try:\n"

@@ -8,11 +8,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedtide.audit import canaries, membership
 from fedtide.data import stream
 from fedtide.data.datasets import load_dataset
 from fedtide.data.stream import client_experiences
 from fedtide.data.stream_plan import classes_per_experience, stream_plan
-from fedtide.metrics import audit, canary_audit
 from fedtide.models import build_scenario_model
 from fedtide.privacy import accounting
 from fedtide.privacy.footprint import PrivateFootprint
@@ -133,10 +133,10 @@ def test_the_membership_audit_s_members_are_the_plan_s_training_samples(monkeypa
     scenario = small_scenario()
     model = build_scenario_model(scenario)
     plan = stream_plan(scenario)
-    before = audit.audit_clients(scenario, model)["per_client"]
+    before = membership.audit_clients(scenario, model)["per_client"]
     assert all(0 < before[str(c)]["members"] <= own.total for c, own in enumerate(plan.clients))
-    monkeypatch.setattr(audit, "stream_plan", lambda _: shrunk(plan, 1, keep=4))
-    after = audit.audit_clients(scenario, model)["per_client"]
+    monkeypatch.setattr(membership, "stream_plan", lambda _: shrunk(plan, 1, keep=4))
+    after = membership.audit_clients(scenario, model)["per_client"]
     assert after["1"]["members"] == after["1"]["nonmembers"] == 12  # 4 a class at most: all class-matched
     assert after["0"] == before["0"]
 
@@ -162,11 +162,11 @@ def test_the_canary_audit_reads_the_plan_s_canaries(monkeypatch):
     scenario = small_scenario(audit={"canaries": 40})
     plan = stream_plan(scenario)
     model = build_scenario_model(scenario)
-    assert canary_audit.audit_canaries(scenario, model, None, None).canaries == 40
+    assert canaries.audit_canaries(scenario, model, None, None).canaries == 40
     fewer = replace(plan.canaries, **{f: getattr(plan.canaries, f)[:10] for f in (
         "image", "true_class", "label", "experience", "client", "included")})  # fmt: skip
-    monkeypatch.setattr(canary_audit, "stream_plan", lambda _: replace(plan, canaries=fewer))
-    audit = canary_audit.audit_canaries(scenario, model, None, None)
+    monkeypatch.setattr(canaries, "stream_plan", lambda _: replace(plan, canaries=fewer))
+    audit = canaries.audit_canaries(scenario, model, None, None)
     assert audit.canaries == 10 and audit.included == int(fewer.included.sum())
 
 

@@ -164,7 +164,7 @@ def _run_to_the_end(scenario, run_dir: Path, done: int) -> None:
     from fedtide.records.run_folder import read_summary
     from fedtide.report.console import summary_view
     from fedtide.runner.simulation import run_scenario
-    from fedtide.stopping import stopped_message
+    from fedtide.stop_signals import stopped_message
 
     with _stops_with(lambda: stopped_message(run_dir, scenario.total_rounds)), run_progress(console) as progress:
         starting = "starting Ray..." if scenario.resources.backend == "ray" else "starting..."
@@ -185,7 +185,7 @@ def _run_to_the_end(scenario, run_dir: Path, done: int) -> None:
 @contextmanager
 def _stops_with(message: Callable[[], str]) -> Iterator[None]:
     """SIGINT or SIGTERM within: stop cleanly, print `message()` (one line) and exit 130 or 143."""
-    from fedtide.stopping import RunStopped, stop_on_signals
+    from fedtide.stop_signals import RunStopped, stop_on_signals
 
     try:
         with stop_on_signals():

@@ -26,7 +26,7 @@ PRIVACY_KEY = "fedtide.privacy.history"
 
 
 @dataclass
-class Progress:
+class ConsolidationProgress:
     """Which past experiences the client has consolidated.
 
     `done_through` = e means experiences below e are settled: consolidated, or held no
@@ -47,14 +47,14 @@ class ClientState:
         self.n_experiences = n_experiences
 
     @property
-    def progress(self) -> Progress:
+    def progress(self) -> ConsolidationProgress:
         if PROGRESS_KEY not in self.records:
-            return Progress(0, [0] * self.n_experiences)
+            return ConsolidationProgress(0, [0] * self.n_experiences)
         record = self.records[PROGRESS_KEY]
-        return Progress(int(record["done_through"]), [int(c) for c in record["counts"]])
+        return ConsolidationProgress(int(record["done_through"]), [int(c) for c in record["counts"]])
 
     @progress.setter
-    def progress(self, progress: Progress) -> None:
+    def progress(self, progress: ConsolidationProgress) -> None:
         self.records[PROGRESS_KEY] = ConfigRecord({"done_through": progress.done_through, "counts": progress.counts})
 
     def restore_method(self, method: ContinualMethod, model: torch.nn.Module) -> None:

@@ -20,7 +20,7 @@ from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datas
 from flwr.app import ArrayRecord, RecordDict
 
 from fedtide.client.learner import ProximalTerm, RoundLearner
-from fedtide.client.state import ClientState, Progress
+from fedtide.client.state import ClientState, ConsolidationProgress
 from fedtide.continual.base import ContinualMethod
 from fedtide.continual.methods import build_method, require_dp_compatible
 from fedtide.continual.state_check import refuse_lost_state, state_fingerprints
@@ -70,7 +70,9 @@ class RoundPlan:
         return self.examples + self.replay_extra
 
 
-def plan_round(task: RoundTask, progress: Progress, own: ClientPlan, footprint: PrivateFootprint) -> RoundPlan:
+def plan_round(
+    task: RoundTask, progress: ConsolidationProgress, own: ClientPlan, footprint: PrivateFootprint
+) -> RoundPlan:
     """This round's work from the client's plan: the experiences it still has to settle, the sizes DP plans with."""
     sizes = own.sizes
     pending = own.to_consolidate(progress.done_through, task.experience)
@@ -146,7 +148,7 @@ def _consolidate(
     model: torch.nn.Module,
     experiences: list,
     global_arrays: ArrayRecord,
-    progress: Progress,
+    progress: ConsolidationProgress,
 ) -> None:
     """Consolidate each of the `pending` past experiences once, at the global weights that ended it."""
     ends = {past: task.experience_ends[past] for past in pending if past in task.experience_ends}
@@ -275,7 +277,7 @@ def _client_privacy(
 
 def _report(
     task: RoundTask,
-    progress: Progress,
+    progress: ConsolidationProgress,
     privacy: ClientPrivacy | None,
     guard: BudgetGuard | None,
     empty: bool,

@@ -2,7 +2,7 @@
 
 The scenario is turned into a plan before anything runs, and every consumer reads it:
 the clients' datasets (`fedtide.data.stream`), DP planned steps and δ
-(`fedtide.privacy.accounting`), consolidation on both sides (the client's `Progress`,
+(`fedtide.privacy.accounting`), consolidation on both sides (the client's `ConsolidationProgress`,
 the server's experience ends), the server's evaluation and the report's classes, and
 both audits. Nothing else derives a client's data.
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from fedtide.errors import FederationError, ScenarioError
 from fedtide.notices import route_notices, verbosity
 from fedtide.scenario.schema import Scenario
-from fedtide.stopping import RunStopped
+from fedtide.stop_signals import RunStopped
 
 Submit = Callable[[Scenario, Path], "Future[str | None]"]
 

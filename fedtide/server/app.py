@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtide.records.run_folder import create_run_folder, read_run_scenario
 from fedtide.scenario.loading import load_scenario
 from fedtide.scenario.schema import Scenario
-from fedtide.stopping import RunStopped
+from fedtide.stop_signals import RunStopped
 
 if TYPE_CHECKING:
     from fedtide.server.run_parts import RoundObserver

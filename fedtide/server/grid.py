@@ -5,7 +5,7 @@ both sampling (`random.sample` over node ids) and aggregation (a floating-point
 sum over replies) would depend on the run and on Ray's scheduling. This wrapper
 lists nodes and replies in the order of the data partition each node holds; it does
 nothing else (what a round's replies mean is `ContinualStrategy`'s business), except
-give up waiting for replies when the run is asked to stop (`fedtide.stopping`): Flower's
+give up waiting for replies when the run is asked to stop (`fedtide.stop_signals`): Flower's
 own wait would go on until its timeout.
 
 Which partition a node holds is read from the runtime wherever it already knows
@@ -29,7 +29,7 @@ from flwr.superlink.grid import InMemoryGrid
 
 from fedtide.errors import FederationError, ScenarioError
 from fedtide.runner.in_process_grid import InProcessGrid
-from fedtide.stopping import raise_if_stopped
+from fedtide.stop_signals import raise_if_stopped
 
 # Seconds between looks for replies: those of Flower's in-memory grid, the simulation's (under `flwr run`
 # Flower's own grid looks every 3 s; a quicker look costs the SuperLink one more small request).

@@ -31,7 +31,7 @@ from fedtide.server.faults import FaultPlan
 from fedtide.server.grid import PartitionOrderedGrid
 from fedtide.server.recorder import Evaluation, RunRecorder
 from fedtide.server.strategies import federation_strategy, layer_of
-from fedtide.stopping import reclaim_signals
+from fedtide.stop_signals import reclaim_signals
 
 RoundObserver = Callable[[RoundRecord], None]
 
