@@ -135,3 +135,15 @@ def test_resources_a_local_ray_cannot_grant_are_one_line_before_anything_starts(
     assert not any(tmp_path.iterdir())  # no run folder was made
     # on a cluster they are the cluster's to grant
     check_resources(small_scenario(resources={"num_cpus_per_client": 4096, "ray_address": "auto"}))
+
+
+def test_a_scenario_without_a_client_section_trains_as_the_quickstart_and_adam_gets_its_own_lr():
+    """The client defaults are the quickstart's local training (docs/results.md, "Client defaults");
+    an lr left unset follows the optimizer, so Adam does not inherit SGD's step size."""
+    from fedtide.scenario.schema import ClientConfig
+
+    quickstart = load_scenario(Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.yaml", [])
+    assert ClientConfig() == quickstart.client
+    assert ClientConfig.model_validate({"optimizer": "adam"}).lr == 3e-3
+    assert ClientConfig.model_validate({"optimizer": "adam", "lr": 0.5}).lr == 0.5
+    assert ClientConfig.model_validate({"optimizer": "sgd", "epochs": 1}).lr == 0.1
