@@ -164,7 +164,7 @@ def test_a_checkpoint_holds_every_clients_state_and_the_strategys(tmp_path):
         assert state["fedtide.cli.progress"]["counts"] == [1, 0, 0]
         assert "fedtide.method.arrays" in state
     assert pickle.loads(checkpoint.federation["strategy"]["momentum_vector"]) is not None
-    assert sorted(checkpoint.federation["experience_ends"]) == [0]
+    assert sorted(checkpoint.federation["round_ends"]) == [2]  # the weights that ended experience 0
     assert checkpoint.totals.matrix == [r["accuracy"] for r in read_metrics(folder) if r["type"] == "experience"]
 
 

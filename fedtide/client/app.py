@@ -18,6 +18,7 @@ from flwr.common.constant import ErrorCode
 from fedtide.errors import ContractBroken, failure_report
 from fedtide.records.wire import CONTRACT_BROKEN, RESTORE_STATE, attach_client_state, experience_ends
 from fedtide.scenario.loading import parse_scenario
+from fedtide.scenario.schema import Scenario
 
 app = ClientApp()
 
@@ -49,11 +50,14 @@ def _train(msg: Message, context: Context) -> Message:
     from fedtide.client.training import RoundTask, run_training_round, torch_threads
 
     config = msg.content["config"]
+    scenario = parse_scenario(json.loads(config["scenario"]))
+    partition_id = int(context.node_config["partition-id"])
+    global_round = int(config["round-offset"]) + int(config["server-round"])
     task = RoundTask(
-        scenario=parse_scenario(json.loads(config["scenario"])),
-        partition_id=int(context.node_config["partition-id"]),
-        experience=int(config["experience"]),
-        global_round=int(config["round-offset"]) + int(config["server-round"]),
+        scenario=scenario,
+        partition_id=partition_id,
+        experience=own_experience(scenario, partition_id, global_round),
+        global_round=global_round,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         experience_ends=experience_ends(msg.content),
     )
@@ -67,6 +71,21 @@ def _train(msg: Message, context: Context) -> Message:
     if config.get("checkpoint", False):
         attach_client_state(content, context.state)
     return Message(content, reply_to=msg)
+
+
+def own_experience(scenario: Scenario, partition_id: int, global_round: int) -> int:
+    """Which of its own experiences the client trains in at `global_round`, as its schedule says.
+
+    The server samples only the clients in the stream (`ContinualStrategy`), so a message
+    to one outside it is a broken contract, not a client's failure.
+    """
+    step = scenario.schedule.clients[partition_id].step_at(global_round)
+    if step is None:
+        raise ContractBroken(
+            f"client {partition_id} was sent a train message in round {global_round}, when its schedule "
+            "(stream.arrivals, stream.clients) has it out of the stream"
+        )
+    return step
 
 
 @app.query(RESTORE_STATE)

@@ -50,7 +50,7 @@ class RoundTask:
 
     scenario: Scenario
     partition_id: int
-    experience: int
+    experience: int  # its own experience this round: an index into its plan's `experiences`
     global_round: int
     proximal_mu: float = 0.0
     experience_ends: dict[int, ArrayRecord] = field(default_factory=dict)
@@ -120,11 +120,12 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
 
     _consolidate(task, plan.pending, learner, model, experiences, global_arrays, progress)
 
-    examples, loss = plan.examples, 0.0
+    examples, loss, classes = plan.examples, 0.0, None
     if examples and (guard is None or guard.allows(plan.private_training)):  # the sizes the DP loader samples by
         with method_phase(name, "training"):
             loss = learner.train_round(experiences[task.experience], task.experience)
         check_finite(task, model, loss)
+        classes = sorted({int(label) for label in experiences[task.experience].dataset.targets})
     else:
         examples = 0
 
@@ -137,7 +138,7 @@ def run_training_round(task: RoundTask, global_arrays: ArrayRecord, records: Rec
     with method_phase(name, "metrics"):
         reported = {key: float(value) for key, value in method.metrics().items()} if examples else None
     empty = own.sizes[task.experience] == 0
-    report = _report(task, progress, privacy, guard, empty, examples, loss, len(plan.pending), reported)
+    report = _report(task, progress, privacy, guard, empty, examples, loss, len(plan.pending), reported, classes)
     return reply_content(report, ArrayRecord(model.cpu().state_dict()))
 
 
@@ -285,6 +286,7 @@ def _report(
     loss: float = 0.0,
     consolidated: int = 0,
     method_metrics: dict[str, float] | None = None,
+    classes: list[int] | None = None,
 ) -> ClientRoundRecord:
     epsilon = 0.0
     if privacy:
@@ -299,6 +301,8 @@ def _report(
         epsilon=epsilon,
         noise_multiplier=privacy.noise_multiplier if privacy else 0.0,
         budget_exhausted=int(guard.exhausted) if guard else 0,
+        experience=task.experience,
+        classes=classes,
         method_metrics=method_metrics or None,
         dp_history=[list(row) for row in privacy.history] if privacy else None,
     )

@@ -28,23 +28,26 @@ PARTITIONERS = {
 }
 
 
-def check_num_clients(experience_sizes: list[int], config: PartitionConfig) -> None:
+def check_num_clients(experience_sizes: list[int], config: PartitionConfig, holders: list[int] | None = None) -> None:
     """Refuse more clients (or, for `shard`, client shards) than an experience has training samples.
 
-    Each experience's training data is partitioned on its own, so the smallest one bounds
-    the federation; flwr-datasets would fail later naming no field (or, for IID and
-    shards, with an IndexError or a ZeroDivisionError).
+    Each experience's training data is partitioned on its own among the clients that hold
+    it (`holders[e]` of them; default every client), so the tightest one bounds the federation;
+    flwr-datasets would fail later naming no field (or, for IID and shards, with an
+    IndexError or a ZeroDivisionError).
     """
-    smallest = min(experience_sizes)
+    holders = holders or [config.num_clients] * len(experience_sizes)
     shards = config.shards_per_client if config.kind == "shard" else 1
-    if config.num_clients * shards > smallest:
+    tightest = min(range(len(experience_sizes)), key=lambda e: experience_sizes[e] / holders[e])
+    size, clients = experience_sizes[tightest], holders[tightest]
+    if clients * shards > size:
         each = f" x {shards} shards each" if shards > 1 else ""
         fewer = ", or fewer experiences (stream.n_experiences) so each holds more" if len(experience_sizes) > 1 else ""
         raise ScenarioError(
             "partition.num_clients",
-            f"{config.num_clients} clients{each}, but experience {experience_sizes.index(smallest)} has only "
-            f"{smallest} training samples to partition among them (each experience is partitioned on its own)",
-            f"use at most {smallest // shards} clients{fewer}",
+            f"{clients} clients{each}, but experience {tightest} has only "
+            f"{size} training samples to partition among them (each experience is partitioned on its own)",
+            f"use at most {size // shards * config.num_clients // clients} clients{fewer}",
         )
 
 
@@ -80,23 +83,30 @@ def flwr_partitioners() -> types.ModuleType:
 
 
 def partition_experiences(
-    experience_labels: list[np.ndarray], config: PartitionConfig, seed: int
+    experience_labels: list[np.ndarray], config: PartitionConfig, seed: int, holders: list[int] | None = None
 ) -> list[list[np.ndarray]]:
-    """Each experience's labels partitioned on their own (experience e seeded `seed * 1000 + e`).
+    """Each experience's labels partitioned on their own (experience e seeded `seed * 1000 + e`), among
+    `holders[e]` clients (default: all `config.num_clients`; fewer when the stream gives it to some only).
 
     The partitions are flwr-datasets' output for these labels, this partition section and
     seed, so they are kept on disk under a name made of exactly those and the versions of
     flwr-datasets and datasets (`fedtide.data.cache`): checking or running a scenario whose
     partitions were made before imports neither. A partitioner's refusal is never kept.
     """
-    names = [[f"e{e}c{c}" for c in range(config.num_clients)] for e in range(len(experience_labels))]
+    configs = [config] * len(experience_labels)
+    if holders is not None:
+        configs = [config.model_copy(update={"num_clients": count}) for count in holders]
+    names = [[f"e{e}c{c}" for c in range(each.num_clients)] for e, each in enumerate(configs)]
     labels = [np.ascontiguousarray(each, dtype=np.int64).tobytes() for each in experience_labels]
-    path = cache_file("partitions", ("flwr-datasets", "datasets"), config.model_dump_json(), str(seed), *labels)
+    key = [config.model_dump_json(), str(seed), *labels] + ([] if holders is None else [str(holders)])
+    path = cache_file("partitions", ("flwr-datasets", "datasets"), *key)
     kept = read_arrays(path, [name for row in names for name in row]) if path else None
     if kept is not None:
         flat = iter(kept)
         return [[next(flat) for _ in row] for row in names]
-    parts = [partition_labels(each, config, seed=seed * 1000 + e) for e, each in enumerate(experience_labels)]
+    parts = [
+        partition_labels(each, configs[e], seed=seed * 1000 + e) for e, each in enumerate(experience_labels)
+    ]
     if path:
         write_arrays(path, {name: part for row, shares in zip(names, parts) for name, part in zip(row, shares)})
     return parts

@@ -25,7 +25,7 @@ leave the test data accuracy is measured on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -33,7 +33,9 @@ import torch
 from fedtide.data.canaries import Canaries, draw_canaries
 from fedtide.data.datasets import load_dataset
 from fedtide.data.partition import check_num_clients, partition_experiences
+from fedtide.scenario.schedule import schedule
 from fedtide.scenario.schema import PartitionConfig, Scenario
+from fedtide.scenario.stream import StreamConfig
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,14 +76,23 @@ class ClientPlan:
         """Its whole dataset over the run: what sample-level DP protects."""
         return sum(self.sizes)
 
-    def at_round(self, global_round: int) -> ClientExperience | None:
-        """The experience it trains in at `global_round`; None outside the run."""
-        return next((exp for exp in self.experiences if exp.start_round <= global_round <= exp.end_round), None)
+    def step_at(self, global_round: int) -> int | None:
+        """Which of its own experiences (an index into `experiences`) it trains in at `global_round`;
+        None before it joins or after it leaves."""
+        return next(
+            (i for i, exp in enumerate(self.experiences) if exp.start_round <= global_round <= exp.end_round), None
+        )
 
-    def to_consolidate(self, settled_through: int, experience: int) -> list[int]:
-        """Its past experiences to consolidate before training `experience`, those below `settled_through`
-        being settled: each one it holds data in, in order (one without data has nothing to consolidate)."""
-        return [exp.experience for exp in self.experiences[settled_through:experience] if exp.size]
+    def at_round(self, global_round: int) -> ClientExperience | None:
+        """The experience it trains in at `global_round`; None outside its rounds."""
+        step = self.step_at(global_round)
+        return None if step is None else self.experiences[step]
+
+    def to_consolidate(self, settled_through: int, step: int) -> list[int]:
+        """Its own past experiences (indices into `experiences`) to consolidate before training its
+        experience `step`, those below `settled_through` being settled: each one it holds data in, in
+        order (one without data has nothing to consolidate)."""
+        return [i for i in range(settled_through, step) if self.experiences[i].size]
 
     def training_set_ids(self) -> np.ndarray:
         """Its samples of the training set over every experience, in order, canaries left out."""
@@ -98,12 +109,37 @@ class StreamPlan:
     clients: tuple[ClientPlan, ...]
     held_out: np.ndarray  # test indices that no client trains on: all but canary images
     canaries: Canaries | None  # the canary audit's draws; None without one
+    kind: str = "class"  # the stream's kind: "domain" experiences hold every class, each under its transform
 
     def client(self, client: int) -> ClientPlan:
         return self.clients[client]
 
     def largest_client_dataset(self) -> int:
         return max(plan.total for plan in self.clients)
+
+    @cached_property
+    def lockstep(self) -> bool:
+        """Every client in experience e over the same rounds, for every e."""
+        first = [(exp.experience, exp.start_round, exp.rounds) for exp in self.clients[0].experiences]
+        return all(
+            [(exp.experience, exp.start_round, exp.rounds) for exp in plan.experiences] == first
+            for plan in self.clients
+        )
+
+    def present(self, global_round: int) -> list[int]:
+        """The clients in the stream at `global_round`."""
+        return [plan.client for plan in self.clients if plan.step_at(global_round) is not None]
+
+    def seen(self, global_round: int) -> list[int]:
+        """The experiences some client has begun by `global_round` (in lockstep, 0 up to the current one)."""
+        return sorted(
+            {exp.experience for plan in self.clients for exp in plan.experiences if exp.start_round <= global_round}
+        )
+
+    @cached_property
+    def end_rounds(self) -> frozenset[int]:
+        """The global rounds after which some client's experience ends."""
+        return frozenset(exp.end_round for plan in self.clients for exp in plan.experiences)
 
 
 @dataclass(frozen=True)
@@ -112,8 +148,7 @@ class PlanInputs:
 
     dataset: str
     root: str | None
-    n_experiences: int
-    class_order: tuple[int, ...] | None
+    stream: str  # the stream section as JSON
     partition: str  # the partition section as JSON
     canaries: int
     rounds_per_experience: int
@@ -121,17 +156,19 @@ class PlanInputs:
 
     @classmethod
     def of(cls, scenario: Scenario) -> PlanInputs:
-        order = scenario.stream.class_order
         return cls(
             dataset=scenario.dataset.name,
             root=str(scenario.dataset.root) if scenario.dataset.root else None,
-            n_experiences=scenario.stream.n_experiences,
-            class_order=tuple(order) if order else None,
+            stream=scenario.stream.model_dump_json(),
             partition=scenario.partition.model_dump_json(),
             canaries=scenario.audit.canaries,
             rounds_per_experience=scenario.federation.rounds_per_experience,
             seed=scenario.seed,
         )
+
+    @property
+    def stream_config(self) -> StreamConfig:
+        return StreamConfig.model_validate_json(self.stream)
 
 
 def stream_plan(scenario: Scenario) -> StreamPlan:
@@ -148,29 +185,40 @@ def build_plan(inputs: PlanInputs) -> StreamPlan:
     """The plan of `inputs` (`stream_plan` for a scenario); cached, as every consumer asks for it."""
     data = load_dataset(inputs.dataset, inputs.root)
     train_labels, test_labels = data.train_y.numpy(), data.test_y.numpy()
-    classes = experience_classes(int(train_labels.max()) + 1, inputs.n_experiences, inputs.class_order, inputs.seed)
-    train = [stream_order(train_labels, group) for group in classes]
-    test = [stream_order(test_labels, group) for group in classes]
+    stream = inputs.stream_config
     config = PartitionConfig.model_validate_json(inputs.partition)
-    check_num_clients([len(samples) for samples in train], config)
-    shares = partition_experiences([train_labels[samples] for samples in train], config, seed=inputs.seed)
+    timing = schedule(stream, config.num_clients, inputs.rounds_per_experience, inputs.seed)
+    classes, train, test = _experiences(stream, train_labels, test_labels, inputs.seed)
+    holders = [timing.holders(e) for e in range(len(classes))]
+    counts = None if stream.lockstep else [len(each) for each in holders]
+    check_num_clients([len(samples) for samples in train], config, counts)
+    shares = partition_experiences(
+        [train_labels[samples % len(train_labels)] for samples in train], config, seed=inputs.seed, holders=counts
+    )
+    share_of = {(e, client): shares[e][j] for e, each in enumerate(holders) for j, client in enumerate(each)}
     canaries = None
     if inputs.canaries:
         canaries = draw_canaries(inputs.canaries, test_labels, classes, config.num_clients, seed=inputs.seed)
-    first_canary, rounds = len(train_labels), inputs.rounds_per_experience
+    first_canary = len(train_labels) * (len(classes) if stream.kind == "domain" else 1)
     clients = []
-    for client in range(config.num_clients):
+    for client in timing.clients:
         experiences = [
             ClientExperience(
-                experience=e,
-                classes=tuple(sorted(group)),
-                train=_client_samples(train[e][shares[e][client]], canaries, e, client, first_canary),
-                start_round=e * rounds + 1,
-                rounds=rounds,
+                experience=step.experience,
+                classes=tuple(sorted(classes[step.experience])),
+                train=_client_samples(
+                    train[step.experience][share_of[step.experience, client.client]],
+                    canaries,
+                    step.experience,
+                    client.client,
+                    first_canary,
+                ),
+                start_round=step.start_round,
+                rounds=step.rounds,
             )
-            for e, group in enumerate(classes)
+            for step in client.steps
         ]
-        clients.append(ClientPlan(client, tuple(experiences), first_canary))
+        clients.append(ClientPlan(client.client, tuple(experiences), first_canary))
     held_out = np.arange(len(test_labels))
     if canaries is not None:
         test = [ids[~np.isin(ids, canaries.image)] for ids in test]
@@ -181,7 +229,32 @@ def build_plan(inputs: PlanInputs) -> StreamPlan:
         clients=tuple(clients),
         held_out=held_out,
         canaries=canaries,
+        kind=stream.kind,
     )
+
+
+def _experiences(
+    stream: StreamConfig, train_labels: np.ndarray, test_labels: np.ndarray, seed: int
+) -> tuple[list[list[int]], list[np.ndarray], list[np.ndarray]]:
+    """Each experience's classes, training sample ids and test indices, in stream order.
+
+    Class-incremental: disjoint classes, samples listed as Avalanche's benchmark gave them.
+    Domain-incremental: every class in every experience; experience d's sample ids are
+    d·N + i for training sample i (its image under d's transform, `fedtide.data.stream`), and
+    its test indices the whole test data (the transform is applied where it is measured).
+    """
+    num_classes = int(train_labels.max()) + 1
+    if stream.kind == "domain":
+        every = list(range(num_classes))
+        n, test = len(train_labels), np.arange(len(test_labels))
+        return (
+            [every] * stream.n_experiences,
+            [d * n + np.arange(n) for d in range(stream.n_experiences)],
+            [test] * stream.n_experiences,
+        )
+    order = tuple(stream.class_order) if stream.class_order else None
+    classes = experience_classes(num_classes, stream.n_experiences, order, seed)
+    return classes, [stream_order(train_labels, g) for g in classes], [stream_order(test_labels, g) for g in classes]
 
 
 def _client_samples(

@@ -144,18 +144,16 @@ def _calibrated(scenario_json: str, partition_id: int, footprint: PrivateFootpri
 def planned_steps(scenario: Scenario, partition_id: int, footprint: PrivateFootprint) -> list[tuple[float, int]]:
     """(sample rate, steps) of every DP pass the client will make if sampled in every round.
 
-    Training passes: each round of experience e runs `epochs` Poisson epochs over the
-    client's e data plus, for replay, its buffer. EWC adds one Fisher pass per past
-    experience it consolidates.
+    Training passes: each round of its experience e (for as many rounds as its schedule
+    keeps it there) runs `epochs` Poisson epochs over its e data plus, for replay, its
+    buffer. EWC adds one Fisher pass per past experience it consolidates.
     """
-    sizes = stream_plan(scenario).client(partition_id).sizes
-    batch, rounds, epochs = (
-        scenario.client.batch_size,
-        scenario.federation.rounds_per_experience,
-        scenario.client.epochs,
-    )
+    own = stream_plan(scenario).client(partition_id)
+    sizes = own.sizes
+    batch, epochs = scenario.client.batch_size, scenario.client.epochs
     plan: list[tuple[float, int]] = []
     for e, size in enumerate(sizes):
+        rounds = own.experiences[e].rounds  # its own schedule's: clients may stay in an experience unequally long
         if size == 0:
             continue
         for past in sizes[:e]:

@@ -15,7 +15,7 @@ from fedtide.records.record import Record, set_field, typed, typed_list
 class ClientRoundRecord(Record):
     """One replying client's round: built by the client, read from its reply (`records.wire`), written per round."""
 
-    _OPTIONAL = ("ray_node_id", "hostname", "dp_history", "method_metrics")
+    _OPTIONAL = ("experience", "classes", "ray_node_id", "hostname", "dp_history", "method_metrics")
 
     partition_id: int
     num_examples: int
@@ -26,6 +26,8 @@ class ClientRoundRecord(Record):
     epsilon: float
     noise_multiplier: float
     budget_exhausted: int  # 0/1, as `empty`
+    experience: int | None = None  # its own experience this round (an index into its stream); absent before it existed
+    classes: list[int] | None = None  # the classes of the samples it trained on this round; absent when it trained none
     ray_node_id: str | None = None  # absent when the client ran outside Ray
     hostname: str | None = None
     dp_history: list[list[float]] | None = None  # under DP: (noise multiplier, sample rate, steps) rows
@@ -85,13 +87,17 @@ class RoundRecord(Record):
     """One line of metrics.jsonl per global round: the global model's accuracy and the clients' round."""
 
     _TYPE = "round"
-    _OPTIONAL = ("failures", "dropped", "privacy", "client_level", "strategy_metrics", "method_metrics")
+    _OPTIONAL = (
+        "seen_accuracy", "failures", "dropped", "privacy", "client_level", "strategy_metrics", "method_metrics",
+    )  # fmt: skip
 
     round: int
     experience: int
     round_in_experience: int
     accuracy: list[float]  # on each experience seen so far
     mean_accuracy: float
+    # on the test data of every experience some client has begun, pooled; absent before it existed
+    seen_accuracy: float | None = None
     train_loss: float | None  # None when no client trained
     clients: dict[str, int]  # sampled, dropped, replied, failed, empty (dropped: absent before faults existed)
     per_client: list[ClientRoundRecord]

@@ -142,6 +142,37 @@ def privacy_guarantees(
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClientStreamSummary(Record):
+    """One client's own stream: its experiences in its order, and the global model measured on them."""
+
+    experiences: list[int]  # the stream's experiences, in the order it met them
+    rounds: list[list[int]]  # [first, last] global round of each
+    # A[i][j]: the global model's accuracy on its experience j's test data after the round that ended its
+    # experience i (j <= i); a client that holds one experience has one row and nothing to forget
+    accuracy_matrix: list[list[float]]
+    final_average_accuracy: float  # the last row's mean
+    average_forgetting: float | None  # None with a single experience
+    bwt: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerClientSummary(Record):
+    """Each client's stream and its forgetting (a stream whose clients are not in lockstep), and the means."""
+
+    clients: dict[str, ClientStreamSummary]
+    mean_final_average_accuracy: float
+    mean_average_forgetting: float | None  # over the clients that held more than one experience
+    mean_bwt: float | None
+
+    def __post_init__(self) -> None:
+        set_field(self, "clients", {k: typed(v, ClientStreamSummary) for k, v in self.clients.items()})
+
+    def forgetting(self) -> list[float]:
+        """Each client's average forgetting, for those that have one: the distribution the report draws."""
+        return [c.average_forgetting for c in self.clients.values() if c.average_forgetting is not None]
+
+
+@dataclass(frozen=True, kw_only=True)
 class FaultSummary(Record):
     """The simulated faults' toll on a run: how many (client, round) trainings they cancelled, and whose."""
 
@@ -231,7 +262,7 @@ class RunSummary(Record):
 
     _OPTIONAL = (
         "privacy", "client_level", "epsilons", "audit", "faults", "strategy_metrics", "method_metrics",
-        "startup_s", "rounds_s", "end_s",
+        "startup_s", "rounds_s", "end_s", "per_client",
     )  # fmt: skip
 
     name: str
@@ -242,7 +273,9 @@ class RunSummary(Record):
     n_experiences: int
     rounds: int
     classes_per_experience: list[list[int]]
-    accuracy_matrix: list[list[float]]  # A[e][j]: accuracy on experience j after training experience e
+    # A[e][j]: accuracy on experience j after training experience e. When clients are not in lockstep, a row
+    # per stage (rounds_per_experience rounds) on every experience, and forgetting and BWT are `per_client`'s means
+    accuracy_matrix: list[list[float]]
     final_average_accuracy: float
     average_forgetting: float
     bwt: float
@@ -265,6 +298,7 @@ class RunSummary(Record):
     startup_s: float | None = None  # from the command's start (imports, Ray, data, model) to the first round
     rounds_s: float | None = None  # the rounds this session ran, evaluations and checkpoints included
     end_s: float | None = None  # after the last round: final model, audits, summary.json
+    per_client: PerClientSummary | None = None  # only when clients are not in lockstep
 
     def __post_init__(self) -> None:
         set_field(self, "privacy", typed(self.privacy, PrivacySummary))
@@ -272,6 +306,7 @@ class RunSummary(Record):
         set_field(self, "epsilons", typed_list(self.epsilons, PrivacyGuarantee))
         set_field(self, "audit", typed(self.audit, AuditSummary))
         set_field(self, "faults", typed(self.faults, FaultSummary))
+        set_field(self, "per_client", typed(self.per_client, PerClientSummary))
 
     @property
     def private(self) -> bool:

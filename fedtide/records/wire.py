@@ -71,6 +71,8 @@ def reply_content(report: ClientRoundRecord, arrays: ArrayRecord) -> RecordDict:
                     "epsilon": report.epsilon,
                     "noise_multiplier": report.noise_multiplier,
                     "budget_exhausted": bool(report.budget_exhausted),
+                    "experience": report.experience if report.experience is not None else -1,
+                    **({"classes": list(report.classes)} if report.classes else {}),
                 }
             ),
         }
@@ -95,6 +97,8 @@ def client_round(content: RecordDict) -> ClientRoundRecord:
         epsilon=float(client["epsilon"]),
         noise_multiplier=float(client["noise_multiplier"]),
         budget_exhausted=int(bool(client["budget_exhausted"])),
+        experience=int(client["experience"]) if client.get("experience", -1) >= 0 else None,
+        classes=[int(c) for c in client["classes"]] if "classes" in client else None,
         ray_node_id=str(host["ray_node_id"]) if "ray_node_id" in host else None,
         hostname=str(host["hostname"]) if "hostname" in host else None,
         dp_history=[list(row) for row in history] if history is not None else None,

@@ -36,16 +36,16 @@ def epsilon_axis_label(units: set[str | None], what: str = "ε spent") -> str:
 def accuracy_matrix_figure(run: RunResult) -> Figure:
     """A[e][j], accuracy on experience j after training experience e, as a heatmap."""
     matrix = run.summary.accuracy_matrix
-    size = len(matrix)
-    grid = np.full((size, size), np.nan)
+    size, width = len(matrix), max(len(row) for row in matrix)  # clients out of lockstep: a full row per stage
+    grid = np.full((size, width), np.nan)
     for e, row in enumerate(matrix):
         grid[e, : len(row)] = 100 * np.asarray(row)
-    figure, axes = plt.subplots(figsize=(1.1 * size + 2.2, 0.9 * size + 1.6))
+    figure, axes = plt.subplots(figsize=(1.1 * width + 2.2, 0.9 * size + 1.6))
     image = axes.imshow(grid, vmin=0, vmax=100, cmap="viridis")
-    for e in range(size):
-        for j in range(e + 1):
+    for e, row in enumerate(matrix):
+        for j in range(len(row)):
             axes.text(j, e, f"{grid[e, j]:.0f}", ha="center", va="center", color="white" if grid[e, j] < 60 else "k")
-    axes.set_xticks(range(size), [f"exp {j}" for j in range(size)])
+    axes.set_xticks(range(width), [f"exp {j}" for j in range(width)])
     axes.set_yticks(range(size), [f"after {e}" for e in range(size)])
     axes.set_xlabel("tested on")
     axes.set_title(f"{run.run_id}: accuracy matrix (%)", fontsize=9)

@@ -13,15 +13,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedtide.data.datasets import DATASETS
+from fedtide.scenario.schedule import Schedule, schedule
+from fedtide.scenario.section import Section
+from fedtide.scenario.stream import StreamConfig
+from fedtide.scenario.stream_checks import stream_problem
 
 ModelName = Literal["mlp", "cnn", "resnet"]
 PartitionKind = Literal["iid", "dirichlet", "pathological", "shard"]
-
-class Section(BaseModel):
-    """A scenario section: unknown keys are errors, values are checked on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
 
 class NamedWithParams(BaseModel):
     """A section naming a pluggable component; any other key is that component's parameter."""
@@ -47,11 +45,6 @@ class DatasetConfig(Section):
 
 class ModelConfig(Section):
     name: ModelName = "mlp"
-
-
-class StreamConfig(Section):
-    n_experiences: int = Field(5, ge=1)
-    class_order: list[int] | None = None
 
 
 class PartitionConfig(Section):
@@ -354,21 +347,21 @@ class Scenario(Section):
         return DATASETS[self.dataset.name].input_shape
 
     @property
-    def total_rounds(self) -> int:
-        return self.stream.n_experiences * self.federation.rounds_per_experience
+    def schedule(self) -> Schedule:
+        """Each client's experiences in time (`fedtide.scenario.schedule`)."""
+        return schedule(self.stream, self.partition.num_clients, self.federation.rounds_per_experience, self.seed)
 
-    @field_validator("stream")
-    @classmethod
-    def _class_order_unique(cls, stream: StreamConfig) -> StreamConfig:
-        order = stream.class_order
-        if order is not None and len(set(order)) != len(order):
-            raise ValueError("class_order repeats a class; list each class once")
-        return stream
+    @property
+    def total_rounds(self) -> int:
+        """The run's last global round: n_experiences × rounds_per_experience in lockstep."""
+        if self.stream.lockstep:
+            return self.stream.n_experiences * self.federation.rounds_per_experience
+        return self.schedule.last_round
 
     @model_validator(mode="after")
     def _stream_fits_dataset(self) -> Scenario:
         classes = self.num_classes
-        if self.stream.n_experiences > classes:
+        if self.stream.kind == "class" and self.stream.n_experiences > classes:
             raise ValueError(
                 f"stream.n_experiences={self.stream.n_experiences} exceeds the "
                 f"{classes} classes of {self.dataset.name}; use at most {classes}"
@@ -376,6 +369,13 @@ class Scenario(Section):
         order = self.stream.class_order
         if order is not None and sorted(order) != list(range(classes)):
             raise ValueError(f"stream.class_order must list each of the {classes} classes 0..{classes - 1} once")
+        return self
+
+    @model_validator(mode="after")
+    def _stream_possible(self) -> Scenario:
+        problem = stream_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
@@ -391,6 +391,6 @@ class Scenario(Section):
             if stretch.rounds[1] > rounds:
                 raise ValueError(
                     f"faults.unavailable.{i}.rounds: {list(stretch.rounds)} ends after the run's last global round "
-                    f"{rounds} (stream.n_experiences × federation.rounds_per_experience)"
+                    f"{rounds}; end it by round {rounds}"
                 )
         return self

@@ -59,6 +59,7 @@ from fedtide.registry import defined_at
 from fedtide.server.array_check import array_problem
 from fedtide.server.checkpoint import ClientStates, restore_strategy, strategy_state
 from fedtide.server.faults import FaultPlan
+from fedtide.server.grid import PartitionOrderedGrid
 from fedtide.server.sampling import StrategyRandom
 from fedtide.server.strategies import innermost
 
@@ -117,8 +118,8 @@ class ContinualStrategy:
         self.experience = 0
         self.round_offset = 0
         self.experience_config = ConfigRecord()
-        self.experience_ends: dict[int, ArrayRecord] = {}
-        self.settled_through: dict[int, int] = {}  # node id -> experience of its last successful reply
+        self.round_ends: dict[int, ArrayRecord] = {}  # global round -> the weights after it, where a step ended
+        self.settled_through: dict[int, int] = {}  # node id -> its own experience at its last successful reply
         self.client_states = ClientStates()  # partition id -> Context.state its last reply carried
 
     @property
@@ -132,15 +133,14 @@ class ContinualStrategy:
     def begin_experience(
         self, experience: int, arrays: ArrayRecord, config: ConfigRecord, rounds: int, done: int = 0
     ) -> None:
-        """Enter `experience` with `done` of its rounds already run (a resumed run), starting from `arrays`.
+        """Enter stage `experience` (in lockstep, the experience) with `done` of its rounds already run
+        (a resumed run), starting from `arrays`.
 
-        With none done, `arrays` are the weights that ended the previous experience, and the
-        strategy's `random` stream starts afresh (resumed, it goes on from the checkpoint's).
+        With none done, the strategy's `random` stream starts afresh (resumed, it goes on
+        from the checkpoint's).
         """
         if done == 0:
             self.random.begin_experience(experience)
-            if experience > 0:
-                self.experience_ends[experience - 1] = arrays
         self.experience = experience
         self.round_offset = experience * rounds
         self.experience_config = config
@@ -158,7 +158,7 @@ class ContinualStrategy:
         return {
             "strategy": strategy_state(self.strategy),
             "random": self.random.getstate(),
-            "experience_ends": dict(self.experience_ends),
+            "round_ends": dict(self.round_ends),
             "settled_through": {self.partition_of[node]: e for node, e in self.settled_through.items()},
             "client_states": self.client_states,  # a checkpoint writes those that changed since the last
         }
@@ -167,7 +167,7 @@ class ContinualStrategy:
         """Take back a `checkpoint_state()`, with `partition_of` already learned from this run's nodes."""
         restore_strategy(self.strategy, state["strategy"])
         self.random.setstate(state["random"])
-        self.experience_ends = dict(state["experience_ends"])
+        self.round_ends = dict(state["round_ends"])
         node_of = {partition: node for node, partition in self.partition_of.items()}
         self.settled_through = {node_of[p]: e for p, e in state["settled_through"].items()}
         self.client_states = state["client_states"]
@@ -175,6 +175,8 @@ class ContinualStrategy:
     def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, RoundOutcome]:
         """The experience's round `server_round` from `arrays`: the new global arrays, and what happened."""
         outcome = RoundOutcome(self.global_round(server_round))
+        if outcome.global_round - 1 in self.plan.end_rounds:  # `arrays` ended some client's experience
+            self.round_ends[outcome.global_round - 1] = arrays
         messages = self._configure_train(server_round, arrays, grid, outcome)
         replies = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT)
         try:
@@ -193,6 +195,7 @@ class ContinualStrategy:
         self, server_round: int, arrays: ArrayRecord, grid: Grid, outcome: RoundOutcome
     ) -> list[Message]:
         config = ConfigRecord(dict(self.experience_config))
+        grid = self._in_stream(grid, outcome.global_round)
         messages = list(self._call(self.strategy.configure_train, server_round, arrays, config, grid))
         outcome.sampled = len(messages)
         delivered = []
@@ -210,20 +213,28 @@ class ContinualStrategy:
     def _partition(self, node_id: int) -> int:
         return self.partition_of.get(node_id, node_id)
 
-    def _add_experience_ends(self, message: Message, server_round: int) -> None:
-        """Give the node the weights that ended each past experience it has not been seen to settle
-        and will consolidate: those its plan gives it data in.
+    def _in_stream(self, grid: Grid, global_round: int) -> Grid:
+        """The grid as the strategy sees it this round: only the nodes of clients in the stream
+        (all of them in lockstep), so that it samples among those, as a server samples connected clients."""
+        if self.plan.lockstep:
+            return grid
+        if not isinstance(grid, PartitionOrderedGrid):
+            raise FederationError("a stream whose clients join or leave needs fedtide's PartitionOrderedGrid")
+        return grid.restricted_to(set(self.plan.present(global_round)))
 
-        In round 1 of an experience the message's own arrays ended the previous one, so
-        with every client sampled every round nothing extra is ever sent.
+    def _add_experience_ends(self, message: Message, server_round: int) -> None:
+        """Give the node the weights that ended each of its past experiences it has not been seen to
+        settle and will consolidate: those its plan gives it data in.
+
+        The weights that ended an experience in the previous round are the message's own,
+        so with every client sampled every round nothing extra is ever sent.
         """
         node = message.metadata.dst_node_id
         client = self.plan.client(self._partition(node))
-        now = client.at_round(self.global_round(server_round))
-        owed = client.to_consolidate(self.settled_through.get(node, 0), now.experience)
-        extra = {experience_end_key(e): self.experience_ends[e] for e in owed}
-        if server_round == 1:
-            extra.pop(experience_end_key(self.experience - 1), None)
+        global_round = self.global_round(server_round)
+        owed = client.to_consolidate(self.settled_through.get(node, 0), client.step_at(global_round))
+        ends = {step: client.experiences[step].end_round for step in owed}
+        extra = {experience_end_key(s): self.round_ends[end] for s, end in ends.items() if end != global_round - 1}
         if extra:
             message.content = RecordDict({**dict(message.content.items()), **extra})
 
@@ -280,7 +291,9 @@ class ContinualStrategy:
                     f"{partition} the server took it to hold (`fedtide.server.grid.registered_partitions`)"
                 )
             outcome.reports.append(report)
-            self.settled_through[reply.metadata.src_node_id] = self.experience
+            self.settled_through[reply.metadata.src_node_id] = self.plan.client(partition).step_at(
+                outcome.global_round
+            )
             if report.num_examples > 0:  # a client with no data, or out of budget, replied the global model
                 trained.append(reply)
         if outcome.sent and not outcome.reports:

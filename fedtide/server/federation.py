@@ -67,22 +67,39 @@ def run_federation(
 
 
 def run_experiences(parts: RunParts) -> ArrayRecord:
-    """Run the experiences' remaining rounds from `parts.arrays`, recording each; the final global model."""
+    """Run the stages' remaining rounds from `parts.arrays`, recording each; the final global model.
+
+    A stage is `federation.rounds_per_experience` global rounds (the last one may be
+    shorter): in lockstep, one experience of every client. The strategy's rounds restart
+    with each stage; which experience each client is in is its own schedule's business.
+    """
     scenario, federation, arrays = parts.scenario, parts.federation, parts.arrays
     rounds = scenario.federation.rounds_per_experience
     first, ran = divmod(parts.done, rounds)
-    for experience in range(first, scenario.stream.n_experiences):
-        done = ran if experience == first else 0
-        federation.begin_experience(experience, arrays, train_config(scenario, experience), rounds, done)
-        for server_round in range(done + 1, rounds + 1):
+    for stage in range(first, stage_count(scenario)):
+        done = ran if stage == first else 0
+        in_stage = stage_rounds(scenario, stage)
+        federation.begin_experience(stage, arrays, train_config(scenario, stage), rounds, done)
+        for server_round in range(done + 1, in_stage + 1):
             arrays, outcome = federation.train_round(parts.grid, server_round, arrays)
             federation.evaluate_round(parts.grid, server_round, arrays)
-            record = parts.recorder.record(experience, server_round, arrays, outcome)
+            record = parts.recorder.record(stage, server_round, arrays, outcome, stage_end=server_round == in_stage)
             if _checkpoint_due(scenario, record.round):
                 _checkpoint(parts, record.round, arrays)
             if parts.observer:
                 parts.observer(record)
     return arrays
+
+
+def stage_count(scenario: Scenario) -> int:
+    """How many stages the run has: `stream.n_experiences` in lockstep."""
+    return -(-scenario.total_rounds // scenario.federation.rounds_per_experience)
+
+
+def stage_rounds(scenario: Scenario, stage: int) -> int:
+    """The rounds of `stage`: R, except a last stage cut short where the clients' schedules end."""
+    rounds = scenario.federation.rounds_per_experience
+    return min(rounds, scenario.total_rounds - stage * rounds)
 
 
 def _checkpoint_due(scenario: Scenario, global_round: int) -> bool:
@@ -114,15 +131,19 @@ def _fail(run_dir: Path, error: FederationError) -> NoReturn:
     raise FederationError(f"{error}; full log: {log}") from error
 
 
-def train_config(scenario: Scenario, experience: int) -> ConfigRecord:
-    """What every train message of `experience` tells clients (and the strategy): docs/extending.md."""
+def train_config(scenario: Scenario, stage: int) -> ConfigRecord:
+    """What every train message of `stage` tells clients (and the strategy): docs/extending.md.
+
+    `experience` is the stage (in lockstep, every client's experience); a client reads its
+    own experience from its schedule at the global round `round-offset` + `server-round`.
+    """
     rounds = scenario.federation.rounds_per_experience
     return ConfigRecord(
         {
-            "experience": experience,
-            "n-experiences": scenario.stream.n_experiences,
+            "experience": stage,
+            "n-experiences": stage_count(scenario),
             "rounds-per-experience": rounds,
-            "round-offset": experience * rounds,
+            "round-offset": stage * rounds,
             "scenario": scenario.model_dump_json(),
             "checkpoint": scenario.checkpoint.every > 0,  # clients then send their Context.state with replies
         }

@@ -19,6 +19,7 @@ node is, to know that the backend is up. Every train reply names its partition, 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable
 
@@ -48,6 +49,13 @@ class PartitionOrderedGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self.partition_of: dict[int, int] = {}
+        self.present: set[int] | None = None  # the partitions whose nodes it lists; None: all
+
+    def restricted_to(self, partitions: set[int]) -> PartitionOrderedGrid:
+        """The same grid listing only the nodes of `partitions`: the clients in the stream this round."""
+        view = copy.copy(self)
+        view.present = partitions
+        return view
 
     def discover(self, num_clients: int, timeout: float = 600.0, batch: int = DISCOVERY_BATCH) -> None:
         """Wait for `num_clients` nodes, learn which partition each one holds, and for a node's reply.
@@ -107,7 +115,10 @@ class PartitionOrderedGrid(Grid):
         return answers
 
     def get_node_ids(self) -> Iterable[int]:
-        return sorted(self._grid.get_node_ids(), key=lambda n: self.partition_of.get(n, n))
+        nodes = sorted(self._grid.get_node_ids(), key=lambda n: self.partition_of.get(n, n))
+        if self.present is None:
+            return nodes
+        return [node for node in nodes if self.partition_of.get(node) in self.present]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Flower's push-then-pull loop (`InMemoryGrid.send_and_receive`), stopping when the run is stopped."""

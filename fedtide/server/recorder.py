@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord
 
 from fedtide.continual.methods import method_class
 from fedtide.data.datasets import load_dataset
+from fedtide.data.domains import domain_transforms, transformed
 from fedtide.data.stream_plan import StreamPlan, stream_plan
 from fedtide.metrics.evaluation import experience_accuracies
 from fedtide.models import build_scenario_model
@@ -37,11 +38,22 @@ class Evaluation:
         self.plan: StreamPlan = stream_plan(scenario)
         self.classes = [list(group) for group in self.plan.classes]
         self.test_sets = [(data.test_x[ids], data.test_y[ids]) for ids in self.plan.test]
+        if scenario.stream.kind == "domain":
+            transforms = domain_transforms(scenario.stream, scenario.seed, data.train_x)
+            self.test_sets = [(transformed(x, t), y) for (x, y), t in zip(self.test_sets, transforms)]
         self.model = build_scenario_model(scenario, seed=scenario.seed)
 
-    def accuracies(self, arrays: ArrayRecord, experience: int) -> list[float]:
-        """The accuracy of `arrays` on the test data of experiences 0..`experience`."""
-        return experience_accuracies(self.model, arrays, self.test_sets[: experience + 1])
+    def accuracies(self, arrays: ArrayRecord, stage: int) -> list[float]:
+        """The accuracy of `arrays` on the test data of experiences 0..`stage` in lockstep; else of every
+        experience, since clients meet them in their own order."""
+        seen = self.test_sets[: stage + 1] if self.plan.lockstep else self.test_sets
+        return experience_accuracies(self.model, arrays, seen)
+
+    def seen_accuracy(self, accuracies: list[float], global_round: int) -> float:
+        """The accuracy on the union of the test data of every experience some client has begun by `global_round`."""
+        seen = self.plan.seen(global_round)
+        sizes = [len(self.test_sets[e][1]) for e in seen]
+        return sum(accuracies[e] * n for e, n in zip(seen, sizes)) / sum(sizes)
 
 
 class RunRecorder:
@@ -58,7 +70,6 @@ class RunRecorder:
     ) -> None:
         self.evaluation = evaluation
         self.run_dir = run_dir
-        self.rounds = scenario.federation.rounds_per_experience
         self.started = started  # a time.monotonic(): when the server began building its model and data
         self.metric_aggregation = method_class(scenario.continual.method).metric_aggregation
         self.private = scenario.privacy.private
@@ -81,16 +92,22 @@ class RunRecorder:
             clients_dropped=sum(dropped.values()), dropped_per_client={str(k): v for k, v in dropped.items()}
         )
 
-    def record(self, experience: int, server_round: int, arrays: ArrayRecord, outcome: RoundOutcome) -> RoundRecord:
-        """Measure `arrays` after the experience's round `server_round`, add the round to the totals and the files."""
+    def record(
+        self, experience: int, server_round: int, arrays: ArrayRecord, outcome: RoundOutcome, stage_end: bool
+    ) -> RoundRecord:
+        """Measure `arrays` after the stage's round `server_round` (in lockstep, the experience's), add the round
+        to the totals and the files; `stage_end`: the stage's last round, which gives a row of the matrix."""
         totals = self.totals
         accuracies = self.evaluation.accuracies(arrays, experience)
+        seen = self.evaluation.seen_accuracy(accuracies, outcome.global_round)
+        if outcome.global_round in self.evaluation.plan.end_rounds:
+            totals.end_accuracies[outcome.global_round] = accuracies
         equal = self.client_level is not None  # client-level DP weighs clients equally
         method_metrics = aggregate_method_metrics(outcome.reports, self.metric_aggregation, equal)
         privacy = self._privacy_record(outcome) if self.private else None
         client_level = self._client_level_record(outcome) if self.client_level is not None else None
         record = round_record(
-            experience, server_round, accuracies, outcome, self.elapsed(), privacy, client_level, method_metrics
+            experience, server_round, accuracies, outcome, self.elapsed(), privacy, client_level, method_metrics, seen
         )
         totals.failures += record.clients["failed"]
         totals.strategy_metrics = outcome.strategy_metrics or totals.strategy_metrics
@@ -101,7 +118,7 @@ class RunRecorder:
             totals.dropped[drop.partition_id] += 1
         totals.ray_nodes.update(r.ray_node_id for r in outcome.reports if r.ray_node_id)
         append_metrics(self.run_dir, record)
-        if server_round == self.rounds:
+        if stage_end:
             totals.matrix.append(accuracies)
             append_metrics(self.run_dir, ExperienceRecord(experience, accuracies))
         return record
@@ -144,6 +161,7 @@ def round_record(
     privacy: RoundPrivacy | None,
     client_level: RoundClientLevel | None = None,
     method_metrics: dict[str, float] | None = None,
+    seen_accuracy: float | None = None,
 ) -> RoundRecord:
     reports = outcome.reports
     trained = [r for r in reports if r.num_examples > 0]
@@ -154,6 +172,7 @@ def round_record(
         round_in_experience=server_round,
         accuracy=accuracies,
         mean_accuracy=sum(accuracies) / len(accuracies),
+        seen_accuracy=seen_accuracy,
         train_loss=sum(r.train_loss * r.num_examples for r in trained) / examples if examples else None,
         clients={
             "sampled": outcome.sampled,

@@ -22,6 +22,8 @@ class RunTotals:
     strategy_metrics: dict[str, float | list[float]] | None = None  # the last round's that had any
     method_metrics: dict[str, float] | None = None  # the last round's aggregate that had any
     aggregated: list[int] = field(default_factory=list)  # client-level DP: the clipped updates each round summed
+    # the accuracy on every experience after each round in which some client's experience ended: its matrix's rows
+    end_accuracies: dict[int, list[float]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, num_clients: int) -> RunTotals:

@@ -60,13 +60,17 @@ def strategy_class(name: str) -> type[Strategy]:
     return resolve(STRATEGY, name)
 
 
-def build_strategy(federation: FederationConfig, num_clients: int, weighted_by: str | None = None) -> Strategy:
+def build_strategy(
+    federation: FederationConfig, num_clients: int, weighted_by: str | None = None, everyone_every_round: bool = True
+) -> Strategy:
     """Instantiate the scenario's strategy with its parameters and fedtide's sampling settings.
 
     Sampling fields (fraction_train, ...) are passed only to strategies whose
     constructor takes them; the scenario's own strategy parameters win. `weighted_by`
     names the reply metric that weights clients in the aggregate (client-level DP gives
-    every client the same), for strategies that take Flower's `weighted_by_key`.
+    every client the same), for strategies that take Flower's `weighted_by_key`. Flower's
+    sampling waits for `min_available_nodes`: every client, unless the stream keeps some
+    out of some rounds (`everyone_every_round` false), when the strategy sees only those in it.
     """
     cls = strategy_class(federation.strategy.name)
     params = federation.strategy.params
@@ -76,7 +80,7 @@ def build_strategy(federation: FederationConfig, num_clients: int, weighted_by: 
         "fraction_evaluate": federation.fraction_evaluate,
         "min_train_nodes": min(federation.min_train_nodes, num_clients),
         "min_evaluate_nodes": 0 if federation.fraction_evaluate == 0 else 1,
-        "min_available_nodes": num_clients,
+        "min_available_nodes": num_clients if everyone_every_round else 1,
     }
     if weighted_by:
         sampling["weighted_by_key"] = weighted_by
@@ -120,7 +124,7 @@ def federation_strategy(scenario: Scenario, client_sigma: float | None) -> Strat
         weighted_by = CLIENT_WEIGHT_KEY
         if scenario.privacy.client_level.sampling == "poisson":
             federation = federation.model_copy(update={"fraction_train": 1.0, "min_train_nodes": num_clients})
-    strategy = build_strategy(federation, num_clients, weighted_by)
+    strategy = build_strategy(federation, num_clients, weighted_by, scenario.stream.lockstep)
     for wrap in strategy_wrappers(scenario, client_sigma):
         strategy = wrap(strategy)
     return strategy

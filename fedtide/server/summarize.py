@@ -6,6 +6,7 @@ from fedtide.audit.canaries import audit_canaries
 from fedtide.audit.membership import audit_clients
 from fedtide.continual.methods import build_method
 from fedtide.metrics.forgetting import average_accuracy, average_forgetting, backward_transfer
+from fedtide.metrics.per_client import per_client_summary
 from fedtide.privacy.accounting import client_delta, noise_multiplier
 from fedtide.records.summary import (
     AuditSummary,
@@ -24,7 +25,11 @@ def summarize(scenario: Scenario, recorder: RunRecorder, faults: bool) -> RunSum
     The session's timings (`startup_s`, ...) are the caller's to add.
     """
     totals, model = recorder.totals, recorder.evaluation.model
-    matrix = totals.matrix
+    matrix, plan = totals.matrix, recorder.evaluation.plan
+    per_client = None if plan.lockstep else per_client_summary(plan, totals.end_accuracies)
+    forgetting, bwt = average_forgetting(matrix), backward_transfer(matrix)
+    if per_client is not None:  # the global matrix's rows are stages, in which clients hold different experiences
+        forgetting, bwt = per_client.mean_average_forgetting or 0.0, per_client.mean_bwt or 0.0
     privacy = _privacy_summary(scenario, recorder) if recorder.private else None
     client_level = _client_level_summary(scenario, recorder) if recorder.client_level is not None else None
     canaries = audit_canaries(
@@ -44,8 +49,8 @@ def summarize(scenario: Scenario, recorder: RunRecorder, faults: bool) -> RunSum
         classes_per_experience=recorder.evaluation.classes,
         accuracy_matrix=matrix,
         final_average_accuracy=average_accuracy(matrix),
-        average_forgetting=average_forgetting(matrix),
-        bwt=backward_transfer(matrix),
+        average_forgetting=forgetting,
+        bwt=bwt,
         clients_failed=totals.failures,
         wall_time_s=recorder.elapsed(),
         ray_nodes=sorted(totals.ray_nodes),
@@ -56,6 +61,7 @@ def summarize(scenario: Scenario, recorder: RunRecorder, faults: bool) -> RunSum
         faults=recorder.fault_summary() if faults else None,
         strategy_metrics=totals.strategy_metrics,
         method_metrics=totals.method_metrics,
+        per_client=per_client,
     )
 
 
