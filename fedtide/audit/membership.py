@@ -14,12 +14,15 @@ audits them).
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from sklearn.metrics import auc, roc_curve
 from torch.nn.functional import cross_entropy
 
 from fedtide.data.datasets import load_dataset
+from fedtide.data.domains import domain_transforms, transformed
 from fedtide.data.stream_plan import stream_plan
 from fedtide.records.summary import LOW_FPR, ClientAudit
 from fedtide.scenario.schema import Scenario
@@ -57,6 +60,19 @@ def loss_threshold_attack(member_losses: np.ndarray, nonmember_losses: np.ndarra
     )
 
 
+def _views(scenario: Scenario, train_x: torch.Tensor) -> list:
+    """How the model saw the images: as they are, or under each experience's transform in a domain stream."""
+    if scenario.stream.kind != "domain":
+        return [lambda images: images]
+    return [partial(transformed, transform=t) for t in domain_transforms(scenario.stream, scenario.seed, train_x)]
+
+
+def _losses(model: torch.nn.Module, view, data, rows: np.ndarray) -> np.ndarray:
+    """The per-sample losses of training rows `rows` as `view` shows their images."""
+    chosen = torch.from_numpy(rows)
+    return sample_losses(model, view(data.train_x[chosen]), data.train_y[chosen])
+
+
 def matched_by_class(
     member_labels: np.ndarray, pool_labels: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -77,24 +93,36 @@ def audit_clients(scenario: Scenario, model: torch.nn.Module) -> dict:
     """The attack on each client's training data, with the mean and worst case over clients.
 
     Clients with no training data are left out. The draw of non-members is seeded by
-    the scenario seed and the client, so an audit is reproducible.
+    the scenario seed and the client, so an audit is reproducible. In a domain stream a
+    member is a training image under its experience's transform, matched with held-out
+    test images of its class under the same transform.
     """
     data = load_dataset(scenario.dataset.name, scenario.dataset.root)
     plan = stream_plan(scenario)
     model = model.cpu()
-    test_losses = sample_losses(model, data.test_x, data.test_y)[plan.held_out]
-    test_labels = data.test_y.numpy()[plan.held_out]
+    views = _views(scenario, data.train_x)
+    test_losses = np.concatenate(
+        [sample_losses(model, view(data.test_x), data.test_y)[plan.held_out] for view in views]
+    )
+    test_keys = np.concatenate(
+        [d * scenario.num_classes + data.test_y.numpy()[plan.held_out] for d in range(len(views))]
+    )
+    n = len(data.train_y)
     per_client: dict[str, dict] = {}
     for client in range(scenario.partition.num_clients):
         ids = plan.client(client).training_set_ids()
         if len(ids) == 0:
             continue
         rng = np.random.default_rng([scenario.seed, client])
-        members, nonmembers = matched_by_class(data.train_y[ids].numpy(), test_labels, rng)
+        domains, rows = ids // n, ids % n
+        members, nonmembers = matched_by_class(
+            domains * scenario.num_classes + data.train_y[rows].numpy(), test_keys, rng
+        )
         if len(members) == 0:
             continue
-        member_ids = torch.from_numpy(ids[members])
-        member_losses = sample_losses(model, data.train_x[member_ids], data.train_y[member_ids])
+        member_losses = np.concatenate(
+            [_losses(model, view, data, rows[members][domains[members] == d]) for d, view in enumerate(views)]
+        )
         per_client[str(client)] = loss_threshold_attack(member_losses, test_losses[nonmembers]).to_dict()
     aucs = [r["auc"] for r in per_client.values()]
     tprs = [r["tpr_at_1pct_fpr"] for r in per_client.values()]
