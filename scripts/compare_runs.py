@@ -7,7 +7,9 @@ the accuracy matrix, averages, forgetting, BWT, failures, classes, the privacy s
 (σ, ε per client, δ) and the audit must be equal to the bit. So must every line of the
 run's metrics.jsonl, all but what differs between two runs of the same scenario
 anyway: wall times (`wall_time_s` wherever it stands) and Ray's node ids (new in every
-Ray run). Exits 1 when any run differs or is missing, printing what differs.
+Ray run). A key only AFTER's lines have (a field a change added, such as `seen_accuracy`)
+is not a difference: it is listed once as added, and the keys both have must be equal.
+Exits 1 when any run differs or is missing, printing what differs.
 """
 
 from __future__ import annotations
@@ -45,6 +47,19 @@ def without_times(value: Any) -> Any:
     return value
 
 
+def as_before(new: Any, old: Any, added: set[str]) -> Any:
+    """`new` with only the keys `old` has, at any depth; the keys left out go to `added`."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        added.update(key for key in new if key not in old)
+        return {key: as_before(item, old[key], added) for key, item in new.items() if key in old}
+    if isinstance(new, list) and isinstance(old, list) and len(new) == len(old):
+        return [as_before(n, o, added) for n, o in zip(new, old)]
+    return new
+
+
+ADDED: set[str] = set()  # keys only the AFTER runs' metrics.jsonl lines have
+
+
 def metrics_difference(before: Path, after: Path) -> str | None:
     """Where two metrics.jsonl files differ (the first line, and its keys that differ); None when they agree."""
     if not before.is_file():
@@ -54,6 +69,7 @@ def metrics_difference(before: Path, after: Path) -> str | None:
     old = [without_times(json.loads(line)) for line in before.read_text().splitlines() if line.strip()]
     new = [without_times(json.loads(line)) for line in after.read_text().splitlines() if line.strip()]
     for number, (a, b) in enumerate(zip(old, new), start=1):
+        b = as_before(b, a, ADDED)
         if a != b:
             keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
             return f"metrics.jsonl line {number} ({a.get('type')}): {', '.join(keys)}"
@@ -79,6 +95,8 @@ def main(before: Path, after: Path) -> int:
             print(f"differs: {relative}: {', '.join(differences)}")
         else:
             same += 1
+    if ADDED:
+        print(f"keys only the after runs have (new fields, not compared): {', '.join(sorted(ADDED))}")
     print(f"{same}/{len(paths)} runs have identical numbers (summary.json and metrics.jsonl)")
     return 0 if same == len(paths) else 1
 
