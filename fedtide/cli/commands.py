@@ -178,7 +178,7 @@ def _run_to_the_end(scenario, run_dir: Path, done: int) -> None:
         except FederationError:
             progress.update(task, status="[red]failed[/red] (below)")
             raise
-    console.print(summary_view(read_summary(run_dir)))
+    console.print(summary_view(read_summary(run_dir), scenario.federation.rounds_per_experience))
     console.print(f"report: [bold]{_write_report([run_dir], run_dir)}[/bold]")
 
 

@@ -2,7 +2,8 @@
 
 This module says what the report holds, section by section, as a list of blocks; the
 blocks and their HTML and Markdown renderings are `fedtide.report.blocks`, the runs
-table (also report.csv) is `fedtide.report.runs_table`.
+table (also report.csv) is `fedtide.report.runs_table`, the blocks of runs whose clients
+are not in lockstep `fedtide.report.stream_blocks`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from fedtide.report.runs import (
     series_labels,
 )
 from fedtide.report.runs_table import epsilon_cell, number, pct, runs_csv, runs_table
+from fedtide.report.stream_blocks import client_blocks, forgetting_comparison, stage_matrix_table
+from fedtide.report.streams import streams_text
 
 HTML_FILE, MARKDOWN_FILE, CSV_FILE = "report.html", "report.md", "report.csv"
 
@@ -65,7 +68,7 @@ def build_blocks(runs: list[RunResult], unfinished: list[Path] = (), privacy_uni
     blocks += [Heading("Runs"), runs_table(runs)]
     points = seed_groups(runs)
     if len(points) > 1:
-        blocks += _comparison(points)
+        blocks += _comparison(points) + forgetting_comparison(points)
     if len(points) > 1 and any(run.private for run in runs):
         blocks += _privacy_utility(points)
     blocks += _audit(runs, points)
@@ -93,6 +96,7 @@ def _preamble(runs: list[RunResult], unfinished: list[Path]) -> str:
         f"Generated {date.today().isoformat()} from {len(runs)} finished run(s). Accuracy is the global model's "
         "test accuracy; forgetting and BWT follow Avalanche's definitions over the accuracy matrix."
     )
+    text += streams_text(runs)
     if any(run.private for run in runs):
         text += " " + _units_text(runs)
     if unfinished:
@@ -173,6 +177,10 @@ def _privacy_cell(point: SeedGroup) -> str:
 
 
 def _privacy_utility(points: list[SeedGroup]) -> list[Block]:
+    """ε against utility, a point per seed group. Runs whose clients are not in lockstep fit as they are:
+    their summary's `average_forgetting` is already the mean over clients of each one's own forgetting
+    (`per_client.mean_average_forgetting`), and `final_average_accuracy` the final global model's mean
+    over every experience (`fedtide.report.streams`)."""
     names = _scalar_metrics(points)
     columns = ["series", "unit", "noise σ", "ε", "final accuracy %", "forgetting %", "attack AUC", *names, "seeds"]
     rows = []
@@ -290,7 +298,6 @@ def _canary_audit(runs: list[RunResult]) -> list[Block]:
 def _run_details(run: RunResult) -> list[Block]:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "__", run.run_id)
     summary = run.summary
-    matrix = summary.accuracy_matrix
     blocks: list[Block] = [
         Heading(run.run_id, 3),
         Text(
@@ -301,21 +308,30 @@ def _run_details(run: RunResult) -> list[Block]:
             + _parameters(run)
             + _client_epsilons(run)
         ),
-        TableBlock(
-            ["after", *(f"exp {j}" for j in range(len(matrix)))],
-            [[f"exp {e}", *(pct(a) for a in row), *([""] * (len(matrix) - len(row)))] for e, row in
-             enumerate(matrix)],
-        ),
+        _matrix_table(run),
         Image(f"{stem}-accuracy_matrix.png", "Accuracy matrix", png(figures.accuracy_matrix_figure(run))),
         Image(f"{stem}-accuracy_rounds.png", "Accuracy per experience over rounds", png(
             figures.accuracy_over_rounds_figure(run))),
     ]  # fmt: skip
+    if summary.per_client:
+        blocks += client_blocks(run, stem)
     if run.private:
         blocks.append(Image(f"{stem}-epsilon.png", "ε over rounds", png(figures.epsilon_figure(run))))
     if any(run.metric_per_round(name) for name in run.final_metrics):
         blocks.append(Image(f"{stem}-user_metrics.png", "The strategy's and the method's metrics over rounds", png(
             figures.user_metrics_figure(run))))
     return blocks
+
+
+def _matrix_table(run: RunResult) -> TableBlock:
+    """Lockstep: lower-triangular, row e after experience e; out of lockstep a full row per stage."""
+    matrix = run.summary.accuracy_matrix
+    if run.summary.per_client:
+        return stage_matrix_table(run)
+    return TableBlock(
+        ["after", *(f"exp {j}" for j in range(len(matrix)))],
+        [[f"exp {e}", *(pct(a) for a in row), *([""] * (len(matrix) - len(row)))] for e, row in enumerate(matrix)],
+    )
 
 
 def _parameters(run: RunResult) -> str:

@@ -9,6 +9,7 @@ names its unit; a point with no ε of the report's unit (`SeedGroup.placed`) is 
 from __future__ import annotations
 
 import math
+import textwrap
 
 import matplotlib
 
@@ -19,8 +20,16 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fedtide.records.summary import LOW_FPR, SAMPLE  # noqa: E402
+from fedtide.records.summary import LOW_FPR, SAMPLE, PerClientSummary  # noqa: E402
 from fedtide.report.runs import RunResult, SeedGroup  # noqa: E402
+from fedtide.report.streams import (  # noqa: E402
+    first_rounds,
+    joiners,
+    run_rounds_per_stage,
+    sorted_clients,
+    stage_label,
+    stage_spans,
+)
 
 _UNIT_AXIS = {SAMPLE: "sample: max over clients", "client": "client"}
 
@@ -34,43 +43,119 @@ def epsilon_axis_label(units: set[str | None], what: str = "ε spent") -> str:
 
 
 def accuracy_matrix_figure(run: RunResult) -> Figure:
-    """A[e][j], accuracy on experience j after training experience e, as a heatmap."""
+    """A[e][j], accuracy on experience j after training experience e, as a heatmap (out of lockstep, after stage e)."""
     matrix = run.summary.accuracy_matrix
     size, width = len(matrix), max(len(row) for row in matrix)  # clients out of lockstep: a full row per stage
     grid = np.full((size, width), np.nan)
     for e, row in enumerate(matrix):
         grid[e, : len(row)] = 100 * np.asarray(row)
-    figure, axes = plt.subplots(figsize=(1.1 * width + 2.2, 0.9 * size + 1.6))
+    labels = 0.0 if run.summary.per_client is None else 1.6  # out of lockstep, a row's label names its rounds
+    figure, axes = plt.subplots(figsize=(1.1 * width + 2.2 + labels, 0.9 * size + 1.6))
     image = axes.imshow(grid, vmin=0, vmax=100, cmap="viridis")
     for e, row in enumerate(matrix):
         for j in range(len(row)):
             axes.text(j, e, f"{grid[e, j]:.0f}", ha="center", va="center", color="white" if grid[e, j] < 60 else "k")
     axes.set_xticks(range(width), [f"exp {j}" for j in range(width)])
-    axes.set_yticks(range(size), [f"after {e}" for e in range(size)])
+    if run.summary.per_client is None:
+        axes.set_yticks(range(size), [f"after {e}" for e in range(size)])
+        axes.set_title(f"{run.run_id}: accuracy matrix (%)", fontsize=9)
+    else:  # a row per stage: name it by its rounds
+        spans = stage_spans(run.summary, run_rounds_per_stage(run))
+        axes.set_yticks(range(size), [f"after {stage_label(s, span)}" for s, span in enumerate(spans)])
+        axes.set_title(f"{run.run_id}: global accuracy matrix (%), a row per stage", fontsize=9)
     axes.set_xlabel("tested on")
-    axes.set_title(f"{run.run_id}: accuracy matrix (%)", fontsize=9)
     figure.colorbar(image, ax=axes, fraction=0.046)
     figure.tight_layout()
     return figure
 
 
 def accuracy_over_rounds_figure(run: RunResult) -> Figure:
-    """Global accuracy on each experience's test data after every round; dotted lines end experiences."""
-    rounds = run.rounds
-    figure, axes = plt.subplots(figsize=(6.4, 3.4))
+    """Global accuracy on each experience's test data after every round; dotted lines end experiences.
+
+    Out of lockstep the dotted lines end stages, a solid line is the accuracy on the classes
+    some client has begun (`seen_accuracy`), the dashed mean is over every experience, and a
+    vertical mark stands at each round where a client arrives: red where it joins with
+    experiences no one before it holds (`streams.joiners`), green where it only starts late.
+    """
+    rounds, per_client = run.rounds, run.summary.per_client
+    figure, axes = plt.subplots(figsize=(6.4 if per_client is None else 8.4, 3.4))
     for j in range(run.summary.n_experiences):
         seen = [(r.round, 100 * r.accuracy[j]) for r in rounds if len(r.accuracy) > j]
         if seen:
             axes.plot(*zip(*seen), marker=".", label=f"exp {j}")
-    axes.plot([r.round for r in rounds], [100 * r.mean_accuracy for r in rounds], "k--", lw=1.5, label="mean")
-    per_experience = run.summary.rounds // run.summary.n_experiences
-    for boundary in range(per_experience, run.summary.rounds, per_experience):
+    mean = "mean" if per_client is None else "mean, every experience"
+    axes.plot([r.round for r in rounds], [100 * r.mean_accuracy for r in rounds], "k--", lw=1.5, label=mean)
+    for boundary in stage_boundaries(run):
         axes.axvline(boundary + 0.5, color="grey", ls=":", lw=1)
     axes.set_xlabel("global round")
     axes.set_ylabel("test accuracy (%)")
     axes.set_ylim(0, 100)
-    axes.set_title(f"{run.run_id}: accuracy per experience", fontsize=9)
-    axes.legend(fontsize=7, ncol=2, loc="upper right")
+    if per_client is None:
+        axes.set_title(f"{run.run_id}: accuracy per experience", fontsize=9)
+        axes.legend(fontsize=7, ncol=2, loc="upper right")
+    else:
+        seen = [(r.round, 100 * r.seen_accuracy) for r in rounds if r.seen_accuracy is not None]
+        if seen:
+            axes.plot(*zip(*seen), "k-", lw=2, label="classes seen by any client")
+        _mark_arrivals(axes, per_client)
+        stages = f"dotted: stages of {run_rounds_per_stage(run)} rounds"
+        axes.set_title(f"{run.run_id}: accuracy per experience ({stages})", fontsize=9)
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.tight_layout()
+    return figure
+
+
+def stage_boundaries(run: RunResult) -> list[int]:
+    """The last round of every stage but the last: in lockstep, of every experience but the last."""
+    per = run_rounds_per_stage(run)
+    return list(range(per, run.summary.rounds, per))
+
+
+def _mark_arrivals(axes, per_client: PerClientSummary) -> None:
+    """A vertical line at each round where some client starts its first experience after the run's start."""
+    starts, joined = first_rounds(per_client), set(joiners(per_client))
+    arriving: dict[int, list[str]] = {}
+    for client in sorted_clients(per_client):
+        if starts[client] > min(starts.values()):
+            arriving.setdefault(starts[client], []).append(client)
+    for round_, clients in sorted(arriving.items()):
+        joins = any(client in joined for client in clients)
+        color = "tab:red" if joins else "tab:green"
+        axes.axvline(round_, color=color, ls="-" if joins else "--", lw=1, alpha=0.6)
+        words = [f"{client} {'joins' if client in joined else 'starts'}" for client in clients]
+        axes.text(round_, 98, "client " + ", ".join(words), rotation=90, va="top", ha="right", fontsize=6, color=color)
+    if arriving:
+        axes.plot([], [], color="tab:green", ls="--", lw=1, label="a client starts late")
+    if joined:
+        axes.plot([], [], color="tab:red", lw=1, label="a client joins, new experiences")
+
+
+def client_forgetting_figure(groups: list[tuple[str, list[tuple[str, float]]]]) -> Figure:
+    """Each client's average forgetting, a box per group (a run, or a series' seeds pooled), a point per client.
+
+    `groups` are (label, [(client, forgetting)]), drawn top to bottom; a lone group names each
+    point by its client. The diamond is the mean of the group's points.
+    """
+    figure, axes = plt.subplots(figsize=(8.0, 2.0 + 0.6 * len(groups)))
+    values = [[100 * f for _, f in points] for _, points in groups]
+    axes.boxplot(values, positions=range(len(groups)), widths=0.5, orientation="horizontal", showfliers=False,
+                 medianprops={"color": "grey"})  # fmt: skip
+    for i, ((_, points), xs) in enumerate(zip(groups, values)):
+        ys = i + (np.linspace(-0.12, 0.12, len(xs)) if len(xs) > 1 else np.zeros(1))
+        axes.scatter(xs, ys, s=18, color="tab:blue", alpha=0.8, zorder=3, label="a client" if i == 0 else None)
+        if len(groups) == 1:
+            for x, y, (client, _) in zip(xs, ys, points):
+                axes.annotate(f"client {client}", (x, y), xytext=(0, 6), textcoords="offset points", fontsize=7,
+                              ha="center")  # fmt: skip
+        label = "mean over clients" if i == 0 else None
+        axes.scatter([np.mean(xs)], [i], marker="D", s=40, color="tab:red", zorder=4, label=label)
+    axes.axvline(0, color="grey", ls=":", lw=0.8)
+    axes.set_yticks(range(len(groups)), [textwrap.fill(label, 40) for label, _ in groups], fontsize=8)
+    axes.set_ylim(len(groups) - 0.5, -0.5)
+    axes.set_xlabel("average forgetting (%), each client over its own experiences")
+    axes.set_title("Forgetting of each client", fontsize=9)
+    axes.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     return figure
 
@@ -102,15 +187,14 @@ def epsilon_figure(run: RunResult) -> Figure:
 
 def user_metrics_figure(run: RunResult) -> Figure:
     """Each of the strategy's and the method's metrics after every round, one panel each; dotted lines
-    end experiences. A metric given as a list of numbers has no line."""
+    end experiences (out of lockstep, stages). A metric given as a list of numbers has no line."""
     names = [name for name in run.final_metrics if run.metric_per_round(name)]
     columns = min(3, len(names))
     rows = math.ceil(len(names) / columns)
     figure, panels = plt.subplots(rows, columns, figsize=(3.6 * columns + 0.6, 2.6 * rows + 0.4), squeeze=False)
-    per_experience = run.summary.rounds // run.summary.n_experiences
     for axes, name in zip(panels.flat, names):
         axes.plot(*zip(*run.metric_per_round(name)), marker=".")
-        for boundary in range(per_experience, run.summary.rounds, per_experience):
+        for boundary in stage_boundaries(run):
             axes.axvline(boundary + 0.5, color="grey", ls=":", lw=1)
         axes.set_title(name, fontsize=9)
         axes.set_xlabel("global round", fontsize=8)

@@ -9,11 +9,15 @@ from fedtide.records.summary import PRIVACY_UNITS
 from fedtide.report.blocks import TableBlock
 from fedtide.report.runs import RunResult, metric_names, metric_text
 
+# Runs whose clients are not in lockstep (`summary.per_client`): the means over clients of each one's own
+# final accuracy and forgetting (`fedtide.report.streams`); "forgetting %" is that same mean there.
+CLIENT_MEAN_COLUMNS = ("final accuracy % (client mean)", "forgetting % (client mean)")
 # Each unit's σ, ε and δ side by side: a run with both levels has two guarantees, neither the run's.
 UNIT_COLUMNS = {unit: (f"σ ({unit})", f"ε ({unit})", f"δ ({unit})") for unit in PRIVACY_UNITS}
 RUN_COLUMNS = [
     "run", "method", "strategy", "DP level", *UNIT_COLUMNS["sample"], *UNIT_COLUMNS["client"], "ε lower",
-    "final accuracy %", "forgetting %", "BWT %", "attack AUC", "TPR@1%FPR %", "clients dropped", "wall time s",
+    "final accuracy %", "forgetting %", "BWT %", *CLIENT_MEAN_COLUMNS, "attack AUC", "TPR@1%FPR %",
+    "clients dropped", "wall time s",
 ]  # fmt: skip
 PRIVACY_COLUMNS = ("DP level",)  # shown only when some run is private; a unit's columns when some run has it
 FAULT_COLUMNS = ("clients dropped",)  # shown only when some run simulated faults
@@ -38,6 +42,7 @@ def shown_columns(runs: list[RunResult]) -> list[str]:
         hidden |= set() if any(unit in run.summary.units for run in runs) else set(columns)
     hidden |= set() if any(run.summary.faults for run in runs) else set(FAULT_COLUMNS)
     hidden |= set() if any(run.canary_audit for run in runs) else set(CANARY_COLUMNS)
+    hidden |= set() if any(run.summary.per_client for run in runs) else set(CLIENT_MEAN_COLUMNS)
     return [column for column in RUN_COLUMNS if column not in hidden]
 
 
@@ -54,6 +59,8 @@ def run_row(run: RunResult) -> list[str]:
         pct(summary.final_average_accuracy),
         pct(summary.average_forgetting),
         pct(summary.bwt),
+        pct(summary.per_client.mean_final_average_accuracy if summary.per_client else None),
+        pct(summary.per_client.mean_average_forgetting if summary.per_client else None),
         number(audit.auc_max if audit else None),
         pct(audit.tpr_at_1pct_fpr_max if audit else None),
         str(summary.faults.clients_dropped) if summary.faults else "–",
