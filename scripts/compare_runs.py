@@ -4,7 +4,8 @@
 
 Every summary.json under BEFORE_DIR is matched by its relative path under AFTER_DIR;
 the accuracy matrix, averages, forgetting, BWT, failures, classes, the privacy section
-(σ, ε per client, δ) and the audit must be equal to the bit. So must every line of the
+(σ, ε per client, δ), the audit and, out of lockstep, the per-client section (each
+client's matrix, forgetting, BWT) must be equal to the bit. So must every line of the
 run's metrics.jsonl, all but what differs between two runs of the same scenario
 anyway: wall times (`wall_time_s` wherever it stands) and Ray's node ids (new in every
 Ray run). A key only AFTER's lines have (a field a change added, such as `seen_accuracy`)
@@ -28,6 +29,7 @@ COMPARED = (
     "clients_failed",
     "privacy",
     "audit",
+    "per_client",
 )
 # Keys of metrics.jsonl that two runs of the same scenario need not share.
 NOT_COMPARED = {"wall_time_s", "ray_node_id"}

@@ -9,19 +9,19 @@ same numbers, so the attack cannot win by telling classes apart. The ROC of the
 score -loss gives the AUC (0.5 = no leakage) and the true-positive rate at 1% false
 positives (what matters for confident attacks: Carlini et al. 2022). Under a canary audit
 the canaries are neither members nor non-members here (`fedtide.audit.canaries`
-audits them).
+audits them). In a domain stream a member is a training image as the client trained on
+it, under its experience's transform, and its non-members are test images under the same
+transform: members and non-members are matched on (experience, class).
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 import numpy as np
 import torch
 from sklearn.metrics import auc, roc_curve
 from torch.nn.functional import cross_entropy
 
-from fedtide.data.datasets import load_dataset
+from fedtide.data.datasets import ImageData, load_dataset
 from fedtide.data.domains import domain_transforms, transformed
 from fedtide.data.stream_plan import stream_plan
 from fedtide.records.summary import LOW_FPR, ClientAudit
@@ -60,19 +60,6 @@ def loss_threshold_attack(member_losses: np.ndarray, nonmember_losses: np.ndarra
     )
 
 
-def _views(scenario: Scenario, train_x: torch.Tensor) -> list:
-    """How the model saw the images: as they are, or under each experience's transform in a domain stream."""
-    if scenario.stream.kind != "domain":
-        return [lambda images: images]
-    return [partial(transformed, transform=t) for t in domain_transforms(scenario.stream, scenario.seed, train_x)]
-
-
-def _losses(model: torch.nn.Module, view, data, rows: np.ndarray) -> np.ndarray:
-    """The per-sample losses of training rows `rows` as `view` shows their images."""
-    chosen = torch.from_numpy(rows)
-    return sample_losses(model, view(data.train_x[chosen]), data.train_y[chosen])
-
-
 def matched_by_class(
     member_labels: np.ndarray, pool_labels: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -93,36 +80,23 @@ def audit_clients(scenario: Scenario, model: torch.nn.Module) -> dict:
     """The attack on each client's training data, with the mean and worst case over clients.
 
     Clients with no training data are left out. The draw of non-members is seeded by
-    the scenario seed and the client, so an audit is reproducible. In a domain stream a
-    member is a training image under its experience's transform, matched with held-out
-    test images of its class under the same transform.
+    the scenario seed and the client, so an audit is reproducible.
     """
     data = load_dataset(scenario.dataset.name, scenario.dataset.root)
     plan = stream_plan(scenario)
     model = model.cpu()
-    views = _views(scenario, data.train_x)
-    test_losses = np.concatenate(
-        [sample_losses(model, view(data.test_x), data.test_y)[plan.held_out] for view in views]
-    )
-    test_keys = np.concatenate(
-        [d * scenario.num_classes + data.test_y.numpy()[plan.held_out] for d in range(len(views))]
-    )
-    n = len(data.train_y)
+    images = AuditedImages(scenario, data, plan.held_out)
+    test_losses = images.test_losses(model)
     per_client: dict[str, dict] = {}
     for client in range(scenario.partition.num_clients):
         ids = plan.client(client).training_set_ids()
         if len(ids) == 0:
             continue
         rng = np.random.default_rng([scenario.seed, client])
-        domains, rows = ids // n, ids % n
-        members, nonmembers = matched_by_class(
-            domains * scenario.num_classes + data.train_y[rows].numpy(), test_keys, rng
-        )
+        members, nonmembers = matched_by_class(images.member_keys(ids), images.test_keys, rng)
         if len(members) == 0:
             continue
-        member_losses = np.concatenate(
-            [_losses(model, view, data, rows[members][domains[members] == d]) for d, view in enumerate(views)]
-        )
+        member_losses = sample_losses(model, *images.members(ids[members]))
         per_client[str(client)] = loss_threshold_attack(member_losses, test_losses[nonmembers]).to_dict()
     aucs = [r["auc"] for r in per_client.values()]
     tprs = [r["tpr_at_1pct_fpr"] for r in per_client.values()]
@@ -134,3 +108,39 @@ def audit_clients(scenario: Scenario, model: torch.nn.Module) -> dict:
         "tpr_at_1pct_fpr_max": max(tprs, default=None),
         "per_client": per_client,
     }
+
+
+class AuditedImages:
+    """The images the attack scores, and the keys members and non-members are matched on.
+
+    A class stream's sample ids index the training set, and the key is the class. A domain
+    stream's sample id d·N + i is training image i under experience d's transform (what the
+    client trained on); the non-members are the held-out test images under each experience's
+    transform, and the key d·C + class matches members and non-members on both.
+    """
+
+    def __init__(self, scenario: Scenario, data: ImageData, held_out: np.ndarray) -> None:
+        self.data, self.held_out, self.n, self.classes = data, held_out, len(data.train_y), scenario.num_classes
+        self.transforms = None
+        if scenario.stream.kind == "domain":
+            self.transforms = domain_transforms(scenario.stream, scenario.seed, data.train_x)
+        copies = len(self.transforms) if self.transforms else 1
+        labels = data.test_y.numpy()[held_out]
+        self.test_keys = np.concatenate([d * self.classes + labels for d in range(copies)])
+
+    def test_losses(self, model: torch.nn.Module) -> np.ndarray:
+        """Every held-out test image's loss, in the order of `test_keys`."""
+        if self.transforms is None:
+            return sample_losses(model, self.data.test_x, self.data.test_y)[self.held_out]
+        x, y = self.data.test_x[self.held_out], self.data.test_y[self.held_out]
+        return np.concatenate([sample_losses(model, transformed(x, t), y) for t in self.transforms])
+
+    def member_keys(self, ids: np.ndarray) -> np.ndarray:
+        return ids // self.n * self.classes + self.data.train_y.numpy()[ids % self.n]
+
+    def members(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels of training samples `ids`, as the clients trained on them."""
+        images, labels = self.data.train_x[ids % self.n], self.data.train_y[ids % self.n]
+        if self.transforms is None:
+            return images, labels
+        return torch.stack([self.transforms[d](image) for d, image in zip(ids // self.n, images)]), labels
