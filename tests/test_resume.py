@@ -245,7 +245,8 @@ def test_the_cli_refuses_to_run_over_an_unfinished_run_and_resumes_it(tmp_path, 
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["small"]  # no new run folder
     code, out, err = run_cli("resume", str(folder))
     assert code == 0, err
-    assert f"resuming {folder} after round 3/6" in " ".join(out.split())
+    # the console wraps a long path anywhere, even inside a name: compare without any white space
+    assert f"resuming{folder}afterround3/6".replace(" ", "") in "".join(out.split())
     resumed = json.loads((folder / "summary.json").read_text())
     assert {k: resumed.get(k) for k in SUMMARY_NUMBERS} == {k: expected.get(k) for k in SUMMARY_NUMBERS}
     code, _, err = run_cli("resume", str(folder))
