@@ -22,9 +22,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/fedtide run scenarios/quickstart.yaml
 
+# Two pytest workers, one per core: a test file runs whole on one of them (its module fixtures run once),
+# and each worker starts Ray in a folder of its own (tests/conftest.py).
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -540,3 +540,31 @@ def test_the_membership_audit_scores_a_domain_member_as_its_client_trained_on_it
     assert np.array_equal(images.member_keys(ids), ids // n * 10 + TRAIN_LABELS[ids % n])
     test_labels = DIGITS.test_y.numpy()
     assert np.array_equal(images.test_keys, np.concatenate([d * 10 + test_labels for d in range(3)]))
+
+
+def test_a_sweep_over_stream_fields_makes_one_point_per_setting(tmp_path):
+    """`sweep: {stream.client_order: [...], stream.kind: [...]}` works like any other field (issue 22 item 5)."""
+    from fedtide.runner.sweep import load_sweep
+
+    path = write(
+        tmp_path,
+        {
+            "name": "streams",
+            "partition": {"num_clients": 4},
+            "stream": {"n_experiences": 3},
+            "sweep": {"stream.client_order": ["shared", "per_client"], "stream.kind": ["class", "domain"]},
+        },
+    )
+    sweep = load_sweep(path, output=tmp_path / "runs")
+    points = {point.name: point.scenario.stream for point in sweep.points}
+    assert sorted(points) == [
+        "client_order-per_client_kind-class",
+        "client_order-per_client_kind-domain",
+        "client_order-shared_kind-class",
+        "client_order-shared_kind-domain",
+    ]
+    assert points["client_order-shared_kind-class"].lockstep
+    assert not points["client_order-per_client_kind-domain"].lockstep
+    assert points["client_order-per_client_kind-domain"].kind == "domain"
+    orders = [[s.experience for s in c.steps] for c in sweep.points[2].scenario.schedule.clients]
+    assert sweep.points[2].scenario.stream.client_order == "per_client" and len({tuple(o) for o in orders}) > 1
