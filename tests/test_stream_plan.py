@@ -16,6 +16,7 @@ from fedtide.data.stream_plan import classes_per_experience, stream_plan
 from fedtide.models import build_scenario_model
 from fedtide.privacy import accounting
 from fedtide.privacy.footprint import PrivateFootprint
+from fedtide.records.metrics import ClientRoundRecord
 from fedtide.records.wire import experience_ends
 from fedtide.server.continual_strategy import ContinualStrategy
 from tests.conftest import small_scenario
@@ -109,6 +110,23 @@ def test_the_server_sends_the_ends_of_the_experiences_the_plan_has_a_client_cons
         strategy._add_experience_ends(message, server_round=2)
         sent[node] = sorted(experience_ends(message.content))
     assert sent == {106: [1], 104: [0, 1]}  # client 6 has nothing of experience 0 to consolidate
+
+
+def test_a_client_that_did_not_consolidate_what_it_owed_is_sent_those_weights_again():
+    """A client out of privacy budget replies before consolidating: the server must not take its past
+    experiences as settled, or it would consolidate them later at the wrong weights."""
+    scenario = small_scenario(seed=1)
+    arrays = ArrayRecord(build_scenario_model(scenario).state_dict())
+    strategy = ContinualStrategy(FedAvg(), reference=arrays, partition_of={100: 0}, plan=stream_plan(scenario))
+    held = [i for i, exp in enumerate(stream_plan(scenario).client(0).experiences[:2]) if exp.size]
+    report = ClientRoundRecord(
+        partition_id=0, num_examples=0, train_loss=0.0, empty=0, consolidated=0, consolidation_counts=[0, 0, 0],
+        epsilon=0.0, noise_multiplier=0.0, budget_exhausted=1,
+    )  # fmt: skip
+    strategy._settle(100, 0, report, global_round=5)  # in experience 2, owing 0 and 1
+    assert held and strategy.settled_through == {}
+    strategy._settle(100, 0, replace(report, consolidation_counts=[1, 1, 0], budget_exhausted=0), global_round=5)
+    assert strategy.settled_through == {100: 2}
 
 
 def shrunk(plan, client: int, keep: int):

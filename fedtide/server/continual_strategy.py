@@ -291,9 +291,7 @@ class ContinualStrategy:
                     f"{partition} the server took it to hold (`fedtide.server.grid.registered_partitions`)"
                 )
             outcome.reports.append(report)
-            self.settled_through[reply.metadata.src_node_id] = self.plan.client(partition).step_at(
-                outcome.global_round
-            )
+            self._settle(reply.metadata.src_node_id, partition, report, outcome.global_round)
             if report.num_examples > 0:  # a client with no data, or out of budget, replied the global model
                 trained.append(reply)
         if outcome.sent and not outcome.reports:
@@ -303,6 +301,15 @@ class ContinualStrategy:
                 f"client {outcome.failures[0].partition_id} said: {outcome.failures[0].reason}"
             )
         return trained
+
+    def _settle(self, node: int, partition: int, report: ClientRoundRecord, global_round: int) -> None:
+        """Mark the node's past experiences settled, once its counts show each one it owed consolidated:
+        a client out of privacy budget replies before consolidating, and must be sent their weights again."""
+        own = self.plan.client(partition)
+        step = own.step_at(global_round)
+        owed = own.to_consolidate(self.settled_through.get(node, 0), step)
+        if all(report.consolidation_counts[past] for past in owed):
+            self.settled_through[node] = step
 
     def _call(self, hook: Callable[..., Result], *args: Any) -> Result:
         """Run one of the strategy's hooks, drawing from the strategy's own `random` stream; its exception
