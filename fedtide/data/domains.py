@@ -44,5 +44,18 @@ def rotation_angles(stream: StreamConfig, seed: int) -> list[float]:
 
 
 def transformed(images: torch.Tensor, transform: Transform) -> torch.Tensor:
-    """`images` under `transform`, one by one as a training sample is read (a batch would permute across images)."""
+    """`images` under `transform`, each as it would be alone.
+
+    A fixed rotation of the whole batch gives each image exactly what rotating it alone
+    gives (tests/test_stream_schedules.py pins it) in a fraction of the time; a permutation
+    must go image by image (on a batch it would permute across images).
+    """
+    if isinstance(transform, RandomRotation):
+        return transform(images)
     return torch.stack([transform(image) for image in images])
+
+
+def is_cheap_per_sample(transform: Transform) -> bool:
+    """Whether applying `transform` as each sample is read costs little: a permutation is an index, a
+    rotation an interpolation (several times a permuted run's training time), so rotated images are made once."""
+    return not isinstance(transform, RandomRotation)

@@ -22,7 +22,7 @@ from avalanche.benchmarks.utils.classification_dataset import (
 from avalanche.benchmarks.utils.transform_groups import DefaultTransformGroups
 
 from fedtide.data.datasets import load_dataset
-from fedtide.data.domains import Transform, domain_transforms
+from fedtide.data.domains import Transform, domain_transforms, is_cheap_per_sample, transformed
 from fedtide.data.stream_plan import PlanInputs, build_plan, stream_plan
 from fedtide.scenario.schema import Scenario
 
@@ -39,11 +39,14 @@ def training_pool(scenario: Scenario) -> Dataset:
 
 @lru_cache(maxsize=4)
 def _domain_pool(inputs: PlanInputs) -> Dataset:
-    """The training set once per experience of a domain stream, each copy under its experience's transform."""
+    """The training set once per experience of a domain stream, each copy under its experience's transform:
+    applied as a sample is read (a permutation), or once to the whole copy (a rotation)."""
     data = load_dataset(inputs.dataset, inputs.root)
     n = len(data.train_y)
     copies = [
         _with_sample_ids(data.train_x, data.train_y, first_id=d * n, transform=transform)
+        if is_cheap_per_sample(transform)
+        else _with_sample_ids(transformed(data.train_x, transform), data.train_y, first_id=d * n)
         for d, transform in enumerate(domain_transforms(inputs.stream_config, inputs.seed, data.train_x))
     ]
     pool = copies[0]
