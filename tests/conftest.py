@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from flwr.app import ArrayRecord, Message
 
 from fedtide.cli.commands import main
@@ -88,6 +89,27 @@ def pytest_runtest_teardown(item, nextitem):
     if started and item.get_closest_marker("ray") is None:
         pytest.fail(f"{item.nodeid} started Ray ({', '.join(sorted(started))}) but is not marked `ray`", pytrace=False)
 
+
+
+class Crash(Exception):
+    """Stands for anything that ends a run between two rounds."""
+
+
+def crash_after(global_round: int):
+    """A round observer that ends the run after `global_round`, as a kill would."""
+
+    def observer(record):
+        if record.round == global_round:
+            raise Crash
+
+    return observer
+
+
+def write_scenario_file(tmp_path: Path, content: dict | str) -> Path:
+    """`content` (a scenario as a dict, or YAML text) as tmp_path/scenario.yaml."""
+    path = tmp_path / "scenario.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    return path
 
 
 def small_scenario(**sections):

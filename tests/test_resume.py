@@ -26,7 +26,7 @@ from fedtide.runner.simulation import simulate_in_process
 from fedtide.runner.sweep import load_sweep, run_sweep
 from fedtide.server.checkpoint import Checkpoint, ClientStates, read_checkpoint, strategy_state, write_checkpoint
 from fedtide.server.run_totals import RunTotals
-from tests.conftest import small_scenario
+from tests.conftest import Crash, crash_after, small_scenario
 
 SUMMARY_NUMBERS = (
     "accuracy_matrix",
@@ -103,18 +103,6 @@ CASES = {
         3,
     ),
 }
-
-
-class Crash(Exception):
-    """Stands for anything that ends a run between two rounds."""
-
-
-def crash_after(global_round: int):
-    def observer(record):
-        if record.round == global_round:
-            raise Crash
-
-    return observer
 
 
 def run_to_end(scenario, folder, rounds_seen=None):

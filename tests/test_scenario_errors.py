@@ -9,12 +9,7 @@ import yaml
 from fedtide.runner.validation import check_resources
 from fedtide.scenario.loading import load_scenario
 from tests.conftest import small_scenario
-
-
-def write(tmp_path: Path, content: dict | str) -> Path:
-    path = tmp_path / "scenario.yaml"
-    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
-    return path
+from tests.conftest import write_scenario_file as write
 
 
 @pytest.mark.parametrize(

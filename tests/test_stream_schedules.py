@@ -34,6 +34,7 @@ from fedtide.records.run_folder import create_run_folder, read_metrics
 from fedtide.runner.in_process_grid import InProcessGrid
 from fedtide.runner.simulation import simulate, simulate_in_process
 from fedtide.scenario import schedule as schedules
+from fedtide.scenario.loading import load_scenario
 from fedtide.scenario.schedule import Schedule, schedule
 from fedtide.scenario.schema import Scenario
 from fedtide.scenario.stream import StreamConfig
@@ -41,9 +42,8 @@ from fedtide.server.checkpoint import read_checkpoint
 from fedtide.server.federation import run_federation
 from fedtide.server.recorder import Evaluation
 from scripts.compare_runs import metrics_difference, numbers
-from tests.conftest import small_scenario, stored_method_state
-from tests.test_resume import Crash, crash_after
-from tests.test_scenario_errors import write
+from tests.conftest import Crash, crash_after, small_scenario, stored_method_state
+from tests.conftest import write_scenario_file as write
 
 DIGITS = load_dataset("digits")
 TRAIN_LABELS = DIGITS.train_y.numpy()
@@ -568,3 +568,15 @@ def test_a_sweep_over_stream_fields_makes_one_point_per_setting(tmp_path):
     assert points["client_order-per_client_kind-domain"].kind == "domain"
     orders = [[s.experience for s in c.steps] for c in sweep.points[2].scenario.schedule.clients]
     assert sweep.points[2].scenario.stream.client_order == "per_client" and len({tuple(o) for o in orders}) > 1
+
+
+def test_validate_describes_the_stream_and_its_length(run_cli):
+    code, out, err = run_cli("validate", "scenarios/fcl_async.yaml")
+    assert code == 0, err
+    assert (
+        "5 class-incremental experiences, each client its own order, staggered starts, 2-4 rounds per experience, "
+        "2 leaving after 3, 2 joining with 1 new, 10 clients"
+    ) in " ".join(out.split())
+    assert f"{load_scenario('scenarios/fcl_async.yaml').total_rounds} rounds" in " ".join(out.split())
+    code, out, _ = run_cli("validate", "scenarios/domain_permuted.yaml")
+    assert code == 0 and "5 domain-incremental (by permutation) experiences, 10 clients" in " ".join(out.split())

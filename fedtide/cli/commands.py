@@ -272,7 +272,7 @@ def validate(scenario_file: ScenarioArg, set_: SetOption = None) -> None:
         return
     scenario = _load_checked(scenario_file, set_)
     console.print(
-        f"[green]ok[/green]: '{scenario.name}': {scenario.dataset.name}, {scenario.stream.n_experiences} experiences, "
+        f"[green]ok[/green]: '{scenario.name}': {scenario.dataset.name}, {scenario.stream.describe()}, "
         f"{scenario.partition.num_clients} clients ({scenario.partition.kind}), "
         f"{scenario.federation.strategy.name} + {scenario.continual.method}, {scenario.total_rounds} rounds"
     )

@@ -112,6 +112,25 @@ class StreamConfig(Section):
         """The domain stream's transform (rotation when none is named)."""
         return self.domain or DomainConfig()
 
+    def describe(self) -> str:
+        """`5 domain-incremental experiences (permutation), each client its own order, staggered starts, ...`"""
+        kind = f"domain-incremental (by {self.transform.transform})" if self.kind == "domain" else "class-incremental"
+        parts = [f"{self.n_experiences} {kind} experiences"]
+        if self.client_order == "per_client":
+            parts.append("each client its own order")
+        arrivals = self.arrivals
+        if arrivals.start != "together":
+            parts.append(f"{arrivals.start} starts")
+        if arrivals.rounds:
+            parts.append(f"{arrivals.rounds[0]}-{arrivals.rounds[1]} rounds per experience")
+        if arrivals.leaving:
+            parts.append(f"{arrivals.leaving} leaving after {arrivals.leave_after}")
+        if arrivals.joining:
+            parts.append(f"{arrivals.joining} joining with {arrivals.new_experiences} new")
+        if self.clients:
+            parts.append(f"{len(self.clients)} listed")
+        return ", ".join(parts)
+
     @property
     def lockstep(self) -> bool:
         """Every client in the same experience over the same rounds: the stream before any of the fields above."""
