@@ -187,7 +187,8 @@ class ContinualStrategy:
 
     def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """The strategy's federated evaluation of the round, as Flower's `start()` runs it (none by default)."""
-        messages = self._call(self.strategy.configure_evaluate, server_round, arrays, ConfigRecord(), grid)
+        present = self._in_stream(grid, self.global_round(server_round))
+        messages = self._call(self.strategy.configure_evaluate, server_round, arrays, ConfigRecord(), present)
         replies = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT)
         return self._call(self.strategy.aggregate_evaluate, server_round, replies)
 
