@@ -29,6 +29,7 @@ from fedtide.records.metrics import RoundRecord
 from fedtide.records.run_folder import read_metrics
 from fedtide.records.wire import client_round
 from fedtide.runner.in_process_grid import InProcessGrid
+from fedtide.runner.ray_housekeeping import ray_temp_dir
 from fedtide.scenario.loading import parse_scenario
 from fedtide.scenario.schema import Scenario
 
@@ -180,6 +181,23 @@ def rounds_written(folder: Path) -> int:
     if not (folder / "metrics.jsonl").is_file():
         return 0
     return sum(1 for r in read_metrics(folder) if r["type"] == "round")
+
+
+def ray_session_processes(driver_pid: int) -> list[str]:
+    """Running processes of the Ray sessions that process `driver_pid` started (holding their files)."""
+    sessions = [str(s) for s in ray_temp_dir().glob(f"session_*_{driver_pid}")]
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # exited; only its parent's reaping is left
+            command = entry.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode()
+            files = [os.readlink(fd) for fd in entry.joinpath("fd").iterdir()]
+        except OSError:
+            continue
+        if any(path.startswith(session) for session in sessions for path in [command, *files]):
+            found.append(f"{entry.name} {command[:60]}")
+    return found
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:
