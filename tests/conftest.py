@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,12 @@ def rounds_written(folder: Path) -> int:
 
 def ray_session_processes(driver_pid: int) -> list[str]:
     """Running processes of the Ray sessions that process `driver_pid` started (holding their files)."""
-    sessions = [str(s) for s in ray_temp_dir().glob(f"session_*_{driver_pid}")]
+    return session_processes(s.name for s in ray_temp_dir().glob(f"session_*_{driver_pid}"))
+
+
+def session_processes(names: Iterable[str]) -> list[str]:
+    """Running processes of these Ray sessions (folder names under `ray_temp_dir()`), holding their files."""
+    sessions = [str(ray_temp_dir() / name) for name in names]
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:

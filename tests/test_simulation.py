@@ -7,7 +7,6 @@ for the real thing.
 """
 
 import json
-import os
 import random
 
 import pytest
@@ -18,7 +17,7 @@ from fedtide.metrics.forgetting import average_forgetting, backward_transfer
 from fedtide.records.run_folder import create_run_folder, read_metrics
 from fedtide.runner.simulation import simulate, simulate_in_process
 from fedtide.scenario.loading import parse_scenario
-from tests.conftest import ray_session_processes, small_scenario
+from tests.conftest import ray_sessions, session_processes, small_scenario
 
 NUMBERS = ("accuracy_matrix", "final_average_accuracy", "average_forgetting", "bwt", "clients_failed")
 
@@ -81,9 +80,10 @@ def test_same_scenario_and_seed_give_identical_numbers_on_ray_whatever_the_worke
     torch.rand(17)  # whatever state this process's RNGs are in
     random.random()
     one_worker = parse_scenario(scenario.model_dump(mode="json") | {"resources": {"num_cpus_per_client": 2}})
+    before = ray_sessions()
     ray_folder, again = run(one_worker, tmp_path_factory, runner=simulate)
-    # a run that ends leaves no process of its Ray session (this process was its driver)
-    assert ray_session_processes(os.getpid()) == []
+    started = ray_sessions() - before
+    assert len(started) == 1 and session_processes(started) == []  # a run that ends leaves no Ray process
     assert again["ray_nodes"]  # the clients did run on Ray
     assert {k: again[k] for k in NUMBERS} == {k: summary[k] for k in NUMBERS}
     assert summary["final_average_accuracy"] > 0.2
