@@ -24,7 +24,6 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from fedtide.cli.commands import main
-from fedtide.client.schedule import train_schedule
 from fedtide.models import build_model
 from fedtide.records.metrics import RoundRecord
 from fedtide.records.run_folder import read_metrics
@@ -143,6 +142,8 @@ def flat(arrays: ArrayRecord) -> np.ndarray:
 
 def run_rounds(scenario, partition_id, schedule, state=None, mu=0.0):
     """Train through `schedule` = [(experience, global_round), ...]; return last arrays, report, state."""
+    from fedtide.client.schedule import train_schedule  # Avalanche: not for pytest-xdist's controller to import
+
     last = train_schedule(scenario, partition_id, schedule, initial_arrays(scenario), state, mu)[-1]
     return last.reply["arrays"], client_round(last.reply), last.state
 
