@@ -1,6 +1,6 @@
 """Stopping runs: SIGINT and SIGTERM end a run cleanly, a killed one resumes, and no Ray process is left.
 
-Signals are process-wide, so each run here is a `fedtide` subprocess on the small digits
+Signals are process-wide, so each run stopped here is a `fedtide` subprocess on the small digits
 scenario (3 experiences x 2 rounds, 4 clients). A stopped run must exit 130 (SIGINT) or
 143 (SIGTERM) within seconds, print exactly one line naming its last checkpoint, keep
 that checkpoint, and leave no process of its Ray session; a resumed run must end with
@@ -76,12 +76,12 @@ def test_sigint_stops_an_in_process_run_which_then_resumes_to_the_same_numbers(t
 
 @pytest.mark.ray
 def test_on_ray_a_sigkilled_runs_leftovers_are_ended_by_the_next_run_which_sigterm_stops_cleanly(tmp_path, straight):
-    """Two Ray runs of one folder: the first SIGKILLed, its resume SIGTERMed; then finished in-process.
+    """Two Ray runs of one folder, the first SIGKILLed and its resume SIGTERMed, then the rest in-process.
 
-    What this test's third Ray run once showed is elsewhere: a Ray run that ends leaves no Ray process
-    (tests/test_simulation.py, the worker-layout test), and a run resumed from a checkpoint that Ray
-    runs wrote gives the numbers of the run done in one go (the in-process end here: the clients'
-    seeding makes the backend irrelevant to the numbers, as that same test shows).
+    The rounds the Ray runs checkpointed, finished here, give the numbers of the run done in one go:
+    clients seed themselves per round, so the backend moves no number (tests/test_simulation.py's
+    worker-layout test, which also shows that a Ray run that ends leaves no Ray process). A third Ray
+    run to finish would cost a Ray start and the training stack's imports once more.
     """
     path = write_scenario(tmp_path)
     folder = tmp_path / "runs" / "small"
