@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,12 @@ import yaml
 from flwr.app import ArrayRecord, Message
 
 from fedtide.cli.commands import main
-from fedtide.client.schedule import train_schedule
 from fedtide.models import build_model
 from fedtide.records.metrics import RoundRecord
 from fedtide.records.run_folder import read_metrics
 from fedtide.records.wire import client_round
 from fedtide.runner.in_process_grid import InProcessGrid
+from fedtide.runner.ray_housekeeping import ray_temp_dir
 from fedtide.scenario.loading import parse_scenario
 from fedtide.scenario.schema import Scenario
 
@@ -163,6 +164,8 @@ def flat(arrays: ArrayRecord) -> np.ndarray:
 
 def run_rounds(scenario, partition_id, schedule, state=None, mu=0.0):
     """Train through `schedule` = [(experience, global_round), ...]; return last arrays, report, state."""
+    from fedtide.client.schedule import train_schedule  # Avalanche: not for pytest-xdist's controller to import
+
     last = train_schedule(scenario, partition_id, schedule, initial_arrays(scenario), state, mu)[-1]
     return last.reply["arrays"], client_round(last.reply), last.state
 
@@ -202,6 +205,28 @@ def rounds_written(folder: Path) -> int:
     if not (folder / "metrics.jsonl").is_file():
         return 0
     return sum(1 for r in read_metrics(folder) if r["type"] == "round")
+
+
+def ray_session_processes(driver_pid: int) -> list[str]:
+    """Running processes of the Ray sessions that process `driver_pid` started (holding their files)."""
+    return session_processes(s.name for s in ray_temp_dir().glob(f"session_*_{driver_pid}"))
+
+
+def session_processes(names: Iterable[str]) -> list[str]:
+    """Running processes of these Ray sessions (folder names under `ray_temp_dir()`), holding their files."""
+    sessions = [str(ray_temp_dir() / name) for name in names]
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # exited; only its parent's reaping is left
+            command = entry.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode()
+            files = [os.readlink(fd) for fd in entry.joinpath("fd").iterdir()]
+        except OSError:
+            continue
+        if any(path.startswith(session) for session in sessions for path in [command, *files]):
+            found.append(f"{entry.name} {command[:60]}")
+    return found
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:

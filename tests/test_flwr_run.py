@@ -1,9 +1,11 @@
 """The same ServerApp and ClientApp run as a Flower App under `flwr run .`.
 
 The module starts one SuperLink with the simulation runtime on free loopback ports (and
-stops it); each test submits the app to it with `flwr run`; the scenario and the output
-folder, or the run folder to resume, come from the run config, exactly as a user would
-pass them.
+stops it); the app is submitted to it with `flwr run`, the scenario and the output folder
+coming from the run config, exactly as a user would pass them. The run config's other
+way in, `resume`, is the same ServerApp called on the in-process grid: which runtime
+carries the messages does not change what they hold (a run resumed on Ray:
+tests/test_stop.py), and each `flwr run` costs a Ray start and a training stack's imports.
 """
 
 import json
@@ -16,13 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
+from flwr.app import Context, RecordDict
 
 from fedtide.records.run_folder import create_run_folder, read_metrics
+from fedtide.runner.in_process_grid import InProcessGrid
 from fedtide.runner.simulation import simulate_in_process
 from fedtide.scenario.loading import load_scenario
+from fedtide.server.app import app
 from tests.conftest import small_scenario
-
-pytestmark = pytest.mark.ray  # the SuperLink's simulation runtime runs the clients on Ray
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -87,6 +90,7 @@ def flwr_env(tmp_path: Path, superlink: str) -> dict[str, str]:
     return os.environ | {"FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
 
+@pytest.mark.ray  # the SuperLink's simulation runtime runs the clients on Ray
 def test_flwr_run_executes_a_scenario_from_the_run_config(tmp_path, superlink):
     bin_dir = BIN
     env = flwr_env(tmp_path, superlink)
@@ -114,8 +118,9 @@ def test_flwr_run_executes_a_scenario_from_the_run_config(tmp_path, superlink):
         assert summary[key] == expected[key], key
 
 
-def test_flwr_run_resumes_a_stopped_run_from_its_checkpoint(tmp_path, superlink):
-    """`resume` in the run config continues a run folder: clients get their state back through Flower's runtime."""
+def test_the_apps_resume_run_config_continues_a_stopped_run_from_its_checkpoint(tmp_path):
+    """`resume` in the run config continues a run folder: the clients, fresh, get their state back from the
+    checkpoint through the messages of Flower's grid (here the in-process one, as `flwr run` would call the app)."""
     scenario = small_scenario(partition={"kind": "iid", "num_clients": 2}, stream={"n_experiences": 2})
     straight = create_run_folder(scenario, tmp_path / "straight")
     simulate_in_process(scenario, straight)
@@ -131,20 +136,13 @@ def test_flwr_run_resumes_a_stopped_run_from_its_checkpoint(tmp_path, superlink)
     with pytest.raises(Crash):
         simulate_in_process(scenario, stopped, observer=crash_after_round_3)
 
-    env = flwr_env(tmp_path, superlink)
-    done = subprocess.run(
-        [
-            *[str(BIN / "flwr"), "run", str(REPO), "fedtide-test", "--stream"],
-            *["--federation-config", "num-supernodes=2", "--run-config", f'resume="{stopped}"'],
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert (stopped / "summary.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+    run_config = {"scenario": "scenarios/quickstart.yaml", "output": "runs", "set": "", "resume": str(stopped)}
+    server = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    app(InProcessGrid(2, run_config), server)
+    assert (stopped / "summary.json").is_file()
     resumed, expected = (json.loads((f / "summary.json").read_text()) for f in (stopped, straight))
     for key in NUMBERS:
         assert resumed[key] == expected[key], key
     rounds = [r["per_client"] for r in read_metrics(stopped) if r["type"] == "round"]
+    assert [r["round"] for r in read_metrics(stopped) if r["type"] == "round"] == [1, 2, 3, 4]
     assert [c["consolidation_counts"] for c in rounds[-1]] == [[1, 0], [1, 0]]  # consolidated once, before the stop

@@ -2,7 +2,8 @@
 
 One in-process federated run is shared by most assertions; the same scenario on
 Flower's Ray simulation, its clients all on one worker in another order, must give
-identical numbers, so the fast in-process runs stand for the real thing.
+identical numbers and leave no Ray process behind, so the fast in-process runs stand
+for the real thing.
 """
 
 import json
@@ -16,7 +17,7 @@ from fedtide.metrics.forgetting import average_forgetting, backward_transfer
 from fedtide.records.run_folder import create_run_folder, read_metrics
 from fedtide.runner.simulation import simulate, simulate_in_process
 from fedtide.scenario.loading import parse_scenario
-from tests.conftest import small_scenario
+from tests.conftest import ray_sessions, session_processes, small_scenario
 
 NUMBERS = ("accuracy_matrix", "final_average_accuracy", "average_forgetting", "bwt", "clients_failed")
 
@@ -79,7 +80,11 @@ def test_same_scenario_and_seed_give_identical_numbers_on_ray_whatever_the_worke
     torch.rand(17)  # whatever state this process's RNGs are in
     random.random()
     one_worker = parse_scenario(scenario.model_dump(mode="json") | {"resources": {"num_cpus_per_client": 2}})
+    before = ray_sessions()
     ray_folder, again = run(one_worker, tmp_path_factory, runner=simulate)
+    started = ray_sessions() - before
+    assert len(started) == 1 and session_processes(started) == []  # a run that ends leaves no Ray process
+    assert again["ray_nodes"]  # the clients did run on Ray
     assert {k: again[k] for k in NUMBERS} == {k: summary[k] for k in NUMBERS}
     assert summary["final_average_accuracy"] > 0.2
     # in-process with the same CPUs per client, even the clients' reported losses are Ray's to the bit
@@ -92,9 +97,13 @@ def train_losses(folder) -> list[list[float]]:
     return [[c["train_loss"] for c in r["per_client"]] for r in rounds]
 
 
-@pytest.mark.ray
 def test_a_strategy_that_raises_stops_the_run_with_one_line_naming_it(tmp_path, run_cli):
-    """End to end on Ray through the CLI: exit code 1, one line, the metrics so far kept."""
+    """End to end through the CLI: exit code 1, one line, the metrics so far kept.
+
+    In-process: the strategy runs in the ServerApp, whatever runs the clients, and the message is the
+    server's. How a run's error leaves Flower's Ray simulation as that one line (no Ray or Flower
+    traceback) is `test_a_client_error_on_ray_is_one_line_naming_the_users_line_and_the_log`'s.
+    """
     scenario = tmp_path / "raises.yaml"
     scenario.write_text(
         yaml.safe_dump(
@@ -103,7 +112,7 @@ def test_a_strategy_that_raises_stops_the_run_with_one_line_naming_it(tmp_path, 
                 "partition": {"kind": "iid", "num_clients": 2},
                 "stream": {"n_experiences": 2},
                 "federation": {"strategy": {"name": "tests.broken_strategy:RaisesInRoundTwo"}},
-                "resources": {"num_cpus_per_client": 2},
+                "resources": {"backend": "in_process"},
             }
         )
     )

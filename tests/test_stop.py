@@ -1,6 +1,6 @@
 """Stopping runs: SIGINT and SIGTERM end a run cleanly, a killed one resumes, and no Ray process is left.
 
-Signals are process-wide, so each run here is a `fedtide` subprocess on the small digits
+Signals are process-wide, so each run stopped here is a `fedtide` subprocess on the small digits
 scenario (3 experiences x 2 rounds, 4 clients). A stopped run must exit 130 (SIGINT) or
 143 (SIGTERM) within seconds, print exactly one line naming its last checkpoint, keep
 that checkpoint, and leave no process of its Ray session; a resumed run must end with
@@ -8,7 +8,6 @@ the numbers of the same run done in one go.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,10 +19,11 @@ import yaml
 
 from fedtide.records.checkpoint_files import checkpoint_round
 from fedtide.records.run_folder import read_run_scenario
-from fedtide.runner.ray_housekeeping import ray_temp_dir
+from fedtide.runner.ray_housekeeping import end_orphaned_ray_processes
+from fedtide.runner.simulation import simulate_in_process
 from fedtide.server.checkpoint import read_checkpoint
 from fedtide.stop_signals import STOP_GRACE_S, RunStopped, stop_on_signals
-from tests.conftest import Fedtide, rounds_written, small_scenario
+from tests.conftest import Fedtide, ray_session_processes, rounds_written, small_scenario
 
 NUMBERS = ("accuracy_matrix", "final_average_accuracy", "average_forgetting", "bwt", "clients_failed", "audit")
 
@@ -38,23 +38,6 @@ def write_scenario(tmp_path: Path, **sections) -> Path:
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(small_scenario(**sections).model_dump(mode="json")))
     return path
-
-
-def ray_session_processes(driver_pid: int) -> list[str]:
-    """Running processes of the Ray sessions that process `driver_pid` started (holding their files)."""
-    sessions = [str(s) for s in ray_temp_dir().glob(f"session_*_{driver_pid}")]
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue  # exited; only its parent's reaping is left
-            command = entry.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode()
-            files = [os.readlink(fd) for fd in entry.joinpath("fd").iterdir()]
-        except OSError:
-            continue
-        if any(path.startswith(session) for session in sessions for path in [command, *files]):
-            found.append(f"{entry.name} {command[:60]}")
-    return found
 
 
 HUNG_LINE = f"stopped; cleaning up took over {STOP_GRACE_S:g} s, so the process ends without it"
@@ -92,42 +75,47 @@ def test_sigint_stops_an_in_process_run_which_then_resumes_to_the_same_numbers(t
 
 
 @pytest.mark.ray
-def test_on_ray_sigterm_stops_cleanly_and_a_sigkilled_run_resumes_leaving_no_ray_process(tmp_path, straight):
+def test_on_ray_a_sigkilled_runs_leftovers_are_ended_by_the_next_run_which_sigterm_stops_cleanly(tmp_path, straight):
+    """Two Ray runs of one folder, the first SIGKILLed and its resume SIGTERMed, then the rest in-process.
+
+    The rounds the Ray runs checkpointed, finished here, give the numbers of the run done in one go:
+    clients seed themselves per round, so the backend moves no number (tests/test_simulation.py's
+    worker-layout test, which also shows that a Ray run that ends leaves no Ray process). A third Ray
+    run to finish would cost a Ray start and the training stack's imports once more.
+    """
     path = write_scenario(tmp_path)
     folder = tmp_path / "runs" / "small"
-    run = Fedtide(tmp_path, "run", str(path), "--output", "runs")
-    run.wait_for_round(folder, 2)
-    code, took = run.stop(signal.SIGTERM, timeout=STOP_GRACE_S + 30)
+    killed = Fedtide(tmp_path, "run", str(path), "--output", "runs")
+    killed.wait_for_round(folder, 2)
+    killed.process.kill()  # SIGKILL: no cleanup at all; Ray's agents outlive their raylet
+    killed.process.wait(30)
     first = checkpoint_round(folder)
-    assert code == 143 and first >= 1
+    assert first >= 1
+
+    run = Fedtide(tmp_path, "resume", "runs/small")
+    run.wait_for_round(folder, first + 2)  # it started Ray: what the killed run's Ray left was ended first
+    assert ray_session_processes(killed.process.pid) == []
+    code, took = run.stop(signal.SIGTERM, timeout=STOP_GRACE_S + 30)
+    second = checkpoint_round(folder)
+    assert code == 143 and second > first
     # Ray's own shutdown now and then hangs (seen under load, and once in a whole-suite run):
     # the backstop then ends the run at the grace period with its own one line, and the next
-    # run ends what Ray left (checked below). Otherwise it stops cleanly, leaving no Ray process.
+    # Ray run ends what Ray left (as above; called here, as no Ray run follows). Otherwise it
+    # stops cleanly, leaving no Ray process.
     stderr = run.err.read_text()
     if stderr.strip().splitlines()[-1] == HUNG_LINE:
         assert STOP_GRACE_S <= took < STOP_GRACE_S + 30
         assert stderr.count("stopped") == 1 and "Traceback" not in stderr
+        end_orphaned_ray_processes()
     else:
         assert took < STOP_GRACE_S
-        assert_stopped_with_one_line(stderr, Path("runs/small"), first)
-        assert ray_session_processes(run.process.pid) == []
+        assert_stopped_with_one_line(stderr, Path("runs/small"), second)
+    assert ray_session_processes(run.process.pid) == []
 
-    killed = Fedtide(tmp_path, "resume", "runs/small")
-    killed.wait_for_round(folder, first + 2)
-    assert ray_session_processes(run.process.pid) == []  # ended by now, whether the stop hung or not
-    killed.process.kill()  # SIGKILL: no cleanup at all; Ray's agents outlive their raylet
-    killed.process.wait(30)
-    second = checkpoint_round(folder)
-    assert second > first
-
-    last = Fedtide(tmp_path, "resume", "runs/small")
-    last.wait_for_round(folder, second + 1)  # it started Ray: what the killed run's Ray left was ended first
-    assert ray_session_processes(killed.process.pid) == []
-    assert last.process.wait(300) == 0, last.err.read_text()
+    simulate_in_process(read_run_scenario(folder), folder)  # resumes from the checkpoint the Ray run wrote
     resumed = json.loads((folder / "summary.json").read_text())
     assert {k: resumed[k] for k in NUMBERS} == {k: straight[k] for k in NUMBERS}
-    assert resumed["ray_nodes"]  # the clients did run on Ray
-    assert ray_session_processes(last.process.pid) == []
+    assert resumed["ray_nodes"]  # the clients of the rounds before did run on Ray
 
 
 @pytest.mark.slow
@@ -158,7 +146,10 @@ def test_sigterm_stops_a_sweep_of_in_process_points_side_by_side_and_the_next_sw
             checkpoint = read_checkpoint(folder / name, read_run_scenario(folder / name))
             before[name] = (folder / name / "metrics.jsonl").read_bytes()[: checkpoint.metrics_length]
 
-    code, out, err = run_cli("sweep", str(path), "--output", str(tmp_path / "runs"), "--workers", "2")
+    # one point at a time, in this process: which points go on, and from where, is read from their folders
+    # whoever runs them, and a point run in a worker process is the same run (tests/test_report.py's
+    # side-by-side points); two more spawned workers would only import the training stack again
+    code, out, err = run_cli("sweep", str(path), "--output", str(tmp_path / "runs"), "--workers", "1")
     assert code == 0, err
     assert all((p / "summary.json").is_file() for p in points)
     for name, metrics in before.items():  # the rounds a checkpoint held were not run again

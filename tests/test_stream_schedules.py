@@ -39,6 +39,7 @@ from fedtide.scenario.schedule import Schedule, schedule
 from fedtide.scenario.schema import Scenario
 from fedtide.scenario.stream import StreamConfig
 from fedtide.server.checkpoint import read_checkpoint
+from fedtide.server.faults import DROPOUT, UNAVAILABLE
 from fedtide.server.federation import run_federation
 from fedtide.server.recorder import Evaluation
 from scripts.compare_runs import metrics_difference, numbers
@@ -457,11 +458,28 @@ def same_numbers(expected: Path, got: Path) -> bool:
 # --- 6. Ray gives the in-process numbers ---
 
 
+# the sparse stream with more dropping, so that a sampled client drops too (at 20% none does)
+ON_RAY = {**SPARSE, "faults": {**SPARSE["faults"], "dropout": 0.3}}
+
+
 @pytest.mark.ray
-def test_ray_gives_the_in_process_numbers_for_a_stream_out_of_lockstep(sparse_run, tmp_path):
-    folder = create_run_folder(sparse_run.scenario, tmp_path)
-    simulate(sparse_run.scenario, folder)
-    assert same_numbers(sparse_run.folder, folder)
+def test_ray_gives_the_in_process_numbers_for_a_stream_out_of_lockstep(tmp_path):
+    """Two Ray workers (one CPU a client, 2 cores) run the clients in their own order: the same clients are
+    sampled, drop and train, and every metrics line and number is the in-process run's. The run stands for
+    the faults on Ray too (tests/test_faults.py): half the clients in the stream sampled, some dropping, one
+    client out for three rounds."""
+    scenario = small_scenario(**ON_RAY)
+    here = run_keeping(scenario, tmp_path / "in-process")
+    folder = create_run_folder(scenario, tmp_path / "ray")
+    simulate(scenario, folder)
+    assert same_numbers(here.folder, folder)
+    ray_summary = json.loads((folder / "summary.json").read_text())
+    assert ray_summary["faults"] == here.summary["faults"] and ray_summary["ray_nodes"]
+    # what the comparison covered: rounds that sampled only some of the clients present, and both kinds of drop
+    assert {d["fault"] for r in here.rounds for d in r.get("dropped", [])} == {DROPOUT, UNAVAILABLE}
+    sampled = [{c["partition_id"] for c in r["per_client"] + r.get("dropped", [])} for r in here.rounds]
+    present = [set(scenario.schedule.present(r["round"])) for r in here.rounds]
+    assert all(s <= p for s, p in zip(sampled, present)) and any(s < p for s, p in zip(sampled, present))
 
 
 # --- 7. a domain experience is the data under its transform ---
