@@ -1,12 +1,12 @@
 """Stopping a run cleanly on Ctrl-C (SIGINT) or SIGTERM.
 
 Inside `stop_on_signals()`, the first SIGINT or SIGTERM raises `RunStopped` in the main
-thread, wherever it is: in the federation itself when clients run in-process, or in
-Flower's simulation engine on Ray, whose own cleanup then kills the client actors and
-shuts Ray down. It also marks the run as stopping, so the server's waits
-(`PartitionOrderedGrid`), which run in a thread of their own on Ray, give up within a
-tenth of a second instead of waiting for replies that will never come. Signals after
-the first are ignored while that cleanup runs.
+thread, wherever it is, when clients run in-process. On Ray (`stops_through_the_server()`)
+it only marks the run as stopping: the server's waits (`PartitionOrderedGrid`), in a
+thread of their own, raise it within a tenth of a second, Flower's engine lets its workers
+finish the messages they hold, kills the client actors and shuts Ray down, and the stop
+is raised in the main thread once the engine has returned. Signals after the first are
+ignored while that cleanup runs.
 
 Ray's `ray.init` (which Flower calls in the main thread, inside `run_simulation`)
 puts its own handlers on SIGTERM: one that exits with code 1 and, below Python, one
@@ -72,6 +72,7 @@ class _StopRequest:
         self.reclaimed = threading.Event()
         self.deadline: threading.Timer | None = None  # ends the process if the cleanup hangs
         self.exit_bounded = False  # whether the interpreter's exit is bounded (`_bound_exit`)
+        self.deferred = False  # within `stops_through_the_server()`: the signal is not raised in the main thread
 
     def install(self) -> None:
         for signum in _STOP_SIGNALS:
@@ -90,6 +91,8 @@ class _StopRequest:
         self.deadline = threading.Timer(STOP_GRACE_S, _end_now, args=(signum,))
         self.deadline.daemon = True
         self.deadline.start()
+        if self.deferred:
+            return  # the server's thread raises at its next look (`stops_through_the_server`)
         raise RunStopped(signum)
 
 
@@ -130,6 +133,28 @@ def stop_on_signals() -> Iterator[None]:
             _bound_exit(128 + _request.signum)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextmanager
+def stops_through_the_server() -> Iterator[None]:
+    """Within (Flower's simulation engine in the main thread, the ServerApp in a thread of its own): a stop
+    signal is not raised in the main thread but by the server's thread at its next look (`raise_if_stopped`,
+    within a tenth of a second); `RunStopped` is raised here once the engine has returned.
+
+    Raised in the main thread, the stop would leave Flower's engine while its worker threads still wait on
+    client actors, and the engine's cleanup shuts Ray down under them: a worker's next call into Ray then ends
+    the process (exit 1, "The core worker has already been shutdown"), before the stop's line. Ended from
+    the server's thread, the engine lets each worker finish the message it holds, and only then stops Ray.
+    """
+    _request.deferred = True
+    try:
+        yield
+    except Exception:
+        raise_if_stopped()  # the engine's own error on its way out of a stop is the stop
+        raise
+    finally:
+        _request.deferred = False
+    raise_if_stopped()
 
 
 def _unraisable(previous: Callable[[Any], None], unraisable: Any) -> None:

@@ -220,3 +220,32 @@ def test_a_stop_raised_during_a_gc_callback_prints_no_traceback(capfd, monkeypat
     err = capfd.readouterr().err
     assert "Exception ignored" not in err and "Traceback" not in err and RunStopped.__name__ not in err
     assert sys.unraisablehook is sys.__unraisablehook__  # the block gave Python's hook back
+
+
+def test_under_flowers_engine_the_stop_waits_for_the_engine_to_return():
+    """On Ray the signal must not be raised in the main thread (Flower's engine would shut Ray down under
+    its workers, and a worker's next call into Ray ends the process with code 1): it is marked, the
+    server's thread sees it, and `RunStopped` comes once the engine has returned."""
+    script = (
+        "import os, signal, sys, threading\n"
+        "from fedtide import stop_signals as stopping\n"
+        "seen = threading.Event()\n"
+        "def server():  # the ServerApp's thread: its waits look for the stop\n"
+        "    while not stopping.stop_requested():\n"
+        "        threading.Event().wait(0.05)\n"
+        "    seen.set()\n"
+        "try:\n"
+        "    with stopping.stop_on_signals(), stopping.stops_through_the_server():\n"
+        "        thread = threading.Thread(target=server)\n"
+        "        thread.start()\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        thread.join(5)  # the engine: nothing is raised here while its workers finish\n"
+        "        print('engine returned, server saw the stop:', seen.is_set(), flush=True)\n"
+        "except stopping.RunStopped as stop:\n"
+        "    print('stopped', file=sys.stderr, flush=True)\n"
+        "    sys.exit(stop.exit_code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 143, done.stderr
+    assert done.stdout.strip() == "engine returned, server saw the stop: True"
+    assert done.stderr.strip().splitlines() == ["stopped"]

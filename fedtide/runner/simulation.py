@@ -17,6 +17,7 @@ from fedtide.runner.in_process_grid import InProcessGrid
 from fedtide.runner.ray_housekeeping import end_orphaned_ray_processes
 from fedtide.scenario.schema import Scenario
 from fedtide.server.app import make_server_app
+from fedtide.stop_signals import stops_through_the_server
 
 if TYPE_CHECKING:
     from fedtide.server.federation import RoundObserver
@@ -77,7 +78,7 @@ def simulate(
     started_at = time.time() if started_at is None else started_at  # Ray's start-up is part of start-up
     end_orphaned_ray_processes()
     try:
-        with notices_kept_in(run_dir):
+        with notices_kept_in(run_dir), stops_through_the_server():
             run_simulation(
                 server_app=make_server_app(scenario, run_dir, observer, started_at),
                 client_app=client_app,
