@@ -11,10 +11,12 @@ server's bookkeeping read it without the training stack. A client's training sam
 are *sample ids* into the training pool: the training set (ids 0..N-1), then under a
 canary audit one row per canary (id N + j for canary j, `fedtide.data.canaries`).
 
-Today's plan is one class-incremental stream in lockstep: E experiences of disjoint
-classes (the given order, else the permutation Avalanche's `class_incremental_benchmark`
-draws from the seed), R rounds each, experience e starting at global round e·R + 1; each
-experience's training data is partitioned across clients on its own. An experience's
+When each client meets which experience is the scenario's schedule
+(`fedtide.scenario.schedule`), which the plan keeps and follows one for one; by default one
+class-incremental stream in lockstep, experience e from global round e·R + 1 for every
+client. Class-incremental experiences hold disjoint classes (the given order, else the
+permutation Avalanche's `class_incremental_benchmark` draws from the seed); each
+experience's training data is partitioned on its own among the clients that hold it. An experience's
 samples are listed class by class, its last class first, each class in dataset order:
 the order Avalanche's benchmark gave them, which the partitions (and so every number of
 a run) were computed over. Under a canary audit an experience's included canaries follow
@@ -25,7 +27,7 @@ leave the test data accuracy is measured on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -33,29 +35,38 @@ import torch
 from fedtide.data.canaries import Canaries, draw_canaries
 from fedtide.data.datasets import load_dataset
 from fedtide.data.partition import check_num_clients, partition_experiences
-from fedtide.scenario.schedule import schedule
+from fedtide.scenario.schedule import ClientSchedule, Schedule, Step, schedule
 from fedtide.scenario.schema import PartitionConfig, Scenario
 from fedtide.scenario.stream import StreamConfig
 
 
 @dataclass(frozen=True, eq=False)
 class ClientExperience:
-    """One experience of one client: the samples it trains on, their classes, and when it starts."""
+    """One experience of one client: the samples it trains on, their classes, and its step in time."""
 
-    experience: int  # which of the stream's experiences (whose test data measures it)
+    step: Step  # which of the stream's experiences (whose test data measures it), from which round, how long
     classes: tuple[int, ...]  # the experience's classes; the client's own samples may hold fewer
     train: np.ndarray  # sample ids into the training pool, in training order (canaries last)
-    start_round: int  # the global round (from 1) of its first round
-    rounds: int
+
+    @property
+    def experience(self) -> int:
+        return self.step.experience
+
+    @property
+    def start_round(self) -> int:
+        return self.step.start_round
+
+    @property
+    def rounds(self) -> int:
+        return self.step.rounds
+
+    @property
+    def end_round(self) -> int:
+        return self.step.end_round
 
     @property
     def size(self) -> int:
         return len(self.train)
-
-    @property
-    def end_round(self) -> int:
-        """Its last global round."""
-        return self.start_round + self.rounds - 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +76,7 @@ class ClientPlan:
     client: int
     experiences: tuple[ClientExperience, ...]
     first_canary: int  # sample ids from here on are canaries, not training-set samples
+    schedule: ClientSchedule  # its experiences in time, which `experiences` follow one for one
 
     @property
     def sizes(self) -> list[int]:
@@ -79,9 +91,7 @@ class ClientPlan:
     def step_at(self, global_round: int) -> int | None:
         """Which of its own experiences (an index into `experiences`) it trains in at `global_round`;
         None before it joins or after it leaves."""
-        return next(
-            (i for i, exp in enumerate(self.experiences) if exp.start_round <= global_round <= exp.end_round), None
-        )
+        return self.schedule.step_at(global_round)
 
     def at_round(self, global_round: int) -> ClientExperience | None:
         """The experience it trains in at `global_round`; None outside its rounds."""
@@ -109,6 +119,7 @@ class StreamPlan:
     clients: tuple[ClientPlan, ...]
     held_out: np.ndarray  # test indices that no client trains on: all but canary images
     canaries: Canaries | None  # the canary audit's draws; None without one
+    schedule: Schedule  # who is in which experience when: `lockstep`, `present`, `seen`, `end_rounds`
     kind: str = "class"  # the stream's kind: "domain" experiences hold every class, each under its transform
 
     def client(self, client: int) -> ClientPlan:
@@ -116,30 +127,6 @@ class StreamPlan:
 
     def largest_client_dataset(self) -> int:
         return max(plan.total for plan in self.clients)
-
-    @cached_property
-    def lockstep(self) -> bool:
-        """Every client in experience e over the same rounds, for every e."""
-        first = [(exp.experience, exp.start_round, exp.rounds) for exp in self.clients[0].experiences]
-        return all(
-            [(exp.experience, exp.start_round, exp.rounds) for exp in plan.experiences] == first
-            for plan in self.clients
-        )
-
-    def present(self, global_round: int) -> list[int]:
-        """The clients in the stream at `global_round`."""
-        return [plan.client for plan in self.clients if plan.step_at(global_round) is not None]
-
-    def seen(self, global_round: int) -> list[int]:
-        """The experiences some client has begun by `global_round` (in lockstep, 0 up to the current one)."""
-        return sorted(
-            {exp.experience for plan in self.clients for exp in plan.experiences if exp.start_round <= global_round}
-        )
-
-    @cached_property
-    def end_rounds(self) -> frozenset[int]:
-        """The global rounds after which some client's experience ends."""
-        return frozenset(exp.end_round for plan in self.clients for exp in plan.experiences)
 
 
 @dataclass(frozen=True)
@@ -204,7 +191,7 @@ def build_plan(inputs: PlanInputs) -> StreamPlan:
     for client in timing.clients:
         experiences = [
             ClientExperience(
-                experience=step.experience,
+                step=step,
                 classes=tuple(sorted(classes[step.experience])),
                 train=_client_samples(
                     train[step.experience][share_of[step.experience, client.client]],
@@ -213,12 +200,10 @@ def build_plan(inputs: PlanInputs) -> StreamPlan:
                     client.client,
                     first_canary,
                 ),
-                start_round=step.start_round,
-                rounds=step.rounds,
             )
             for step in client.steps
         ]
-        clients.append(ClientPlan(client.client, tuple(experiences), first_canary))
+        clients.append(ClientPlan(client.client, tuple(experiences), first_canary, client))
     held_out = np.arange(len(test_labels))
     if canaries is not None:
         test = [ids[~np.isin(ids, canaries.image)] for ids in test]
@@ -229,6 +214,7 @@ def build_plan(inputs: PlanInputs) -> StreamPlan:
         clients=tuple(clients),
         held_out=held_out,
         canaries=canaries,
+        schedule=timing,
         kind=stream.kind,
     )
 

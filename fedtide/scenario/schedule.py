@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -53,9 +53,32 @@ class Schedule:
     def last_round(self) -> int:
         return max(step.end_round for client in self.clients for step in client.steps)
 
+    @cached_property
+    def lockstep(self) -> bool:
+        """Every client in the same experiences over the same rounds (the default stream's schedule)."""
+        return all(client.steps == self.clients[0].steps for client in self.clients)
+
+    @cached_property
+    def end_rounds(self) -> frozenset[int]:
+        """The global rounds after which some client's experience ends."""
+        return frozenset(step.end_round for client in self.clients for step in client.steps)
+
     def present(self, global_round: int) -> list[int]:
         """The clients in the stream at `global_round`: those the server may sample."""
         return [c.client for c in self.clients if c.step_at(global_round) is not None]
+
+    @cached_property
+    def first_rounds(self) -> dict[int, int]:
+        """Each experience's earliest round in any client's schedule (asked every round: made once)."""
+        first: dict[int, int] = {}
+        for client in self.clients:
+            for step in client.steps:
+                first[step.experience] = min(first.get(step.experience, step.start_round), step.start_round)
+        return dict(sorted(first.items()))
+
+    def seen(self, global_round: int) -> list[int]:
+        """The experiences some client has begun by `global_round` (in lockstep, 0 up to the current one)."""
+        return [experience for experience, first in self.first_rounds.items() if first <= global_round]
 
     def holders(self, experience: int) -> list[int]:
         """The clients that hold data of `experience`: its training data is partitioned among them."""

@@ -175,7 +175,7 @@ class ContinualStrategy:
     def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, RoundOutcome]:
         """The experience's round `server_round` from `arrays`: the new global arrays, and what happened."""
         outcome = RoundOutcome(self.global_round(server_round))
-        if outcome.global_round - 1 in self.plan.end_rounds:  # `arrays` ended some client's experience
+        if outcome.global_round - 1 in self.plan.schedule.end_rounds:  # `arrays` ended some client's experience
             self.round_ends[outcome.global_round - 1] = arrays
         messages = self._configure_train(server_round, arrays, grid, outcome)
         replies = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT)
@@ -217,11 +217,11 @@ class ContinualStrategy:
     def _in_stream(self, grid: Grid, global_round: int) -> Grid:
         """The grid as the strategy sees it this round: only the nodes of clients in the stream
         (all of them in lockstep), so that it samples among those, as a server samples connected clients."""
-        if self.plan.lockstep:
+        if self.plan.schedule.lockstep:
             return grid
         if not isinstance(grid, PartitionOrderedGrid):
             raise FederationError("a stream whose clients join or leave needs fedtide's PartitionOrderedGrid")
-        return grid.restricted_to(set(self.plan.present(global_round)))
+        return grid.restricted_to(set(self.plan.schedule.present(global_round)))
 
     def _add_experience_ends(self, message: Message, server_round: int) -> None:
         """Give the node the weights that ended each of its past experiences it has not been seen to

@@ -46,12 +46,12 @@ class Evaluation:
     def accuracies(self, arrays: ArrayRecord, stage: int) -> list[float]:
         """The accuracy of `arrays` on the test data of experiences 0..`stage` in lockstep; else of every
         experience, since clients meet them in their own order."""
-        seen = self.test_sets[: stage + 1] if self.plan.lockstep else self.test_sets
+        seen = self.test_sets[: stage + 1] if self.plan.schedule.lockstep else self.test_sets
         return experience_accuracies(self.model, arrays, seen)
 
     def seen_accuracy(self, accuracies: list[float], global_round: int) -> float:
         """The accuracy on the union of the test data of every experience some client has begun by `global_round`."""
-        seen = self.plan.seen(global_round)
+        seen = self.plan.schedule.seen(global_round)
         sizes = [len(self.test_sets[e][1]) for e in seen]
         return sum(accuracies[e] * n for e, n in zip(seen, sizes)) / sum(sizes)
 
@@ -100,7 +100,7 @@ class RunRecorder:
         totals = self.totals
         accuracies = self.evaluation.accuracies(arrays, experience)
         seen = self.evaluation.seen_accuracy(accuracies, outcome.global_round)
-        if outcome.global_round in self.evaluation.plan.end_rounds:
+        if outcome.global_round in self.evaluation.plan.schedule.end_rounds:
             totals.end_accuracies[outcome.global_round] = accuracies
         equal = self.client_level is not None  # client-level DP weighs clients equally
         method_metrics = aggregate_method_metrics(outcome.reports, self.metric_aggregation, equal)

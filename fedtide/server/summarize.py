@@ -26,7 +26,7 @@ def summarize(scenario: Scenario, recorder: RunRecorder, faults: bool) -> RunSum
     """
     totals, model = recorder.totals, recorder.evaluation.model
     matrix, plan = totals.matrix, recorder.evaluation.plan
-    per_client = None if plan.lockstep else per_client_summary(plan, totals.end_accuracies)
+    per_client = None if plan.schedule.lockstep else per_client_summary(plan, totals.end_accuracies)
     forgetting, bwt = average_forgetting(matrix), backward_transfer(matrix)
     if per_client is not None:  # the global matrix's rows are stages, in which clients hold different experiences
         forgetting, bwt = per_client.mean_average_forgetting or 0.0, per_client.mean_bwt or 0.0
